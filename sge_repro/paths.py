@@ -1,0 +1,80 @@
+"""Where every artifact lives, relative to the project root (one place for all of them).
+
+Stages communicate only through these files: `metrics/**.json` and `reports/` are the contract
+between the pipeline stages and the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def run_id(name: str, seed: int) -> str:
+    return f"{name}-seed{seed}"
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path = Path(".")
+
+    # data
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def cls_data(self) -> Path:
+        """ImageFolder tree: train/<class>/*.jpg, val/<class>/*.jpg."""
+        return self.data / "cls"
+
+    @property
+    def det_data(self) -> Path:
+        """COCO layout: train/, val/, annotations/instances_{train,val}.json."""
+        return self.data / "det"
+
+    @property
+    def data_manifest(self) -> Path:
+        return self.data / "manifest.json"
+
+    # classification
+    def cls_run_dir(self, model: str, seed: int) -> Path:
+        """Checkpoints (last.pt, best.pt) of one training run."""
+        return self.root / "runs" / "cls" / run_id(model, seed)
+
+    def cls_checkpoint(self, model: str, seed: int, which: str = "best") -> Path:
+        return self.cls_run_dir(model, seed) / f"{which}.pt"
+
+    def cls_train_metrics(self, model: str, seed: int) -> Path:
+        return self.root / "metrics" / "train_cls" / f"{run_id(model, seed)}.json"
+
+    def cls_history(self, model: str, seed: int) -> Path:
+        """Per-epoch TSV for `dvc plots`."""
+        return self.root / "plots" / "train_cls" / f"{run_id(model, seed)}.tsv"
+
+    def cls_metrics(self, model: str, seed: int) -> Path:
+        return self.root / "metrics" / "eval_cls" / f"{run_id(model, seed)}.json"
+
+    def cls_predictions(self, model: str, seed: int) -> Path:
+        """Per-val-image top-1 correctness (for the paired bootstrap in the report)."""
+        return self.root / "runs" / "eval_cls" / f"{run_id(model, seed)}.json"
+
+    # detection
+    def det_weights(self, model: str, seed: int) -> Path:
+        """A classification checkpoint converted to detectron2 weights."""
+        return self.root / "runs" / "convert" / f"{run_id(model, seed)}.pth"
+
+    def det_run_dir(self, detector: str, backbone: str, seed: int) -> Path:
+        return self.root / "runs" / "det" / run_id(f"{detector}-{backbone}", seed)
+
+    def det_metrics(self, detector: str, backbone: str, seed: int) -> Path:
+        return self.root / "metrics" / "eval_det" / f"{run_id(f'{detector}-{backbone}', seed)}.json"
+
+    # report
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def summary(self) -> Path:
+        return self.reports / "summary.json"
