@@ -1,0 +1,202 @@
+"""detectron2 backbones built from our classification ResNet (same blocks, same SGE code).
+
+The bottom-up network keeps torchvision's attribute names (conv1, bn1, layer1..layer4), so a
+classification state dict maps onto `backbone.bottom_up.<torchvision name>` by a prefix alone,
+and the attention (SGE after the last norm of every block) is exactly the classification one.
+
+Registered in detectron2's BACKBONE_REGISTRY:
+- `build_sge_resnet_backbone`: bottom-up only (res2..res5).
+- `build_sge_resnet_fpn_backbone`: FPN P2-P6 (Faster / Mask / Cascade R-CNN).
+- `build_sge_retinanet_resnet_fpn_backbone`: FPN P3-P7, P6/P7 from res5 (RetinaNet).
+
+Config keys live under `cfg.MODEL.SGE_BACKBONE` (see `add_sge_config`); freezing uses
+detectron2's own `cfg.MODEL.BACKBONE.FREEZE_AT` (0 none, 1 stem, 2 stem + res2, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sge_repro.detection.compat import import_detectron2
+from sge_repro.errors import UserError
+
+import_detectron2()
+from detectron2.config import CfgNode  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone  # noqa: E402
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7  # noqa: E402
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
+NORMS = ("FrozenBN", "BN", "SyncBN")
+
+
+def add_sge_config(cfg: CfgNode) -> CfgNode:
+    """Add the `MODEL.SGE_BACKBONE` node (idempotent) and return cfg."""
+    if "SGE_BACKBONE" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.SGE_BACKBONE = CfgNode()
+    node = cfg.MODEL.SGE_BACKBONE
+    node.ARCH = "sge_resnet50"  # any name sge_repro.models.create_model knows
+    node.WIDTH = 64  # base width of the ResNet (64 = the paper's models)
+    node.GROUPS = 64  # SGE groups (ignored by models without SGE)
+    node.SGE_IMPL = "fast"  # "fast" or "reference"
+    node.NORM = "FrozenBN"  # FrozenBN (paper), BN, SyncBN
+    node.OUT_FEATURES = list(STAGE_NAMES)  # for the bottom-up-only backbone
+    # the converted file records its pixel convention; a mismatch with the config is an error
+    node.CHECK_PIXEL_CONVENTION = True
+    return cfg
+
+
+def create_classifier(arch: str, width: int = 64, groups: int = 64, sge_impl: str = "fast") -> nn.Module:
+    """Our classification ResNet, randomly initialised (weights come from the converted file)."""
+    from sge_repro.models import create_model
+
+    try:
+        return create_model(arch, num_classes=1000, groups=groups, width=width, sge_impl=sge_impl)
+    except KeyError as error:  # unknown model name
+        raise UserError(f"MODEL.SGE_BACKBONE.ARCH: {error}") from None
+
+
+class ClassifierResNet(Backbone):
+    """Stem + res2..res5 of a torchvision-style ResNet as a detectron2 Backbone.
+
+    `resnet` is any module with conv1, bn1, relu, maxpool, layer1..layer4 (ours or
+    torchvision's); its avgpool and fc are not kept.
+    """
+
+    def __init__(self, resnet: nn.Module, out_features=STAGE_NAMES, freeze_at: int = 0, norm: str = "FrozenBN"):
+        super().__init__()
+        if norm not in NORMS:
+            raise UserError(f"MODEL.SGE_BACKBONE.NORM: {norm!r}, expected one of {list(NORMS)}")
+        unknown = [name for name in out_features if name not in STAGE_NAMES]
+        if unknown or not out_features:
+            raise UserError(f"backbone out_features: {list(out_features)}, expected a subset of {list(STAGE_NAMES)}")
+        if not 0 <= freeze_at <= 5:
+            raise UserError(f"MODEL.BACKBONE.FREEZE_AT: {freeze_at}, expected 0..5")
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self._out_features = list(out_features)
+        channels = self._stage_channels()
+        self._out_feature_channels = {name: channels[name] for name in self._out_features}
+        self._out_feature_strides = {name: STAGE_STRIDES[name] for name in self._out_features}
+        if norm == "FrozenBN":
+            for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
+                setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, name)))
+        elif norm == "SyncBN":
+            for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
+                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
+        self.freeze(freeze_at)
+
+    def stages(self):
+        """(name, modules) in order; the stem is stage 1, res2 stage 2, ..."""
+        return [
+            ("stem", [self.conv1, self.bn1]),
+            ("res2", [self.layer1]),
+            ("res3", [self.layer2]),
+            ("res4", [self.layer3]),
+            ("res5", [self.layer4]),
+        ]
+
+    @torch.no_grad()
+    def _stage_channels(self) -> dict:
+        # a tiny forward finds each stage's width whatever the block / attention type
+        was_training = self.training
+        self.eval()
+        x = torch.zeros(1, self.conv1.in_channels, 64, 64, device=self.conv1.weight.device)
+        channels = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name, layer in zip(STAGE_NAMES, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            channels[name] = x.shape[1]
+        self.train(was_training)
+        return channels
+
+    def freeze(self, freeze_at: int) -> "ClassifierResNet":
+        """Freeze the first `freeze_at` stages: no gradients, BatchNorm frozen as well."""
+        for index, (name, modules) in enumerate(self.stages(), start=1):
+            if index > freeze_at:
+                break
+            for module in modules:
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
+            if name == "stem":
+                self.bn1 = FrozenBatchNorm2d.convert_frozen_batchnorm(self.bn1)
+            else:
+                attribute = f"layer{index - 1}"
+                setattr(self, attribute, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, attribute)))
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if x.dim() != 4:
+            raise ValueError(f"ClassifierResNet takes (N, C, H, W) inputs, got shape {tuple(x.shape)}")
+        outputs = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        last = self._out_features
+        for name, layer in zip(STAGE_NAMES, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            if name in last:
+                outputs[name] = x
+            if len(outputs) == len(last):
+                break
+        return outputs
+
+    def output_shape(self) -> dict:
+        return {
+            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+            for name in self._out_features
+        }
+
+
+def build_bottom_up(cfg: CfgNode, out_features) -> ClassifierResNet:
+    node = cfg.MODEL.SGE_BACKBONE
+    resnet = create_classifier(node.ARCH, width=node.WIDTH, groups=node.GROUPS, sge_impl=node.SGE_IMPL)
+    return ClassifierResNet(resnet, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, norm=node.NORM)
+
+
+@BACKBONE_REGISTRY.register()
+def build_sge_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    return build_bottom_up(cfg, cfg.MODEL.SGE_BACKBONE.OUT_FEATURES)
+
+
+@BACKBONE_REGISTRY.register()
+def build_sge_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    """FPN over res2..res5 plus a max-pooled P6: P2-P6."""
+    in_features = cfg.MODEL.FPN.IN_FEATURES
+    return FPN(
+        bottom_up=build_bottom_up(cfg, in_features),
+        in_features=in_features,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_sge_retinanet_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+    """FPN over res3..res5 plus P6 / P7 computed from res5: P3-P7."""
+    in_features = list(cfg.MODEL.FPN.IN_FEATURES)
+    # P6/P7 read res5 itself, so the bottom-up network must return it
+    bottom_up = build_bottom_up(cfg, sorted(set(in_features) | {"res5"}))
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=in_features,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels, in_feature="res5"),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+def count_bottom_up_parameters(backbone: nn.Module) -> int:
+    """Parameters of the bottom-up network (the paper's backbone #P: ResNet without fc)."""
+    bottom_up = getattr(backbone, "bottom_up", backbone)
+    # FrozenBatchNorm2d keeps weight / bias as buffers; count them as the paper does (BN affine)
+    total = sum(parameter.numel() for parameter in bottom_up.parameters())
+    for module in bottom_up.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            total += module.weight.numel() + module.bias.numel()
+    return total
