@@ -1,0 +1,188 @@
+"""The paper's attention baselines, one small module each, and a name -> class factory.
+
+Where each module sits (as in the authors' PytorchInsight code):
+- "block" attentions (sge, se, cbam, gc) map the residual branch after the block's last BN,
+  before the identity addition; the block stores them under their name (`block.sge`, ...);
+- "stage" attention (bam) sits between stages, after layer1, layer2 and layer3 (`model.bam1..3`);
+- "conv" attention (sk) is the authors' SK* block: a second 3x3 grouped-conv branch beside the
+  bottleneck's conv2, fused by a squeeze and a 2-way softmax selection (`block.sk`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sge_repro.errors import UserError
+from sge_repro.models.sge import SpatialGroupEnhance
+
+
+def _reduced(channels: int, reduction: int) -> int:
+    return max(1, channels // reduction)
+
+
+class SqueezeExcite(nn.Module):
+    """SE (Hu et al.): channel gate from the pooled vector through a bottleneck MLP (reduction 16)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = _reduced(channels, reduction)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels), nn.Sigmoid()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        scale = self.fc(self.avg_pool(x).view(batch, channels)).view(batch, channels, 1, 1)
+        return x * scale
+
+
+class CBAM(nn.Module):
+    """CBAM (Woo et al.): channel gate (shared MLP on avg- and max-pooled vectors), then a spatial
+    gate (7x7 conv + BN over the channel-wise max and mean maps)."""
+
+    def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7):
+        super().__init__()
+        hidden = _reduced(channels, reduction)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        self.spatial_conv = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
+        self.spatial_bn = nn.BatchNorm2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        pooled_avg = x.mean(dim=(2, 3))
+        pooled_max = x.amax(dim=(2, 3))
+        channel_gate = torch.sigmoid(self.mlp(pooled_avg) + self.mlp(pooled_max))
+        x = x * channel_gate.view(batch, channels, 1, 1)
+        compressed = torch.cat((x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)), dim=1)
+        spatial_gate = torch.sigmoid(self.spatial_bn(self.spatial_conv(compressed)))
+        return x * spatial_gate
+
+
+class GlobalContext(nn.Module):
+    """GC block (Cao et al.): softmax-attention pooling to one context vector, a bottleneck
+    transform with LayerNorm, added to every position ("channel add" fusion)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = _reduced(channels, reduction)
+        self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
+        self.transform = nn.Sequential(
+            nn.Conv2d(channels, hidden, kernel_size=1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, kernel_size=1),
+        )
+
+    def init_weights(self) -> None:
+        # GCNet starts as identity: zero the last transform conv.
+        nn.init.zeros_(self.transform[-1].weight)
+        nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        attention = self.conv_mask(x).view(batch, 1, height * width).softmax(dim=2)  # (B, 1, P)
+        context = torch.bmm(x.reshape(batch, channels, height * width), attention.transpose(1, 2))
+        return x + self.transform(context.view(batch, channels, 1, 1))
+
+
+class BottleneckAttention(nn.Module):
+    """BAM (Park et al.), between stages: y = x * (1 + sigmoid(channel_gate + spatial_gate)).
+    Channel gate: MLP with BN on the pooled vector; spatial gate: 1x1 reduce, two dilated 3x3
+    convs (dilation 4), 1x1 to one map, each hidden conv followed by BN + ReLU."""
+
+    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4):
+        super().__init__()
+        hidden = _reduced(channels, reduction)
+        self.channel_gate = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels),
+        )
+        layers: list[nn.Module] = [nn.Conv2d(channels, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+        for _ in range(2):
+            layers += [
+                nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+            ]
+        layers.append(nn.Conv2d(hidden, 1, 1))
+        self.spatial_gate = nn.Sequential(*layers)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        channel = self.channel_gate(self.avg_pool(x)).view(batch, channels, 1, 1)
+        spatial = self.spatial_gate(x)
+        return x * (1.0 + torch.sigmoid(channel + spatial))
+
+
+class SelectiveKernelBranch(nn.Module):
+    """The authors' SK*: a 3x3 grouped-conv branch (32 groups) beside the block's dense 3x3 conv,
+    fused by a squeeze (planes/16, BN, ReLU) and a softmax over the two branches per channel."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, conv_groups: int = 32, reduction: int = 16):
+        super().__init__()
+        if planes % conv_groups != 0 or in_planes % conv_groups != 0:
+            raise UserError(
+                f"SK attention: block channels={planes} (input {in_planes}) are not divisible by the "
+                f"SK conv groups={conv_groups}; use a width that is a multiple of {conv_groups}"
+            )
+        hidden = _reduced(planes, reduction)
+        self.planes = planes
+        self.conv = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, groups=conv_groups, bias=False)
+        self.bn = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.squeeze = nn.Conv2d(planes, hidden, 1, bias=False)
+        self.squeeze_bn = nn.BatchNorm2d(hidden)
+        self.select = nn.Conv2d(hidden, 2 * planes, 1, bias=False)
+
+    def forward(self, block_input: torch.Tensor, dense_branch: torch.Tensor) -> torch.Tensor:
+        grouped_branch = self.relu(self.bn(self.conv(block_input)))
+        summary = (dense_branch + grouped_branch).mean(dim=(2, 3), keepdim=True)
+        squeezed = self.relu(self.squeeze_bn(self.squeeze(summary)))
+        batch = summary.shape[0]
+        weights = self.select(squeezed).view(batch, 2, self.planes, 1, 1).softmax(dim=1)
+        return dense_branch * weights[:, 0] + grouped_branch * weights[:, 1]
+
+
+# name -> (placement, class). Placement tells the ResNet where to put it.
+BLOCK_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {
+    "sge": SpatialGroupEnhance,
+    "se": SqueezeExcite,
+    "cbam": CBAM,
+    "gc": GlobalContext,
+}
+STAGE_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {"bam": BottleneckAttention}
+CONV_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {"sk": SelectiveKernelBranch}
+ATTENTION_NAMES = ("none", *BLOCK_ATTENTIONS, *STAGE_ATTENTIONS, *CONV_ATTENTIONS)
+
+
+def attention_placement(name: str) -> str:
+    """'none' | 'block' | 'stage' | 'conv' for an attention name."""
+    if name == "none":
+        return "none"
+    if name in BLOCK_ATTENTIONS:
+        return "block"
+    if name in STAGE_ATTENTIONS:
+        return "stage"
+    if name in CONV_ATTENTIONS:
+        return "conv"
+    raise UserError(f"attention: unknown name {name!r}, expected one of {', '.join(ATTENTION_NAMES)}")
+
+
+def create_attention(name: str, channels: int, **kwargs) -> nn.Module | None:
+    """Build a block or stage attention for `channels` channels; None for 'none'."""
+    placement = attention_placement(name)
+    if placement == "none":
+        return None
+    if placement == "block":
+        return BLOCK_ATTENTIONS[name](channels, **kwargs)
+    if placement == "stage":
+        return STAGE_ATTENTIONS[name](channels, **kwargs)
+    raise UserError(f"attention {name!r} replaces a conv; build it with SelectiveKernelBranch inside a block")

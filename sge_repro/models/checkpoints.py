@@ -1,0 +1,184 @@
+"""Checkpoint files: our classifier format, torchvision state dicts, the authors' release files.
+
+Our format ("sge-repro/classifier/v1"), a dict saved with torch.save:
+
+    {"format": "sge-repro/classifier/v1",
+     "model": "sge_resnet50",                                  # a create_model name
+     "model_kwargs": {"num_classes": 1000, "groups": 64, "width": 64},
+     "state_dict": {...},                                      # plain names, no `module.`
+     ...optional training state added by the engine: "epoch", "optimizer", "scheduler", ...}
+
+Also read:
+- "torchvision": a flat state dict (name -> tensor), e.g. torchvision.models.resnet50().state_dict();
+- "official": the authors' release files (`sge_resnet50.pth.tar`): {"epoch", "state_dict", "acc",
+  "best_acc", "optimizer"} with DataParallel `module.`-prefixed names;
+- "state_dict (module. prefix)": a flat state dict saved from a DataParallel/DDP model.
+
+Every file is read with torch.load(weights_only=True); loading is strict (no partial loads).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sge_repro.errors import UserError
+
+CLASSIFIER_FORMAT = "sge-repro/classifier/v1"
+FORMAT_OURS = CLASSIFIER_FORMAT
+FORMAT_TORCHVISION = "torchvision"
+FORMAT_OFFICIAL = "official"
+FORMAT_PREFIXED = "state_dict (module. prefix)"
+RESERVED_KEYS = ("format", "model", "model_kwargs", "state_dict")
+_FIRST = 5  # how many keys an error message lists
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module inside DataParallel / DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def make_classifier_checkpoint(model_name: str, model_kwargs: dict[str, Any], model: nn.Module, **extra: Any) -> dict:
+    """Our checkpoint dict for `model` (wrappers removed); `extra` carries training state."""
+    clashing = sorted(set(extra) & set(RESERVED_KEYS))
+    if clashing:
+        raise ValueError(f"make_classifier_checkpoint: extra keys {clashing} are reserved")
+    kwargs = {"num_classes": int(model_kwargs.get("num_classes", 1000)), "groups": int(model_kwargs.get("groups", 64)),
+              "width": int(model_kwargs.get("width", 64))}
+    state_dict = {key: value.detach().cpu() for key, value in unwrap_model(model).state_dict().items()}
+    return {"format": CLASSIFIER_FORMAT, "model": model_name, "model_kwargs": kwargs, "state_dict": state_dict, **extra}
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) with one-line errors for missing / corrupt / unsafe files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path}: not loadable with weights_only=True ({first_line})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"checkpoint {path}: corrupt or not a torch file ({first_line})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
+    )
+
+
+def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
+
+
+def _has_prefix(state_dict: dict[str, torch.Tensor], prefix: str = "module.") -> bool:
+    return all(key.startswith(prefix) for key in state_dict)
+
+
+def interpret_checkpoint(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict | None]:
+    """(state_dict without wrapper prefixes, detected format, our header or None)."""
+    if isinstance(obj, dict) and "format" in obj:
+        if obj["format"] != CLASSIFIER_FORMAT:
+            raise UserError(f"checkpoint {path}: format {obj['format']!r} is not supported, expected {CLASSIFIER_FORMAT!r}")
+        missing = [key for key in RESERVED_KEYS if key not in obj]
+        if missing or not _is_state_dict(obj["state_dict"]):
+            raise UserError(f"checkpoint {path}: {CLASSIFIER_FORMAT} file lacks {missing or ['a tensor state_dict']}")
+        header = {"model": obj["model"], "model_kwargs": dict(obj["model_kwargs"])}
+        return _strip_prefix(obj["state_dict"]), CLASSIFIER_FORMAT, header
+    if isinstance(obj, dict) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
+        return _strip_prefix(obj["state_dict"]), FORMAT_OFFICIAL, None
+    if _is_state_dict(obj):
+        if _has_prefix(obj):
+            return _strip_prefix(obj), FORMAT_PREFIXED, None
+        return dict(obj), FORMAT_TORCHVISION, None
+    kind = type(obj).__name__
+    keys = f" with keys {sorted(map(str, obj))[:_FIRST]}" if isinstance(obj, dict) else ""
+    raise UserError(
+        f"checkpoint {path}: unrecognised content ({kind}{keys}); expected our {CLASSIFIER_FORMAT} dict, "
+        "a state dict, or a dict with 'state_dict' (official release)"
+    )
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict with plain torchvision-style names, detected format) of a checkpoint file."""
+    state_dict, detected, _ = interpret_checkpoint(load_checkpoint_file(path), path)
+    return state_dict, detected
+
+
+def read_classifier_header(path: str | os.PathLike) -> dict | None:
+    """{"model", "model_kwargs"} of one of our checkpoints; None for foreign formats."""
+    return interpret_checkpoint(load_checkpoint_file(path), path)[2]
+
+
+def _first(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_FIRST])
+    return shown + (f", ... (+{len(keys) - _FIRST})" if len(keys) > _FIRST else "")
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike, detected: str) -> dict:
+    """Raise UserError unless `state_dict` fits `model` exactly; returns the dict to load.
+
+    Only BN `num_batches_tracked` counters may be absent (old files); they are taken from the model.
+    """
+    expected = unwrap_model(model).state_dict()
+    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing keys (first: {_first(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (first: {_first(unexpected)})")
+        if wrong_shape:
+            problems.append(f"{len(wrong_shape)} shape mismatches (first: {_first(wrong_shape)})")
+        raise UserError(
+            f"checkpoint {path} (detected format: {detected}) does not match the model: " + "; ".join(problems)
+        )
+    complete = dict(state_dict)
+    for key, value in expected.items():
+        complete.setdefault(key, value)
+    return complete
+
+
+def load_into(
+    model: nn.Module,
+    path: str | os.PathLike,
+    expected_model: str | None = None,
+    expected_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Load checkpoint `path` into `model` strictly; returns the detected format.
+
+    For our own format, `expected_model` / `expected_kwargs` (if given) must equal the header.
+    """
+    state_dict, detected, header = interpret_checkpoint(load_checkpoint_file(path), path)
+    if header is not None:
+        if expected_model is not None and header["model"] != expected_model:
+            raise UserError(f"checkpoint {path}: holds model {header['model']!r}, expected {expected_model!r}")
+        for key, value in (expected_kwargs or {}).items():
+            if key in header["model_kwargs"] and header["model_kwargs"][key] != value:
+                raise UserError(
+                    f"checkpoint {path}: model_kwargs.{key}={header['model_kwargs'][key]!r}, expected {value!r}"
+                )
+    complete = check_state_dict(model, state_dict, path, detected)
+    unwrap_model(model).load_state_dict(complete, strict=True)
+    return detected

@@ -1,0 +1,190 @@
+"""One ResNet for every model in the zoo; the block attention is chosen by name.
+
+Parameter names of the shared parts equal torchvision's ResNet (conv1, bn1, layer1..layer4,
+fc; downsample.0 / downsample.1; the stride sits in the 3x3 conv), so torchvision state dicts
+load into the plain model and the authors' release files load into the SGE model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sge_repro.models.attention import SelectiveKernelBranch, attention_placement, create_attention
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+def _block_attention_kwargs(attention: str, groups: int, sge_impl: str) -> dict:
+    return {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        attention: str = "none",
+        groups: int = 64,
+        sge_impl: str = "fast",
+    ):
+        super().__init__()
+        placement = attention_placement(attention)
+        if placement == "conv":
+            raise ValueError(f"attention {attention!r} needs a Bottleneck block")
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.attention_name = attention if placement == "block" else None
+        if self.attention_name:
+            module = create_attention(attention, planes, **_block_attention_kwargs(attention, groups, sge_impl))
+            setattr(self, attention, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.attention_name:
+            out = getattr(self, self.attention_name)(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        attention: str = "none",
+        groups: int = 64,
+        sge_impl: str = "fast",
+    ):
+        super().__init__()
+        placement = attention_placement(attention)
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.attention_name = attention if placement == "block" else None
+        if self.attention_name:
+            channels = planes * self.expansion
+            module = create_attention(attention, channels, **_block_attention_kwargs(attention, groups, sge_impl))
+            setattr(self, attention, module)
+        self.sk = SelectiveKernelBranch(planes, planes, stride) if placement == "conv" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        dense = self.relu(self.bn2(self.conv2(out)))
+        out = self.sk(out, dense) if self.sk is not None else dense
+        out = self.bn3(self.conv3(out))
+        if self.attention_name:
+            out = getattr(self, self.attention_name)(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet-{18,34,50,101,152} with an optional attention.
+
+    attention: "none" | "sge" | "se" | "cbam" | "gc" (in every block, after its last BN) |
+    "bam" (after layer1..layer3, as `bam1..bam3`) | "sk" (Bottleneck only, `block.sk`).
+    groups: SGE groups. width: channels of the stem and layer1 (64 = the paper's models; small
+    widths give the tiny CPU models, every stage scales with it).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        attention: str = "none",
+        groups: int = 64,
+        width: int = 64,
+        sge_impl: str = "fast",
+    ):
+        super().__init__()
+        placement = attention_placement(attention)
+        self.attention = attention
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        block_kwargs = {"attention": attention, "groups": groups, "sge_impl": sge_impl}
+        self.layer1 = self._make_layer(block, width, layers[0], 1, block_kwargs)
+        self.layer2 = self._make_layer(block, width * 2, layers[1], 2, block_kwargs)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], 2, block_kwargs)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], 2, block_kwargs)
+        if placement == "stage":
+            for index in (1, 2, 3):
+                channels = width * 2 ** (index - 1) * block.expansion
+                setattr(self, f"bam{index}", create_attention(attention, channels))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        self._init_weights()
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int, block_kwargs: dict) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                _conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, **block_kwargs)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, **block_kwargs) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        # torchvision's ResNet init (no zero-init of the last BN), then module-specific inits.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights()
+
+    def stage_attention(self, index: int) -> nn.Module | None:
+        return getattr(self, f"bam{index}", None)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for index, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            x = layer(x)
+            between = self.stage_attention(index)
+            if between is not None:
+                x = between(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.forward_features(x))
+        return self.fc(torch.flatten(x, 1))

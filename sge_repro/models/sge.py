@@ -1,0 +1,140 @@
+"""Spatial Group-wise Enhance (Li, Hu, Yang 2019).
+
+For x of shape (B, C, H, W) split into G groups of K = C/G channels, per sample and group:
+
+    m   = mean of x_g over the H*W positions                  (K,)
+    c_i = <m, x_g,i>                                           (H*W,)
+    n   = (c - mean(c)) / (unbiased_std(c) + 1e-5)
+    y_g = x_g * sigmoid(gamma_g * n + beta_g)
+
+gamma (`weight`, init 0) and beta (`bias`, init 1) have shape (1, G, 1, 1), so parameter names
+and shapes equal the authors' release files (`layerX.Y.sge.weight`).
+
+Two implementations compute the same function:
+- "reference": the formula step by step in eager torch ops (documentation and test oracle);
+- "fast": fewer passes over the activation memory (the pooled dot product as one batched matmul,
+  the mean of c derived analytically) and a hand-written backward that needs one fused output
+  pass instead of autograd's chain of elementwise kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sge_repro.errors import UserError
+
+SGE_EPS = 1e-5
+SGE_IMPLS = ("fast", "reference")
+
+
+def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """The formula of the paper, one step per line (eager, autograd)."""
+    batch, channels, height, width = x.shape
+    xg = x.reshape(batch * groups, channels // groups, height, width)
+    pooled = xg.mean(dim=(2, 3), keepdim=True)
+    similarity = (xg * pooled).sum(dim=1)  # (B*G, H, W)
+    flat = similarity.reshape(batch * groups, height * width)
+    centered = flat - flat.mean(dim=1, keepdim=True)
+    normalized = centered / (centered.std(dim=1, keepdim=True) + SGE_EPS)
+    normalized = normalized.reshape(batch, groups, height, width)
+    gate = torch.sigmoid(normalized * weight + bias)
+    out = xg * gate.reshape(batch * groups, 1, height, width)
+    return out.reshape(batch, channels, height, width)
+
+
+def _fast_forward(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: int, groups: int):
+    """x3: (B*G, K, P) contiguous. Returns (y3, pooled, centered, std_eps, normalized, gate)."""
+    positions = x3.shape[2]
+    pooled = x3.mean(dim=2)  # (N, K): one read of x
+    # c = m^T x as a batched matvec: one more read of x, no (N, K, P) temporary.
+    similarity = torch.bmm(pooled.unsqueeze(1), x3).squeeze(1)  # (N, P)
+    # mean_p(c) = <m, mean_p(x)> = |m|^2: no extra reduction needed.
+    centered = similarity - (pooled * pooled).sum(dim=1, keepdim=True)
+    std_eps = centered.square().sum(dim=1, keepdim=True).div_(positions - 1).sqrt_().add_(SGE_EPS)
+    normalized = centered / std_eps
+    affine = normalized.view(batch, groups, positions) * weight.view(1, groups, 1) + bias.view(1, groups, 1)
+    gate = torch.sigmoid(affine).view(batch * groups, 1, positions)
+    y3 = x3 * gate  # one read of x, one write of y
+    return y3, pooled, centered, std_eps, normalized, gate
+
+
+class _SGEFunction(torch.autograd.Function):
+    """SGE with a fused backward (see module docstring). Shapes: x3 is (B*G, K, P)."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, batch: int, groups: int):
+        y3, pooled, centered, std_eps, normalized, gate = _fast_forward(x3, weight, bias, batch, groups)
+        ctx.save_for_backward(x3, weight, pooled, centered, std_eps, normalized, gate)
+        ctx.batch, ctx.groups = batch, groups
+        return y3
+
+    @staticmethod
+    def backward(ctx, grad_y3):
+        x3, weight, pooled, centered, std_eps, normalized, gate = ctx.saved_tensors
+        batch, groups = ctx.batch, ctx.groups
+        n_rows, _, positions = x3.shape
+        grad_y3 = grad_y3.contiguous()
+        gate2 = gate.view(n_rows, positions)
+        # dL/dgate_i = sum_k gy_ki x_ki, as a batched (1 x K) @ (K x 1) per position would be
+        # slow; (gy * x).sum over K is one fused read of both tensors.
+        grad_gate = torch.einsum("nkp,nkp->np", grad_y3, x3)
+        grad_affine = grad_gate * gate2 * (1.0 - gate2)  # (N, P)
+        grad_affine_bg = grad_affine.view(batch, groups, positions)
+        grad_weight = (grad_affine_bg * normalized.view(batch, groups, positions)).sum(dim=(0, 2))
+        grad_bias = grad_affine_bg.sum(dim=(0, 2))
+        grad_norm = (grad_affine_bg * weight.view(1, groups, 1)).view(n_rows, positions)
+        # n = d / (s + eps), d = c - mean(c), s = sqrt(sum d^2 / (P - 1)).
+        std = std_eps - SGE_EPS
+        dot = (grad_norm * centered).sum(dim=1, keepdim=True)
+        grad_centered = grad_norm / std_eps - centered * (dot / (std_eps * std_eps * std.clamp_min(1e-30) * (positions - 1)))
+        grad_similarity = grad_centered - grad_centered.mean(dim=1, keepdim=True)  # (N, P)
+        # c = m^T x, m = mean_p x: dx = gy*gate + m (x) gc + (x @ gc) / P (x) 1.
+        grad_pooled = torch.bmm(x3, grad_similarity.unsqueeze(2)).squeeze(2) / positions  # (N, K)
+        left = torch.stack((pooled, grad_pooled), dim=2)  # (N, K, 2)
+        right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1)  # (N, 2, P)
+        grad_x3 = torch.baddbmm(grad_y3 * gate, left, right)
+        shape = (1, groups, 1, 1)
+        return grad_x3, grad_weight.view(shape), grad_bias.view(shape), None, None
+
+
+def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x3 = x.contiguous().view(batch * groups, channels // groups, height * width)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        y3 = _SGEFunction.apply(x3, weight, bias, batch, groups)
+    else:
+        y3 = _fast_forward(x3, weight, bias, batch, groups)[0]
+    y = y3.view(batch, channels, height, width)
+    # Keep the caller's memory format (channels_last models stay channels_last).
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
+class SpatialGroupEnhance(nn.Module):
+    """SGE module; `channels` is only used to validate the grouping early."""
+
+    def __init__(self, channels: int, groups: int = 64, impl: str = "fast"):
+        super().__init__()
+        if groups < 1 or channels % groups != 0:
+            raise UserError(
+                f"SGE groups: channels={channels} is not divisible by groups={groups}; "
+                f"expected a groups value that divides {channels}"
+            )
+        if impl not in SGE_IMPLS:
+            raise UserError(f"SGE impl: got {impl!r}, expected one of {', '.join(SGE_IMPLS)}")
+        self.channels = channels
+        self.groups = groups
+        self.impl = impl
+        self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))
+        self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"SGE expected {self.channels} input channels, got {x.shape[1]}")
+        if self.impl == "reference":
+            return sge_reference(x, self.weight, self.bias, self.groups)
+        return sge_fast(x, self.weight, self.bias, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, groups={self.groups}, impl={self.impl!r}"
