@@ -1,0 +1,74 @@
+"""`sge-repro bench sge|train`: overhead and throughput measurements."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from sge_repro.cli.ui import console
+
+app = typer.Typer(help="Benchmarks: SGE overhead, training throughput.", no_args_is_help=True)
+
+
+@app.command("sge")
+def bench_sge(
+    batch: int = typer.Option(16, help="Batch size."),
+    image_size: int = typer.Option(224, help="Input resolution."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 / float16 (autocast)."),
+    repeats: int = typer.Option(7, min=7, help="Interleaved repeats after warm-up (median reported)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """ResNet50 vs SGE-ResNet50 (reference and fast module): eval forward and a training step."""
+    import torch
+
+    from sge_repro.models.benchmark import benchmark_sge
+
+    if threads:
+        torch.set_num_threads(threads)
+    with console.status("benchmarking (interleaved runs)"):
+        result = benchmark_sge(batch=batch, image_size=image_size, device=device, dtype=dtype, repeats=repeats)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"SGE overhead: batch {batch}, {image_size}px, {device}, {dtype}, median of {repeats}")
+    for column in ("model", "forward ms", "x plain", "train step ms", "x plain", "peak MB", "x plain"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for row in result["models"]:
+        table.add_row(row["name"], f"{row['forward_ms']:.1f}", f"{row['forward_ratio']:.3f}",
+                      f"{row['train_ms']:.1f}", f"{row['train_ratio']:.3f}",
+                      f"{row.get('peak_mb', float('nan')):.0f}", f"{row.get('peak_ratio', float('nan')):.3f}")
+    console.print(table)
+    module = result.get("module")
+    if module:
+        console.print(f"module alone on {module['shape']}: " + ", ".join(
+            f"{impl} {v['ms']:.2f} ms ({v['gb_per_s']:.1f} GB/s)" for impl, v in module["impls"].items()))
+
+
+@app.command("train")
+def bench_train(
+    model: List[str] = typer.Option(..., "--model", help="One model, or --model A --model B side by side."),
+    batch: int = typer.Option(32, help="Batch size."),
+    image_size: int = typer.Option(224, help="Input resolution."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    repeats: int = typer.Option(5, min=3, help="Interleaved repeats (median)."),
+    width: int = typer.Option(64, help="Base width (64 = the paper's ResNets)."),
+    groups: int = typer.Option(64, help="SGE groups."),
+) -> None:
+    """Training images/s (forward + backward + SGD step) of one model or several side by side."""
+    from sge_repro.models.benchmark import benchmark_training
+
+    with console.status("benchmarking training steps (interleaved)"):
+        rows = benchmark_training(model, batch=batch, image_size=image_size, device=device,
+                                  repeats=repeats, width=width, groups=groups)
+    table = Table(title=f"training throughput: batch {batch}, {image_size}px, {device}")
+    table.add_column("model")
+    table.add_column("images/s", justify="right")
+    table.add_column("x first", justify="right")
+    for row in rows:
+        table.add_row(row["name"], f"{row['images_per_s']:.1f}", f"{row['ratio']:.3f}")
+    console.print(table)

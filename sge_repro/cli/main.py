@@ -1,0 +1,52 @@
+"""`sge-repro`: the thin command line. Each command validates input, calls ONE library
+function, and renders the result with rich. No training logic lives here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sge_repro.cli import bench, convert, data, env, evaluate, models, report, run, train
+from sge_repro.cli.ui import err_console
+from sge_repro.errors import UserError
+
+app = typer.Typer(
+    name="sge-repro",
+    help="Reproduce Spatial Group-wise Enhance (Li, Hu, Yang 2019): data, training, evaluation, report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+app.command("run")(run.run)
+app.command("status")(run.status)
+app.add_typer(data.app, name="data")
+app.add_typer(train.app, name="train")
+app.add_typer(evaluate.app, name="eval")
+app.command("convert")(convert.convert)
+app.command("report")(report.report)
+app.command("visualize")(report.visualize)
+app.command("models")(models.models)
+app.command("env")(env.env)
+app.add_typer(bench.app, name="bench")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except UserError as exc:
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(UserError.exit_code)

@@ -1,0 +1,130 @@
+"""`sge-repro run all|STAGE` and `sge-repro status`: a rich view over `dvc repro` / `dvc status`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from sge_repro import pipeline
+from sge_repro.cli.ui import console, err_console
+from sge_repro.errors import UserError
+
+
+_STYLE = {
+    "pending": "dim", "running": "bold yellow", "done": "green", "skipped": "cyan",
+    "restored": "cyan", "failed": "bold red",
+}
+_LABEL = {"skipped": "up to date", "restored": "restored from cache"}
+
+
+def _stage_table(stages: list[str], states: dict[str, str], times: dict[str, float]) -> Table:
+    table = Table(title="sge-repro pipeline", show_lines=False)
+    table.add_column("stage")
+    table.add_column("state")
+    table.add_column("time", justify="right")
+    now = time.monotonic()
+    for stage in stages:
+        state = states.get(stage, "pending")
+        started, ended = times.get(stage), times.get(stage + "/end")
+        elapsed = "" if started is None else f"{(ended or now) - started:.1f}s"
+        table.add_row(stage, f"[{_STYLE[state]}]{_LABEL.get(state, state)}[/]", elapsed)
+    return table
+
+
+def _run(targets: list[str], force: bool) -> None:
+    pipeline.require_dvc_project()
+    stages = pipeline.list_stages()
+    for target in targets:
+        pipeline.resolve_target(target, stages)
+    shown = [s for s in stages if not targets or any(s == t or s.startswith(t + "@") for t in targets)]
+    states: dict[str, str] = {}
+    times: dict[str, float] = {}
+    started = time.monotonic()
+    tail: list[str] = []
+
+    def on_event(event: pipeline.StageEvent) -> None:
+        states[event.stage] = event.state
+        if event.state == "running":
+            times[event.stage] = event.at
+        elif event.stage in times:
+            times[event.stage + "/end"] = event.at
+        if event.stage not in shown:
+            shown.append(event.stage)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        del tail[:-30]
+
+    with Live(_stage_table(shown, states, times), console=console, refresh_per_second=4,
+              transient=False) as live:
+        def refresh(event: pipeline.StageEvent) -> None:
+            on_event(event)
+            live.update(_stage_table(shown, states, times))
+
+        code = pipeline.repro(targets, force=force, on_event=refresh, on_line=on_line)
+        live.update(_stage_table(shown, states, times))
+    elapsed = time.monotonic() - started
+    if code != 0:
+        err_console.print("\n".join(tail[-15:]), highlight=False, markup=False)
+        raise UserError(f"dvc repro failed (exit {code}); full log: {pipeline.LOG_DIR / 'dvc-repro.log'}")
+    ran = sum(1 for s in states.values() if s == "done")
+    console.print(f"[green]pipeline finished[/] in {elapsed:.1f}s: {ran} stage(s) ran, "
+                  f"{len(shown) - ran} up to date")
+
+
+def run(
+    target: str = typer.Argument(
+        "all", help="`all`, a stage group (data, train_cls, eval_cls, convert, train_det, eval_det, report) "
+                    "or one expanded stage such as train_cls@sge_resnet18-0."),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", "-p",
+        help="First rewrite params.yaml as defaults + pipelines/profiles/NAME.yaml (embedded, smoke, paper). "
+             "Without it, params.yaml is used as it is."),
+    force: bool = typer.Option(False, "--force", help="Rerun the stages even if up to date."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Print the result tables at the end of `all`."),
+) -> None:
+    """Run the pipeline (`dvc repro [STAGE]`) with a live view of the stages."""
+    pipeline.require_dvc_project()
+    name, changed = pipeline.apply_profile(profile)
+    console.print(f"profile [bold]{name}[/]" + (" (params.yaml rewritten)" if changed else ""))
+    _run([] if target == "all" else [target], force)
+    if report and target == "all":
+        from sge_repro.cli.report import print_saved_report
+
+        print_saved_report(Path("."))
+
+
+def status() -> None:
+    """Which stages are up to date and which would rerun (`dvc status`)."""
+    pipeline.require_dvc_project()
+    pipeline.apply_profile(None)  # validate params.yaml first: a typo should be named here
+    stages = pipeline.list_stages()
+    stale = pipeline.stale_stages()
+    table = Table(title="pipeline status")
+    table.add_column("stage")
+    table.add_column("state")
+    table.add_column("why")
+    for stage in stages:
+        if stage in stale:
+            why = "; ".join(_reason(item) for item in stale[stage])
+            table.add_row(stage, "[yellow]will run[/]", why)
+        else:
+            table.add_row(stage, "[green]up to date[/]", "")
+    console.print(table)
+
+
+def _reason(item) -> str:
+    if isinstance(item, dict):
+        parts = []
+        for kind, changes in item.items():
+            if isinstance(changes, dict):
+                parts.append(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in list(changes.items())[:3]))
+            else:
+                parts.append(f"{kind}: {changes}")
+        return "; ".join(parts)
+    return str(item)

@@ -1,0 +1,252 @@
+"""The schema of params.yaml, profile overlays, and validation.
+
+params.yaml holds every knob of the pipeline. The schema's defaults ARE the embedded profile;
+a profile in pipelines/profiles/NAME.yaml is a partial overlay on those defaults. Each DVC stage
+lists the params.yaml sections it reads, so changing one knob reruns only those stages.
+
+Any problem (unknown key, wrong type, unknown model) raises `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sge_repro.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+PROFILES_DIR = Path("pipelines") / "profiles"
+DETECTORS = ("faster_rcnn", "retinanet", "mask_rcnn", "cascade_rcnn")
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClassificationData(Section):
+    source: Literal["synthetic", "imagenet"] = "synthetic"
+    source_path: str | None = Field(None, description="ImageNet ImageFolder tree or archives")
+    num_classes: int = Field(10, ge=2)
+    image_size: int = Field(64, ge=16)
+    train_per_class: int = Field(100, ge=1)
+    val_per_class: int = Field(30, ge=1)
+
+
+class DetectionData(Section):
+    source: Literal["synthetic", "coco"] = "synthetic"
+    source_path: str | None = Field(None, description="COCO 2017 root (train2017/, annotations/)")
+    num_train: int = Field(240, ge=1)
+    num_val: int = Field(60, ge=1)
+    image_size: int = Field(128, ge=32)
+    num_categories: int = Field(3, ge=1)
+
+
+class DataParams(Section):
+    seed: int = 0
+    skip_corrupt: bool = False
+    classification: ClassificationData = ClassificationData()
+    detection: DetectionData = DetectionData()
+
+
+class ModelParams(Section):
+    """Shared by every classifier and detector backbone built from `models`."""
+
+    width: int = Field(32, ge=4, description="base channel width (64 = the paper's ResNets)")
+    groups: int = Field(8, ge=1, description="SGE groups G (64 in the paper)")
+    sge_impl: Literal["fast", "reference"] = "fast"
+
+
+class TrainClsParams(Section):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["step", "cosine"] = "cosine"
+    milestones: list[int] = [30, 60, 90]
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    image_size: int = Field(64, ge=16)
+    workers: int = Field(0, ge=0)
+    device: str = "cpu"
+
+
+class EvalClsParams(Section):
+    batch_size: int = Field(128, ge=1)
+    image_size: int = Field(64, ge=16)
+    workers: int = Field(0, ge=0)
+    device: str = "cpu"
+
+
+class ConvertParams(Section):
+    checkpoint: Literal["best", "last"] = "best"
+
+
+class TrainDetParams(Section):
+    max_iter: int = Field(300, ge=1)
+    ims_per_batch: int = Field(8, ge=1)
+    base_lr: float = Field(0.02, gt=0)
+    warmup_iters: int = Field(50, ge=0)
+    min_size: int = Field(128, ge=32)
+    max_size: int = Field(128, ge=32)
+    checkpoint_period: int = Field(100, ge=1)
+    workers: int = Field(0, ge=0)
+    device: str = "cpu"
+
+
+class EvalDetParams(Section):
+    device: str = "cpu"
+
+
+class ReportParams(Section):
+    tolerance: float = Field(0.3, ge=0, description="points within which a paper number counts as reproduced")
+    bootstrap_samples: int = Field(2000, ge=100)
+    seed: int = 0
+
+
+class Params(Section):
+    profile: str = "embedded"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
+    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn"], min_length=1)
+    detection_backbones: list[str] = Field(
+        default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
+    )
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train_cls: TrainClsParams = TrainClsParams()
+    eval_cls: EvalClsParams = EvalClsParams()
+    convert: ConvertParams = ConvertParams()
+    train_det: TrainDetParams = TrainDetParams()
+    eval_det: EvalDetParams = EvalDetParams()
+    report: ReportParams = ReportParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        from sge_repro.models.registry import list_models
+
+        known = list_models()
+        for name in self.models:
+            if name not in known:
+                family = name.rsplit("_", 1)[-1].rstrip("0123456789")
+                examples = [k for k in known if family and family in k][:6] or known[:6]
+                raise ValueError(f"models: unknown model {name!r} (e.g. {', '.join(examples)})")
+        for name in self.detectors:
+            if name not in DETECTORS:
+                raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")
+        for name in self.detection_backbones:
+            if name not in self.models:
+                raise ValueError(
+                    f"detection_backbones: {name!r} is not among models {self.models} "
+                    "(a detector backbone starts from a trained classifier)"
+                )
+        for key in ("seeds", "models", "detectors", "detection_backbones"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key}: duplicate entries in {values}")
+        return self
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _section_for(error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        return f"{source}: unknown key '{key}' (allowed here: {allowed})"
+    if kind == "value_error":
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
+    got = error.get("input")
+    return f"{source}: {key or '(top level)'}: {error['msg'].lower()}, got {got!r}"
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def validate_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a dict against the schema; the error names the key and what was expected."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc.errors()[0], source)) from None
+    return params
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    return validate_params(read_yaml(path), str(path))
+
+
+def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def profile_params(name: str, profiles_dir: Path = PROFILES_DIR) -> Params:
+    """Schema defaults with the profile's overlay applied (and `profile: name` set)."""
+    path = profiles_dir / f"{name}.yaml"
+    if not path.exists():
+        allowed = ", ".join(available_profiles(profiles_dir)) or "none found"
+        raise UserError(f"unknown profile {name!r}: no {path} (available: {allowed})")
+    overlay = read_yaml(path)
+    if not isinstance(overlay, dict):
+        raise UserError(f"{path}: expected a mapping, got {type(overlay).__name__}")
+    merged = deep_merge(Params().model_dump(mode="json"), overlay)
+    merged["profile"] = name
+    return validate_params(merged, str(path))
+
+
+def dump_params(params: Params) -> str:
+    header = (
+        "# Every knob of the pipeline. `sge-repro run all --profile NAME` rewrites this file as\n"
+        "# the schema defaults (sge_repro/params.py) plus pipelines/profiles/NAME.yaml.\n"
+        "# Edit freely: `dvc repro` reruns only the stages whose params changed.\n"
+    )
+    return header + yaml.dump(params.model_dump(mode="json"), Dumper=_ParamsDumper, sort_keys=False, width=100)
+
+
+class _ParamsDumper(yaml.SafeDumper):
+    """Block style for sections, one-line lists of scalars (`seeds: [0, 1, 2]`)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(item, (dict, list)) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ParamsDumper.add_representer(list, _represent_list)

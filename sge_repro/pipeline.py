@@ -1,0 +1,142 @@
+"""Driving DVC: apply a profile to params.yaml, list stages, run `dvc repro`, read status.
+
+The CLI's `run` and `status` commands are views over these functions. DVC is run as a
+subprocess of this interpreter (`python -m dvc`), with this environment's bin/ first on PATH
+so that every stage's `sge-repro ...` command resolves to this installation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sge_repro import atomic
+from sge_repro.errors import UserError
+from sge_repro.params import PARAMS_FILE, dump_params, load_params, profile_params
+
+LOG_DIR = Path("logs")
+
+
+def stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def dvc(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=stage_env(), cwd=cwd
+    )
+    if check and result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        raise UserError(f"dvc {' '.join(args)} failed: {message[-1] if message else result.returncode}")
+    return result
+
+
+def require_dvc_project(root: Path = Path(".")) -> None:
+    if not (root / "dvc.yaml").exists() or not (root / ".dvc").is_dir():
+        raise UserError(f"{root.resolve()}: not an sge-repro project (expected dvc.yaml and .dvc/ here)")
+
+
+def apply_profile(name: str | None, params_file: Path = PARAMS_FILE) -> tuple[str, bool]:
+    """Rewrite params.yaml as defaults + the profile overlay; returns (profile, changed).
+
+    Without a name, params.yaml is validated and used as it is (the user's edits count).
+    An unchanged file is not rewritten, so DVC sees nothing new.
+    """
+    if name is None:
+        return load_params(params_file).profile, False
+    text = dump_params(profile_params(name))
+    if params_file.exists() and params_file.read_text(encoding="utf-8") == text:
+        return name, False
+    atomic.write_text(params_file, text)
+    return name, True
+
+
+def list_stages() -> list[str]:
+    """Every stage name after foreach/matrix expansion, in dvc.yaml order."""
+    names = dvc("stage", "list", "--name-only").stdout.split()
+    return [n for n in names if n]
+
+
+def stage_groups(stages: list[str]) -> list[str]:
+    return sorted({s.split("@", 1)[0] for s in stages})
+
+
+def resolve_target(target: str, stages: list[str]) -> str:
+    if target in stages or target in stage_groups(stages):
+        return target
+    allowed = ", ".join(stage_groups(stages) + [s for s in stages if "@" in s][:6])
+    raise UserError(f"unknown stage {target!r} (allowed: {allowed}, ...)")
+
+
+def stale_stages() -> dict[str, list]:
+    """Stages whose deps / params / outs changed since their last run (`dvc status`)."""
+    out = dvc("status", "--json").stdout.strip()
+    try:
+        status = json.loads(out or "{}")
+    except json.JSONDecodeError:
+        raise UserError(f"dvc status: unexpected output {out[:80]!r}") from None
+    # `dvc status --json` prefixes stage names with "dvc.yaml:" in some versions.
+    return {key.split(":", 1)[-1]: value for key, value in status.items()}
+
+
+@dataclass
+class StageEvent:
+    stage: str
+    state: str  # running | skipped | restored | done | failed
+    at: float = field(default_factory=time.monotonic)
+
+
+_RUNNING = re.compile(r"^Running stage '([^']+)'")
+_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+_RESTORED = re.compile(r"^Stage '([^']+)' is cached - skipping run")
+
+
+def repro(
+    targets: list[str],
+    force: bool = False,
+    on_event: Callable[[StageEvent], None] = lambda event: None,
+    on_line: Callable[[str], None] = lambda line: None,
+    log_path: Path | None = None,
+) -> int:
+    """Run `dvc repro`, reporting stage transitions; returns DVC's exit code."""
+    args = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *targets]
+    log_path = log_path or LOG_DIR / "dvc-repro.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    running: str | None = None
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(), bufsize=1
+        )
+        assert process.stdout is not None
+        for line in _lines(process.stdout):
+            log.write(line + "\n")
+            log.flush()
+            on_line(line)
+            for pattern, state in ((_RUNNING, "running"), (_SKIPPED, "skipped"), (_RESTORED, "restored")):
+                match = pattern.match(line)
+                if match:
+                    if running is not None:
+                        on_event(StageEvent(running, "done"))
+                        running = None
+                    on_event(StageEvent(match.group(1), state))
+                    if state == "running":
+                        running = match.group(1)
+        code = process.wait()
+    if running is not None:
+        on_event(StageEvent(running, "done" if code == 0 else "failed"))
+    return code
+
+
+def _lines(stream) -> Iterator[str]:
+    for raw in stream:
+        yield raw.rstrip("\n")

@@ -1,0 +1,83 @@
+"""params.yaml schema: defaults, profiles, and one-line errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sge_repro.errors import UserError
+from sge_repro.params import (
+    PROFILES_DIR,
+    Params,
+    available_profiles,
+    dump_params,
+    load_params,
+    profile_params,
+    validate_params,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_yaml_is_the_embedded_profile():
+    committed = load_params(REPO / "params.yaml")
+    assert committed == profile_params("embedded", REPO / PROFILES_DIR)
+    assert (REPO / "params.yaml").read_text() == dump_params(committed)
+
+
+def test_every_profile_validates_and_round_trips():
+    names = available_profiles(REPO / PROFILES_DIR)
+    assert {"embedded", "smoke"} <= set(names)
+    for name in names:
+        params = profile_params(name, REPO / PROFILES_DIR)
+        assert params.profile == name
+        assert validate_params(yaml.safe_load(dump_params(params))) == params
+
+
+def test_smoke_overlay_changes_only_what_it_names():
+    smoke = profile_params("smoke", REPO / PROFILES_DIR)
+    default = Params()
+    assert smoke.train_cls.epochs == 2 and default.train_cls.epochs != 2
+    assert smoke.train_cls.momentum == default.train_cls.momentum
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda p: p["train_cls"].update(epoch=3), "unknown key 'train_cls.epoch'"),
+        (lambda p: p["train_cls"].update(epochs="ten"), "train_cls.epochs"),
+        (lambda p: p.update(models=["resnet18", "sge_resnet19"]), "unknown model 'sge_resnet19'"),
+        (lambda p: p.update(detectors=["yolo"]), "unknown detector 'yolo'"),
+        (lambda p: p.update(detection_backbones=["resnet50"]), "'resnet50' is not among models"),
+        (lambda p: p["data"]["classification"].update(source="cifar"), "data.classification.source"),
+        (lambda p: p.update(seeds=[0, 0]), "seeds: duplicate"),
+    ],
+)
+def test_bad_params_name_the_key(mutate, expected):
+    raw = Params().model_dump(mode="json")
+    mutate(raw)
+    with pytest.raises(UserError) as info:
+        validate_params(raw, "params.yaml")
+    message = str(info.value)
+    assert expected in message
+    assert message.startswith("params.yaml: ")
+    assert "\n" not in message
+
+
+def test_unknown_key_lists_the_allowed_ones():
+    raw = Params().model_dump(mode="json")
+    raw["report"]["tolerence"] = 0.5
+    with pytest.raises(UserError, match=r"allowed here: tolerance, bootstrap_samples, seed"):
+        validate_params(raw)
+
+
+def test_unknown_profile_lists_available(tmp_path):
+    with pytest.raises(UserError, match=r"unknown profile 'huge'.*available: .*embedded"):
+        profile_params("huge", REPO / PROFILES_DIR)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seeds: [0\nmodels: x\n")
+    with pytest.raises(UserError, match=r"params.yaml: line \d+ not valid YAML"):
+        load_params(path)
