@@ -1,0 +1,331 @@
+"""Read every metrics file the pipeline stages wrote, grouped by model / detector and seed.
+
+A file that is absent or incomplete (a stage not run yet, a key not written) is recorded as
+missing and the report says so; a file that exists but is not valid JSON, or holds values of the
+wrong type, is a UserError naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from sge_repro.errors import UserError
+from sge_repro.paths import ProjectPaths
+from sge_repro.report.reference import BBOX_KEYS
+
+_RUN_FILE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)\.(?:json|tsv)$")
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Something the report would use but could not find (or found incomplete)."""
+
+    what: str
+    path: str
+    reason: str
+
+
+@dataclass
+class Predictions:
+    """Per-validation-image top-1 correctness of one classification run."""
+
+    correct: np.ndarray  # uint8, one entry per validation image
+    files: tuple[str, ...]
+    path: Path
+
+
+@dataclass
+class ClsRun:
+    model: str
+    dataset: str
+    seed: int
+    top1: float
+    top5: float
+    path: Path
+    loss: float | None = None
+    num_images: int | None = None
+    params_m: float | None = None
+    gflops: float | None = None
+    predictions: Predictions | None = None
+    train: dict[str, Any] | None = None
+    history: list[dict[str, float]] | None = None
+
+
+@dataclass
+class DetRun:
+    detector: str
+    backbone: str
+    dataset: str
+    seed: int
+    bbox: dict[str, float | None]
+    path: Path
+    segm: dict[str, float | None] | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CollectedResults:
+    classification: list[ClsRun] = field(default_factory=list)
+    detection: list[DetRun] = field(default_factory=list)
+    # Training histories whose run has no evaluation yet (still plotted).
+    orphan_histories: dict[tuple[str, int], list[dict[str, float]]] = field(default_factory=dict)
+    missing: list[Missing] = field(default_factory=list)
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def read_json_object(path: Path, root: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None when the file is absent or empty; UserError when malformed."""
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{_display(path, root)}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from error
+    if not isinstance(data, dict):
+        raise UserError(f"{_display(path, root)}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _number(value: Any, key: str, path: Path, root: Path, allow_none: bool = False) -> float | None:
+    """A finite float (NaN -> None, as COCO gives for empty area ranges); UserError on a wrong type."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) and allow_none:
+        return None
+    if not math.isfinite(value):
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a finite number, got {value!r}")
+    return value
+
+
+def _percent(value: Any, key: str, path: Path, root: Path, allow_none: bool = False) -> float | None:
+    number = _number(value, key, path, root, allow_none)
+    if number is not None and allow_none and number < 0:
+        return None  # COCO's -1 (no objects in that size range), possibly scaled to -100
+    if number is not None and not 0.0 <= number <= 100.0:
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a percentage in [0, 100], got {number}")
+    return number
+
+
+def _name_and_seed(path: Path) -> tuple[str, int] | None:
+    match = _RUN_FILE.match(path.name)
+    return None if match is None else (match["name"], int(match["seed"]))
+
+
+def _check_identity(data: dict, key: str, expected: Any, path: Path, root: Path) -> None:
+    if key in data and data[key] != expected:
+        raise UserError(
+            f"{_display(path, root)}: key '{key}' is {data[key]!r} but the file name says {expected!r}"
+        )
+
+
+def read_predictions(path: Path, root: Path) -> Predictions | None:
+    data = read_json_object(path, root)
+    if data is None:
+        return None
+    correct, files = data.get("correct"), data.get("files")
+    if not isinstance(correct, list) or not isinstance(files, list):
+        raise UserError(f"{_display(path, root)}: expected lists under keys 'correct' and 'files'")
+    if len(correct) != len(files):
+        raise UserError(
+            f"{_display(path, root)}: 'correct' has {len(correct)} entries but 'files' has {len(files)}"
+        )
+    if any(c not in (0, 1) for c in correct):  # True/False compare equal to 1/0
+        raise UserError(f"{_display(path, root)}: 'correct' should hold only 0/1 values")
+    if any(not isinstance(f, str) for f in files):
+        raise UserError(f"{_display(path, root)}: 'files' should hold file names (strings)")
+    return Predictions(correct=np.asarray(correct, dtype=np.uint8), files=tuple(files), path=path)
+
+
+def read_history(path: Path) -> list[dict[str, float]] | None:
+    """Per-epoch rows of a training history TSV; numeric cells only (extra columns kept)."""
+    if not path.is_file():
+        return None
+    rows = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for raw in csv.DictReader(handle, delimiter="\t"):
+            row = {}
+            for key, cell in raw.items():
+                if key is None or cell is None:
+                    continue
+                try:
+                    row[key.strip()] = float(cell)
+                except ValueError:
+                    continue
+            if row:
+                rows.append(row)
+    return rows or None
+
+
+def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> ClsRun | None:
+    root = paths.root
+    identity = _name_and_seed(path)
+    if identity is None:
+        return None  # not a run file (e.g. a README); the stages only write <model>-seed<n>.json
+    model, seed = identity
+    data = read_json_object(path, root)
+    if data is None:
+        missing.append(Missing(f"classification {model} seed {seed}", _display(path, root), "empty file"))
+        return None
+    _check_identity(data, "model", model, path, root)
+    _check_identity(data, "seed", seed, path, root)
+    absent = [k for k in ("dataset", "top1", "top5") if k not in data]
+    if absent:
+        missing.append(
+            Missing(f"classification {model} seed {seed}", _display(path, root), f"incomplete: no {', '.join(absent)}")
+        )
+        return None
+    if not isinstance(data["dataset"], str):
+        raise UserError(f"{_display(path, root)}: key 'dataset' should be a string, got {data['dataset']!r}")
+    run = ClsRun(
+        model=model,
+        dataset=data["dataset"],
+        seed=seed,
+        top1=_percent(data["top1"], "top1", path, root),
+        top5=_percent(data["top5"], "top5", path, root),
+        path=path,
+        loss=_number(data.get("loss"), "loss", path, root, allow_none=True),
+        params_m=_number(data.get("params_m"), "params_m", path, root, allow_none=True),
+        gflops=_number(data.get("gflops"), "gflops", path, root, allow_none=True),
+    )
+    if data.get("num_images") is not None:
+        run.num_images = int(_number(data["num_images"], "num_images", path, root))
+    predictions_path = paths.cls_predictions(model, seed)
+    run.predictions = read_predictions(predictions_path, root)
+    if run.predictions is None:
+        missing.append(
+            Missing(
+                f"per-image predictions of {model} seed {seed}",
+                _display(predictions_path, root),
+                "absent: no paired bootstrap over validation images",
+            )
+        )
+    elif run.num_images is not None and run.num_images != len(run.predictions.correct):
+        raise UserError(
+            f"{_display(predictions_path, root)}: {len(run.predictions.correct)} images, "
+            f"but {_display(path, root)} says num_images={run.num_images}"
+        )
+    run.train = read_json_object(paths.cls_train_metrics(model, seed), root)
+    run.history = read_history(paths.cls_history(model, seed))
+    return run
+
+
+def _read_det_run(path: Path, root: Path, missing: list[Missing]) -> DetRun | None:
+    identity = _name_and_seed(path)
+    if identity is None or "-" not in identity[0]:
+        return None
+    (detector, backbone), seed = identity[0].split("-", 1), identity[1]
+    what = f"detection {detector} + {backbone} seed {seed}"
+    data = read_json_object(path, root)
+    if data is None:
+        missing.append(Missing(what, _display(path, root), "empty file"))
+        return None
+    _check_identity(data, "detector", detector, path, root)
+    _check_identity(data, "backbone", backbone, path, root)
+    _check_identity(data, "seed", seed, path, root)
+    bbox = data.get("bbox")
+    if "dataset" not in data or not isinstance(bbox, dict) or any(k not in bbox for k in BBOX_KEYS):
+        absent = [k for k in ("dataset", "bbox") if k not in data]
+        if isinstance(bbox, dict):
+            absent += [f"bbox.{k}" for k in BBOX_KEYS if k not in bbox]
+        missing.append(Missing(what, _display(path, root), f"incomplete: no {', '.join(absent) or 'bbox object'}"))
+        return None
+    run = DetRun(
+        detector=detector,
+        backbone=backbone,
+        dataset=str(data["dataset"]),
+        seed=seed,
+        bbox={k: _percent(bbox[k], f"bbox.{k}", path, root, allow_none=True) for k in BBOX_KEYS},
+        path=path,
+        flags=dict(data.get("flags") or {}),
+    )
+    if run.bbox["AP"] is None:
+        missing.append(Missing(what, _display(path, root), "incomplete: bbox.AP is null"))
+        return None
+    segm = data.get("segm")
+    if segm is not None:
+        if not isinstance(segm, dict):
+            raise UserError(f"{_display(path, root)}: key 'segm' should be an object of APs")
+        run.segm = {k: _percent(segm.get(k), f"segm.{k}", path, root, allow_none=True) for k in BBOX_KEYS}
+    return run
+
+
+def collect_results(
+    root: Path,
+    expected_models: Iterable[str] = (),
+    expected_detection: Iterable[tuple[str, str]] = (),
+    seeds: Sequence[int] = (),
+) -> CollectedResults:
+    """Every classification / detection result under `root`, sorted, plus what is missing.
+
+    `expected_models`, `expected_detection` (detector, backbone) and `seeds` name runs that
+    should exist (from params); any without a metrics file is listed as missing.
+    """
+    paths = ProjectPaths(Path(root))
+    results = CollectedResults()
+    eval_cls_dir = paths.cls_metrics("x", 0).parent
+    for path in sorted(eval_cls_dir.glob("*.json")) if eval_cls_dir.is_dir() else []:
+        run = _read_cls_run(path, paths, results.missing)
+        if run is not None:
+            results.classification.append(run)
+    eval_det_dir = paths.det_metrics("x", "y", 0).parent
+    for path in sorted(eval_det_dir.glob("*.json")) if eval_det_dir.is_dir() else []:
+        run = _read_det_run(path, paths.root, results.missing)
+        if run is not None:
+            results.detection.append(run)
+
+    evaluated = {(r.model, r.seed) for r in results.classification}
+    # Trained but not evaluated: keep the curves, say the evaluation is missing.
+    history_dir = paths.cls_history("x", 0).parent
+    for path in sorted(history_dir.glob("*.tsv")) if history_dir.is_dir() else []:
+        identity = _name_and_seed(path)
+        if identity is None or identity in evaluated:
+            continue
+        history = read_history(path)
+        if history:
+            results.orphan_histories[identity] = history
+        if not paths.cls_metrics(*identity).is_file():
+            results.missing.append(
+                Missing(
+                    f"classification {identity[0]} seed {identity[1]}",
+                    _display(paths.cls_metrics(*identity), paths.root),
+                    "absent: trained but not evaluated",
+                )
+            )
+
+    reported = {m.path for m in results.missing}
+    for model in expected_models:
+        for seed in seeds:
+            path = paths.cls_metrics(model, seed)
+            if (model, seed) not in evaluated and _display(path, paths.root) not in reported:
+                results.missing.append(Missing(f"classification {model} seed {seed}", _display(path, paths.root), "absent"))
+    found_det = {(r.detector, r.backbone, r.seed) for r in results.detection}
+    for detector, backbone in expected_detection:
+        for seed in seeds:
+            path = paths.det_metrics(detector, backbone, seed)
+            if (detector, backbone, seed) not in found_det and _display(path, paths.root) not in reported:
+                results.missing.append(
+                    Missing(f"detection {detector} + {backbone} seed {seed}", _display(path, paths.root), "absent")
+                )
+    return results

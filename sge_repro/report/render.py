@@ -1,0 +1,336 @@
+"""Render a built report: rich tables on the console, reports/report.md, a self-contained
+reports/report.html (plots as base64 PNG data URIs) and reports/summary.json.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from sge_repro.atomic import write_json, write_text
+from sge_repro.report.reference import official_log, split_model_name
+from sge_repro.report.stats import GainInterval, significance_label
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sge_repro.report.build import CurveSet, Report
+
+DASH = "-"
+
+CLS_HEADERS = (
+    "Model", "Dataset", "Seeds", "#Params (M)", "GFLOPs", "Top-1 %", "Top-5 %",
+    "Gain vs plain [95% CI]", "Significance", "Paper top-1", "Paper gain", "Verdict",
+)
+DET_HEADERS = (
+    "Detector", "Backbone", "Dataset", "Seeds", "AP", "AP50", "AP75", "APs", "APm", "APl", "Mask AP",
+    "Gain vs plain [95% CI]", "Significance", "Paper AP", "Paper gain", "Verdict",
+)
+
+
+# ---------------------------------------------------------------- cell formatting
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return DASH
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    listed = ",".join(str(s) for s in seeds)
+    return f"{listed} (single run)" if len(seeds) == 1 else listed
+
+
+def _gain(gain: GainInterval | None) -> str:
+    if gain is None:
+        return DASH
+    if gain.low is None or gain.high is None:
+        return f"{gain.estimate:+.2f}"
+    return f"{gain.estimate:+.2f} [{gain.low:+.2f}, {gain.high:+.2f}]"
+
+
+def _paper_gain(value: float | None, source: str | None, own_name: str) -> str:
+    if value is None:
+        return DASH
+    if source in (None, own_name):
+        return f"{value:+.2f}"
+    depth = split_model_name(source)[2]
+    return f"{value:+.2f} (R{depth})" if depth is not None else f"{value:+.2f} ({source})"
+
+
+def classification_table(report: Report) -> list[list[str]]:
+    """The classification table's rows as display strings (shared by console, md and html)."""
+    rows = []
+    for row in report.classification:
+        rows.append([
+            row.model,
+            row.dataset,
+            _seeds(row.seeds),
+            _number(row.params_m),
+            _number(row.gflops, 3),
+            _mean_std(row.top1, row.top1_std),
+            _mean_std(row.top5, row.top5_std),
+            _gain(row.gain),
+            significance_label(row.gain),
+            _number(row.paper_top1, 3),
+            _paper_gain(row.paper_gain, row.paper_gain_model, row.model),
+            row.verdict,
+        ])
+    return rows
+
+
+def detection_table(report: Report) -> list[list[str]]:
+    rows = []
+    for row in report.detection:
+        rows.append([
+            row.detector,
+            row.backbone,
+            row.dataset,
+            _seeds(row.seeds),
+            _mean_std(row.bbox["AP"], row.bbox_std["AP"]),
+            *(_number(row.bbox[k]) for k in ("AP50", "AP75", "APs", "APm", "APl")),
+            DASH if row.segm is None else _number(row.segm.get("AP")),
+            _gain(row.gain),
+            significance_label(row.gain),
+            _number(row.paper_ap, 1),
+            _paper_gain(row.paper_gain, row.paper_gain_backbone, row.backbone),
+            row.verdict,
+        ])
+    return rows
+
+
+def _missing_lines(report: Report) -> list[str]:
+    return [f"{m.what}: {m.reason} ({m.path})" for m in report.missing]
+
+
+# ---------------------------------------------------------------- console
+
+def render_console(report: Report, console: Console) -> None:
+    """Print the report's tables, notes and what is missing with rich."""
+    from rich.table import Table
+
+    def table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
+        out = Table(title=title, title_justify="left", header_style="bold")
+        for index, header in enumerate(headers):
+            out.add_column(header, justify="right" if 3 <= index < len(headers) - 1 else "left", overflow="fold")
+        for cells in rows:
+            style = "green" if cells[-1] == "reproduced" else None
+            out.add_row(*cells, style=style)
+        return out
+
+    console.print(f"[bold]SGE reproduction report[/bold] - profile [cyan]{report.profile}[/cyan], "
+                  f"tolerance ±{report.tolerance:g} points")
+    if report.classification:
+        console.print(table("Classification", CLS_HEADERS, classification_table(report)))
+    else:
+        console.print("Classification: no evaluated runs.")
+    if report.detection:
+        console.print(table("Detection (COCO-style bbox AP)", DET_HEADERS, detection_table(report)))
+    else:
+        console.print("Detection: no evaluated runs.")
+    for note in report.notes:
+        console.print(f"[dim]note:[/dim] {note}", highlight=False)
+    if report.missing:
+        console.print(f"[yellow]Missing ({len(report.missing)}):[/yellow]")
+        for line in _missing_lines(report):
+            console.print(f"  - {line}", highlight=False, markup=False)
+    for name, path in report.files.items():
+        console.print(f"[dim]wrote {name}:[/dim] {path}", highlight=False)
+
+
+# ---------------------------------------------------------------- markdown
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_table(headers: Sequence[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(":--" if i < 2 else "--:" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report) -> str:
+    parts = [
+        f"# SGE reproduction report (profile `{report.profile}`)",
+        "",
+        f"Paper figures: {report.paper.source}. Verdict on the paper's datasets: \"reproduced\" when "
+        f"|ours - paper| <= {report.tolerance:g} points, else the signed gap. Means ± sample std over "
+        "seeds; gains with 95% bootstrap confidence intervals (top-1: paired over validation images; "
+        "AP: over seeds).",
+        "",
+        "## Classification",
+        "",
+        _md_table(CLS_HEADERS, classification_table(report)) if report.classification else "No evaluated runs.",
+        "",
+        "## Detection",
+        "",
+        _md_table(DET_HEADERS, detection_table(report)) if report.detection else "No evaluated runs.",
+        "",
+    ]
+    if report.notes:
+        parts += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
+    parts += ["## Missing", ""]
+    parts += [f"- {_md_cell(line)}" for line in _missing_lines(report)] or ["Nothing missing."]
+    parts += ["", "Plots (training curves, gains with CIs): see `report.html`.", ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- figures
+
+def _png(figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def curve_figure(curve: CurveSet) -> bytes:
+    """Loss and validation top-1 per epoch for each seed; the authors' log overlaid on ImageNet."""
+    from matplotlib.figure import Figure
+
+    from sge_repro.report.reference import is_paper_dataset
+
+    figure = Figure(figsize=(9, 3.2))
+    loss_axis, acc_axis = figure.subplots(1, 2)
+    for seed, rows in sorted(curve.histories.items()):
+        epochs = [r.get("epoch", i) for i, r in enumerate(rows)]
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            points = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
+            if points:
+                loss_axis.plot(*zip(*points), style, label=f"ours seed {seed} {key}")
+        points = [(e, r["val_top1"]) for e, r in zip(epochs, rows) if "val_top1" in r]
+        if points:
+            acc_axis.plot(*zip(*points), "-", label=f"ours seed {seed}")
+    if curve.dataset is not None and is_paper_dataset(curve.dataset, "cls"):
+        authors = official_log(curve.model)
+        if authors:
+            epochs = [r["epoch"] for r in authors]
+            loss_axis.plot(epochs, [r["train_loss"] for r in authors], ":", color="black", label="authors train_loss")
+            acc_axis.plot(epochs, [r["val_top1"] for r in authors], ":", color="black", label="authors val top-1")
+    loss_axis.set(title=f"{curve.model}: loss", xlabel="epoch", ylabel="loss")
+    acc_axis.set(title=f"{curve.model}: validation top-1 ({curve.dataset or 'dataset unknown'})",
+                 xlabel="epoch", ylabel="top-1 %")
+    for axis in (loss_axis, acc_axis):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def gains_figure(report: Report) -> bytes | None:
+    """Horizontal bars of every gain over the plain baseline, CI whiskers, the paper's gain as x."""
+    from matplotlib.figure import Figure
+
+    entries = [
+        (f"{r.model} top-1 ({r.dataset})", r.gain, r.paper_gain) for r in report.classification if r.gain is not None
+    ] + [
+        (f"{r.detector} {r.backbone} AP ({r.dataset})", r.gain, r.paper_gain) for r in report.detection if r.gain is not None
+    ]
+    if not entries:
+        return None
+    figure = Figure(figsize=(8, 0.5 * len(entries) + 1.2))
+    axis = figure.subplots()
+    positions = list(range(len(entries)))[::-1]
+    for y, (_, gain, paper_gain) in zip(positions, entries):
+        has_ci = gain.low is not None and gain.high is not None
+        error = [[gain.estimate - gain.low], [gain.high - gain.estimate]] if has_ci else None
+        axis.barh(y, gain.estimate, xerr=error, color="tab:blue" if has_ci else "tab:gray", capsize=4, height=0.6)
+        if paper_gain is not None:
+            axis.plot([paper_gain], [y], "x", color="tab:red", markersize=9)
+    axis.plot([], [], "x", color="tab:red", label="paper's gain")
+    axis.axvline(0.0, color="black", linewidth=0.8)
+    axis.set_yticks(positions, [label for label, _, _ in entries], fontsize=8)
+    axis.set(xlabel="gain over the plain ResNet (points); whiskers: 95% bootstrap CI; grey: single run",
+             title="Gain of the attention models")
+    axis.legend(fontsize=8, loc="lower right")
+    axis.grid(axis="x", alpha=0.3)
+    return _png(figure)
+
+
+# ---------------------------------------------------------------- html
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f0f0f0; }
+td:first-child, td:nth-child(2) { text-align: left; }
+tr.reproduced td { background: #e8f6e8; }
+img { max-width: 100%; }
+.note { color: #555; }
+"""
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _html_table(headers: Sequence[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for cells in rows:
+        css = ' class="reproduced"' if cells[-1] == "reproduced" else ""
+        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure_html(title: str, png: bytes) -> str:
+    return f'<figure><img alt="{html.escape(title)}" src="{_data_uri(png)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
+def render_html(report: Report) -> str:
+    """A self-contained page: the tables and every plot inline (no external file or server)."""
+    escape = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>SGE reproduction report ({escape(report.profile)})</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>SGE reproduction report <small>(profile {escape(report.profile)})</small></h1>",
+        f'<p class="note">Paper figures: {escape(report.paper.source)}. Verdict on the paper\'s datasets: '
+        f"&ldquo;reproduced&rdquo; when |ours &minus; paper| &le; {report.tolerance:g} points, else the signed gap. "
+        "Means &plusmn; sample std over seeds; gains with 95% bootstrap CIs (top-1: paired over validation "
+        "images; AP: over seeds).</p>",
+        "<h2>Classification</h2>",
+        _html_table(CLS_HEADERS, classification_table(report)) if report.classification else "<p>No evaluated runs.</p>",
+        "<h2>Detection</h2>",
+        _html_table(DET_HEADERS, detection_table(report)) if report.detection else "<p>No evaluated runs.</p>",
+    ]
+    if report.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in report.notes) + "</ul>")
+    parts.append("<h2>Missing</h2>")
+    lines = _missing_lines(report)
+    parts.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul>" if lines else "<p>Nothing missing.</p>")
+    gains = gains_figure(report)
+    if gains is not None:
+        parts += ["<h2>Gains over the plain baseline</h2>", _figure_html("Gains with 95% bootstrap CIs", gains)]
+    if report.curves:
+        parts.append("<h2>Training curves</h2>")
+        for curve in report.curves:
+            parts.append(_figure_html(f"{curve.model} training curves", curve_figure(curve)))
+    if report.attention_images:
+        parts.append("<h2>SGE attention maps</h2>")
+        for path in report.attention_images:
+            parts.append(_figure_html(path.stem, path.read_bytes()))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report_files(report: Report, reports_dir: Path) -> dict[str, Path]:
+    """Write summary.json, report.md and report.html atomically; returns {kind: path}."""
+    reports_dir = Path(reports_dir)
+    return {
+        "summary": write_json(reports_dir / "summary.json", report.summary),
+        "markdown": write_text(reports_dir / "report.md", render_markdown(report)),
+        "html": write_text(reports_dir / "report.html", render_html(report)),
+    }
