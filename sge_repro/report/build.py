@@ -30,8 +30,8 @@ from sge_repro.report.stats import (
     seed_bootstrap,
 )
 
-# `complexity(names) -> [{"name", "params_m", "gflops"}, ...]`, like models.complexity.model_table.
-ComplexityFn = Callable[[list[str]], Iterable[Mapping]]
+# `complexity(name) -> {"params_m": float, "gflops": float, ...}` for a model as trained.
+ComplexityFn = Callable[[str], Mapping]
 
 # PNGs of SGE attention maps (sge_repro.report.visualize) that the HTML report embeds.
 ATTENTION_DIR = Path("runs") / "visualize"
@@ -174,27 +174,20 @@ def resolve_complexity(
         except ImportError:
             notes.append("#params / GFLOPs not shown: sge_repro.models.complexity is not available.")
             return {}
-        notes.append("#params / GFLOPs are at 224x224 with 1000 classes (the paper's setting).")
+        notes.append("#params / GFLOPs are those at 224x224 with 1000 classes (the paper's setting).")
 
-        def complexity(batch: list[str]) -> Iterable[Mapping]:
-            return model_table(batch, image_size=224)
+        def complexity(name: str) -> Mapping:
+            return model_table([name], image_size=224)[0]
 
-    def table(batch: list[str]) -> dict[str, tuple[float | None, float | None]]:
-        return {
-            str(row["name"]): (_round(row.get("params_m")), _round(row.get("gflops")))
-            for row in complexity(batch)
-        }
-
-    try:
-        return table(list(names))
-    except UserError:
-        found: dict[str, tuple[float | None, float | None]] = {}
-        for name in names:  # isolate the model(s) the counter does not know
-            try:
-                found.update(table([name]))
-            except UserError as error:
-                notes.append(f"#params / GFLOPs of {name} not shown: {error}")
-        return found
+    found: dict[str, tuple[float | None, float | None]] = {}
+    for name in names:
+        try:
+            row = complexity(name)
+        except UserError as error:  # a model the counter does not know: say so, keep the report
+            notes.append(f"#params / GFLOPs of {name} not shown: {error}")
+            continue
+        found[name] = (_round(row.get("params_m")), _round(row.get("gflops")))
+    return found
 
 
 def _same_images(runs: Sequence[ClsRun]) -> bool:
@@ -409,7 +402,7 @@ def build_report(
     tolerance: |ours - paper| in points within which a result on the paper's dataset counts as
     reproduced. bootstrap_samples / seed: the bootstrap of the gains. complexity: a
     `model_table`-like callable giving #params / GFLOPs of the models as trained (default:
-    sge_repro.models.complexity.model_table at 224x224, when available). expected_* / seeds:
+    sge_repro.models.complexity.model_table at 224x224 and 1000 classes, when available). expected_* / seeds:
     runs that should exist; any without metrics is listed as missing.
     """
     if tolerance < 0:
@@ -446,7 +439,56 @@ def build_report(
     )
     report.summary = summary_json(report)
     if write:
-        from sge_repro.report.render import write_report_files
-
-        report.files = write_report_files(report, ProjectPaths(root).reports)
+        write_report(report, ProjectPaths(root).reports)
     return report
+
+
+def write_report(report: Report, reports_dir: Path) -> dict[str, Path]:
+    """Write summary.json, report.md, report.html under `reports_dir` (atomically), once per report."""
+    from sge_repro.report.render import write_report_files
+
+    reports_dir = Path(reports_dir)
+    if not report.files or any(path.parent != reports_dir for path in report.files.values()):
+        report.files = write_report_files(report, reports_dir)
+    return report.files
+
+
+def load_saved_report(root: Path) -> Report:
+    """The report last written to reports/summary.json (for printing its tables without rebuilding)."""
+    root = Path(root)
+    path = ProjectPaths(root).summary
+    data = read_json_object(path, root)
+    if data is None:
+        raise UserError(f"{path}: no report yet; expected one written by `sge-repro report`")
+    try:
+        comparison = data["comparison"]
+        classification = [
+            ClsRow(
+                model=r["model"], dataset=r["dataset"], seeds=list(r["seeds"]), top1=r["top1"],
+                top1_std=r["top1_std"], top5=r["top5"], top5_std=r["top5_std"], params_m=r["params_m"],
+                gflops=r["gflops"], baseline=r["baseline"],
+                gain=None if r["gain"] is None else GainInterval.from_json(r["gain"]),
+                comparable=r["comparable_with_paper"], paper_top1=r["paper_top1"], paper_gain=r["paper_gain"],
+                paper_gain_model=r["paper_gain_model"], verdict=r["verdict"],
+            )
+            for r in comparison["classification"]
+        ]
+        detection = [
+            DetRow(
+                detector=r["detector"], backbone=r["backbone"], dataset=r["dataset"], seeds=list(r["seeds"]),
+                bbox=r["bbox"], bbox_std=r["bbox_std"], segm=r.get("segm"), baseline=r["baseline"],
+                gain=None if r["gain"] is None else GainInterval.from_json(r["gain"]),
+                comparable=r["comparable_with_paper"], paper_ap=r["paper_AP"], paper_gain=r["paper_gain"],
+                paper_gain_backbone=r["paper_gain_backbone"], verdict=r["verdict"],
+            )
+            for r in comparison["detection"]
+        ]
+        missing = [Missing(m["what"], m["path"], m["reason"]) for m in data.get("missing", [])]
+        return Report(
+            profile=str(data["profile"]), root=root, tolerance=float(comparison["tolerance"]),
+            classification=classification, detection=detection, curves=[], missing=missing,
+            notes=list(data.get("notes", [])), paper=load_paper_results(), results=CollectedResults(),
+            summary=data,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: not a report written by this version ({error!r}); rerun `sge-repro report`") from error

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -152,7 +153,9 @@ def _md_cell(text: str) -> str:
 
 
 def _md_table(headers: Sequence[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(":--" if i < 2 else "--:" for i in range(len(headers))) + "|"]
+    text_columns = {"Model", "Dataset", "Seeds", "Detector", "Backbone", "Significance", "Verdict"}
+    align = ["--:" if h not in text_columns else ":--" for h in headers]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in rows]
     return "\n".join(lines)
 
@@ -194,33 +197,53 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def curve_figure(curve: CurveSet) -> bytes:
-    """Loss and validation top-1 per epoch for each seed; the authors' log overlaid on ImageNet."""
-    from matplotlib.figure import Figure
+@dataclass(frozen=True)
+class Series:
+    """One line of a training-curve plot."""
 
+    panel: str  # "loss" or "top1"
+    label: str
+    epochs: tuple[float, ...]
+    values: tuple[float, ...]
+    authors: bool = False  # from the authors' released log
+
+
+def curve_series(curve: CurveSet) -> list[Series]:
+    """The lines of a model's training-curve plot: ours per seed; on ImageNet also the authors' log."""
     from sge_repro.report.reference import is_paper_dataset
 
-    figure = Figure(figsize=(9, 3.2))
-    loss_axis, acc_axis = figure.subplots(1, 2)
+    series = []
     for seed, rows in sorted(curve.histories.items()):
-        epochs = [r.get("epoch", i) for i, r in enumerate(rows)]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+        epochs = [r.get("epoch", float(i)) for i, r in enumerate(rows)]
+        for panel, key in (("loss", "train_loss"), ("loss", "val_loss"), ("top1", "val_top1")):
             points = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
             if points:
-                loss_axis.plot(*zip(*points), style, label=f"ours seed {seed} {key}")
-        points = [(e, r["val_top1"]) for e, r in zip(epochs, rows) if "val_top1" in r]
-        if points:
-            acc_axis.plot(*zip(*points), "-", label=f"ours seed {seed}")
+                xs, ys = zip(*points)
+                series.append(Series(panel, f"ours seed {seed} {key}", xs, ys))
     if curve.dataset is not None and is_paper_dataset(curve.dataset, "cls"):
         authors = official_log(curve.model)
         if authors:
-            epochs = [r["epoch"] for r in authors]
-            loss_axis.plot(epochs, [r["train_loss"] for r in authors], ":", color="black", label="authors train_loss")
-            acc_axis.plot(epochs, [r["val_top1"] for r in authors], ":", color="black", label="authors val top-1")
-    loss_axis.set(title=f"{curve.model}: loss", xlabel="epoch", ylabel="loss")
-    acc_axis.set(title=f"{curve.model}: validation top-1 ({curve.dataset or 'dataset unknown'})",
-                 xlabel="epoch", ylabel="top-1 %")
-    for axis in (loss_axis, acc_axis):
+            epochs = tuple(r["epoch"] for r in authors)
+            series.append(Series("loss", "authors train_loss", epochs, tuple(r["train_loss"] for r in authors), True))
+            series.append(Series("loss", "authors val_loss", epochs, tuple(r["val_loss"] for r in authors), True))
+            series.append(Series("top1", "authors val_top1", epochs, tuple(r["val_top1"] for r in authors), True))
+    return series
+
+
+def curve_figure(curve: CurveSet) -> bytes:
+    """Loss and validation top-1 per epoch (PNG bytes)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.2))
+    axes = dict(zip(("loss", "top1"), figure.subplots(1, 2)))
+    for line in curve_series(curve):
+        style = ":" if line.authors else ("--" if "val_loss" in line.label else "-")
+        color = "black" if line.authors else None
+        axes[line.panel].plot(line.epochs, line.values, style, color=color, label=line.label)
+    axes["loss"].set(title=f"{curve.model}: loss", xlabel="epoch", ylabel="loss")
+    axes["top1"].set(title=f"{curve.model}: validation top-1 ({curve.dataset or 'dataset unknown'})",
+                     xlabel="epoch", ylabel="top-1 %")
+    for axis in axes.values():
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
         axis.grid(alpha=0.3)

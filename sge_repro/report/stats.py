@@ -44,8 +44,22 @@ class GainInterval:
             "ci_high": self.high,
             "confidence": self.confidence,
             "method": self.method,
+            "units": self.units,
+            "samples": self.samples,
             "significant": self.significant,
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "GainInterval":
+        return cls(
+            estimate=float(data["gain"]),
+            low=data.get("ci_low"),
+            high=data.get("ci_high"),
+            method=str(data.get("method", "")),
+            units=int(data.get("units", 0)),
+            samples=int(data.get("samples", 0)),
+            confidence=float(data.get("confidence", 0.95)),
+        )
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

@@ -1,0 +1,210 @@
+import base64
+import json
+from html.parser import HTMLParser
+
+import pytest
+from rich.console import Console
+
+from sge_repro.errors import UserError
+from sge_repro.paths import ProjectPaths
+from sge_repro.report import build_report, load_saved_report, render_console, write_report
+from sge_repro.report.build import CurveSet
+from sge_repro.report.render import classification_table, curve_series, detection_table
+
+from .conftest import fixture_complexity
+
+
+def _bbox(ap):
+    return {"AP": ap, "AP50": ap + 20, "AP75": ap + 2, "APs": ap - 15, "APm": ap, "APl": ap + 10}
+
+
+def _cls(model, dataset, seed, top1, top5, params_m, gflops):
+    return {"model": model, "dataset": dataset, "seed": seed, "top1": top1, "top5": top5,
+            "params_m": params_m, "gflops": gflops}
+
+
+GOLDEN_CLASSIFICATION = [
+    _cls("resnet18", "embedded", 0, 60.0, 100.0, 0.7, 0.05),
+    _cls("resnet18", "embedded", 1, 70.0, 100.0, 0.7, 0.05),
+    _cls("sge_resnet18", "embedded", 0, 80.0, 100.0, 0.7001, 0.05),
+    _cls("sge_resnet18", "embedded", 1, 80.0, 100.0, 0.7001, 0.05),
+    _cls("resnet50", "imagenet", 0, 76.5, 93.0, 25.56, 0.05),
+    _cls("sge_resnet50", "imagenet", 0, 77.0, 93.5, 25.56, 0.05),
+    _cls("se_resnet101", "imagenet", 0, 78.5, 94.0, None, None),
+]
+
+_SEGM = {"AP50": 50.0, "AP75": 30.0, "APs": None, "APm": 30.0, "APl": 40.0}
+GOLDEN_DETECTION = [
+    {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(37.4)},
+    {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(37.6)},
+    {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(38.0)},
+    {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(38.2)},
+    {"detector": "mask_rcnn", "backbone": "resnet18", "dataset": "embedded", "seed": 0, "bbox": _bbox(20.0),
+     "segm": {"AP": 18.0, **_SEGM}},
+    {"detector": "mask_rcnn", "backbone": "sge_resnet18", "dataset": "embedded", "seed": 0, "bbox": _bbox(19.5),
+     "segm": {"AP": 18.5, **_SEGM}},
+]
+
+
+@pytest.fixture
+def report(results_root):
+    return build_report(results_root, "embedded", bootstrap_samples=2000, seed=0, complexity=fixture_complexity)
+
+
+def _approx_tree(value):
+    if isinstance(value, dict):
+        return {k: _approx_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_approx_tree(v) for v in value]
+    return pytest.approx(value) if isinstance(value, float) else value
+
+
+def test_summary_json_follows_the_contract_with_known_values(report, results_root):
+    summary = json.loads(ProjectPaths(results_root).summary.read_text())
+    assert summary["profile"] == "embedded"
+    assert summary["classification"] == _approx_tree(GOLDEN_CLASSIFICATION)
+    assert summary["detection"] == _approx_tree(GOLDEN_DETECTION)
+    for entry in summary["classification"]:
+        assert set(entry) == {"model", "dataset", "seed", "top1", "top5", "params_m", "gflops"}
+    for entry in summary["detection"]:
+        assert set(entry) - {"segm"} == {"detector", "backbone", "dataset", "seed", "bbox"}
+
+
+def test_comparison_gains_and_verdicts(report):
+    rows = {(r["dataset"], r["model"]): r for r in report.summary["comparison"]["classification"]}
+    embedded_sge = rows[("embedded", "sge_resnet18")]
+    # Paired over the 10 images: per-image difference of the seed means is 0.5 on one image,
+    # 1 on another, 0 elsewhere -> +15 points; P(resample misses both) = 0.8^10 > 2.5% -> CI from 0.
+    assert embedded_sge["gain"]["gain"] == pytest.approx(15.0)
+    assert embedded_sge["gain"]["ci_low"] == pytest.approx(0.0)
+    assert embedded_sge["gain"]["significant"] is False
+    assert embedded_sge["gain"]["method"] == "paired bootstrap over 10 validation images (2 vs 2 seeds)"
+    assert embedded_sge["top1_std"] == 0.0 and rows[("embedded", "resnet18")]["top1_std"] == pytest.approx(7.0711, abs=1e-4)
+    assert embedded_sge["verdict"] == "same sign, 12.5x paper, n.s."
+    assert embedded_sge["paper_gain_model"] == "sge_resnet50"
+    assert rows[("imagenet", "resnet50")]["verdict"] == "reproduced"
+    assert rows[("imagenet", "sge_resnet50")]["verdict"] == "-0.58 vs paper"
+    assert rows[("imagenet", "sge_resnet50")]["gain"]["method"] == "single run"
+    assert rows[("imagenet", "se_resnet101")]["gain"] is None
+    det = {(r["detector"], r["backbone"], r["dataset"]): r for r in report.summary["comparison"]["detection"]}
+    faster = det[("faster_rcnn", "sge_resnet50", "coco")]
+    assert faster["gain"]["gain"] == pytest.approx(0.6)
+    assert (faster["gain"]["ci_low"], faster["gain"]["ci_high"]) == (pytest.approx(0.6), pytest.approx(0.6))
+    assert faster["verdict"] == "-0.60 vs paper" and faster["paper_gain"] == pytest.approx(1.2)
+    assert det[("faster_rcnn", "resnet50", "coco")]["verdict"] == "reproduced"
+    assert det[("mask_rcnn", "sge_resnet18", "embedded")]["verdict"] == "opposite sign, single run"
+
+
+def test_tables_have_the_golden_cells(report):
+    row = classification_table(report)[1]
+    # The exact bootstrap distribution puts its 97.5th percentile at 35 (CDF 0.9755 there, 0.9447
+    # at 30, 0.9906 at 40); 2000 resamples land within one support step of it.
+    upper = report.classification[1].gain.high
+    assert 30.0 <= upper <= 40.0
+    assert row == [
+        "sge_resnet18", "embedded", "0,1", "0.70", "0.050", "80.00 ± 0.00", "100.00 ± 0.00",
+        f"+15.00 [+0.00, +{upper:.2f}]", "not significant", "-", "+1.20 (R50)", "same sign, 12.5x paper, n.s.",
+    ]
+    assert classification_table(report)[3][2] == "0 (single run)"
+    assert detection_table(report)[1] == [
+        "faster_rcnn", "sge_resnet50", "coco", "0,1", "38.10 ± 0.14", "58.10", "40.10", "23.10", "38.10",
+        "48.10", "-", "+0.60 [+0.60, +0.60]", "significant", "38.7", "+1.20", "-0.60 vs paper",
+    ]
+    assert detection_table(report)[3][10] == "18.50"  # mask AP
+
+
+def test_missing_and_notes_are_reported(report, results_root):
+    missing = {m.path: m.reason for m in report.missing}
+    assert missing["metrics/eval_cls/resnet101-seed*.json"] == "absent: no gain for se_resnet101"
+    assert missing["runs/eval_cls/sge_resnet50-seed0.json"].startswith("absent: no paired bootstrap")
+    assert any("se_resnet101 not shown" in note for note in report.notes)
+    assert any("not comparable" in note for note in report.notes)
+    markdown = (results_root / "reports" / "report.md").read_text()
+    assert "baseline resnet101 on imagenet: absent: no gain for se_resnet101" in markdown
+    assert "| sge_resnet50 | imagenet | 0 (single run) |" in markdown
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.cells, self.external = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag in ("link", "script") and (attrs.get("href") or attrs.get("src")):
+            self.external.append(tag)
+
+    def handle_data(self, data):
+        self.cells.append(data)
+
+
+def test_html_is_self_contained_and_every_image_is_embedded(report, results_root):
+    parser = _Collector()
+    parser.feed((results_root / "reports" / "report.html").read_text())
+    parser.close()
+    assert not parser.external
+    # 1 gains chart + training curves of the 5 models that have a history.
+    assert len(parser.images) == 6
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    for cell in classification_table(report)[1] + detection_table(report)[1]:
+        assert cell in parser.cells
+
+
+def test_training_curves_overlay_the_authors_log_only_on_imagenet(report):
+    curves = {c.model: c for c in report.curves}
+    imagenet = curve_series(curves["resnet50"])
+    authors = [s for s in imagenet if s.authors]
+    assert [s.label for s in authors] == ["authors train_loss", "authors val_loss", "authors val_top1"]
+    assert max(authors[2].values) == pytest.approx(76.384, abs=1e-3)
+    embedded = curve_series(curves["sge_resnet18"])
+    assert not any(s.authors for s in embedded)
+    assert {s.label for s in embedded} >= {"ours seed 0 val_top1", "ours seed 1 train_loss"}
+    assert curve_series(CurveSet("resnet18", "imagenet", {})) == []  # no authors' log for R18
+
+
+def test_console_output_and_saved_report_round_trip(report, results_root):
+    console = Console(record=True, width=260)
+    render_console(report, console)
+    text = console.export_text()
+    assert "reproduced" in text and classification_table(report)[1][7] in text
+    assert "Missing (4)" in text
+    saved = load_saved_report(results_root)
+    assert classification_table(saved) == classification_table(report)
+    assert detection_table(saved) == detection_table(report)
+    assert [m.path for m in saved.missing] == [m.path for m in report.missing]
+
+
+def test_write_report_after_build_does_not_rewrite(report, results_root):
+    before = (results_root / "reports" / "report.html").stat().st_mtime_ns
+    assert write_report(report, results_root / "reports") == report.files
+    assert (results_root / "reports" / "report.html").stat().st_mtime_ns == before
+    assert sorted(p.name for p in (results_root / "reports").iterdir()) == ["report.html", "report.md", "summary.json"]
+
+
+def test_empty_project_gives_a_report_that_says_so(tmp_path):
+    report = build_report(tmp_path, "smoke", bootstrap_samples=10, complexity=fixture_complexity,
+                          expected_models=["resnet18"], seeds=[0])
+    assert report.summary["classification"] == [] and report.summary["detection"] == []
+    assert report.summary["missing"] == [
+        {"what": "classification resnet18 seed 0", "path": "metrics/eval_cls/resnet18-seed0.json", "reason": "absent"}
+    ]
+    assert "No evaluated runs." in (tmp_path / "reports" / "report.md").read_text()
+
+
+def test_malformed_metrics_stop_the_report_with_the_file_name(results_root):
+    path = ProjectPaths(results_root).det_metrics("faster_rcnn", "resnet50", 1)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match=r"metrics/eval_det/faster_rcnn-resnet50-seed1\.json: not valid JSON"):
+        build_report(results_root, "embedded", complexity=fixture_complexity)
+    assert not (results_root / "reports").exists()
+
+
+def test_bad_report_arguments_and_missing_saved_report(tmp_path):
+    with pytest.raises(UserError, match="tolerance"):
+        build_report(tmp_path, "embedded", tolerance=-1)
+    with pytest.raises(UserError, match="summary.json: no report yet"):
+        load_saved_report(tmp_path)
