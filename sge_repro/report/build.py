@@ -33,8 +33,9 @@ from sge_repro.report.stats import (
 # `complexity(name) -> {"params_m": float, "gflops": float, ...}` for a model as trained.
 ComplexityFn = Callable[[str], Mapping]
 
-# PNGs of SGE attention maps (sge_repro.report.visualize) that the HTML report embeds.
-ATTENTION_DIR = Path("runs") / "visualize"
+# PNGs of SGE attention maps (sge_repro.report.visualize) that the HTML report embeds: from a
+# `visualize` stage (runs/visualize) or a manual `sge-repro visualize` into reports/visualize.
+ATTENTION_DIRS = (Path("runs") / "visualize", Path("reports") / "visualize")
 MAX_ATTENTION_IMAGES = 12
 
 EMBEDDED_NOTE = (
@@ -422,8 +423,9 @@ def build_report(
         notes.append(EMBEDDED_NOTE)
     if not results.classification and not results.detection:
         notes.append("No evaluated runs found under metrics/: run the pipeline first (sge-repro run all).")
-    attention_dir = root / ATTENTION_DIR
-    attention_images = sorted(attention_dir.rglob("*.png"))[:MAX_ATTENTION_IMAGES] if attention_dir.is_dir() else []
+    attention_images = [
+        path for folder in ATTENTION_DIRS if (root / folder).is_dir() for path in sorted((root / folder).rglob("*.png"))
+    ][:MAX_ATTENTION_IMAGES]
     report = Report(
         profile=profile,
         root=root,

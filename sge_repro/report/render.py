@@ -237,7 +237,7 @@ def curve_figure(curve: CurveSet) -> bytes:
     figure = Figure(figsize=(9, 3.2))
     axes = dict(zip(("loss", "top1"), figure.subplots(1, 2)))
     for line in curve_series(curve):
-        style = ":" if line.authors else ("--" if "val_loss" in line.label else "-")
+        style = ("-." if "val_loss" in line.label else ":") if line.authors else ("--" if "val_loss" in line.label else "-")
         color = "black" if line.authors else None
         axes[line.panel].plot(line.epochs, line.values, style, color=color, label=line.label)
     axes["loss"].set(title=f"{curve.model}: loss", xlabel="epoch", ylabel="loss")

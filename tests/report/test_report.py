@@ -154,6 +154,20 @@ def test_html_is_self_contained_and_every_image_is_embedded(report, results_root
         assert cell in parser.cells
 
 
+def test_attention_maps_are_embedded_in_the_html(results_root):
+    from sge_repro.atomic import write_bytes
+
+    from .test_visualize import PNG_SIGNATURE
+
+    write_bytes(results_root / "runs" / "visualize" / "val_0001-layer3.1.png", PNG_SIGNATURE + b"fake")
+    build_report(results_root, "embedded", bootstrap_samples=100, complexity=fixture_complexity)
+    parser = _Collector()
+    parser.feed((results_root / "reports" / "report.html").read_text())
+    assert len(parser.images) == 7
+    assert parser.images[-1] == "data:image/png;base64," + base64.b64encode(PNG_SIGNATURE + b"fake").decode()
+    assert "val_0001-layer3.1" in parser.cells
+
+
 def test_training_curves_overlay_the_authors_log_only_on_imagenet(report):
     curves = {c.model: c for c in report.curves}
     imagenet = curve_series(curves["resnet50"])

@@ -1,0 +1,181 @@
+"""Pictures of what SGE does, like the paper's figures: per group, the feature map entering the
+SGE module, the spatial gate sigmoid(gamma * n + beta) it computes, and the feature map after.
+
+Forward hooks on the model's SpatialGroupEnhance modules capture their input and output; the gate
+is recomputed from the input with the module's own parameters (and checked against its output).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sge_repro.atomic import write_bytes
+from sge_repro.errors import UserError
+
+DEFAULT_GROUPS_SHOWN = 8
+
+
+def sge_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{block name (e.g. "layer3.1"): its SGE module}, in forward order."""
+    from sge_repro.models.sge import SpatialGroupEnhance
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SpatialGroupEnhance):
+            found[name.rsplit(".", 1)[0] if "." in name else name] = module
+    return found
+
+
+def sge_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """The SGE gate, shape (B, G, H, W), for input x (B, C, H, W) (paper steps 1-5)."""
+    batch, channels, height, width = x.shape
+    grouped = x.reshape(batch * groups, channels // groups, height, width)
+    descriptor = grouped.mean(dim=(2, 3), keepdim=True)  # m_g
+    similarity = (grouped * descriptor).sum(dim=1).reshape(batch * groups, -1)  # c_i
+    normalised = (similarity - similarity.mean(dim=1, keepdim=True)) / (similarity.std(dim=1, keepdim=True) + 1e-5)
+    normalised = normalised.reshape(batch, groups, height, width)
+    return torch.sigmoid(normalised * weight.reshape(1, groups, 1, 1) + bias.reshape(1, groups, 1, 1))
+
+
+def default_layers(names: list[str]) -> list[str]:
+    """The last SGE block of each stage (layer1.2, layer2.3, ...)."""
+    last_of_stage: dict[str, str] = {}
+    for name in names:
+        last_of_stage[name.split(".", 1)[0]] = name
+    return list(last_of_stage.values())
+
+
+def load_image(image_path: Path, image_size: int | None) -> tuple[torch.Tensor, "object"]:
+    """(normalised 1x3xSxS tensor, the RGB crop shown beside the maps); S = shorter side if None."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import functional as F
+
+    from sge_repro.classification.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+
+    try:
+        with Image.open(image_path) as opened:
+            image = opened.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise UserError(f"{image_path}: not a readable image ({error.__class__.__name__})") from error
+    if image_size is None:
+        image_size = min(image.size)
+        crop = F.center_crop(image, [image_size, image_size])
+    else:
+        crop = F.center_crop(F.resize(image, eval_resize_size(image_size), antialias=True), [image_size, image_size])
+    tensor = F.normalize(F.to_tensor(crop), IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)
+    return tensor, crop
+
+
+def capture_sge(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Run `model` on `image` and return {layer: {"before", "gate", "after"}} for the given SGE blocks."""
+    modules = sge_modules(model)
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def hook(name: str, module: nn.Module):
+        def record(_module, inputs, output):
+            before = inputs[0].detach().float()
+            gate = sge_gate(before, module.weight.detach().float(), module.bias.detach().float(), module.groups)
+            captured[name] = {"before": before[0], "gate": gate[0], "after": output.detach().float()[0]}
+
+        return record
+
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_hook(hook(name, modules[name])))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(image)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def attention_figure(layer: str, maps: dict[str, torch.Tensor], crop, groups_shown: int) -> bytes:
+    """PNG: the input crop, then per group (columns) the map before, the gate, the map after."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = maps["gate"].shape[0]
+    shown = list(range(0, groups, max(1, groups // groups_shown)))[:groups_shown]
+    channels_per_group = maps["before"].shape[0] // groups
+
+    def group_mean(tensor: torch.Tensor, group: int) -> torch.Tensor:
+        return tensor[group * channels_per_group:(group + 1) * channels_per_group].mean(dim=0)
+
+    figure = Figure(figsize=(1.6 * (len(shown) + 1), 5.0))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(3, len(shown) + 1, squeeze=False)
+    for row, label in enumerate(("before", "gate", "after")):
+        axes[row][0].axis("off")
+        for column, group in enumerate(shown, start=1):
+            axis = axes[row][column]
+            data = maps["gate"][group] if label == "gate" else group_mean(maps[label], group)
+            axis.imshow(data.numpy(), cmap="viridis" if label == "gate" else "magma",
+                        vmin=0.0 if label == "gate" else None, vmax=1.0 if label == "gate" else None)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(f"group {group}", fontsize=8)
+            if column == 1:
+                axis.set_ylabel(label, fontsize=9)
+    axes[0][0].imshow(crop)
+    axes[0][0].set_title("input", fontsize=8)
+    figure.suptitle(f"SGE at {layer}: feature map (mean over the group's channels), gate, result", fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def visualize_sge(
+    model: nn.Module,
+    image_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    layer: str | None = None,
+    image_size: int | None = None,
+    groups_shown: int = DEFAULT_GROUPS_SHOWN,
+) -> list[Path]:
+    """Write `<image>-<layer>.png` per SGE block (`layer`, e.g. "layer3.1"; default: the last block
+    of each stage) showing, per group, the feature map before SGE, the gate and the map after.
+    `image_size`: eval-style resize + center crop; None keeps the image's shorter side."""
+    modules = sge_modules(model)
+    if not modules:
+        raise UserError(f"visualize: the model has no SGE modules; expected an sge_* model")
+    if layer is not None and layer not in modules:
+        raise UserError(f"visualize layer: {layer!r} has no SGE module; expected one of {', '.join(modules)}")
+    layers = [layer] if layer is not None else default_layers(list(modules))
+    image_path = Path(image_path)
+    image, crop = load_image(image_path, image_size)
+    captured = capture_sge(model, image, layers)
+    written = []
+    for name in layers:
+        png = attention_figure(name, captured[name], crop, groups_shown)
+        written.append(write_bytes(Path(out_dir) / f"{image_path.stem}-{name}.png", png))
+    return written
+
+
+def visualize_sge_checkpoint(
+    model_name: str,
+    checkpoint: str | os.PathLike,
+    image_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    layer: str | None = None,
+    image_size: int | None = None,
+) -> list[Path]:
+    """visualize_sge for a checkpoint file (ours: its recorded num_classes / groups / width are
+    used; torchvision or official files: the 1000-class defaults)."""
+    from sge_repro.models import create_model
+    from sge_repro.models.checkpoints import read_classifier_header
+
+    header = read_classifier_header(checkpoint)
+    kwargs = dict(header["model_kwargs"]) if header else {}
+    model = create_model(model_name, checkpoint=checkpoint, **kwargs)
+    return visualize_sge(model, image_path, out_dir, layer=layer, image_size=image_size)
