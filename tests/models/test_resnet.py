@@ -1,0 +1,126 @@
+"""The ResNet zoo: torchvision compatibility, attention placement, paper #params, registry errors."""
+
+import pytest
+import torch
+import torchvision
+
+from sge_repro.errors import UserError
+from sge_repro.models import create_model, list_models
+from sge_repro.models.complexity import count_params_m
+from sge_repro.models.sge import SpatialGroupEnhance
+
+# paper-results.md, ImageNet table (#P in millions).
+PAPER_PARAMS_M = {
+    "resnet50": 25.56, "se_resnet50": 28.09, "sk_resnet50": 26.15, "bam_resnet50": 25.92,
+    "cbam_resnet50": 28.09, "sge_resnet50": 25.56, "resnet101": 44.55, "se_resnet101": 49.33,
+    "sk_resnet101": 45.68, "bam_resnet101": 44.91, "cbam_resnet101": 49.33, "sge_resnet101": 44.55,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_params_match_paper(name):
+    model = create_model(name, seed=0)
+    assert abs(count_params_m(model) - PAPER_PARAMS_M[name]) <= 0.005
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_plain_resnet_names_and_shapes_equal_torchvision(depth):
+    ours = create_model(f"resnet{depth}").state_dict()
+    theirs = getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict()
+    assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in theirs.items()]
+
+
+def test_sge_resnet50_keys_are_plain_plus_official_sge_keys():
+    plain = set(create_model("resnet50").state_dict())
+    sge = create_model("sge_resnet50").state_dict()
+    extra = sorted(set(sge) - plain)
+    assert set(sge) >= plain
+    assert len(extra) == 2 * 16 and "layer1.0.sge.weight" in extra and "layer4.2.sge.bias" in extra
+    assert sge["layer3.5.sge.weight"].shape == (1, 64, 1, 1)
+
+
+def test_sge_sits_after_last_bn_before_identity_addition():
+    model = create_model("sge_resnet50", seed=0).eval()
+    block = model.layer2[1]
+    seen = {}
+
+    def remember(key, tensor):  # forward hooks must return None, or they replace the output
+        seen[key] = tensor.detach().clone()
+
+    block.bn3.register_forward_hook(lambda module, args, out: remember("bn3", out))
+    block.sge.register_forward_hook(lambda module, args, out: remember("sge_in", args[0]))
+    x = torch.randn(1, 512, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = block(x)
+    torch.testing.assert_close(seen["sge_in"], seen["bn3"])
+    # At init gamma = 0: sge(out) = out * sigmoid(1), then + identity and ReLU.
+    torch.testing.assert_close(out, torch.relu(seen["bn3"] * torch.sigmoid(torch.tensor(1.0)) + x))
+
+
+def test_basic_block_sge_and_width_scaling():
+    model = create_model("sge_resnet18", num_classes=7, groups=4, width=16, seed=0)
+    assert isinstance(model.layer1[0].sge, SpatialGroupEnhance)
+    assert model.layer1[0].sge.channels == 16 and model.layer4[1].sge.channels == 128
+    assert model.fc.in_features == 128
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+
+
+def test_width_too_small_for_groups_is_user_error():
+    with pytest.raises(UserError, match="channels=16 .*groups=64"):
+        create_model("sge_resnet18", width=16)
+
+
+@pytest.mark.parametrize("name", ["se_resnet18", "cbam_resnet34", "bam_resnet18", "gc_resnet18", "sk_resnet50",
+                                  "bam_resnet50", "gc_resnet50"])
+def test_every_attention_runs_forward_and_backward(name):
+    width = 32 if name.startswith("sk_") else 16
+    model = create_model(name, num_classes=5, groups=8, width=width, seed=0)
+    out = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    out.sum().backward()
+    assert out.shape == (2, 5)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_stage_attention_is_between_stages():
+    model = create_model("bam_resnet50")
+    assert [model.bam1.channel_gate[1].in_features, model.bam2.channel_gate[1].in_features,
+            model.bam3.channel_gate[1].in_features] == [256, 512, 1024]
+    assert not hasattr(model, "bam4")
+
+
+def test_seed_makes_init_reproducible_and_independent_of_global_rng():
+    first = create_model("sge_resnet18", groups=4, width=16, seed=5).state_dict()
+    torch.manual_seed(123)
+    second = create_model("sge_resnet18", groups=4, width=16, seed=5).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_torchvision_init_statistics():
+    model = create_model("resnet50", seed=0)
+    assert torch.all(model.layer1[0].bn3.weight == 1)
+    std = model.layer3[0].conv2.weight.std().item()
+    fan_out = 256 * 9
+    assert abs(std - (2 / fan_out) ** 0.5) < 0.05 * (2 / fan_out) ** 0.5
+
+
+def test_registry_lists_paper_models_and_rejects_unknown():
+    names = list_models()
+    for name in PAPER_PARAMS_M:
+        assert name in names
+    assert "sk_resnet18" not in names
+    with pytest.raises(UserError, match="unknown name 'sge_resnet51'.*sge_resnet50"):
+        create_model("sge_resnet51")
+    with pytest.raises(UserError, match="depth"):
+        create_model("resnet50", depth=50)
+
+
+def test_reference_and_fast_models_agree():
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fast = create_model("sge_resnet50", seed=1).eval()
+    reference = create_model("sge_resnet50", sge_impl="reference", seed=1).eval()
+    for model in (fast, reference):
+        for module in model.modules():
+            if isinstance(module, SpatialGroupEnhance):
+                torch.nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-5)
