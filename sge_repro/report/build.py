@@ -414,7 +414,7 @@ def build_report(
     paper = load_paper_results()
     results = collect_results(root, expected_models, expected_detection, seeds)
     missing = list(results.missing)
-    notes: list[str] = []
+    notes: list[str] = list(results.notes)
     models = sorted({r.model for r in results.classification if r.params_m is None}, key=_model_order)
     table = resolve_complexity(models, complexity, notes)
     classification = _classification_rows(results, paper, table, tolerance, bootstrap_samples, seed, missing, notes)

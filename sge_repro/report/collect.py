@@ -78,6 +78,7 @@ class CollectedResults:
     # Training histories whose run has no evaluation yet (still plotted).
     orphan_histories: dict[tuple[str, int], list[dict[str, float]]] = field(default_factory=dict)
     missing: list[Missing] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _display(path: Path, root: Path) -> str:
@@ -134,7 +135,7 @@ def _name_and_seed(path: Path) -> tuple[str, int] | None:
 
 
 def _check_identity(data: dict, key: str, expected: Any, path: Path, root: Path) -> None:
-    if key in data and data[key] != expected:
+    if data.get(key) is not None and data[key] != expected:
         raise UserError(
             f"{_display(path, root)}: key '{key}' is {data[key]!r} but the file name says {expected!r}"
         )
@@ -144,15 +145,17 @@ def read_predictions(path: Path, root: Path) -> Predictions | None:
     data = read_json_object(path, root)
     if data is None:
         return None
-    correct, files = data.get("correct"), data.get("files")
+    # The classification engine writes "correct_top1" (plus top-5, targets, ...); "correct" also accepted.
+    key = "correct_top1" if "correct_top1" in data else "correct"
+    correct, files = data.get(key), data.get("files")
     if not isinstance(correct, list) or not isinstance(files, list):
-        raise UserError(f"{_display(path, root)}: expected lists under keys 'correct' and 'files'")
+        raise UserError(f"{_display(path, root)}: expected lists under keys 'correct_top1' and 'files'")
     if len(correct) != len(files):
         raise UserError(
-            f"{_display(path, root)}: 'correct' has {len(correct)} entries but 'files' has {len(files)}"
+            f"{_display(path, root)}: '{key}' has {len(correct)} entries but 'files' has {len(files)}"
         )
     if any(c not in (0, 1) for c in correct):  # True/False compare equal to 1/0
-        raise UserError(f"{_display(path, root)}: 'correct' should hold only 0/1 values")
+        raise UserError(f"{_display(path, root)}: '{key}' should hold only 0/1 values")
     if any(not isinstance(f, str) for f in files):
         raise UserError(f"{_display(path, root)}: 'files' should hold file names (strings)")
     return Predictions(correct=np.asarray(correct, dtype=np.uint8), files=tuple(files), path=path)
@@ -231,7 +234,7 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
     return run
 
 
-def _read_det_run(path: Path, root: Path, missing: list[Missing]) -> DetRun | None:
+def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[str]) -> DetRun | None:
     identity = _name_and_seed(path)
     if identity is None or "-" not in identity[0]:
         return None
@@ -268,7 +271,24 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing]) -> DetRun | No
         if not isinstance(segm, dict):
             raise UserError(f"{_display(path, root)}: key 'segm' should be an object of APs")
         run.segm = {k: _percent(segm.get(k), f"segm.{k}", path, root, allow_none=True) for k in BBOX_KEYS}
+    _apply_nan_flags(run, what, notes)
     return run
+
+
+def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
+    """The detection stage writes COCO's NaN (no objects of a size, or no detections) as 0.0 and
+    lists those keys under flags.nan_reported_as_zero; show them as absent, not as a zero AP.
+    A detector with no detections at all keeps its zeros (it found nothing) and gets a note."""
+    if run.flags.get("no_detections"):
+        notes.append(f"{what} made no detections on the validation set: its APs are 0.")
+        return
+    flagged = run.flags.get("nan_reported_as_zero") or {}
+    if not isinstance(flagged, dict):
+        return
+    for task, values in (("bbox", run.bbox), ("segm", run.segm)):
+        for key in flagged.get(task) or ():
+            if values is not None and key in values:
+                values[key] = None
 
 
 def collect_results(
@@ -291,7 +311,7 @@ def collect_results(
             results.classification.append(run)
     eval_det_dir = paths.det_metrics("x", "y", 0).parent
     for path in sorted(eval_det_dir.glob("*.json")) if eval_det_dir.is_dir() else []:
-        run = _read_det_run(path, paths.root, results.missing)
+        run = _read_det_run(path, paths.root, results.missing, results.notes)
         if run is not None:
             results.detection.append(run)
 

@@ -85,3 +85,40 @@ def test_predictions_inconsistent_with_metrics_are_user_errors(tmp_path):
     paths.cls_predictions("resnet18", 0).write_text(json.dumps({"correct": [1, 0], "files": ["a", "b"]}))
     with pytest.raises(UserError, match="2 images, but metrics/eval_cls/resnet18-seed0.json says num_images=10"):
         collect_results(tmp_path)
+
+
+def test_reads_the_classification_engine_prediction_layout(tmp_path):
+    """evaluate_checkpoint writes correct_top1 / correct_top5 / targets ...; seed may be null."""
+    paths = ProjectPaths(tmp_path)
+    write_cls(tmp_path, "resnet18", 0, "embedded", 50.0, 90.0)
+    paths.cls_metrics("resnet18", 0).write_text(json.dumps(
+        {"model": "resnet18", "dataset": "embedded", "seed": None, "top1": 50.0, "top5": 90.0, "loss": 1.0,
+         "num_images": 4, "skipped_corrupt": 0}))
+    paths.cls_predictions("resnet18", 0).parent.mkdir(parents=True)
+    paths.cls_predictions("resnet18", 0).write_text(json.dumps(
+        {"model": "resnet18", "dataset": "embedded", "seed": None, "classes": ["a", "b"], "files": ["1", "2", "3", "4"],
+         "targets": [0, 0, 1, 1], "predictions": [0, 1, 1, 0], "correct_top1": [1, 0, 1, 0], "correct_top5": [1, 1, 1, 1]}))
+    [run] = collect_results(tmp_path).classification
+    assert run.predictions.correct.tolist() == [1, 0, 1, 0] and run.seed == 0
+
+
+def test_nan_flags_of_the_detection_stage_become_absent_values(tmp_path):
+    """eval det writes COCO NaN as 0.0 and lists the keys under flags.nan_reported_as_zero."""
+    paths = ProjectPaths(tmp_path)
+    path = paths.det_metrics("mask_rcnn", "sge_resnet18", 0)
+    path.parent.mkdir(parents=True)
+    bbox = {"AP": 12.0, "AP50": 30.0, "AP75": 8.0, "APs": 0.0, "APm": 10.0, "APl": 20.0}
+    segm = {**bbox, "APl": 0.0}
+    path.write_text(json.dumps({"detector": "mask_rcnn", "backbone": "sge_resnet18", "seed": 0, "dataset": "embedded",
+                                "bbox": bbox, "segm": segm, "flags": {"no_detections": False,
+                                "nan_reported_as_zero": {"bbox": ["APs"], "segm": ["APs", "APl"]}}}))
+    blank = paths.det_metrics("mask_rcnn", "resnet18", 0)
+    zeros = dict.fromkeys(bbox, 0.0)
+    blank.write_text(json.dumps({"dataset": "embedded", "bbox": zeros, "flags": {"no_detections": True,
+                                 "nan_reported_as_zero": {"bbox": list(zeros)}}}))
+    results = collect_results(tmp_path)
+    runs = {r.backbone: r for r in results.detection}
+    assert runs["sge_resnet18"].bbox["APs"] is None and runs["sge_resnet18"].bbox["APm"] == 10.0
+    assert runs["sge_resnet18"].segm["APl"] is None and runs["sge_resnet18"].segm["AP"] == 12.0
+    assert runs["resnet18"].bbox["AP"] == 0.0  # found nothing: a real zero, with a note
+    assert results.notes == ["detection mask_rcnn + resnet18 seed 0 made no detections on the validation set: its APs are 0."]
