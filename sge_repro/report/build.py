@@ -252,7 +252,8 @@ def _classification_rows(
         if comparable:
             paper_entry = paper.classification.get(model)
             paper_top1 = None if paper_entry is None else paper_entry.top1
-            paper_gain, paper_gain_model = paper.cls_gain(model), (model if paper.cls_gain(model) is not None else None)
+            paper_gain = paper.cls_gain(model)
+            paper_gain_model = model if paper_gain is not None else None
             verdict = paper_verdict(top1, paper_top1, tolerance)
         else:
             paper_top1 = None

@@ -148,7 +148,7 @@ def visualize_sge(
     `image_size`: eval-style resize + center crop; None keeps the image's shorter side."""
     modules = sge_modules(model)
     if not modules:
-        raise UserError(f"visualize: the model has no SGE modules; expected an sge_* model")
+        raise UserError("visualize: the model has no SGE modules; expected an sge_* model")
     if layer is not None and layer not in modules:
         raise UserError(f"visualize layer: {layer!r} has no SGE module; expected one of {', '.join(modules)}")
     layers = [layer] if layer is not None else default_layers(list(modules))
