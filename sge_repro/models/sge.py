@@ -76,9 +76,9 @@ class _SGEFunction(torch.autograd.Function):
         n_rows, _, positions = x3.shape
         grad_y3 = grad_y3.contiguous()
         gate2 = gate.view(n_rows, positions)
-        # dL/dgate_i = sum_k gy_ki x_ki, as a batched (1 x K) @ (K x 1) per position would be
-        # slow; (gy * x).sum over K is one fused read of both tensors.
-        grad_gate = torch.einsum("nkp,nkp->np", grad_y3, x3)
+        # dL/dgate_i = sum_k gy_ki x_ki: vecdot reads both tensors once (einsum here is ~5x slower
+        # on CPU: it lowers to tiny batched matmuls).
+        grad_gate = torch.linalg.vecdot(grad_y3, x3, dim=1)
         grad_affine = grad_gate * gate2 * (1.0 - gate2)  # (N, P)
         grad_affine_bg = grad_affine.view(batch, groups, positions)
         grad_weight = (grad_affine_bg * normalized.view(batch, groups, positions)).sum(dim=(0, 2))
@@ -93,7 +93,7 @@ class _SGEFunction(torch.autograd.Function):
         grad_pooled = torch.bmm(x3, grad_similarity.unsqueeze(2)).squeeze(2) / positions  # (N, K)
         left = torch.stack((pooled, grad_pooled), dim=2)  # (N, K, 2)
         right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1)  # (N, 2, P)
-        grad_x3 = torch.baddbmm(grad_y3 * gate, left, right)
+        grad_x3 = (grad_y3 * gate).baddbmm_(left, right)  # in place: one pass over the output
         shape = (1, groups, 1, 1)
         return grad_x3, grad_weight.view(shape), grad_bias.view(shape), None, None
 

@@ -1,0 +1,178 @@
+"""How much SGE costs: ResNet50 vs SGE-ResNet50 (reference and fast module), side by side.
+
+All variants run interleaved in the same rounds (machine-load drift hits them alike); each figure
+is the median over `repeats` rounds after warm-up. Memory of a training step is measured as the
+bytes autograd saves for backward (distinct storages), the part of peak memory the module changes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sge_repro.errors import UserError
+from sge_repro.models.registry import create_model
+from sge_repro.models.sge import sge_fast, sge_reference
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VARIANTS = (("resnet50", "resnet50", "fast"), ("sge_resnet50_reference", "sge_resnet50", "reference"),
+            ("sge_resnet50_fast", "sge_resnet50", "fast"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(function: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    function()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of one training forward."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        if not isinstance(tensor, nn.Parameter):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _autocast(inputs.device, autocast_dtype):
+        model(inputs).float().logsumexp(dim=1).mean()
+    return sum(storages.values())
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def benchmark_sge(
+    batch: int = 16,
+    image_size: int = 224,
+    device: str = "cpu",
+    dtype: str = "float32",
+    repeats: int = 7,
+    warmup: int = 2,
+    seed: int = 0,
+    module_shape: tuple[int, int, int, int] = (16, 1024, 14, 14),
+    module_groups: int = 64,
+) -> dict:
+    """Forward (eval, no_grad) and training-step times of plain / reference-SGE / fast-SGE ResNet50,
+    their ratios to the plain model, saved-activation memory, and the module alone with GB/s.
+
+    dtype: "float32" or (autocast) "bfloat16" / "float16". Returns a JSON-ready dict.
+    """
+    if repeats < 7:
+        raise UserError(f"bench sge: repeats={repeats}, expected at least 7")
+    if dtype not in _DTYPES:
+        raise UserError(f"bench sge: dtype={dtype!r}, expected one of {', '.join(_DTYPES)}")
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"bench sge: device {device!r} requested but CUDA is not available")
+    autocast_dtype = None if dtype == "float32" else _DTYPES[dtype]
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(target)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(target)
+
+    models, optimizers = {}, {}
+    for label, name, impl in VARIANTS:
+        models[label] = create_model(name, sge_impl=impl, seed=seed).to(target)
+        optimizers[label] = torch.optim.SGD(models[label].parameters(), lr=1e-3, momentum=0.9)
+
+    def forward(label: str) -> None:
+        model = models[label].eval()
+        with torch.no_grad(), _autocast(target, autocast_dtype):
+            model(images)
+
+    def train_step(label: str) -> None:
+        model, optimizer = models[label].train(), optimizers[label]
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(target, autocast_dtype):
+            loss = nn.functional.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+
+    samples: dict[str, dict[str, list[float]]] = {label: {"forward_ms": [], "train_step_ms": []} for label, _, _ in VARIANTS}
+    for round_index in range(warmup + repeats):
+        for label, _, _ in VARIANTS:
+            forward_ms = _timed(lambda: forward(label), target)
+            train_ms = _timed(lambda: train_step(label), target)
+            if round_index >= warmup:
+                samples[label]["forward_ms"].append(forward_ms)
+                samples[label]["train_step_ms"].append(train_ms)
+
+    memory = {label: saved_activation_bytes(models[label].train(), images, autocast_dtype) for label, _, _ in VARIANTS}
+    results = {}
+    for label, _, _ in VARIANTS:
+        forward_ms = statistics.median(samples[label]["forward_ms"])
+        train_ms = statistics.median(samples[label]["train_step_ms"])
+        results[label] = {"forward_ms": forward_ms, "train_step_ms": train_ms,
+                          "saved_activation_mb": memory[label] / 2**20}
+    plain = results["resnet50"]
+    for label in results:
+        results[label]["forward_ratio"] = results[label]["forward_ms"] / plain["forward_ms"]
+        results[label]["train_step_ratio"] = results[label]["train_step_ms"] / plain["train_step_ms"]
+        results[label]["memory_ratio"] = results[label]["saved_activation_mb"] / plain["saved_activation_mb"]
+
+    return {
+        "device": str(target), "dtype": dtype, "batch": batch, "image_size": image_size, "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "models": results,
+        "module": benchmark_sge_module(module_shape, module_groups, target, _DTYPES[dtype], repeats, warmup, seed),
+    }
+
+
+def benchmark_sge_module(
+    shape: tuple[int, int, int, int], groups: int, device: torch.device, dtype: torch.dtype,
+    repeats: int = 7, warmup: int = 2, seed: int = 0,
+) -> dict:
+    """The module alone on one block output: forward and forward+backward per implementation, with
+    the achieved bandwidth counted against the minimum traffic (forward: read x, write y;
+    forward+backward: additionally read x and dy, write dx)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+    grad_out = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+    weight = torch.randn(1, groups, 1, 1, generator=generator).to(device)
+    bias = torch.randn(1, groups, 1, 1, generator=generator).to(device)
+    x_train = x.clone().requires_grad_(True)
+    weight_train, bias_train = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    functions = {"reference": sge_reference, "fast": sge_fast}
+
+    def forward(function) -> None:
+        with torch.no_grad():
+            function(x, weight, bias, groups)
+
+    def forward_backward(function) -> None:
+        out = function(x_train, weight_train, bias_train, groups)
+        torch.autograd.grad(out, (x_train, weight_train, bias_train), grad_out)
+
+    samples = {name: {"forward_ms": [], "forward_backward_ms": []} for name in functions}
+    for round_index in range(warmup + repeats):
+        for name, function in functions.items():
+            forward_ms = _timed(lambda: forward(function), device)
+            train_ms = _timed(lambda: forward_backward(function), device)
+            if round_index >= warmup:
+                samples[name]["forward_ms"].append(forward_ms)
+                samples[name]["forward_backward_ms"].append(train_ms)
+    tensor_bytes = x.numel() * x.element_size()
+    result: dict = {"shape": list(shape), "groups": groups, "dtype": str(dtype).replace("torch.", "")}
+    for name in functions:
+        forward_ms = statistics.median(samples[name]["forward_ms"])
+        train_ms = statistics.median(samples[name]["forward_backward_ms"])
+        result[name] = {
+            "forward_ms": forward_ms, "forward_backward_ms": train_ms,
+            "forward_gb_s": 2 * tensor_bytes / forward_ms / 1e6,
+            "forward_backward_gb_s": 5 * tensor_bytes / train_ms / 1e6,
+        }
+    return result
