@@ -41,6 +41,18 @@ TEXTURES = ("hstripes", "vstripes", "dstripes", "checker", "dots", "rings")
 
 _SPLIT_IDS = {"train": 1, "val": 2}
 
+# How cluttered the classification images are (fractions of the image size).
+CLASSIFICATION_STYLE = {
+    "distractors": (1, 3),           # inclusive range of distractor objects
+    "similar_distractor_share": 0.7,  # share of distractors that copy the shape or the texture
+    "distractor_radius": (0.09, 0.16),
+    "object_radius": (0.2, 0.32),
+    "noise_std": (8.0, 20.0),
+    "clutter_lines": (3, 7),
+    "texture_period": (0.35, 0.55),   # stripe period as a fraction of the object radius
+    "min_contrast": 70.0,
+}
+
 
 # --------------------------------------------------------------------------- patterns
 
@@ -141,14 +153,15 @@ def _random_colour_pair(rng: np.random.Generator, min_contrast: float) -> tuple[
             return first, second
 
 
-def _background(rng: np.random.Generator, size: int, noise_std: float) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, noise_std: float,
+                clutter_lines: tuple[int, int] = (3, 7)) -> np.ndarray:
     """A smooth random colour field plus clutter strokes and pixel noise, float32 (H, W, 3)."""
     coarse = rng.uniform(30, 225, size=(4, 4, 3)).astype(np.uint8)
     field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), np.float32)
     clutter = Image.new("RGB", (size, size), (0, 0, 0))
     clutter_alpha = Image.new("L", (size, size), 0)
     draw, draw_alpha = ImageDraw.Draw(clutter), ImageDraw.Draw(clutter_alpha)
-    for _ in range(int(rng.integers(3, 8))):
+    for _ in range(int(rng.integers(clutter_lines[0], clutter_lines[1] + 1))):
         x0, y0, x1, y1 = rng.uniform(0, size, size=4)
         colour = tuple(int(c) for c in rng.uniform(0, 255, size=3))
         width = int(rng.integers(1, max(2, size // 32) + 1))
@@ -160,14 +173,15 @@ def _background(rng: np.random.Generator, size: int, noise_std: float) -> np.nda
 
 
 def _paint_object(canvas: np.ndarray, rng: np.random.Generator, shape: str, texture: str,
-                  cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+                  cx: float, cy: float, radius: float, angle: float,
+                  period_range: tuple[float, float] = (0.35, 0.55), min_contrast: float = 70.0) -> np.ndarray:
     """Composite one textured shape onto the canvas in place; returns its polygon."""
     size = canvas.shape[0]
     polygon = shape_polygon(shape, cx, cy, radius, angle)
     coverage = _polygon_mask(polygon, size)[..., None]
-    period = max(3.0, radius * rng.uniform(0.35, 0.55))
+    period = max(3.0, radius * rng.uniform(*period_range))
     pattern = _texture(texture, size, cx, cy, period, rng.uniform(0, 2 * math.pi))[..., None]
-    first, second = _random_colour_pair(rng, min_contrast=70.0)
+    first, second = _random_colour_pair(rng, min_contrast=min_contrast)
     painted = pattern * first + (1 - pattern) * second
     canvas *= 1 - coverage
     canvas += coverage * painted
@@ -262,23 +276,26 @@ def render_classification_image(seed: int, split: str, class_index: int, image_i
     """One JPEG of class `class_index`; a pure function of its arguments."""
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], class_index, image_index, GENERATOR_VERSION])
     shape, texture = pattern_table()[class_index]
+    style = CLASSIFICATION_STYLE
     size = image_size
-    canvas = _background(rng, size, noise_std=rng.uniform(8, 20))
+    canvas = _background(rng, size, rng.uniform(*style["noise_std"]), style["clutter_lines"])
+    paint = dict(period_range=style["texture_period"], min_contrast=style["min_contrast"])
 
     # Distractors first (smaller, may be overlapped by the main object).
-    for _ in range(int(rng.integers(1, 4))):
-        if rng.random() < 0.7:
+    low, high = style["distractors"]
+    for _ in range(int(rng.integers(low, high + 1))):
+        if rng.random() < style["similar_distractor_share"]:
             d_shape, d_texture = _similar_distractor(rng, shape, texture)
         else:
             d_shape, d_texture = pattern_table()[int(rng.integers(len(SHAPES) * len(TEXTURES)))]
-        radius = size * rng.uniform(0.09, 0.16)
+        radius = size * rng.uniform(*style["distractor_radius"])
         cx, cy = rng.uniform(radius, size - radius, size=2)
-        _paint_object(canvas, rng, d_shape, d_texture, cx, cy, radius, rng.uniform(-0.3, 0.3))
+        _paint_object(canvas, rng, d_shape, d_texture, cx, cy, radius, rng.uniform(-0.3, 0.3), **paint)
 
-    radius = size * rng.uniform(0.2, 0.32)
+    radius = size * rng.uniform(*style["object_radius"])
     margin = 0.8 * radius
     cx, cy = rng.uniform(margin, size - margin, size=2)
-    _paint_object(canvas, rng, shape, texture, cx, cy, radius, rng.uniform(-0.26, 0.26))
+    _paint_object(canvas, rng, shape, texture, cx, cy, radius, rng.uniform(-0.26, 0.26), **paint)
     return _jpeg_bytes(canvas)
 
 

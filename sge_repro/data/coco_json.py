@@ -1,0 +1,164 @@
+"""Validation of COCO-format instance annotation files (real COCO 2017 or the embedded set).
+
+`validate_coco_json` checks what detectron2 and pycocotools assume without checking: the JSON
+parses, the top-level lists exist, ids are unique, every annotation points at a known image and
+category, boxes have positive size, and every image file exists. Problems raise UserError with
+one line naming the file and the offending id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+from sge_repro.errors import UserError
+
+REQUIRED_KEYS = {
+    "images": ("id", "file_name", "width", "height"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load(json_path: Path) -> dict:
+    if not json_path.is_file():
+        raise UserError(f"{json_path}: annotation file not found; expected a COCO instances JSON")
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{json_path}: malformed JSON at line {error.lineno} column {error.colno} "
+                        f"({error.msg}); expected a COCO instances JSON") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{json_path}: unreadable ({error}); expected a COCO instances JSON") from error
+    if not isinstance(document, dict):
+        raise UserError(f"{json_path}: top level is a {type(document).__name__}; expected an object with "
+                        "images, annotations, categories")
+    return document
+
+
+def _check_records(json_path: Path, document: dict, section: str) -> list[dict]:
+    if section not in document:
+        raise UserError(f"{json_path}: missing key {section!r}; expected images, annotations and categories")
+    records = document[section]
+    if not isinstance(records, list):
+        raise UserError(f"{json_path}: {section!r} is a {type(records).__name__}; expected a list")
+    singular = section[:-1]
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise UserError(f"{json_path}: {section}[{position}] is a {type(record).__name__}; expected an object")
+        label = f"{singular} id {record['id']}" if "id" in record else f"{section}[{position}]"
+        for key in REQUIRED_KEYS[section]:
+            if key not in record:
+                raise UserError(f"{json_path}: {label} lacks {key!r}; expected keys {', '.join(REQUIRED_KEYS[section])}")
+        if not isinstance(record["id"], int) or isinstance(record["id"], bool):
+            raise UserError(f"{json_path}: {section}[{position}] has id {record['id']!r}; expected an integer")
+    duplicates = sorted(id_ for id_, count in Counter(r["id"] for r in records).items() if count > 1)
+    if duplicates:
+        raise UserError(f"{json_path}: duplicate {singular} id {duplicates[0]}"
+                        + (f" (and {len(duplicates) - 1} more)" if len(duplicates) > 1 else "")
+                        + f"; expected unique {singular} ids")
+    return records
+
+
+def validate_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLike,
+                       check_files: bool = True) -> dict:
+    """Validate a COCO instances file against its image folder; returns counts.
+
+    Returns {"images", "annotations", "categories", "crowd", "images_without_annotations",
+    "annotations_per_category": {name: count}, "small", "medium", "large"} (COCO area ranges).
+    """
+    json_path, image_root = Path(json_path), Path(image_root)
+    document = _load(json_path)
+    images = _check_records(json_path, document, "images")
+    annotations = _check_records(json_path, document, "annotations")
+    categories = _check_records(json_path, document, "categories")
+    if not categories:
+        raise UserError(f"{json_path}: 'categories' is empty; expected at least one category")
+
+    image_sizes = {}
+    for image in images:
+        width, height = image["width"], image["height"]
+        if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
+            raise UserError(f"{json_path}: image id {image['id']} has size {width!r}x{height!r}; "
+                            "expected positive width and height")
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise UserError(f"{json_path}: image id {image['id']} has file_name {image['file_name']!r}; "
+                            "expected a relative path")
+        image_sizes[image["id"]] = (width, height)
+        if check_files and not (image_root / image["file_name"]).is_file():
+            raise UserError(f"{json_path}: image id {image['id']}: file {image_root / image['file_name']} "
+                            "not found; expected every listed image to exist")
+
+    category_names = {category["id"]: str(category["name"]) for category in categories}
+    per_category = Counter()
+    annotated_images = set()
+    size_buckets = Counter()
+    crowd = 0
+    for annotation in annotations:
+        label = f"annotation id {annotation['id']}"
+        if annotation["image_id"] not in image_sizes:
+            raise UserError(f"{json_path}: {label} points at unknown image id {annotation['image_id']!r}; "
+                            "expected an id listed in 'images'")
+        if annotation["category_id"] not in category_names:
+            raise UserError(f"{json_path}: {label} points at unknown category id {annotation['category_id']!r}; "
+                            f"expected one of {sorted(category_names)}")
+        bbox = annotation["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise UserError(f"{json_path}: {label} has bbox {bbox!r}; expected [x, y, width, height] numbers")
+        x, y, width, height = bbox
+        if width <= 0 or height <= 0:
+            raise UserError(f"{json_path}: {label} has bbox {bbox!r} with non-positive size; "
+                            "expected width > 0 and height > 0")
+        image_width, image_height = image_sizes[annotation["image_id"]]
+        tolerance = 1.0
+        if x < -tolerance or y < -tolerance or x + width > image_width + tolerance \
+                or y + height > image_height + tolerance:
+            raise UserError(f"{json_path}: {label} has bbox {bbox!r} outside image id {annotation['image_id']} "
+                            f"({image_width}x{image_height}); expected a box inside the image")
+        area = annotation.get("area", width * height)
+        if not _is_number(area) or area < 0:
+            raise UserError(f"{json_path}: {label} has area {area!r}; expected a non-negative number")
+        if "segmentation" in annotation:
+            _check_segmentation(json_path, label, annotation["segmentation"])
+        if annotation.get("iscrowd", 0) not in (0, 1):
+            raise UserError(f"{json_path}: {label} has iscrowd {annotation.get('iscrowd')!r}; expected 0 or 1")
+        crowd += annotation.get("iscrowd", 0)
+        per_category[category_names[annotation["category_id"]]] += 1
+        annotated_images.add(annotation["image_id"])
+        size_buckets["small" if area < 32**2 else "medium" if area < 96**2 else "large"] += 1
+
+    return {
+        "images": len(images),
+        "annotations": len(annotations),
+        "categories": len(categories),
+        "crowd": crowd,
+        "images_without_annotations": len(images) - len(annotated_images),
+        "annotations_per_category": {name: per_category[name] for name in category_names.values()},
+        "small": size_buckets["small"],
+        "medium": size_buckets["medium"],
+        "large": size_buckets["large"],
+    }
+
+
+def _check_segmentation(json_path: Path, label: str, segmentation) -> None:
+    if isinstance(segmentation, dict):
+        if "counts" not in segmentation or "size" not in segmentation:
+            raise UserError(f"{json_path}: {label} has an RLE segmentation without 'counts'/'size'; "
+                            "expected COCO RLE")
+        return
+    if not isinstance(segmentation, list) or not segmentation:
+        raise UserError(f"{json_path}: {label} has segmentation {str(segmentation)[:40]!r}; "
+                        "expected a list of polygons or an RLE object")
+    for polygon in segmentation:
+        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+                and all(_is_number(v) for v in polygon)):
+            raise UserError(f"{json_path}: {label} has a polygon with {len(polygon) if isinstance(polygon, list) else '?'} "
+                            "values; expected a flat list of at least 3 (x, y) pairs")

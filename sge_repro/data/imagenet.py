@@ -1,0 +1,206 @@
+"""The ImageFolder loader that real ImageNet and the embedded set both go through.
+
+Layout: root/train/<class>/<image>, root/val/<class>/<image>, the same class folders in both.
+Every image decodes to RGB (grayscale, CMYK, palette, 16-bit, PNG bytes in a .JPEG file);
+a corrupt or truncated image raises UserError naming the file, or, with skip_corrupt, is
+skipped and counted.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sge_repro.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val")
+
+
+def decode_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any supported image file as an 8-bit RGB PIL image; UserError naming it if corrupt.
+
+    PIL identifies the format from the bytes, so a PNG saved as .JPEG (a few exist in ImageNet)
+    decodes fine. `load()` forces the full decode so truncation is caught here, not later.
+    """
+    try:
+        with warnings.catch_warnings():
+            # A truncated file must fail, not decode half grey.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return _to_rgb(image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        raise UserError(f"{path}: corrupt or unreadable image ({_one_line(error)}); "
+                        "expected a decodable image file (or set data.skip_corrupt)") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the used range to 8 bits instead of clipping at 255.
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max() if values.size else 0.0
+        scale = 255.0 / top if top > 255 else 1.0
+        gray = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        span = values.max() - values.min() if values.size else 0.0
+        scaled = (values - values.min()) / span * 255 if span > 0 else np.zeros_like(values)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency onto white rather than letting it turn black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    # L, 1, P, CMYK, YCbCr, LAB, HSV: PIL knows the conversion.
+    return image.convert("RGB")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def list_classes(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_layout(root: str | os.PathLike, expected_classes: Sequence[str] | None = None) -> list[str]:
+    """Validate root/{train,val}/<class>/ and return the sorted class list (UserError otherwise)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found; expected an ImageFolder tree with train/ and val/")
+    classes_by_split = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise UserError(f"{split_dir}: missing; expected {split}/<class>/<image> under {root}")
+        classes = list_classes(split_dir)
+        if not classes:
+            raise UserError(f"{split_dir}: no class folders; expected {split}/<class>/<image>")
+        for name in classes:
+            if not _list_images(split_dir / name):
+                raise UserError(f"{split_dir / name}: empty class folder; expected at least one image "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
+        classes_by_split[split] = classes
+    train, val = classes_by_split["train"], classes_by_split["val"]
+    if train != val:
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
+        raise UserError(f"{root}: train/ and val/ class folders differ (only in train: "
+                        f"{_preview(only_train)}; only in val: {_preview(only_val)}); expected the same classes")
+    if expected_classes is not None:
+        expected = sorted(expected_classes)
+        if train != expected:
+            missing = sorted(set(expected) - set(train))
+            extra = sorted(set(train) - set(expected))
+            raise UserError(f"{root}: class folders do not match the expected {len(expected)} classes "
+                            f"(missing: {_preview(missing)}; extra: {_preview(extra)})")
+    return train
+
+
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass
+class ImageFolderDataset:
+    """(image tensor, class index) pairs of one split, in a fixed sorted order.
+
+    `skipped` lists the files found corrupt while verifying (skip_corrupt=True). A file that
+    fails later, at load time, raises UserError, or with skip_corrupt yields None, which
+    `collate_skipping_none` drops and counts.
+    """
+
+    root: Path
+    split: str
+    classes: list[str]
+    samples: list[tuple[Path, int]]
+    transform: Callable | None = None
+    skip_corrupt: bool = False
+    skipped: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            image = decode_rgb(path)
+        except UserError:
+            if self.skip_corrupt:
+                return None
+            raise
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+    @property
+    def file_names(self) -> list[str]:
+        """Paths relative to the split folder, e.g. n01440764/x.JPEG."""
+        return [f"{path.parent.name}/{path.name}" for path, _ in self.samples]
+
+
+def build_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,
+                      expected_classes: Sequence[str] | None = None, skip_corrupt: bool = False,
+                      verify_images: bool = True) -> ImageFolderDataset:
+    """The dataset of root/<split>/ after validating the layout of both splits.
+
+    With verify_images every file is decoded once up front, so a corrupt one fails now (naming
+    the file) rather than mid-epoch; with skip_corrupt it is dropped and listed in `.skipped`.
+    Turn verification off for very large sets (ImageNet): load-time errors still name the file.
+    """
+    if split not in SPLITS:
+        raise UserError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    root = Path(root)
+    classes = check_layout(root, expected_classes)
+    samples: list[tuple[Path, int]] = []
+    skipped: list[Path] = []
+    for class_index, name in enumerate(classes):
+        for path in _list_images(root / split / name):
+            if verify_images:
+                try:
+                    decode_rgb(path)
+                except UserError:
+                    if not skip_corrupt:
+                        raise
+                    skipped.append(path)
+                    continue
+            samples.append((path, class_index))
+    if not samples:
+        raise UserError(f"{root / split}: no readable images left; expected at least one")
+    return ImageFolderDataset(root=root, split=split, classes=classes, samples=samples, transform=transform,
+                              skip_corrupt=skip_corrupt, skipped=skipped)
+
+
+def collate_skipping_none(batch):
+    """Default collation of the samples that loaded; returns (images, targets, num_skipped)."""
+    from torch.utils.data import default_collate
+
+    loaded = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(loaded)
+    if not loaded:
+        return None, None, skipped
+    images, targets = default_collate(loaded)
+    return images, targets, skipped
