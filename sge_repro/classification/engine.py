@@ -292,8 +292,8 @@ def _check_recipe(recipe: TrainRecipe) -> None:
          f"lr_schedule={recipe.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     need(all(isinstance(m, int) and 0 < m for m in recipe.milestones),
          f"milestones={recipe.milestones!r}: expected positive epoch numbers")
-    need(0 <= recipe.warmup_epochs < recipe.epochs,
-         f"warmup_epochs={recipe.warmup_epochs!r}: expected 0 <= warmup_epochs < epochs ({recipe.epochs})")
+    need(0 <= recipe.warmup_epochs <= recipe.epochs,
+         f"warmup_epochs={recipe.warmup_epochs:g}: expected 0 <= warmup_epochs <= epochs ({recipe.epochs})")
     need(0 <= recipe.label_smoothing < 1, f"label_smoothing={recipe.label_smoothing!r}: expected in [0, 1)")
     need(isinstance(recipe.image_size, int) and recipe.image_size >= 8,
          f"image_size={recipe.image_size!r}: expected an integer >= 8")
