@@ -62,14 +62,14 @@ def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> 
 
     Traced in eval mode under no_grad, so SGE runs its eager fast path (not the autograd Function,
     which a trace would show as an opaque PythonOp)."""
-    from fvcore.nn import FlopCountAnalysis
-
     was_training = model.training
     model.eval()
     try:
         # fvcore's tracer emits deprecation / tracer warnings on current torch: not the user's concern.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis  # its import runs torch.jit.script (deprecated)
+
             example = torch.zeros(1, in_chans, image_size, image_size)
             analysis = FlopCountAnalysis(model, example)
             analysis.set_op_handle(**_flop_handles())

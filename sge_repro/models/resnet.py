@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sge_repro.models.attention import SelectiveKernelBranch, attention_placement, create_attention
+from sge_repro.models.sge import batchnorm_sge
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -23,6 +24,14 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 def _block_attention_kwargs(attention: str, groups: int, sge_impl: str) -> dict:
     return {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
+
+
+def _last_bn_and_attention(block: nn.Module, conv_out: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """bn, then the block attention (if any): the part SGE's placement is about."""
+    if block.attention_name == "sge":
+        return batchnorm_sge(conv_out, bn, block.sge)  # may fuse BN + SGE to save activation memory
+    out = bn(conv_out)
+    return getattr(block, block.attention_name)(out) if block.attention_name else out
 
 
 class BasicBlock(nn.Module):
@@ -57,9 +66,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.attention_name:
-            out = getattr(self, self.attention_name)(out)
+        out = _last_bn_and_attention(self, self.conv2(out), self.bn2)
         if self.downsample is not None:
             identity = self.downsample(x)
         return self.relu(out + identity)
@@ -101,9 +108,7 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         dense = self.relu(self.bn2(self.conv2(out)))
         out = self.sk(out, dense) if self.sk is not None else dense
-        out = self.bn3(self.conv3(out))
-        if self.attention_name:
-            out = getattr(self, self.attention_name)(out)
+        out = _last_bn_and_attention(self, self.conv3(out), self.bn3)
         if self.downsample is not None:
             identity = self.downsample(x)
         return self.relu(out + identity)

@@ -45,18 +45,9 @@ def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
 
 def _fast_forward(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: int, groups: int):
     """x3: (B*G, K, P) contiguous. Returns (y3, pooled, centered, std_eps, normalized, gate)."""
-    positions = x3.shape[2]
     pooled = x3.mean(dim=2)  # (N, K): one read of x
-    # c = m^T x as a batched matvec: one more read of x, no (N, K, P) temporary.
-    similarity = torch.bmm(pooled.unsqueeze(1), x3).squeeze(1)  # (N, P)
-    # mean_p(c) = <m, mean_p(x)> = |m|^2: no extra reduction needed.
-    centered = similarity - (pooled * pooled).sum(dim=1, keepdim=True)
-    std_eps = centered.square().sum(dim=1, keepdim=True).div_(positions - 1).sqrt_().add_(SGE_EPS)
-    normalized = centered / std_eps
-    affine = normalized.view(batch, groups, positions) * weight.view(1, groups, 1) + bias.view(1, groups, 1)
-    gate = torch.sigmoid(affine).view(batch * groups, 1, positions)
-    y3 = x3 * gate  # one read of x, one write of y
-    return y3, pooled, centered, std_eps, normalized, gate
+    centered, std_eps, normalized, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
+    return x3 * gate, pooled, centered, std_eps, normalized, gate  # one read of x, one write of y
 
 
 class _SGEFunction(torch.autograd.Function):
@@ -72,30 +63,132 @@ class _SGEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y3):
         x3, weight, pooled, centered, std_eps, normalized, gate = ctx.saved_tensors
-        batch, groups = ctx.batch, ctx.groups
-        n_rows, _, positions = x3.shape
         grad_y3 = grad_y3.contiguous()
-        gate2 = gate.view(n_rows, positions)
-        # dL/dgate_i = sum_k gy_ki x_ki: vecdot reads both tensors once (einsum here is ~5x slower
-        # on CPU: it lowers to tiny batched matmuls).
-        grad_gate = torch.linalg.vecdot(grad_y3, x3, dim=1)
-        grad_affine = grad_gate * gate2 * (1.0 - gate2)  # (N, P)
-        grad_affine_bg = grad_affine.view(batch, groups, positions)
-        grad_weight = (grad_affine_bg * normalized.view(batch, groups, positions)).sum(dim=(0, 2))
-        grad_bias = grad_affine_bg.sum(dim=(0, 2))
-        grad_norm = (grad_affine_bg * weight.view(1, groups, 1)).view(n_rows, positions)
-        # n = d / (s + eps), d = c - mean(c), s = sqrt(sum d^2 / (P - 1)).
-        std = std_eps - SGE_EPS
-        dot = (grad_norm * centered).sum(dim=1, keepdim=True)
-        grad_centered = grad_norm / std_eps - centered * (dot / (std_eps * std_eps * std.clamp_min(1e-30) * (positions - 1)))
-        grad_similarity = grad_centered - grad_centered.mean(dim=1, keepdim=True)  # (N, P)
-        # c = m^T x, m = mean_p x: dx = gy*gate + m (x) gc + (x @ gc) / P (x) 1.
-        grad_pooled = torch.bmm(x3, grad_similarity.unsqueeze(2)).squeeze(2) / positions  # (N, K)
-        left = torch.stack((pooled, grad_pooled), dim=2)  # (N, K, 2)
-        right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1)  # (N, 2, P)
-        grad_x3 = (grad_y3 * gate).baddbmm_(left, right)  # in place: one pass over the output
-        shape = (1, groups, 1, 1)
-        return grad_x3, grad_weight.view(shape), grad_bias.view(shape), None, None
+        grad_x3, grad_weight, grad_bias = _sge_backward_core(
+            grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, ctx.batch, ctx.groups)
+        return grad_x3, grad_weight, grad_bias, None, None
+
+
+def _sge_backward_core(grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, batch, groups):
+    """Gradients (dx3, dweight, dbias) of SGE given the forward's intermediates (see _SGEFunction)."""
+    n_rows, _, positions = x3.shape
+    gate2 = gate.view(n_rows, positions)
+    # dL/dgate_i = sum_k gy_ki x_ki: vecdot reads both tensors once (einsum here is ~5x slower
+    # on CPU: it lowers to tiny batched matmuls).
+    grad_gate = torch.linalg.vecdot(grad_y3, x3, dim=1)
+    grad_affine = grad_gate * gate2 * (1.0 - gate2)  # (N, P)
+    grad_affine_bg = grad_affine.view(batch, groups, positions)
+    grad_weight = (grad_affine_bg * normalized.view(batch, groups, positions)).sum(dim=(0, 2))
+    grad_bias = grad_affine_bg.sum(dim=(0, 2))
+    grad_norm = (grad_affine_bg * weight.view(1, groups, 1)).view(n_rows, positions)
+    # n = d / (s + eps), d = c - mean(c), s = sqrt(sum d^2 / (P - 1)).
+    std = std_eps - SGE_EPS
+    dot = (grad_norm * centered).sum(dim=1, keepdim=True)
+    grad_centered = grad_norm / std_eps - centered * (dot / (std_eps * std_eps * std.clamp_min(1e-30) * (positions - 1)))
+    grad_similarity = grad_centered - grad_centered.mean(dim=1, keepdim=True)  # (N, P)
+    # c = m^T x, m = mean_p x: dx = gy*gate + m (x) gc + (x @ gc) / P (x) 1.
+    grad_pooled = torch.bmm(x3, grad_similarity.unsqueeze(2)).squeeze(2) / positions  # (N, K)
+    left = torch.stack((pooled, grad_pooled), dim=2)  # (N, K, 2)
+    right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1)  # (N, 2, P)
+    grad_x3 = (grad_y3 * gate).baddbmm_(left, right)  # in place: one pass over the output
+    shape = (1, groups, 1, 1)
+    return grad_x3, grad_weight.view(shape), grad_bias.view(shape)
+
+
+def _sge_stats(x3: torch.Tensor, pooled: torch.Tensor, weight, bias, batch: int, groups: int):
+    """(centered, std_eps, normalized, gate) from x3 and its pooled vector."""
+    positions = x3.shape[2]
+    # c = m^T x as a batched matvec: one read of x, no (N, K, P) temporary.
+    # mean_p(c) = <m, mean_p(x)> = |m|^2: no extra reduction needed.
+    similarity = torch.bmm(pooled.unsqueeze(1), x3).squeeze(1)
+    centered = similarity - (pooled * pooled).sum(dim=1, keepdim=True)
+    std_eps = centered.square().sum(dim=1, keepdim=True).div_(positions - 1).sqrt_().add_(SGE_EPS)
+    normalized = centered / std_eps
+    affine = normalized.view(batch, groups, positions) * weight.view(1, groups, 1) + bias.view(1, groups, 1)
+    gate = torch.sigmoid(affine).view(batch * groups, 1, positions)
+    return centered, std_eps, normalized, gate
+
+
+def _bn_forward_args(bn: nn.BatchNorm2d) -> tuple[bool, float]:
+    """(use batch statistics, momentum) exactly as nn.BatchNorm2d.forward decides them."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or bn.running_mean is None
+    return use_batch_stats, momentum
+
+
+class _BatchNormSGEFunction(torch.autograd.Function):
+    """BatchNorm followed by SGE, saving only the BN input (which BN alone would save anyway):
+    the backward recomputes the BN output and the SGE statistics, so SGE adds no block-sized
+    tensor to the activation memory of a training step."""
+
+    @staticmethod
+    def forward(ctx, z, bn_weight, bn_bias, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, groups):
+        # Updates running_mean / running_var in place when use_batch_stats, as nn.BatchNorm2d does.
+        x, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            z, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps)
+        batch, channels, height, width = x.shape
+        x3 = x.view(batch * groups, channels // groups, height * width)
+        pooled = x3.mean(dim=2)
+        _, std_eps, _, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
+        y = (x3 * gate).view(batch, channels, height, width)
+        ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, running_mean, running_var, save_mean, save_invstd, pooled)
+        ctx.use_batch_stats, ctx.eps, ctx.groups = use_batch_stats, eps, groups
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, bn_weight, bn_bias, weight, bias, running_mean, running_var, save_mean, save_invstd, pooled = ctx.saved_tensors
+        groups = ctx.groups
+        batch, channels, height, width = z.shape
+        # Recompute the BN output: x = z * scale + shift with the statistics the forward used.
+        if ctx.use_batch_stats:
+            mean, invstd = save_mean, save_invstd
+        else:
+            mean, invstd = running_mean, torch.rsqrt(running_var + ctx.eps)
+        scale = bn_weight * invstd
+        shift = bn_bias - mean * scale
+        x = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1))
+        x3 = x.view(batch * groups, channels // groups, height * width)
+        centered, std_eps, normalized, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
+        grad_y3 = grad_y.contiguous().view_as(x3)
+        grad_x3, grad_weight, grad_bias = _sge_backward_core(
+            grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, batch, groups)
+        del x, x3
+        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_x3.view(batch, channels, height, width), z, bn_weight, running_mean, running_var,
+            save_mean, save_invstd, ctx.use_batch_stats, ctx.eps, [True, True, True])
+        return grad_z, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") -> torch.Tensor:
+    """sge(bn(z)). With the fast impl, a plain BatchNorm2d, a contiguous NCHW float32 input and
+    gradients needed, one fused Function that saves only z; otherwise the two modules in turn
+    (so forward hooks, FrozenBatchNorm, SyncBatchNorm, channels_last all keep working)."""
+    fusable = (
+        sge.impl == "fast"
+        and type(bn) is nn.BatchNorm2d
+        and bn.affine
+        and bn.track_running_stats
+        and torch.is_grad_enabled()
+        and z.dtype == torch.float32
+        and z.is_contiguous()
+        and z.shape[2] * z.shape[3] > 1
+        and not torch.is_autocast_enabled(z.device.type)
+        and not (_has_hooks(bn) or _has_hooks(sge))
+    )
+    if not fusable:
+        return sge(bn(z))
+    use_batch_stats, momentum = _bn_forward_args(bn)
+    return _BatchNormSGEFunction.apply(
+        z, bn.weight, bn.bias, sge.weight, sge.bias, bn.running_mean, bn.running_var, use_batch_stats, momentum, bn.eps,
+        sge.groups)
 
 
 def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:

@@ -124,3 +124,20 @@ def test_reference_and_fast_models_agree():
                 torch.nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fast_and_reference_models_agree_in_training():
+    # Training mode takes the fused BN+SGE path in the fast model: same loss, grads, BN statistics.
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in ("reference", "fast"):
+        model = create_model("sge_resnet50", num_classes=4, groups=16, width=16, sge_impl=impl, seed=3)
+        for module in model.modules():
+            if isinstance(module, SpatialGroupEnhance):
+                torch.nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(2))
+        model(x).logsumexp(dim=1).sum().backward()
+        results.append({name: p.grad for name, p in model.named_parameters()} | {
+            "running_var": model.layer3[2].bn3.running_var.clone()})
+    reference, fast = results
+    for name in reference:
+        torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)

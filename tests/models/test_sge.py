@@ -110,3 +110,66 @@ def test_fast_equals_reference_outputs_and_grads(shape, groups, channels_last):
         assert results["fast"][0].is_contiguous(memory_format=torch.channels_last)
     for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
         assert _relative_error(fast, reference) <= 1e-5, label
+
+
+def _bn_sge_pair(channels, groups, momentum, seed):
+    generator = torch.Generator().manual_seed(seed)
+    modules = []
+    for impl in ("reference", "fast"):
+        bn = torch.nn.BatchNorm2d(channels, momentum=momentum)
+        sge = SpatialGroupEnhance(channels, groups=groups, impl=impl)
+        modules.append((bn, sge))
+    state_generator = torch.Generator().manual_seed(seed + 1)
+    for bn, sge in modules:
+        state_generator.manual_seed(seed + 1)
+        with torch.no_grad():
+            for tensor in (bn.weight, bn.bias, sge.weight, sge.bias):
+                tensor.copy_(torch.randn(tensor.shape, generator=state_generator))
+            bn.running_var.uniform_(0.5, 2.0, generator=state_generator)
+    return modules, generator
+
+
+@pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)])
+def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum):
+    from sge_repro.models.sge import batchnorm_sge
+
+    (reference, fast), generator = _bn_sge_pair(128, 16, momentum, seed=4)
+    z = torch.randn(3, 128, 9, 7, generator=generator) * 2 + 0.3
+    grad_out = torch.randn(3, 128, 9, 7, generator=generator)
+    results = []
+    for bn, sge in (reference, fast):
+        bn.train(training)
+        z_leaf = z.clone().requires_grad_(True)
+        out = batchnorm_sge(z_leaf, bn, sge) if sge.impl == "fast" else sge(bn(z_leaf))
+        grads = torch.autograd.grad(out, (z_leaf, bn.weight, bn.bias, sge.weight, sge.bias), grad_out)
+        results.append((out, *grads, bn.running_mean.clone(), bn.running_var.clone()))
+        assert int(bn.num_batches_tracked) == (1 if training else 0)
+    labels = ("out", "dz", "dbn_weight", "dbn_bias", "dgamma", "dbeta", "running_mean", "running_var")
+    for label, expected, actual in zip(labels, *results):
+        assert _relative_error(actual, expected) <= 1e-5, label
+
+
+def test_fused_batchnorm_sge_saves_no_block_sized_tensor():
+    from sge_repro.models.sge import batchnorm_sge
+
+    (reference, fast), generator = _bn_sge_pair(256, 64, 0.1, seed=5)
+    z = torch.randn(2, 256, 14, 14, generator=generator).requires_grad_(True)
+    saved = {}
+    for (bn, sge) in (reference, fast):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            batchnorm_sge(z, bn, sge) if sge.impl == "fast" else sge(bn(z))
+        saved[sge.impl] = sizes
+    block = z.numel()
+    assert sum(size >= block for size in saved["fast"]) == 1  # only z, which BN alone saves too
+    assert sum(size >= block for size in saved["reference"]) >= 2
+
+
+def test_fused_path_falls_back_when_hooked():
+    from sge_repro.models.sge import batchnorm_sge
+
+    (_, (bn, sge)), generator = _bn_sge_pair(32, 8, 0.1, seed=6)
+    calls = []
+    sge.register_forward_hook(lambda module, args, out: calls.append(out.shape) and None)
+    batchnorm_sge(torch.randn(2, 32, 4, 4, generator=generator, requires_grad=True), bn, sge)
+    assert calls == [(2, 32, 4, 4)]
