@@ -1,0 +1,89 @@
+import json
+import shutil
+
+import pytest
+
+from sge_repro.detection.compat import import_detectron2
+from sge_repro.detection.data import coco_split_paths, register_coco_dataset, register_split
+from sge_repro.errors import UserError
+
+import_detectron2()
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+
+
+def test_split_paths_of_both_layouts(tmp_path):
+    assert coco_split_paths(tmp_path, "train", "coco2017") == (
+        tmp_path / "annotations" / "instances_train2017.json", tmp_path / "train2017")
+    assert coco_split_paths(tmp_path, "val", "embedded") == (
+        tmp_path / "annotations" / "instances_val.json", tmp_path / "val")
+    with pytest.raises(UserError, match="layout"):
+        coco_split_paths(tmp_path, "val", "voc")
+    with pytest.raises(UserError, match="split"):
+        coco_split_paths(tmp_path, "test", "coco2017")
+
+
+def test_official_coco_layout_registers_through_the_same_function(coco_set, tmp_path):
+    # a tiny tree with COCO 2017's names: train2017/, val2017/, annotations/instances_*2017.json
+    root = tmp_path / "coco"
+    for split in ("train", "val"):
+        shutil.copytree(coco_set / split, root / f"{split}2017")
+        (root / "annotations").mkdir(exist_ok=True)
+        shutil.copy(coco_set / "annotations" / f"instances_{split}.json",
+                    root / "annotations" / f"instances_{split}2017.json")
+    counts = register_split("test_coco2017_val", root, "val", "coco2017")
+    assert counts["images"] == 4 and counts["categories"] == 2
+    records = DatasetCatalog.get("test_coco2017_val")
+    assert len(records) == 4
+    assert records[0]["file_name"].startswith(str((root / "val2017").resolve()))
+    assert MetadataCatalog.get("test_coco2017_val").json_file == str(
+        (root / "annotations" / "instances_val2017.json").resolve())
+    # same name, same files: a no-op; other files: replaced
+    register_split("test_coco2017_val", root, "val", "coco2017")
+    register_split("test_coco2017_val", root, "train", "coco2017")
+    assert len(DatasetCatalog.get("test_coco2017_val")) == 8
+
+
+def _broken_copy(coco_set, tmp_path, edit):
+    root = tmp_path / "broken"
+    shutil.copytree(coco_set, root)
+    json_file = root / "annotations" / "instances_val.json"
+    data = json.loads(json_file.read_text())
+    edit(data, root)
+    json_file.write_text(json.dumps(data))
+    return json_file, root / "val"
+
+
+def test_malformed_json_names_the_file(coco_set, tmp_path):
+    json_file, image_root = _broken_copy(coco_set, tmp_path, lambda data, root: None)
+    json_file.write_text('{"images": [')
+    with pytest.raises(UserError, match=rf"{json_file}: not valid JSON"):
+        register_coco_dataset("test_broken", json_file, image_root)
+
+
+def test_missing_image_file_names_the_image_id(coco_set, tmp_path):
+    json_file, image_root = _broken_copy(
+        coco_set, tmp_path, lambda data, root: (root / "val" / data["images"][2]["file_name"]).unlink())
+    with pytest.raises(UserError, match=rf"{json_file}: image id 3: file .* not found"):
+        register_coco_dataset("test_broken", json_file, image_root)
+
+
+def test_unknown_category_names_the_annotation_id(coco_set, tmp_path):
+    def edit(data, root):
+        data["annotations"][1]["category_id"] = 99
+
+    json_file, image_root = _broken_copy(coco_set, tmp_path, edit)
+    annotation_id = json.loads(json_file.read_text())["annotations"][1]["id"]
+    with pytest.raises(UserError, match=rf"{json_file}: annotation id {annotation_id}: unknown category_id 99"):
+        register_coco_dataset("test_broken", json_file, image_root)
+
+
+@pytest.mark.parametrize("box", [[5, 5, 0, 10], [5, 5, 10, -2]])
+def test_non_positive_box_names_the_annotation_id(coco_set, tmp_path, box):
+    def edit(data, root):
+        data["annotations"][0]["bbox"] = box
+
+    json_file, image_root = _broken_copy(coco_set, tmp_path, edit)
+    annotation_id = json.loads(json_file.read_text())["annotations"][0]["id"]
+    with pytest.raises(UserError, match=rf"annotation id {annotation_id}: bbox .* non-positive"):
+        register_coco_dataset("test_broken", json_file, image_root)
+    assert "test_broken" not in DatasetCatalog.list()

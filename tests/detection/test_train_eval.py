@@ -1,0 +1,103 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sge_repro.detection.config import build_detector_config
+from sge_repro.detection.engine import COCO_METRICS, evaluate_detector, train_detector
+from sge_repro.errors import UserError
+
+from .conftest import NUM_CATEGORIES, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "mask_rcnn", "cascade_rcnn", "retinanet"])
+def test_detector_with_sge_backbone_trains_and_evaluates(detector, detectron2_weights, registered, tmp_path):
+    torch.set_num_threads(1)
+    cfg = build_detector_config(detector, "sge_resnet18", detectron2_weights, *registered, tmp_path / "run",
+                                num_classes=NUM_CATEGORIES, seed=0, overrides=tiny_overrides())
+    final = train_detector(cfg, resume=True)
+    assert final == tmp_path / "run" / "model_final.pth" and final.is_file()
+    run = tmp_path / "run"
+    # periodic checkpoints, the resume marker and TensorBoard events are all there
+    assert (run / "model_0000000.pth").is_file() and (run / "last_checkpoint").read_text() == "model_final.pth"
+    assert list(run.glob("events.out.tfevents.*"))
+    iterations = [json.loads(line)["iteration"] for line in (run / "metrics.json").read_text().splitlines()]
+    assert max(iterations) == 1
+
+    result = evaluate_detector(cfg, final, registered[1])
+    tasks = ["bbox", "segm"] if detector == "mask_rcnn" else ["bbox"]
+    for task in tasks:
+        assert set(result[task]) == set(COCO_METRICS)
+        assert all(isinstance(v, float) and 0.0 <= v <= 100.0 for v in result[task].values())
+        assert set(result["nan_metrics"][task]) <= set(COCO_METRICS)
+    assert ("segm" in result) == (detector == "mask_rcnn")
+    assert result["num_images"] == 4
+    assert result["no_detections"] == (result["num_detections"] == 0)
+    json.dumps(result, allow_nan=False)  # the metrics contract: plain JSON, no NaN
+
+
+def test_resume_continues_from_the_last_checkpoint(detectron2_weights, registered, tmp_path):
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    short = build_detector_config("faster_rcnn", None, detectron2_weights, *registered, run, NUM_CATEGORIES, 0,
+                                  overrides=tiny_overrides(**{"SOLVER.MAX_ITER": 2}))
+    train_detector(short, resume=True)
+    longer = build_detector_config("faster_rcnn", None, detectron2_weights, *registered, run, NUM_CATEGORIES, 0,
+                                   overrides=tiny_overrides(**{"SOLVER.MAX_ITER": 3}))
+    train_detector(longer, resume=True)
+    iterations = [json.loads(line)["iteration"] for line in (run / "metrics.json").read_text().splitlines()]
+    # events are written at each run's last iteration: 1 by the first run, 2 by the resumed one
+    assert iterations == [1, 2]
+    assert "Starting training from iteration 2" in (run / "log.txt").read_text()
+    before = (run / "model_final.pth").stat().st_mtime_ns
+    train_detector(longer, resume=True)  # finished: nothing to do
+    assert (run / "model_final.pth").stat().st_mtime_ns == before
+
+
+def test_divergence_names_the_iteration_and_keeps_the_last_good_checkpoint(detectron2_weights, registered, tmp_path):
+    torch.set_num_threads(1)
+    cfg = build_detector_config(
+        "retinanet", None, detectron2_weights, *registered, tmp_path / "run", NUM_CATEGORIES, 0,
+        overrides=tiny_overrides(**{"SOLVER.MAX_ITER": 6, "SOLVER.BASE_LR": 1e12, "SOLVER.WARMUP_ITERS": 0,
+                                    "SOLVER.CLIP_GRADIENTS.ENABLED": False}),
+    )
+    with pytest.raises(UserError, match=r"diverged: loss became NaN or infinite at iteration \d+.*last good checkpoint kept: .*model_\d+\.pth"):
+        train_detector(cfg, resume=False)
+    assert not (tmp_path / "run" / "model_final.pth").exists()
+
+
+def test_two_process_gloo_training_under_torchrun(detectron2_weights, coco_set, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        from sge_repro.detection.config import build_detector_config
+        from sge_repro.detection.data import register_split
+        from sge_repro.detection.engine import train_detector
+        from tests.detection.conftest import tiny_overrides
+        register_split("ddp_train", {str(coco_set)!r}, "train")
+        cfg = build_detector_config("faster_rcnn", None, {str(detectron2_weights)!r}, "ddp_train", None,
+                                    {str(tmp_path / "run")!r}, 2, 0, overrides=tiny_overrides())
+        train_detector(cfg, resume=False)
+        import torch.distributed as dist
+        print("WORLD", dist.get_world_size(), "RANK", dist.get_rank(), flush=True)
+    """))
+    with socket.socket() as probe:  # torchrun's --master_port 0 does not work with its static rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "WORLD 2 RANK 0" in completed.stdout and "WORLD 2 RANK 1" in completed.stdout
+    assert (tmp_path / "run" / "model_final.pth").is_file()
