@@ -168,7 +168,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") -> torch.Tensor:
-    """sge(bn(z)). With the fast impl, a plain BatchNorm2d, a contiguous NCHW float32 input and
+    """sge(bn(z)). With the fast impl, a plain BatchNorm2d, a contiguous NCHW float32/64 input and
     gradients needed, one fused Function that saves only z; otherwise the two modules in turn
     (so forward hooks, FrozenBatchNorm, SyncBatchNorm, channels_last all keep working)."""
     fusable = (
@@ -177,7 +177,7 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
         and bn.affine
         and bn.track_running_stats
         and torch.is_grad_enabled()
-        and z.dtype == torch.float32
+        and z.dtype in (torch.float32, torch.float64)
         and z.is_contiguous()
         and z.shape[2] * z.shape[3] > 1
         and not torch.is_autocast_enabled(z.device.type)

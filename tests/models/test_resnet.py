@@ -127,11 +127,14 @@ def test_reference_and_fast_models_agree():
 
 
 def test_fast_and_reference_models_agree_in_training():
-    # Training mode takes the fused BN+SGE path in the fast model: same loss, grads, BN statistics.
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # Training mode takes the fused BN+SGE path in the fast model: same grads and BN statistics.
+    # float64: with batch 2 at 64x64 (2x2 maps in layer4) the fp32 gradients of either
+    # implementation are ~15% off the float64 ones (ill-conditioned), so compare exactly here;
+    # the fp32 equality of the fused path is tested on the module in test_sge.py.
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     results = []
     for impl in ("reference", "fast"):
-        model = create_model("sge_resnet50", num_classes=4, groups=16, width=16, sge_impl=impl, seed=3)
+        model = create_model("sge_resnet50", num_classes=4, groups=16, width=16, sge_impl=impl, seed=3).double()
         for module in model.modules():
             if isinstance(module, SpatialGroupEnhance):
                 torch.nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(2))
@@ -140,4 +143,5 @@ def test_fast_and_reference_models_agree_in_training():
             "running_var": model.layer3[2].bn3.running_var.clone()})
     reference, fast = results
     for name in reference:
-        torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        relative = ((fast[name] - reference[name]).norm() / reference[name].norm()).item()
+        assert relative <= 1e-9, name
