@@ -71,8 +71,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+    # scandir reads the file type from the directory entry: no stat per file (1.28M in ImageNet).
+    with os.scandir(folder) as entries:
+        names = [entry.name for entry in entries
+                 if entry.is_file() and not entry.name.startswith(".")
+                 and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS]
+    return [folder / name for name in sorted(names)]
 
 
 def list_classes(split_dir: Path) -> list[str]:
