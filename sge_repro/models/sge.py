@@ -43,11 +43,16 @@ def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
     return out.reshape(batch, channels, height, width)
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-group statistics (small tensors) in at least float32, also for bf16/fp16 activations."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _fast_forward(x3: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, batch: int, groups: int):
     """x3: (B*G, K, P) contiguous. Returns (y3, pooled, centered, std_eps, normalized, gate)."""
-    pooled = x3.mean(dim=2)  # (N, K): one read of x
+    pooled = x3.mean(dim=2, dtype=_stat_dtype(x3))  # (N, K): one read of x
     centered, std_eps, normalized, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
-    return x3 * gate, pooled, centered, std_eps, normalized, gate  # one read of x, one write of y
+    return x3 * gate.to(x3.dtype), pooled, centered, std_eps, normalized, gate  # one read of x, one write of y
 
 
 class _SGEFunction(torch.autograd.Function):
@@ -55,7 +60,8 @@ class _SGEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, weight, bias, batch: int, groups: int):
-        y3, pooled, centered, std_eps, normalized, gate = _fast_forward(x3, weight, bias, batch, groups)
+        with torch.autocast(x3.device.type, enabled=False):  # dtypes are handled explicitly
+            y3, pooled, centered, std_eps, normalized, gate = _fast_forward(x3, weight, bias, batch, groups)
         ctx.save_for_backward(x3, weight, pooled, centered, std_eps, normalized, gate)
         ctx.batch, ctx.groups = batch, groups
         return y3
@@ -64,8 +70,9 @@ class _SGEFunction(torch.autograd.Function):
     def backward(ctx, grad_y3):
         x3, weight, pooled, centered, std_eps, normalized, gate = ctx.saved_tensors
         grad_y3 = grad_y3.contiguous()
-        grad_x3, grad_weight, grad_bias = _sge_backward_core(
-            grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, ctx.batch, ctx.groups)
+        with torch.autocast(x3.device.type, enabled=False):
+            grad_x3, grad_weight, grad_bias = _sge_backward_core(
+                grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, ctx.batch, ctx.groups)
         return grad_x3, grad_weight, grad_bias, None, None
 
 
@@ -75,7 +82,8 @@ def _sge_backward_core(grad_y3, x3, weight, pooled, centered, std_eps, normalize
     gate2 = gate.view(n_rows, positions)
     # dL/dgate_i = sum_k gy_ki x_ki: vecdot reads both tensors once (einsum here is ~5x slower
     # on CPU: it lowers to tiny batched matmuls).
-    grad_gate = torch.linalg.vecdot(grad_y3, x3, dim=1)
+    grad_y3 = grad_y3.to(x3.dtype)
+    grad_gate = torch.linalg.vecdot(grad_y3, x3, dim=1).to(gate.dtype)
     grad_affine = grad_gate * gate2 * (1.0 - gate2)  # (N, P)
     grad_affine_bg = grad_affine.view(batch, groups, positions)
     grad_weight = (grad_affine_bg * normalized.view(batch, groups, positions)).sum(dim=(0, 2))
@@ -87,12 +95,12 @@ def _sge_backward_core(grad_y3, x3, weight, pooled, centered, std_eps, normalize
     grad_centered = grad_norm / std_eps - centered * (dot / (std_eps * std_eps * std.clamp_min(1e-30) * (positions - 1)))
     grad_similarity = grad_centered - grad_centered.mean(dim=1, keepdim=True)  # (N, P)
     # c = m^T x, m = mean_p x: dx = gy*gate + m (x) gc + (x @ gc) / P (x) 1.
-    grad_pooled = torch.bmm(x3, grad_similarity.unsqueeze(2)).squeeze(2) / positions  # (N, K)
-    left = torch.stack((pooled, grad_pooled), dim=2)  # (N, K, 2)
-    right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1)  # (N, 2, P)
-    grad_x3 = (grad_y3 * gate).baddbmm_(left, right)  # in place: one pass over the output
+    grad_pooled = torch.bmm(x3, grad_similarity.to(x3.dtype).unsqueeze(2)).squeeze(2).to(pooled.dtype) / positions
+    left = torch.stack((pooled, grad_pooled), dim=2).to(x3.dtype)  # (N, K, 2)
+    right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1).to(x3.dtype)  # (N, 2, P)
+    grad_x3 = (grad_y3 * gate.to(x3.dtype)).baddbmm_(left, right)  # in place: one pass over the output
     shape = (1, groups, 1, 1)
-    return grad_x3, grad_weight.view(shape), grad_bias.view(shape)
+    return grad_x3, grad_weight.view(shape).to(weight.dtype), grad_bias.view(shape).to(weight.dtype)
 
 
 def _sge_stats(x3: torch.Tensor, pooled: torch.Tensor, weight, bias, batch: int, groups: int):
@@ -100,7 +108,7 @@ def _sge_stats(x3: torch.Tensor, pooled: torch.Tensor, weight, bias, batch: int,
     positions = x3.shape[2]
     # c = m^T x as a batched matvec: one read of x, no (N, K, P) temporary.
     # mean_p(c) = <m, mean_p(x)> = |m|^2: no extra reduction needed.
-    similarity = torch.bmm(pooled.unsqueeze(1), x3).squeeze(1)
+    similarity = torch.bmm(pooled.to(x3.dtype).unsqueeze(1), x3).squeeze(1).to(pooled.dtype)
     centered = similarity - (pooled * pooled).sum(dim=1, keepdim=True)
     std_eps = centered.square().sum(dim=1, keepdim=True).div_(positions - 1).sqrt_().add_(SGE_EPS)
     normalized = centered / std_eps
@@ -131,9 +139,9 @@ class _BatchNormSGEFunction(torch.autograd.Function):
             z, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps)
         batch, channels, height, width = x.shape
         x3 = x.view(batch * groups, channels // groups, height * width)
-        pooled = x3.mean(dim=2)
-        _, std_eps, _, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
-        y = (x3 * gate).view(batch, channels, height, width)
+        pooled = x3.mean(dim=2, dtype=_stat_dtype(x3))
+        _, _, _, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
+        y = (x3 * gate.to(x3.dtype)).view(batch, channels, height, width)
         ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, running_mean, running_var, save_mean, save_invstd, pooled)
         ctx.use_batch_stats, ctx.eps, ctx.groups = use_batch_stats, eps, groups
         return y
@@ -198,7 +206,8 @@ def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         y3 = _SGEFunction.apply(x3, weight, bias, batch, groups)
     else:
-        y3 = _fast_forward(x3, weight, bias, batch, groups)[0]
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are handled explicitly
+            y3 = _fast_forward(x3, weight, bias, batch, groups)[0]
     y = y3.view(batch, channels, height, width)
     # Keep the caller's memory format (channels_last models stay channels_last).
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y

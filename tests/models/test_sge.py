@@ -173,3 +173,27 @@ def test_fused_path_falls_back_when_hooked():
     sge.register_forward_hook(lambda module, args, out: calls.append(out.shape) and None)
     batchnorm_sge(torch.randn(2, 32, 4, 4, generator=generator, requires_grad=True), bn, sge)
     assert calls == [(2, 32, 4, 4)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fast_low_precision_keeps_dtype_and_matches_float32(device):
+    generator = torch.Generator().manual_seed(8)
+    x = (torch.randn(2, 64, 7, 7, generator=generator) * 2).to(device=device, dtype=torch.bfloat16)
+    gamma = torch.randn(1, 8, 1, 1, generator=generator).to(device).requires_grad_(True)
+    beta = torch.randn(1, 8, 1, 1, generator=generator).to(device).requires_grad_(True)
+    x_leaf = x.clone().requires_grad_(True)
+    out = sge_fast(x_leaf, gamma, beta, 8)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and x_leaf.grad.dtype == torch.bfloat16 and gamma.grad.dtype == torch.float32
+    expected = sge_reference(x.float(), gamma.detach(), beta.detach(), 8)
+    assert _relative_error(out.float(), expected) <= 2e-2
+
+
+def test_sge_model_trains_under_bfloat16_autocast():
+    from sge_repro.models import create_model
+
+    model = create_model("sge_resnet18", num_classes=3, groups=8, width=16, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))).float().sum()
+    loss.backward()
+    assert torch.isfinite(model.layer1[0].sge.weight.grad).all()
