@@ -81,19 +81,24 @@ def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> 
     return total / 1e9
 
 
+def model_complexity(name: str, num_classes: int = 1000, image_size: int = 224, **model_kwargs: Any) -> dict:
+    """{"name", "params_m", "gflops"} of one model as configured (width, groups, classes, resolution)."""
+    from sge_repro.models.registry import create_model
+
+    model = create_model(name, num_classes=num_classes, seed=0, **model_kwargs)
+    return {
+        "name": name,
+        "params_m": round(count_params_m(model), 3),
+        "gflops": round(count_gflops(model, image_size=image_size), 3),
+    }
+
+
 def model_table(names: Iterable[str] | None = None, image_size: int = 224, num_classes: int = 1000) -> list[dict]:
     """[{"name", "params_m", "gflops"}] for `names` (all models by default), as `sge-repro models --json`."""
-    from sge_repro.models.registry import create_model, list_models
+    from sge_repro.models.registry import list_models
 
-    rows = []
-    for name in (list(names) if names is not None else list_models()):
-        model = create_model(name, num_classes=num_classes, seed=0)
-        rows.append({
-            "name": name,
-            "params_m": round(count_params_m(model), 3),
-            "gflops": round(count_gflops(model, image_size=image_size), 3),
-        })
-    return rows
+    chosen = list(names) if names is not None else list_models()
+    return [model_complexity(name, num_classes=num_classes, image_size=image_size) for name in chosen]
 
 
 def _sync(device: torch.device) -> None:
