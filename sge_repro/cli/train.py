@@ -37,7 +37,7 @@ def train_cls(
             weight_decay=p.weight_decay, lr_schedule=p.lr_schedule, milestones=p.milestones,
             warmup_epochs=p.warmup_epochs, label_smoothing=p.label_smoothing, image_size=p.image_size,
             workers=p.workers, seed=seed, device=p.device, skip_corrupt=ctx.params.data.skip_corrupt,
-            progress=on_progress,
+            dataset_name=ctx.cls_dataset, progress=on_progress,
         )
     _print_result(f"trained {model} (seed {seed})", result)
 

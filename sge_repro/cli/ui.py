@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 from rich.console import Console
@@ -15,8 +16,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Captured output (DVC stage logs, CI): 80 columns would fold the result tables.
+        console = Console(stderr=stderr, width=160)
+    return console
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 @contextlib.contextmanager

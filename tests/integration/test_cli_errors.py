@@ -1,0 +1,68 @@
+"""Bad input at the command line: exit 2, one line naming the key, nothing written."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def run(bin_path: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([bin_path, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and ".git" not in p.parts and ".dvc" not in p.parts}
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda t: t.replace("  epochs: 12", "  epoch: 12"), "unknown key 'train_cls.epoch'"),
+        (lambda t: t.replace("  epochs: 12", "  epochs: twelve"), "train_cls.epochs"),
+        (lambda t: t.replace("models: [resnet18, sge_resnet18]", "models: [resnet18, sge_resnet81]"),
+         "unknown model 'sge_resnet81'"),
+    ],
+)
+def test_bad_params_exit_2_and_write_nothing(project, sge_repro_bin, edit, expected):
+    params = project / "params.yaml"
+    params.write_text(edit(params.read_text()))
+    before = snapshot(project)
+    result = run(sge_repro_bin, project, "run", "all")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(project) == before
+
+
+def test_unknown_profile_and_stage(project, sge_repro_bin):
+    before = snapshot(project)
+    result = run(sge_repro_bin, project, "run", "all", "--profile", "nope")
+    assert result.returncode == 2 and "unknown profile 'nope'" in result.stderr
+    assert "available: embedded" in result.stderr
+    result = run(sge_repro_bin, project, "run", "trian_cls")
+    assert result.returncode == 2 and "unknown stage 'trian_cls'" in result.stderr
+    assert "train_cls" in result.stderr
+    assert snapshot(project) == before
+
+
+def test_stage_command_refuses_unlisted_model(project, sge_repro_bin):
+    result = run(sge_repro_bin, project, "train", "cls", "--model", "resnet50", "--seed", "0")
+    assert result.returncode == 2
+    assert "models: 'resnet50' is not listed" in result.stderr
+
+
+def test_debug_shows_the_traceback(project, sge_repro_bin):
+    result = run(sge_repro_bin, project, "--debug", "run", "all", "--profile", "nope")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_every_command_has_help(sge_repro_bin, tmp_path):
+    commands = [["run"], ["status"], ["data", "prepare"], ["train", "cls"], ["train", "det"],
+                ["eval", "cls"], ["eval", "det"], ["convert"], ["report"], ["models"], ["env"],
+                ["bench", "sge"], ["bench", "train"], ["visualize"]]
+    for command in commands:
+        result = run(sge_repro_bin, tmp_path, *command, "--help")
+        assert result.returncode == 0, (command, result.stderr)
+        assert "Usage" in result.stdout
