@@ -35,18 +35,22 @@ def bench_sge(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"SGE overhead: batch {batch}, {image_size}px, {device}, {dtype}, median of {repeats}")
-    for column in ("model", "forward ms", "x plain", "train step ms", "x plain", "peak MB", "x plain"):
-        table.add_column(column, justify="right" if column != "model" else "left")
-    for row in result["models"]:
-        table.add_row(row["name"], f"{row['forward_ms']:.1f}", f"{row['forward_ratio']:.3f}",
-                      f"{row['train_ms']:.1f}", f"{row['train_ratio']:.3f}",
-                      f"{row.get('peak_mb', float('nan')):.0f}", f"{row.get('peak_ratio', float('nan')):.3f}")
+    table = Table(title=f"SGE overhead: batch {batch}, {image_size}px, {device}, {dtype}, "
+                        f"{result['threads']} threads, median of {repeats}")
+    for column in ("model", "forward ms", "x plain", "train step ms", "x plain", "saved act. MB", "x plain"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, row in result["models"].items():
+        table.add_row(label, f"{row['forward_ms']:.1f}", f"{row['forward_ratio']:.3f}",
+                      f"{row['train_step_ms']:.1f}", f"{row['train_step_ratio']:.3f}",
+                      f"{row['saved_activation_mb']:.0f}", f"{row['memory_ratio']:.3f}")
     console.print(table)
-    module = result.get("module")
-    if module:
-        console.print(f"module alone on {module['shape']}: " + ", ".join(
-            f"{impl} {v['ms']:.2f} ms ({v['gb_per_s']:.1f} GB/s)" for impl, v in module["impls"].items()))
+    module = result["module"]
+    shape = "x".join(str(n) for n in module["shape"])
+    for impl in ("reference", "fast"):
+        item = module[impl]
+        console.print(f"module alone ({impl}) on {shape}, G={module['groups']}: forward {item['forward_ms']:.2f} ms "
+                      f"({item['forward_gb_s']:.1f} GB/s), forward+backward {item['forward_backward_ms']:.2f} ms "
+                      f"({item['forward_backward_gb_s']:.1f} GB/s)")
 
 
 @app.command("train")

@@ -176,3 +176,37 @@ def benchmark_sge_module(
             "forward_backward_gb_s": 5 * tensor_bytes / train_ms / 1e6,
         }
     return result
+
+
+def benchmark_training(
+    names: list[str], batch: int = 32, image_size: int = 224, device: str = "cpu", repeats: int = 5,
+    warmup: int = 1, width: int = 64, groups: int = 64, num_classes: int = 1000, seed: int = 0,
+) -> list[dict]:
+    """Training images/s (forward + backward + SGD step) of each model, interleaved rounds, median;
+    `ratio` is each model's throughput over the first one's."""
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"bench train: device {device!r} requested but CUDA is not available")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(target)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(target)
+    models = {name: create_model(name, num_classes=num_classes, groups=groups, width=width, seed=seed).to(target).train()
+              for name in names}
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) for name, model in models.items()}
+
+    def step(name: str) -> None:
+        optimizers[name].zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(models[name](images), labels).backward()
+        optimizers[name].step()
+
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        for name in names:
+            elapsed = _timed(lambda: step(name), target)
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    rows = [{"name": name, "step_ms": statistics.median(samples[name]),
+             "images_per_s": batch / statistics.median(samples[name]) * 1e3} for name in names]
+    for row in rows:
+        row["ratio"] = row["images_per_s"] / rows[0]["images_per_s"]
+    return rows
