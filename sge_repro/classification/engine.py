@@ -5,9 +5,12 @@ checkpoint) -> metrics. Determinism: every epoch reseeds the sampler, the augmen
 global RNG from (seed, epoch), so a run resumed from an epoch checkpoint computes exactly what an
 uninterrupted run computes (bit for bit on CPU).
 
-Distributed: with WORLD_SIZE > 1 (torchrun) the process group is initialised from env://, each
-rank reads a DistributedSampler shard of `batch_size / world_size` images per step, validation
-is sharded and all-reduced, and rank 0 alone writes files.
+Augmentation is seeded per sample from (seed, epoch, index), so results do not depend on the
+number of loader workers either.
+
+Distributed: with WORLD_SIZE > 1 (torchrun) the process group is initialised from env://; each
+rank takes its slice of the same global batches a single process would use (GlobalBatchSampler),
+validation is sharded and all-reduced, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from sge_repro import atomic
 from sge_repro.classification.transforms import eval_transform, train_transform
@@ -94,6 +97,16 @@ def _all_reduce_sum(values: list[float], dist_info: DistInfo, device: torch.devi
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _finite_everywhere(loss: torch.Tensor, dist_info: DistInfo) -> bool:
+    """Whether the loss is finite on every rank (all ranks must stop together, not hang)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 # --------------------------------------------------------------------------- determinism
@@ -225,23 +238,59 @@ def _val_loader(dataset: ImageFolderDataset, batch_size: int, workers: int, dist
                       persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
 
 
-def _train_loader(dataset: ImageFolderDataset, per_rank_batch: int, workers: int, dist_info: DistInfo,
-                  seed: int, epoch: int, pin_memory: bool) -> DataLoader:
-    epoch_seed = _derived_seed("sampler", seed, epoch)
-    if dist_info.enabled:
-        from torch.utils.data.distributed import DistributedSampler
+class GlobalBatchSampler:
+    """This rank's share of each global batch of one epoch.
 
-        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                     shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed))
-    # The loader's generator seeds the workers' augmentation RNG; fresh (non-persistent) workers
-    # each epoch keep an epoch's augmentation a function of (seed, epoch, rank) only.
-    loader_generator = torch.Generator().manual_seed(_derived_seed("workers", seed, epoch, dist_info.rank))
-    return DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_skipping_none, pin_memory=pin_memory, drop_last=True,
-                      worker_init_fn=_seed_worker, generator=loader_generator, persistent_workers=False,
+    The epoch's permutation depends only on (seed, epoch); global batch k is permutation
+    [k*B, (k+1)*B) and rank r takes its r-th contiguous slice. So N ranks see exactly the images
+    one process would see in each step (what a DistributedSampler does not guarantee), and the
+    incomplete last global batch is dropped.
+    """
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int):
+        self.size, self.global_batch, self.rank, self.world_size = size, global_batch, rank, world_size
+        self.per_rank = global_batch // world_size
+        self.generator_seed = _derived_seed("sampler", seed, epoch)
+
+    def __len__(self) -> int:
+        return self.size // self.global_batch
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.generator_seed)).tolist()
+        for step in range(len(self)):
+            start = step * self.global_batch + self.rank * self.per_rank
+            yield order[start:start + self.per_rank]
+
+
+class PerSampleSeededDataset(torch.utils.data.Dataset):
+    """Seeds the augmentation of every sample from (seed, epoch, index).
+
+    The random crop and flip of an image then depend on nothing else: not on the number of
+    loader workers, not on the rank, not on what ran before (resume).
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, seed: int):
+        self.dataset, self.seed, self.epoch_seed = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # Workers are re-created every epoch (non-persistent), so they see the new value.
+        self.epoch_seed = _derived_seed("augment", self.seed, epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.epoch_seed + index * 0x9E3779B97F4A7C15) % 2**63)
+            return self.dataset[index]
+
+
+def _train_loader(dataset: PerSampleSeededDataset, global_batch: int, workers: int, dist_info: DistInfo,
+                  seed: int, epoch: int, pin_memory: bool) -> DataLoader:
+    dataset.set_epoch(epoch)
+    batches = GlobalBatchSampler(len(dataset), global_batch, dist_info.rank, dist_info.world_size, seed, epoch)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping_none,
+                      pin_memory=pin_memory, worker_init_fn=_seed_worker, persistent_workers=False,
                       prefetch_factor=2 if workers > 0 else None)
 
 
@@ -415,10 +464,11 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
     pin_memory = device.type == "cuda"
     val_loader = _val_loader(val_set, per_rank_batch, workers, dist_info, pin_memory)
     skipped_total = len(train_set.skipped) + len(val_set.skipped)
+    seeded_train_set = PerSampleSeededDataset(train_set, recipe.seed)
 
     for epoch in range(start_epoch, recipe.epochs):
         _seed_everything(_derived_seed("epoch", recipe.seed, epoch, dist_info.rank))
-        loader = _train_loader(train_set, per_rank_batch, workers, dist_info, recipe.seed, epoch, pin_memory)
+        loader = _train_loader(seeded_train_set, recipe.batch_size, workers, dist_info, recipe.seed, epoch, pin_memory)
         train_model.train()
         loss_sum, correct_sum, seen, epoch_skipped = 0.0, 0.0, 0, 0
         started = time.perf_counter()
@@ -429,7 +479,7 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             logits = train_model(images)
             loss = criterion(logits, targets)
-            if not torch.isfinite(loss).item():
+            if not _finite_everywhere(loss, dist_info):
                 raise UserError(
                     f"training {recipe.model_name}: loss is {loss.item()} at epoch {epoch + 1} step {step} "
                     f"(global step {epoch * steps_per_epoch + step}); stopped. "
