@@ -99,6 +99,17 @@ def _all_reduce_sum(values: list[float], dist_info: DistInfo, device: torch.devi
     return tensor.tolist()
 
 
+def _broadcast_buffers(model: nn.Module, dist_info: DistInfo) -> None:
+    """Give every rank rank 0's BN running statistics (each rank updated them on its own shard
+    in the last step), so sharded validation evaluates exactly the model rank 0 saves."""
+    if not dist_info.enabled:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def _finite_everywhere(loss: torch.Tensor, dist_info: DistInfo) -> bool:
     """Whether the loss is finite on every rank (all ranks must stop together, not hang)."""
     finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
@@ -503,6 +514,7 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
         train_time = time.perf_counter() - started
         loss_sum, correct_sum, seen, epoch_skipped = _all_reduce_sum(
             [loss_sum, correct_sum, float(seen), float(epoch_skipped)], dist_info, device)
+        _broadcast_buffers(model, dist_info)
         val = _validate(model, val_loader, device, dist_info)
         epoch_time = time.perf_counter() - started
         row = {

@@ -231,3 +231,54 @@ def test_results_do_not_depend_on_the_number_of_workers(data_root, tmp_path):
     a = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+DISTRIBUTED_TRAINING = """
+import json, sys, torch
+torch.set_num_threads(1)
+from sge_repro.classification.engine import train_classifier
+data_root, run_dir, metrics, history, recipe = sys.argv[1:6]
+result = train_classifier("resnet18", {"width": 8}, data_root, run_dir, metrics, history, **json.loads(recipe))
+print("RESULT", json.dumps(result))
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_training(data_root, tmp_path):
+    run_dir, metrics_path, history_path = outputs(tmp_path)
+    recipe = json.dumps({**RECIPE, "epochs": 2, "warmup_epochs": 0})
+    port = free_port()
+    processes = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "GLOO_SOCKET_IFNAME": "lo"}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", DISTRIBUTED_TRAINING, str(data_root), str(run_dir), str(metrics_path),
+             str(history_path), recipe], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
+    try:
+        outputs_by_rank = [process.communicate(timeout=240)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [process.returncode for process in processes] == [0, 0]
+    results = [json.loads(out.split("RESULT ", 1)[1]) for out in outputs_by_rank]
+    # Validation is sharded over the ranks and all-reduced: both ranks report the whole val set.
+    for key in ("top1", "loss", "train_loss", "num_val_images"):
+        assert results[0][key] == results[1][key]
+    assert results[0]["num_val_images"] == 30
+    assert json.loads(metrics_path.read_text())["top1"] == results[0]["top1"]
+    assert len(read_history(history_path)) == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt"]  # no stray temp files
+    # The checkpoint rank 0 wrote reproduces the all-reduced validation.
+    evaluated = evaluate_classifier(run_dir / "last.pt", data_root, tmp_path / "e.json", tmp_path / "p.json",
+                                    image_size=32, batch_size=7)
+    assert evaluated["top1"] == pytest.approx(results[0]["top1"], abs=1e-9)
+    assert evaluated["loss"] == pytest.approx(results[0]["loss"], rel=1e-4)
