@@ -33,7 +33,7 @@ class ClassificationData(Section):
     source_path: str | None = Field(None, description="ImageNet ImageFolder tree or archives")
     num_classes: int = Field(10, ge=2)
     image_size: int = Field(64, ge=16)
-    train_per_class: int = Field(100, ge=1)
+    train_per_class: int = Field(150, ge=1)
     val_per_class: int = Field(30, ge=1)
 
 
@@ -63,15 +63,18 @@ class ModelParams(Section):
 
 class TrainClsParams(Section):
     epochs: int = Field(12, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.1, gt=0)
+    batch_size: int = Field(32, ge=1, description="global batch (all processes together)")
+    lr: float = Field(0.05, gt=0, description="for the global batch, used as given")
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    no_weight_decay_on_bn_bias: bool = False
     lr_schedule: Literal["step", "cosine"] = "cosine"
     milestones: list[int] = [30, 60, 90]
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(None, gt=0)
     image_size: int = Field(64, ge=16)
+    min_crop_scale: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop scale lower bound")
     workers: int = Field(0, ge=0)
     device: str = "cpu"
 
@@ -111,6 +114,7 @@ class ReportParams(Section):
 
 class Params(Section):
     profile: str = "embedded"
+    cpu_threads: int = Field(2, ge=1, description="torch threads on CPU; CPU runs repeat bit for bit at a fixed count")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
     detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn"], min_length=1)

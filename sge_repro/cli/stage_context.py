@@ -38,4 +38,9 @@ class StageContext:
 
 
 def stage_context() -> StageContext:
-    return StageContext(load_params(), ProjectPaths())
+    """Validated params and paths for a stage command; fixes torch's CPU thread count."""
+    import torch
+
+    params = load_params()
+    torch.set_num_threads(params.cpu_threads)
+    return StageContext(params, ProjectPaths())

@@ -34,8 +34,10 @@ def train_cls(
             model, ctx.model_kwargs(), paths.cls_data, paths.cls_run_dir(model, seed),
             paths.cls_train_metrics(model, seed), paths.cls_history(model, seed),
             epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
-            weight_decay=p.weight_decay, lr_schedule=p.lr_schedule, milestones=p.milestones,
-            warmup_epochs=p.warmup_epochs, label_smoothing=p.label_smoothing, image_size=p.image_size,
+            weight_decay=p.weight_decay, no_weight_decay_on_bn_bias=p.no_weight_decay_on_bn_bias,
+            lr_schedule=p.lr_schedule, milestones=p.milestones, warmup_epochs=p.warmup_epochs,
+            label_smoothing=p.label_smoothing, grad_clip_norm=p.grad_clip_norm,
+            image_size=p.image_size, random_crop_min_scale=p.min_crop_scale,
             workers=p.workers, seed=seed, device=p.device, skip_corrupt=ctx.params.data.skip_corrupt,
             dataset_name=ctx.cls_dataset, progress=on_progress,
         )
