@@ -35,6 +35,7 @@ from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -141,6 +142,16 @@ class DetectorTrainer(DefaultTrainer):
             # evaluation is its own pipeline stage; no implicit eval at the end of training
             built = [hook for hook in built if not isinstance(hook, hooks.EvalHook)]
         return built
+
+    def build_writers(self):
+        """Console, metrics.json and TensorBoard events (TensorBoard skipped, with a warning, when
+        the `tensorboard` package is absent)."""
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed: no TensorBoard events, metrics.json only")
+            return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        return super().build_writers()
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

@@ -111,3 +111,13 @@ def test_two_process_gloo_training_under_torchrun(detectron2_weights, coco_set, 
     # both processes joined one world of two (stdout interleaves, so each rank writes a file)
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["2", "2"]
     assert (tmp_path / "run" / "model_final.pth").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_detector_trains_and_evaluates_on_cuda(detectron2_weights, registered, tmp_path):
+    cfg = build_detector_config("mask_rcnn", None, detectron2_weights, *registered, tmp_path / "run",
+                                NUM_CATEGORIES, 0, overrides=tiny_overrides(), device="cuda")
+    final = train_detector(cfg, resume=False)
+    result = evaluate_detector(cfg, final, registered[1])
+    assert set(result["bbox"]) == set(COCO_METRICS) and set(result["segm"]) == set(COCO_METRICS)
