@@ -1,0 +1,44 @@
+"""The train_det / eval_det stage adapters on the smoke profile's params, in a temp project."""
+
+import json
+import shutil
+
+import torch
+
+from sge_repro.cli.stage_context import StageContext
+from sge_repro.detection.stages import evaluate_detection_stage, schedule_overrides, train_detection_stage
+from sge_repro.params import profile_params
+from sge_repro.paths import ProjectPaths
+
+
+def test_schedule_keeps_the_yaml_shape():
+    paper = schedule_overrides("cascade_rcnn", "paper", 180000, 16, 0.02, 1000, 800, 1333, 5000, 4)
+    assert paper["SOLVER.MAX_ITER"] == 150000 and paper["SOLVER.STEPS"] == (120000, 142500)  # 20e
+    retina = schedule_overrides("retinanet", "cpu", 300, 8, 0.02, 50, 128, 128, 100, 0)
+    assert retina["SOLVER.BASE_LR"] == 0.01 and retina["SOLVER.STEPS"] == (220, 280)
+    tiny = schedule_overrides("faster_rcnn", "cpu", 6, 4, 0.005, 2, 64, 64, 3, 0)
+    assert tiny["SOLVER.STEPS"] == (4,)  # 280/300 of 6 rounds to 6 = the end, so it is dropped
+
+
+def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weights, tmp_path):
+    torch.set_num_threads(1)
+    params = profile_params("smoke")
+    ctx = StageContext(params, ProjectPaths(tmp_path))
+    shutil.copytree(coco_set, ctx.paths.det_data)
+    ctx.paths.det_weights("sge_resnet18", 0).parent.mkdir(parents=True)
+    shutil.copy(detectron2_weights, ctx.paths.det_weights("sge_resnet18", 0))
+
+    summary = train_detection_stage(ctx, "faster_rcnn", "sge_resnet18", 0)
+    assert summary["iterations"] == params.train_det.max_iter and summary["dataset"] == "embedded"
+    run_dir = ctx.paths.det_run_dir("faster_rcnn", "sge_resnet18", 0)
+    before = sorted(p.name for p in run_dir.iterdir())
+
+    metrics = evaluate_detection_stage(ctx, "faster_rcnn", "sge_resnet18", 0)
+    on_disk = json.loads(ctx.paths.det_metrics("faster_rcnn", "sge_resnet18", 0).read_text())
+    assert on_disk == metrics
+    assert (on_disk["detector"], on_disk["backbone"], on_disk["seed"], on_disk["dataset"]) == (
+        "faster_rcnn", "sge_resnet18", 0, "embedded")
+    assert set(on_disk["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert isinstance(on_disk["flags"]["no_detections"], bool)
+    # evaluation leaves train_det's output folder untouched (it is a DVC output of that stage)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
