@@ -361,15 +361,22 @@ def summary_json(report: Report) -> dict:
     detection = []
     for row in report.detection:
         for run in row.runs:
+            # The contract holds numbers: an AP COCOeval left undefined (NaN: no detections, or no
+            # objects of that size) is 0 here, and named under flags.
+            undefined = {}
             entry = {
                 "detector": run.detector,
                 "backbone": run.backbone,
                 "dataset": run.dataset,
                 "seed": run.seed,
-                "bbox": dict(run.bbox),
             }
-            if run.segm is not None:
-                entry["segm"] = dict(run.segm)
+            for task, values in (("bbox", run.bbox), ("segm", run.segm)):
+                if values is None:
+                    continue
+                entry[task] = {key: 0.0 if value is None else value for key, value in values.items()}
+                undefined.update({task: [key for key, value in values.items() if value is None]})
+            if any(undefined.values()):
+                entry["flags"] = {"nan_reported_as_zero": {t: keys for t, keys in undefined.items() if keys}}
             detection.append(entry)
     return {
         "profile": report.profile,

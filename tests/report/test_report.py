@@ -33,16 +33,18 @@ GOLDEN_CLASSIFICATION = [
     _cls("se_resnet101", "imagenet", 0, 78.5, 94.0, None, None),
 ]
 
-_SEGM = {"AP50": 50.0, "AP75": 30.0, "APs": None, "APm": 30.0, "APl": 40.0}
+# APs undefined in the fixture (NaN flagged by eval det): 0 in the contract, named under flags
+_SEGM = {"AP50": 50.0, "AP75": 30.0, "APs": 0.0, "APm": 30.0, "APl": 40.0}
+_SEGM_FLAGS = {"flags": {"nan_reported_as_zero": {"segm": ["APs"]}}}
 GOLDEN_DETECTION = [
     {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(37.4)},
     {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(37.6)},
     {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(38.0)},
     {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(38.2)},
     {"detector": "mask_rcnn", "backbone": "resnet18", "dataset": "embedded", "seed": 0, "bbox": _bbox(20.0),
-     "segm": {"AP": 18.0, **_SEGM}},
+     "segm": {"AP": 18.0, **_SEGM}, **_SEGM_FLAGS},
     {"detector": "mask_rcnn", "backbone": "sge_resnet18", "dataset": "embedded", "seed": 0, "bbox": _bbox(19.5),
-     "segm": {"AP": 18.5, **_SEGM}},
+     "segm": {"AP": 18.5, **_SEGM}, **_SEGM_FLAGS},
 ]
 
 
@@ -67,7 +69,7 @@ def test_summary_json_follows_the_contract_with_known_values(report, results_roo
     for entry in summary["classification"]:
         assert set(entry) == {"model", "dataset", "seed", "top1", "top5", "params_m", "gflops"}
     for entry in summary["detection"]:
-        assert set(entry) - {"segm"} == {"detector", "backbone", "dataset", "seed", "bbox"}
+        assert set(entry) - {"segm", "flags"} == {"detector", "backbone", "dataset", "seed", "bbox"}
 
 
 def test_comparison_gains_and_verdicts(report):
