@@ -264,3 +264,28 @@ def test_stale_partial_from_killed_run_is_cleared(tmp_path):
     (stale / "train").mkdir(parents=True)
     prepare_imagenet(tmp_path / "src", tmp_path / "out", expected_md5=md5)
     assert not stale.exists() and (tmp_path / "out" / SUMMARY_FILE).is_file()
+
+
+def test_killed_run_leaves_nothing_that_looks_complete(tmp_path):
+    """SIGKILL in the middle of unpacking (from the progress callback), then a clean rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    md5 = make_archives(tmp_path / "src")
+    script = (
+        "import os, signal, sys, json\n"
+        "from sge_repro.data.imagenet_archives import prepare_imagenet\n"
+        "kill = lambda done, total: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "prepare_imagenet(sys.argv[1], sys.argv[2], progress=kill, expected_md5=json.loads(sys.argv[3]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "src"), str(tmp_path / "out"),
+                             json.dumps(md5)], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    assert not (tmp_path / "out").exists()
+    partials = _leftovers(tmp_path)
+    assert len(partials) == 1 and partials[0].startswith(".out.")  # hidden, never at the destination
+    counts = prepare_imagenet(tmp_path / "src", tmp_path / "out", expected_md5=md5)
+    assert counts["val_images"] == len(VAL_LABELS) and _leftovers(tmp_path) == []
+    assert os.path.isfile(tmp_path / "out" / SUMMARY_FILE)
