@@ -165,11 +165,15 @@ def coco_tasks(cfg: CfgNode) -> tuple[str, ...]:
     return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
 
 
-def _setup_run(cfg: CfgNode) -> None:
+def _setup_run(cfg: CfgNode, log_to_output_dir: bool = True) -> None:
     init_distributed_from_env()
     rank = comm.get_rank()
-    Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+    if log_to_output_dir:
+        Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    # Evaluation must not touch OUTPUT_DIR: it is train_det's DVC output, and a changed log.txt
+    # there would make DVC retrain.
+    output = cfg.OUTPUT_DIR if log_to_output_dir else None
+    setup_logger(output=output, distributed_rank=rank, name="detectron2", abbrev_name="d2")
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
 
 
@@ -245,7 +249,7 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
     APs are in percent. NaN (zero detections, or no objects of a size) is reported as 0.0 and
     flagged in nan_metrics.
     """
-    _setup_run(cfg)
+    _setup_run(cfg, log_to_output_dir=False)
     weights = Path(weights)
     model = DetectorTrainer.build_model(cfg)
     # evaluation needs the whole detector from the file, not only its backbone
