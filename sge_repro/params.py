@@ -30,7 +30,8 @@ class Section(BaseModel):
 
 class ClassificationData(Section):
     source: Literal["synthetic", "imagenet"] = "synthetic"
-    source_path: str | None = Field(None, description="ImageNet ImageFolder tree or archives")
+    source_path: str | None = Field(None, description="ImageNet ImageFolder tree or the three official archives")
+    subset_classes: list[str] | None = Field(None, description="ImageNet synsets to use (default: all 1000)")
     num_classes: int = Field(10, ge=2)
     image_size: int = Field(64, ge=16)
     train_per_class: int = Field(150, ge=1)

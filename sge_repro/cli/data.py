@@ -1,24 +1,84 @@
-"""`sge-repro data ...`: the data stage (generate or prepare the datasets params.yaml names)."""
+"""`sge-repro data ...`: the data stage, and preparing / fetching the real datasets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
-from sge_repro.cli.ui import console
-from sge_repro.errors import UserError
+from sge_repro.cli.ui import console, progress_bar
 
 app = typer.Typer(help="Prepare the datasets the pipeline trains on.", no_args_is_help=True)
 
 
 @app.command("prepare")
-def prepare() -> None:
+def prepare(
+    dataset: Optional[str] = typer.Argument(
+        None, help="Omit for the `data` stage (as params.yaml says), or `imagenet` with --source."),
+    source: Optional[Path] = typer.Option(
+        None, help="imagenet: an ImageFolder tree (train/, val/) or a folder with the three official archives."),
+    destination: Path = typer.Option(Path("data/cls"), help="imagenet: where the ImageFolder tree goes."),
+    subset: Optional[List[str]] = typer.Option(None, help="imagenet: synsets to keep (repeatable); default all 1000."),
+) -> None:
     """The `data` stage: build data/cls (ImageFolder) and data/det (COCO JSON) as params.yaml says."""
-    from sge_repro.data.prepare import prepare_data
-    from sge_repro.params import load_params
-    from sge_repro.paths import ProjectPaths
+    from sge_repro.errors import UserError
 
-    params = load_params()
-    with console.status("preparing data"):
-        manifest = prepare_data(params.data, ProjectPaths())
-    for name, counts in manifest["datasets"].items():
-        console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if dataset is None:
+        from sge_repro.data.prepare import prepare_data
+        from sge_repro.params import load_params
+        from sge_repro.paths import ProjectPaths
+
+        params = load_params()
+        with progress_bar() as progress:
+            tasks: dict[str, int] = {}
+
+            def on_progress(name: str, done: int, total: int | None) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=total, info="")
+                progress.update(tasks[name], completed=done, total=total)
+
+            manifest = prepare_data(params.data, ProjectPaths(), progress=on_progress)
+        for name, counts in manifest["datasets"].items():
+            console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()
+                                                         if isinstance(v, (int, float, str))))
+        return
+    if dataset != "imagenet":
+        raise UserError(f"data prepare: unknown dataset {dataset!r} (allowed: imagenet; COCO: `data fetch coco`)")
+    if source is None:
+        raise UserError("data prepare imagenet: --source PATH is required (ImageFolder tree or the official archives)")
+    from sge_repro.data.imagenet_archives import prepare_imagenet
+
+    with progress_bar() as progress:
+        task = progress.add_task("imagenet", total=None, info="")
+        counts = prepare_imagenet(source, destination, subset_classes=subset or None,
+                                  progress=lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@app.command("fetch")
+def fetch(
+    dataset: str = typer.Argument(..., help="`coco` (COCO 2017: train2017, val2017, annotations)."),
+    root: Path = typer.Option(Path("datasets/coco"), help="Where to put COCO (then set data.detection.source_path)."),
+    base_url: str = typer.Option("http://images.cocodataset.org", help="Mirror to download from."),
+    part: Optional[List[str]] = typer.Option(None, help="Only these parts (train2017, val2017, annotations)."),
+) -> None:
+    """Download the official COCO 2017 zips (resumable, MD5-checked, extracted safely)."""
+    from sge_repro.data.download import fetch_coco
+    from sge_repro.errors import UserError
+
+    if dataset != "coco":
+        raise UserError(f"data fetch: unknown dataset {dataset!r} (allowed: coco)")
+    with progress_bar() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total, info="")
+            progress.update(tasks[name], completed=done, total=total)
+
+        result = fetch_coco(root, parts=tuple(part or ("train2017", "val2017", "annotations")),
+                            base_url=base_url, progress=on_progress)
+    for name, state in result["parts"].items():
+        console.print(f"{name}: {state}")
+    console.print(f"COCO 2017 at {result['root']}: set data.detection.source_path to it")
