@@ -50,3 +50,7 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)
+
+
+if __name__ == "__main__":
+    main()

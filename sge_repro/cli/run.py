@@ -68,6 +68,7 @@ def _run(targets: list[str], force: bool) -> None:
 
         code = pipeline.repro(targets, force=force, on_event=refresh, on_line=on_line)
         live.update(_stage_table(shown, states, times))
+    console.print()
     elapsed = time.monotonic() - started
     if code != 0:
         err_console.print("\n".join(tail[-15:]), highlight=False, markup=False)
