@@ -11,6 +11,11 @@ number of loader workers either.
 Distributed: with WORLD_SIZE > 1 (torchrun) the process group is initialised from env://; each
 rank takes its slice of the same global batches a single process would use (GlobalBatchSampler),
 validation is sharded and all-reduced, and rank 0 alone writes files.
+
+Speed options (all off by default, so the default run is plain fp32 and bit-reproducible):
+mixed precision (`amp`: bf16 autocast, or fp16 autocast with a GradScaler whose state lives in
+the checkpoint), channels_last memory format, torch.compile of the training forward, and
+SyncBatchNorm across ranks on CUDA.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ Progress = Callable[[int, int, int, dict], None]
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
                    "images_per_s", "epoch_time_s")
 LR_SCHEDULES = ("step", "cosine")
+AMP_MODES = ("off", "bf16", "fp16")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -120,6 +126,30 @@ def _finite_everywhere(loss: torch.Tensor, dist_info: DistInfo) -> bool:
     return bool(finite.item())
 
 
+# --------------------------------------------------------------------------- precision and layout
+
+
+def _check_amp(amp: str, device: torch.device) -> None:
+    if amp not in AMP_MODES:
+        raise UserError(f"amp={amp!r}: expected one of {', '.join(AMP_MODES)}")
+    if amp == "fp16" and device.type != "cuda":
+        # fp16 needs loss scaling, which we only run on CUDA; bf16 has fp32's range and needs none.
+        raise UserError(f"amp='fp16' on device {device}: fp16 autocast with loss scaling needs CUDA; "
+                        "expected amp='bf16' or amp='off' on CPU")
+
+
+def _autocast(amp: str, device: torch.device):
+    """The forward-pass autocast context for `amp` (a no-op context when amp is off)."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 # --------------------------------------------------------------------------- determinism
 
 
@@ -192,7 +222,7 @@ def _topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
 
 @torch.no_grad()
 def _validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo,
-              collect: bool = False) -> dict:
+              collect: bool = False, amp: str = "off", channels_last: bool = False) -> dict:
     """Loss and top-1/top-5 (percent) over the loader; with collect, per-sample results too."""
     model.eval()
     loss_sum, top1_sum, top5_sum, count, skipped = 0.0, 0.0, 0.0, 0, 0
@@ -201,8 +231,11 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_i
         skipped += num_skipped
         if images is None:
             continue
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(images)
+        images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
+        targets = targets.to(device, non_blocking=True)
+        with _autocast(amp, device):
+            logits = model(images)
+        logits = logits.float()  # top-k ties and the loss in fp32, whatever the autocast dtype
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         hit1, hit5 = _topk_correct(logits, targets, (1, 5))
         top1_sum += hit1.sum().item()
@@ -336,9 +369,23 @@ class TrainRecipe:
     no_weight_decay_on_bn_bias: bool
     seed: int
     world_size: int
+    # Speed options change the arithmetic (precision, kernels, BN statistics), so a resume must
+    # match them too. Left at their defaults they are kept out of the fingerprint, so checkpoints
+    # written before these options existed still resume.
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        for name, default in _SPEED_OPTION_DEFAULTS.items():
+            if fields[name] == default:
+                del fields[name]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SPEED_OPTION_DEFAULTS = {"amp": "off", "channels_last": False, "compile": False, "sync_bn": False}
 
 
 def _check_recipe(recipe: TrainRecipe) -> None:
@@ -365,6 +412,7 @@ def _check_recipe(recipe: TrainRecipe) -> None:
          f"image_size={recipe.image_size!r}: expected an integer >= 8")
     need(0 < recipe.random_crop_min_scale <= 1,
          f"random_crop_min_scale={recipe.random_crop_min_scale!r}: expected in (0, 1]")
+    need(recipe.amp in AMP_MODES, f"amp={recipe.amp!r}: expected one of {', '.join(AMP_MODES)}")
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float, exempt_bn_bias: bool) -> list[dict]:
@@ -400,7 +448,9 @@ def train_classifier(model_name: str, model_kwargs: dict, data_root: str | os.Pa
                      device: str = "cpu", progress: Progress | None = None,
                      random_crop_min_scale: float = 0.08, no_weight_decay_on_bn_bias: bool = False,
                      skip_corrupt: bool = False, verify_images: bool = True,
-                     dataset_name: str | None = None, grad_clip_norm: float | None = None) -> dict:
+                     dataset_name: str | None = None, grad_clip_norm: float | None = None,
+                     amp: str = "off", channels_last: bool = False, compile: bool = False,
+                     sync_bn: bool = False) -> dict:
     """Train `model_name` on the ImageFolder tree `data_root`; returns the final metrics dict.
 
     `batch_size` is the global batch (split over ranks); `lr` applies to it as given (scale it
@@ -411,9 +461,16 @@ def train_classifier(model_name: str, model_kwargs: dict, data_root: str | os.Pa
     only rewrites the metrics. `progress(epoch, step, total_steps, info)` is called after each
     training step (info: phase="train", loss, top1, lr, images_per_s) and once per epoch with
     phase="epoch" and that epoch's history row. Epochs and steps are 1-based.
+
+    Speed options: `amp` "off" (fp32), "bf16" (autocast; CPU or CUDA) or "fp16" (autocast plus
+    a GradScaler; CUDA only, else UserError); `channels_last` (NHWC weights and inputs);
+    `compile` (torch.compile the training forward; validation runs the plain module);
+    `sync_bn` (SyncBatchNorm across ranks; applies only to multi-process CUDA runs, else a
+    no-op). Validation during training uses the same amp and layout.
     """
     dist_info = init_distributed(device)
     torch_device = _resolve_device(device, dist_info)
+    _check_amp(amp, torch_device)
     run_dir, metrics_path, history_path = Path(run_dir), Path(metrics_path), Path(history_path)
     model_kwargs = dict(model_kwargs or {})
     for reserved in ("num_classes", "checkpoint", "seed"):
@@ -431,7 +488,8 @@ def train_classifier(model_name: str, model_kwargs: dict, data_root: str | os.Pa
         warmup_epochs=float(warmup_epochs), label_smoothing=float(label_smoothing), image_size=image_size,
         random_crop_min_scale=float(random_crop_min_scale),
         no_weight_decay_on_bn_bias=bool(no_weight_decay_on_bn_bias), seed=int(seed),
-        world_size=dist_info.world_size)
+        world_size=dist_info.world_size, amp=amp, channels_last=bool(channels_last), compile=bool(compile),
+        sync_bn=bool(sync_bn))
     _check_recipe(recipe)
     per_rank_batch = batch_size // dist_info.world_size
     steps_per_epoch = len(train_set) // batch_size
@@ -453,7 +511,15 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
     from sge_repro.models.checkpoints import make_classifier_checkpoint
 
     model = create_model(recipe.model_name, num_classes=len(recipe.classes), seed=recipe.seed,
-                         **recipe.model_kwargs).to(device)
+                         **recipe.model_kwargs)
+    if recipe.sync_bn:
+        if dist_info.enabled and device.type == "cuda":
+            # Same parameters and buffers (state_dict keys unchanged); BN statistics over all ranks.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.info("sync_bn: only applies to multi-process CUDA training; using plain BatchNorm")
+    # Layout before the optimizer exists, so its momentum buffers take the same layout.
+    model = model.to(device, memory_format=_memory_format(recipe.channels_last))
     optimizer = torch.optim.SGD(
         _parameter_groups(model, recipe.weight_decay, recipe.no_weight_decay_on_bn_bias),
         lr=recipe.lr, momentum=recipe.momentum)
@@ -461,6 +527,8 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
         iteration, steps_per_epoch, recipe.epochs, recipe.lr_schedule, recipe.milestones, recipe.lr_gamma,
         recipe.warmup_epochs))
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    # fp16 overflows without loss scaling; bf16 and fp32 need none (a disabled scaler is a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
 
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     start_epoch, history, best = 0, [], {"epoch": 0, "top1": -1.0, "top5": 0.0}
@@ -470,6 +538,11 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
             model.load_state_dict(state["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if scaler.is_enabled():
+                if "grad_scaler" not in state:
+                    raise UserError(f"checkpoint {last_path}: amp='fp16' run without grad_scaler state; "
+                                    "expected last.pt written by an fp16 run (delete the run folder to start over)")
+                scaler.load_state_dict(state["grad_scaler"])
             start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
             log.info("resuming %s from %s (epoch %d of %d)", recipe.model_name, last_path, start_epoch,
                      recipe.epochs)
@@ -478,6 +551,8 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if recipe.compile:
+        train_model = torch.compile(train_model)
     pin_memory = device.type == "cuda"
     val_loader = _val_loader(val_set, per_rank_batch, workers, dist_info, pin_memory)
     skipped_total = len(train_set.skipped) + len(val_set.skipped)
@@ -493,9 +568,11 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
             epoch_skipped += num_skipped
             if images is None:
                 continue
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            logits = train_model(images)
-            loss = criterion(logits, targets)
+            images = images.to(device, non_blocking=True, memory_format=_memory_format(recipe.channels_last))
+            targets = targets.to(device, non_blocking=True)
+            with _autocast(recipe.amp, device):
+                logits = train_model(images)
+                loss = criterion(logits, targets)  # autocast computes cross-entropy in fp32
             if not _finite_everywhere(loss, dist_info):
                 raise UserError(
                     f"training {recipe.model_name}: loss is {loss.item()} at epoch {epoch + 1} step {step} "
@@ -503,10 +580,12 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
                     + (f"Last good checkpoint kept: {last_path}" if last_path.is_file() else "No checkpoint yet")
                     + "; expected a finite loss (lower lr or check the data)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if grad_clip_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimizer.step()
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             loss_sum += loss.item() * targets.shape[0]
             correct_sum += logits.argmax(dim=1).eq(targets).sum().item()
@@ -521,7 +600,7 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
         loss_sum, correct_sum, seen, epoch_skipped = _all_reduce_sum(
             [loss_sum, correct_sum, float(seen), float(epoch_skipped)], dist_info, device)
         _broadcast_buffers(model, dist_info)
-        val = _validate(model, val_loader, device, dist_info)
+        val = _validate(model, val_loader, device, dist_info, amp=recipe.amp, channels_last=recipe.channels_last)
         epoch_time = time.perf_counter() - started
         row = {
             "epoch": epoch + 1,
@@ -542,7 +621,8 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
                 epoch=epoch + 1, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 rng={"torch": torch.get_rng_state()}, history=history, best=best, seed=recipe.seed,
                 classes=recipe.classes, dataset=dataset_name, recipe=asdict(recipe),
-                recipe_fingerprint=recipe.fingerprint())
+                recipe_fingerprint=recipe.fingerprint(),
+                **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}))
             if improved:
                 atomic.torch_save(checkpoint, best_path)
             atomic.torch_save(checkpoint, last_path)
@@ -592,8 +672,11 @@ def evaluate_classifier(checkpoint_path: str | os.PathLike, data_root: str | os.
                         image_size: int, batch_size: int, workers: int = 0, model_name: str | None = None,
                         model_kwargs: dict | None = None, dataset_name: str | None = None,
                         seed: int | None = None, device: str = "cpu", skip_corrupt: bool = False,
-                        verify_images: bool = True, progress: Progress | None = None) -> dict:
+                        verify_images: bool = True, progress: Progress | None = None, amp: str = "off",
+                        channels_last: bool = False) -> dict:
     """Top-1/top-5/loss on data_root/val of a checkpoint; writes metrics and per-image predictions.
+
+    `amp` ("off", "bf16", "fp16"; fp16 needs CUDA) and `channels_last` as in train_classifier.
 
     The checkpoint may be ours (model and classes read from it; `model_name`, if given, must
     match) or a foreign file (torchvision / official release), which needs `model_name` (and
@@ -626,18 +709,21 @@ def evaluate_classifier(checkpoint_path: str | os.PathLike, data_root: str | os.
 
     dist_info = DistInfo()
     torch_device = _resolve_device(device, dist_info)
+    _check_amp(amp, torch_device)
     dataset = build_imagefolder(data_root, "val", eval_transform(image_size), expected_classes=expected_classes,
                                 skip_corrupt=skip_corrupt, verify_images=verify_images)
     kwargs.setdefault("num_classes", len(dataset.classes))
     if kwargs["num_classes"] != len(dataset.classes):
         raise UserError(f"checkpoint {checkpoint_path}: has {kwargs['num_classes']} classes but "
                         f"{Path(data_root) / 'val'} has {len(dataset.classes)}; expected the same number")
-    model = create_model(model_name, checkpoint=checkpoint_path, **kwargs).to(torch_device)
+    model = create_model(model_name, checkpoint=checkpoint_path, **kwargs).to(
+        torch_device, memory_format=_memory_format(channels_last))
     loader = _val_loader(dataset, batch_size, workers, dist_info, torch_device.type == "cuda")
     if progress is not None:
         progress(1, 0, len(loader), {"phase": "eval"})
     with _deterministic_mode(torch_device):
-        result = _validate(model, loader, torch_device, dist_info, collect=True)
+        result = _validate(model, loader, torch_device, dist_info, collect=True, amp=amp,
+                           channels_last=channels_last)
     if progress is not None:
         progress(1, len(loader), len(loader), {"phase": "eval", "top1": result["top1"]})
 
