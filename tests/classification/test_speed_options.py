@@ -1,0 +1,164 @@
+"""Mixed precision, channels_last, torch.compile and SyncBN options of the training engine."""
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from sge_repro.classification.engine import TrainRecipe, evaluate_classifier, train_classifier
+from sge_repro.data.synthetic import generate_classification_set
+from sge_repro.errors import UserError
+
+RECIPE = dict(epochs=3, batch_size=16, lr=0.02, momentum=0.9, weight_decay=1e-4, lr_schedule="cosine",
+              warmup_epochs=0, image_size=32, workers=0, seed=5, random_crop_min_scale=0.35)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "cls"
+    generate_classification_set(root, num_classes=3, image_size=32, train_per_class=32, val_per_class=8, seed=1)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def train(data_root, run: Path, model=("resnet18", {"width": 8}), **overrides):
+    return train_classifier(model[0], model[1], data_root, run / "ckpt", run / "metrics.json", run / "history.tsv",
+                            **{**RECIPE, **overrides})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at_epoch(epoch: int):
+    def progress(current_epoch, step, total, info):
+        if current_epoch == epoch and info["phase"] == "train":
+            raise Interrupt
+    return progress
+
+
+@pytest.fixture(scope="module")
+def bf16_run(data_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("bf16")
+    torch.set_num_threads(1)
+    metrics = train(data_root, run, amp="bf16", channels_last=True)
+    return run, metrics
+
+
+def test_bf16_channels_last_trains_on_cpu(bf16_run, data_root, tmp_path):
+    run, metrics = bf16_run
+    history = torch.load(run / "ckpt" / "last.pt", weights_only=True)["history"]
+    losses = [row["train_loss"] for row in history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
+    assert state["recipe"]["amp"] == "bf16" and state["recipe"]["channels_last"] is True
+    assert "grad_scaler" not in state  # bf16 needs no loss scaling
+    conv = state["state_dict"]["conv1.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    # Weights are fp32 master weights; autocast only lowers the arithmetic.
+    assert all(t.dtype == torch.float32 for t in state["state_dict"].values() if t.is_floating_point())
+
+    # The checkpoint evaluates (plain fp32 / contiguous and with the training options);
+    # with the training options and batch it reproduces the best epoch's validation exactly.
+    plain = evaluate_classifier(run / "ckpt" / "best.pt", data_root, tmp_path / "m.json", tmp_path / "p.json",
+                                image_size=32, batch_size=16)
+    same = evaluate_classifier(run / "ckpt" / "best.pt", data_root, tmp_path / "m2.json", tmp_path / "p2.json",
+                               image_size=32, batch_size=16, amp="bf16", channels_last=True)
+    assert same["top1"] == pytest.approx(metrics["best_top1"], abs=1e-9)
+    assert abs(plain["top1"] - same["top1"]) <= 100 / 24 + 1e-9  # bf16 may flip at most a borderline image
+    assert plain["num_images"] == 24
+
+
+def test_bf16_resume_matches_an_uninterrupted_run(bf16_run, data_root, tmp_path):
+    with pytest.raises(Interrupt):
+        train(data_root, tmp_path, amp="bf16", channels_last=True, progress=stop_at_epoch(2))
+    assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["epoch"] == 1
+    calls = []
+    resumed = train(data_root, tmp_path, amp="bf16", channels_last=True, progress=lambda *a: calls.append(a))
+    assert min(c[0] for c in calls) == 2  # resumed, not restarted
+    expected = torch.load(bf16_run[0] / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    actual = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.items())
+    assert resumed["loss"] == bf16_run[1]["loss"]
+
+
+def test_changing_amp_starts_over_instead_of_resuming(bf16_run, data_root, tmp_path):
+    with pytest.raises(Interrupt):
+        train(data_root, tmp_path, amp="bf16", epochs=2, progress=stop_at_epoch(2))
+    bf16_epoch1 = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["history"][0]
+    calls = []
+    train(data_root, tmp_path, amp="off", epochs=2, progress=lambda *a: calls.append(a))
+    assert min(c[0] for c in calls) == 1
+    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert state["recipe"]["amp"] == "off"
+    # Autocast really changed the arithmetic: same data and seed, different first-epoch loss.
+    assert state["history"][0]["train_loss"] != bf16_epoch1["train_loss"]
+
+
+def test_speed_options_are_part_of_the_fingerprint_and_defaults_keep_it():
+    base = TrainRecipe(model_name="resnet18", model_kwargs={}, classes=["a", "b"], epochs=1, batch_size=2, lr=0.1,
+                       momentum=0.9, weight_decay=0.0, lr_schedule="step", milestones=[], lr_gamma=0.1,
+                       warmup_epochs=0.0, label_smoothing=0.0, image_size=32, random_crop_min_scale=0.08,
+                       no_weight_decay_on_bn_bias=False, seed=0, world_size=1)
+    prints = {base.fingerprint()}
+    for change in ({"amp": "bf16"}, {"amp": "fp16"}, {"channels_last": True}, {"compile": True}, {"sync_bn": True}):
+        prints.add(replace(base, **change).fingerprint())
+    assert len(prints) == 6
+    # Checkpoints written before these options existed hashed the recipe without them.
+    import hashlib
+    from dataclasses import asdict
+    legacy = {k: v for k, v in asdict(base).items() if k not in ("amp", "channels_last", "compile", "sync_bn")}
+    assert base.fingerprint() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"amp": "fp16"}, "amp='fp16' on device cpu: .*needs CUDA"),
+    ({"amp": "fp32"}, "amp='fp32': expected one of off, bf16, fp16"),
+])
+def test_bad_amp_is_rejected_before_training(data_root, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train(data_root, tmp_path, **overrides)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_sync_bn_without_distributed_cuda_is_plain_batchnorm(data_root, tmp_path):
+    # A single CPU process has no peers to sync with: identical to a run without the option.
+    a = train(data_root, tmp_path / "a", epochs=1)
+    b = train(data_root, tmp_path / "b", epochs=1, sync_bn=True)
+    assert a["train_loss"] == b["train_loss"] and a["loss"] == b["loss"]
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_mixed_precision_channels_last(tmp_path_factory, amp):
+    root = tmp_path_factory.mktemp("gpu_data") / "cls"
+    generate_classification_set(root, num_classes=4, image_size=64, train_per_class=64, val_per_class=16, seed=2)
+    run = tmp_path_factory.mktemp(f"gpu_{amp}")
+    started = time.perf_counter()
+    metrics = train_classifier("sge_resnet18", {"width": 32, "groups": 8}, root, run / "ckpt", run / "m.json",
+                               run / "h.tsv", epochs=4, batch_size=32, lr=0.05, lr_schedule="cosine",
+                               image_size=64, seed=0, workers=2, device="cuda", amp=amp, channels_last=True,
+                               random_crop_min_scale=0.35)
+    print(f"{amp}: top1 {metrics['top1']:.1f} images/s {metrics['images_per_s']:.0f} "
+          f"({time.perf_counter() - started:.1f}s)")
+    history = torch.load(run / "ckpt" / "last.pt", weights_only=True)
+    losses = [row["train_loss"] for row in history["history"]]
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
+    assert metrics["top1"] > 100 / 4  # better than chance on 4 classes
+    if amp == "fp16":
+        assert history["grad_scaler"]["scale"] > 0
+    else:
+        assert "grad_scaler" not in history
