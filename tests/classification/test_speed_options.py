@@ -162,3 +162,20 @@ def test_cuda_mixed_precision_channels_last(tmp_path_factory, amp):
         assert history["grad_scaler"]["scale"] > 0
     else:
         assert "grad_scaler" not in history
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_resume_restores_the_grad_scaler(data_root, tmp_path):
+    options = dict(epochs=2, device="cuda", amp="fp16", channels_last=True)
+    reference = train(data_root, tmp_path / "a", **options)
+    with pytest.raises(Interrupt):
+        train(data_root, tmp_path / "b", progress=stop_at_epoch(2), **options)
+    after_epoch1 = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)
+    assert after_epoch1["epoch"] == 1 and after_epoch1["grad_scaler"]["scale"] > 0
+    resumed = train(data_root, tmp_path / "b", **options)
+    expected = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)
+    actual = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)
+    assert actual["grad_scaler"] == expected["grad_scaler"]
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(actual["state_dict"][name], tensor), name
+    assert resumed["loss"] == reference["loss"]
