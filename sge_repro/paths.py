@@ -70,6 +70,11 @@ class ProjectPaths:
     def det_metrics(self, detector: str, backbone: str, seed: int) -> Path:
         return self.root / "metrics" / "eval_det" / f"{run_id(f'{detector}-{backbone}', seed)}.json"
 
+    @property
+    def attention_maps(self) -> Path:
+        """PNGs of SGE attention of the trained models (the `visualize` stage), shown in the report."""
+        return self.root / "runs" / "visualize"
+
     # report
     @property
     def reports(self) -> Path:

@@ -44,15 +44,30 @@ def print_saved_report(root: Path) -> None:
 
 
 def visualize(
-    model: str = typer.Option(..., help="Model name, e.g. sge_resnet18."),
-    checkpoint: Path = typer.Option(..., help="Checkpoint of that model (ours, torchvision or official)."),
-    image: Path = typer.Option(..., help="An image file."),
+    model: Optional[str] = typer.Option(None, help="Model name, e.g. sge_resnet18."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of that model (ours, torchvision or official)."),
+    image: Optional[Path] = typer.Option(None, help="An image file."),
     layer: Optional[str] = typer.Option(None, help="Block whose SGE to show, e.g. layer3.1 (default: the last one of each stage)."),
     out: Path = typer.Option(Path("reports/visualize"), help="Output folder for the PNGs."),
+    trained: bool = typer.Option(False, "--trained", help="The `visualize` stage: every trained SGE model of params.yaml on a few val images, into runs/visualize."),
 ) -> None:
     """PNGs of the SGE attention per group: feature map before, the gate, after."""
-    from sge_repro.report.visualize import visualize_sge_checkpoint
+    from sge_repro.errors import UserError
 
-    written = visualize_sge_checkpoint(model, checkpoint, image, out, layer=layer)
+    if trained:
+        from sge_repro.cli.stage_context import stage_context
+        from sge_repro.report.visualize import visualize_trained_models
+
+        ctx = stage_context()
+        seed = ctx.params.seeds[0]
+        written = visualize_trained_models(
+            ctx.params.models, seed, lambda name, s: ctx.paths.cls_checkpoint(name, s, "best"),
+            ctx.paths.cls_data / "val", ctx.paths.attention_maps, image_size=ctx.params.eval_cls.image_size)
+    else:
+        if model is None or checkpoint is None or image is None:
+            raise UserError("visualize: give --model, --checkpoint and --image (or --trained for the pipeline stage)")
+        from sge_repro.report.visualize import visualize_sge_checkpoint
+
+        written = visualize_sge_checkpoint(model, checkpoint, image, out, layer=layer)
     for path in written:
         console.print(str(path))

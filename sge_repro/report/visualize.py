@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -179,3 +180,33 @@ def visualize_sge_checkpoint(
     kwargs = dict(header["model_kwargs"]) if header else {}
     model = create_model(model_name, checkpoint=checkpoint, **kwargs)
     return visualize_sge(model, image_path, out_dir, layer=layer, image_size=image_size)
+
+
+def visualize_trained_models(
+    models: list[str],
+    seed: int,
+    checkpoint_for: Callable[[str, int], Path],
+    val_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_size: int | None = None,
+    num_images: int = 2,
+) -> list[Path]:
+    """The `visualize` stage: attention PNGs of every trained SGE model (one seed) on the first
+    val image of the first `num_images` classes, into out_dir/<model>-seed<seed>/."""
+    from sge_repro.models.registry import model_spec
+
+    val_root = Path(val_root)
+    classes = sorted(p for p in val_root.iterdir() if p.is_dir()) if val_root.is_dir() else []
+    images = [min(p for p in folder.iterdir() if p.is_file()) for folder in classes[:num_images]
+              if any(p.is_file() for p in folder.iterdir())]
+    if not images:
+        raise UserError(f"{val_root}: no validation images to visualize (expected <class>/<image> folders)")
+    written: list[Path] = []
+    for name in models:
+        if model_spec(name).attention != "sge":
+            continue
+        target = Path(out_dir) / f"{name}-seed{seed}"
+        for image in images:
+            written += visualize_sge_checkpoint(name, checkpoint_for(name, seed), image, target,
+                                                image_size=image_size)
+    return written

@@ -59,6 +59,11 @@ def test_smoke_pipeline_end_to_end(project, sge_repro_bin):
     assert (project / "runs" / "cls" / "sge_resnet18-seed0" / "best.pt").exists()
     assert (project / "runs" / "convert" / "sge_resnet18-seed0.pth").exists()
     assert (project / "metrics" / "eval_det" / "faster_rcnn-sge_resnet18-seed0.json").exists()
+    # the visualize stage drew the SGE model's attention, and the HTML report embeds it
+    maps = sorted((project / "runs" / "visualize" / "sge_resnet18-seed0").glob("*.png"))
+    assert maps and not (project / "runs" / "visualize" / "resnet18-seed0").exists()
+    html = (project / "reports" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= len(maps)
 
     # nothing changed: a second run does no work, and DVC agrees every stage is up to date
     assert stale_stages(project) == set()
