@@ -19,6 +19,9 @@ Two implementations compute the same function:
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from torch import nn
 
@@ -26,6 +29,29 @@ from sge_repro.errors import UserError
 
 SGE_EPS = 1e-5
 SGE_IMPLS = ("fast", "reference")
+# Devices on which the fast path uses the elementwise formulation instead of batched matvecs.
+ELEMENTWISE_DEVICES = {"cuda"}
+# Devices on which the fast path's math runs through torch.compile (set SGE_COMPILE=0 to disable);
+# on any compile error it falls back to eager with one warning.
+COMPILE_DEVICES = set() if os.environ.get("SGE_COMPILE", "1") == "0" else {"cuda"}
+_compiled: dict = {}
+
+
+def _maybe_compiled(function):
+    """`function` itself, or on COMPILE_DEVICES its torch.compile version (built on first use)."""
+
+    def call(x3: torch.Tensor, *args):
+        if x3.device.type in COMPILE_DEVICES:
+            try:
+                if function not in _compiled:
+                    _compiled[function] = torch.compile(function, dynamic=False)
+                return _compiled[function](x3, *args)
+            except Exception as error:  # noqa: BLE001 - compile is an optimisation, eager is exact
+                COMPILE_DEVICES.discard(x3.device.type)
+                warnings.warn(f"SGE: torch.compile failed ({type(error).__name__}: {error}); using eager", stacklevel=2)
+        return function(x3, *args)
+
+    return call
 
 
 def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
@@ -41,6 +67,15 @@ def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
     gate = torch.sigmoid(normalized * weight + bias)
     out = xg * gate.reshape(batch * groups, 1, height, width)
     return out.reshape(batch, channels, height, width)
+
+
+def _similarity(x3: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """c = m^T x per row: (N, K, P), (N, K) -> (N, P) in pooled's dtype. CPU: one batched matvec
+    (one read of x, no temporary). CUDA: cuBLAS runs N tiny matvecs slowly, a broadcast product
+    summed over the channel dim is a plain reduction (and one fused kernel under torch.compile)."""
+    if x3.device.type in ELEMENTWISE_DEVICES:
+        return (x3 * pooled.to(x3.dtype).unsqueeze(2)).sum(dim=1, dtype=pooled.dtype)
+    return torch.bmm(pooled.to(x3.dtype).unsqueeze(1), x3).squeeze(1).to(pooled.dtype)
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,7 +96,7 @@ class _SGEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, weight, bias, batch: int, groups: int):
         with torch.autocast(x3.device.type, enabled=False):  # dtypes are handled explicitly
-            y3, pooled, centered, std_eps, normalized, gate = _fast_forward(x3, weight, bias, batch, groups)
+            y3, pooled, centered, std_eps, normalized, gate = _fast_forward_c(x3, weight, bias, batch, groups)
         ctx.save_for_backward(x3, weight, pooled, centered, std_eps, normalized, gate)
         ctx.batch, ctx.groups = batch, groups
         return y3
@@ -71,7 +106,7 @@ class _SGEFunction(torch.autograd.Function):
         x3, weight, pooled, centered, std_eps, normalized, gate = ctx.saved_tensors
         grad_y3 = grad_y3.contiguous()
         with torch.autocast(x3.device.type, enabled=False):
-            grad_x3, grad_weight, grad_bias = _sge_backward_core(
+            grad_x3, grad_weight, grad_bias = _sge_backward_core_c(
                 grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, ctx.batch, ctx.groups)
         return grad_x3, grad_weight, grad_bias, None, None
 
@@ -95,10 +130,15 @@ def _sge_backward_core(grad_y3, x3, weight, pooled, centered, std_eps, normalize
     grad_centered = grad_norm / std_eps - centered * (dot / (std_eps * std_eps * std.clamp_min(1e-30) * (positions - 1)))
     grad_similarity = grad_centered - grad_centered.mean(dim=1, keepdim=True)  # (N, P)
     # c = m^T x, m = mean_p x: dx = gy*gate + m (x) gc + (x @ gc) / P (x) 1.
-    grad_pooled = torch.bmm(x3, grad_similarity.to(x3.dtype).unsqueeze(2)).squeeze(2).to(pooled.dtype) / positions
-    left = torch.stack((pooled, grad_pooled), dim=2).to(x3.dtype)  # (N, K, 2)
-    right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1).to(x3.dtype)  # (N, 2, P)
-    grad_x3 = (grad_y3 * gate.to(x3.dtype)).baddbmm_(left, right)  # in place: one pass over the output
+    if x3.device.type in ELEMENTWISE_DEVICES:  # elementwise form (see _similarity); torch.compile fuses it into few kernels
+        grad_pooled = (x3 * grad_similarity.to(x3.dtype).unsqueeze(1)).sum(dim=2, dtype=pooled.dtype) / positions
+        grad_x3 = torch.addcmul(grad_pooled.unsqueeze(2), pooled.unsqueeze(2), grad_similarity.unsqueeze(1))
+        grad_x3 = grad_x3.to(x3.dtype).addcmul_(grad_y3, gate.to(x3.dtype))
+    else:
+        grad_pooled = torch.bmm(x3, grad_similarity.to(x3.dtype).unsqueeze(2)).squeeze(2).to(pooled.dtype) / positions
+        left = torch.stack((pooled, grad_pooled), dim=2).to(x3.dtype)  # (N, K, 2)
+        right = torch.stack((grad_similarity, torch.ones_like(grad_similarity)), dim=1).to(x3.dtype)  # (N, 2, P)
+        grad_x3 = (grad_y3 * gate.to(x3.dtype)).baddbmm_(left, right)  # in place: one pass over the output
     shape = (1, groups, 1, 1)
     return grad_x3, grad_weight.view(shape).to(weight.dtype), grad_bias.view(shape).to(weight.dtype)
 
@@ -108,13 +148,39 @@ def _sge_stats(x3: torch.Tensor, pooled: torch.Tensor, weight, bias, batch: int,
     positions = x3.shape[2]
     # c = m^T x as a batched matvec: one read of x, no (N, K, P) temporary.
     # mean_p(c) = <m, mean_p(x)> = |m|^2: no extra reduction needed.
-    similarity = torch.bmm(pooled.to(x3.dtype).unsqueeze(1), x3).squeeze(1).to(pooled.dtype)
+    similarity = _similarity(x3, pooled)
     centered = similarity - (pooled * pooled).sum(dim=1, keepdim=True)
     std_eps = centered.square().sum(dim=1, keepdim=True).div_(positions - 1).sqrt_().add_(SGE_EPS)
     normalized = centered / std_eps
     affine = normalized.view(batch, groups, positions) * weight.view(1, groups, 1) + bias.view(1, groups, 1)
     gate = torch.sigmoid(affine).view(batch * groups, 1, positions)
     return centered, std_eps, normalized, gate
+
+
+def _sge_gate(x3: torch.Tensor, weight, bias, batch: int, groups: int) -> torch.Tensor:
+    """(gate (N, 1, P), pooled (N, K)) only, in few passes over the small (N, P) maps: unbiased std in one
+    reduction, then w * (c - mean) / (std + eps) + b as one fused affine c * a + b'."""
+    n_rows, _, positions = x3.shape
+    pooled = x3.mean(dim=2, dtype=_stat_dtype(x3))
+    similarity = _similarity(x3, pooled).view(batch, groups, positions)
+    std_eps = similarity.std(dim=2, keepdim=True).add_(SGE_EPS)
+    scale = weight.view(1, groups, 1).to(std_eps.dtype) / std_eps  # (B, G, 1)
+    mean = (pooled * pooled).sum(dim=1).view(batch, groups, 1)  # mean_p(c) = |m|^2
+    shift = bias.view(1, groups, 1).to(std_eps.dtype) - scale * mean
+    return torch.addcmul(shift, similarity, scale).sigmoid_().view(n_rows, 1, positions), pooled
+
+
+def _gated_forward(x3: torch.Tensor, weight, bias, batch: int, groups: int, inplace: bool = False) -> torch.Tensor:
+    """y3 = x3 * gate; with inplace, written into x3 (no new block-sized allocation)."""
+    gate = _sge_gate(x3, weight, bias, batch, groups)[0].to(x3.dtype)
+    return x3.mul_(gate) if inplace else x3 * gate
+
+
+_fast_forward_c = _maybe_compiled(lambda *args: _fast_forward(*args))
+_gated_forward_c = _maybe_compiled(lambda *args: _gated_forward(*args))
+_sge_gate_c = _maybe_compiled(lambda *args: _sge_gate(*args))
+_sge_stats_c = _maybe_compiled(lambda *args: _sge_stats(*args))
+_sge_backward_core_c = _maybe_compiled(lambda *args: _sge_backward_core(*args))
 
 
 def _bn_forward_args(bn: nn.BatchNorm2d) -> tuple[bool, float]:
@@ -139,9 +205,8 @@ class _BatchNormSGEFunction(torch.autograd.Function):
             z, bn_weight, bn_bias, running_mean, running_var, use_batch_stats, momentum, eps)
         batch, channels, height, width = x.shape
         x3 = x.view(batch * groups, channels // groups, height * width)
-        pooled = x3.mean(dim=2, dtype=_stat_dtype(x3))
-        _, _, _, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
-        y = (x3 * gate.to(x3.dtype)).view(batch, channels, height, width)
+        gate, pooled = _sge_gate_c(x3, weight, bias, batch, groups)
+        y = x3.mul_(gate.to(x3.dtype)).view(batch, channels, height, width)  # x is ours and unsaved
         ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, running_mean, running_var, save_mean, save_invstd, pooled)
         ctx.use_batch_stats, ctx.eps, ctx.groups = use_batch_stats, eps, groups
         return y
@@ -160,9 +225,9 @@ class _BatchNormSGEFunction(torch.autograd.Function):
         shift = bn_bias - mean * scale
         x = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1))
         x3 = x.view(batch * groups, channels // groups, height * width)
-        centered, std_eps, normalized, gate = _sge_stats(x3, pooled, weight, bias, batch, groups)
+        centered, std_eps, normalized, gate = _sge_stats_c(x3, pooled, weight, bias, batch, groups)
         grad_y3 = grad_y.contiguous().view_as(x3)
-        grad_x3, grad_weight, grad_bias = _sge_backward_core(
+        grad_x3, grad_weight, grad_bias = _sge_backward_core_c(
             grad_y3, x3, weight, pooled, centered, std_eps, normalized, gate, batch, groups)
         del x, x3
         grad_z, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
@@ -192,6 +257,11 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
         and not (_has_hooks(bn) or _has_hooks(sge))
     )
     if not fusable:
+        if sge.impl == "fast" and not torch.is_grad_enabled() and not (_has_hooks(bn) or _has_hooks(sge)):
+            out = bn(z)
+            if out.shape[1] != sge.channels:
+                raise ValueError(f"SGE expected {sge.channels} input channels, got {out.shape[1]}")
+            return sge_fast(out, sge.weight, sge.bias, sge.groups, inplace=out is not z)  # BN's output is ours
         return sge(bn(z))
     use_batch_stats, momentum = _bn_forward_args(bn)
     return _BatchNormSGEFunction.apply(
@@ -199,15 +269,19 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
         sge.groups)
 
 
-def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, inplace: bool = False) -> torch.Tensor:
+    """SGE with fewer memory passes. inplace: without gradients, overwrite a contiguous x with the
+    result (saves one block-sized allocation; the caller must not need x afterwards)."""
     batch, channels, height, width = x.shape
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     x3 = x.contiguous().view(batch * groups, channels // groups, height * width)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         y3 = _SGEFunction.apply(x3, weight, bias, batch, groups)
     else:
+        # A copy made by .contiguous() above is ours to overwrite too.
+        inplace = (inplace or x3.data_ptr() != x.data_ptr()) and x.device.type not in COMPILE_DEVICES
         with torch.autocast(x.device.type, enabled=False):  # dtypes are handled explicitly
-            y3 = _fast_forward(x3, weight, bias, batch, groups)[0]
+            y3 = _gated_forward_c(x3, weight, bias, batch, groups, inplace)
     y = y3.view(batch, channels, height, width)
     # Keep the caller's memory format (channels_last models stay channels_last).
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y

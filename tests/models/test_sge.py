@@ -197,3 +197,72 @@ def test_sge_model_trains_under_bfloat16_autocast():
         loss = model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))).float().sum()
     loss.backward()
     assert torch.isfinite(model.layer1[0].sge.weight.grad).all()
+
+
+@pytest.mark.parametrize("shape,groups,channels_last", [((2, 64, 9, 11), 8, False), ((3, 48, 7, 5), 16, True)])
+def test_elementwise_formulation_equals_reference(monkeypatch, shape, groups, channels_last):
+    """The CUDA formulation (broadcast product + channel sum instead of batched matvecs), run here on CPU."""
+    from sge_repro.models import sge as sge_module
+
+    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(*shape, generator=generator) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma, beta = torch.randn(1, groups, 1, 1, generator=generator), torch.randn(1, groups, 1, 1, generator=generator)
+    grad_out = torch.randn(*shape, generator=generator)
+    results = {}
+    for name, function in (("reference", sge_reference), ("fast", sge_fast)):
+        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+        out = function(*inputs, groups)
+        results[name] = (out, *torch.autograd.grad(out, inputs, grad_out))
+    with torch.no_grad():
+        results["fast_eval"] = (sge_fast(x, gamma, beta, groups),)
+    for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
+        assert _relative_error(fast, reference) <= 1e-5, label
+    assert _relative_error(results["fast_eval"][0], results["reference"][0]) <= 1e-5
+
+
+def test_inplace_eval_overwrites_only_when_asked():
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 32, 6, 5, generator=generator) * 2 - 0.5
+    gamma, beta = torch.randn(1, 8, 1, 1, generator=generator), torch.randn(1, 8, 1, 1, generator=generator)
+    expected = sge_reference(x, gamma, beta, 8)
+    original = x.clone()
+    with torch.no_grad():
+        assert _relative_error(sge_fast(x, gamma, beta, 8), expected) <= 1e-5
+        assert torch.equal(x, original)
+        out = sge_fast(x, gamma, beta, 8, inplace=True)
+    assert out.data_ptr() == x.data_ptr() and _relative_error(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batchnorm_sge_eval_no_grad_equals_modules_in_turn(channels_last):
+    from sge_repro.models.sge import batchnorm_sge
+
+    (reference, fast), generator = _bn_sge_pair(64, 16, 0.1, seed=11)
+    z = torch.randn(3, 64, 7, 9, generator=generator) * 2 + 0.3
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    z_before = z.clone()
+    with torch.no_grad():
+        outputs = [batchnorm_sge(z, bn.eval(), sge) for bn, sge in (reference, fast)]
+    assert torch.equal(z, z_before)
+    assert outputs[1].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert _relative_error(outputs[1], outputs[0]) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_cuda_compiled_equals_reference():
+    generator = torch.Generator().manual_seed(12)
+    x = (torch.randn(4, 256, 14, 14, generator=generator) * 3 + 1).cuda()
+    gamma, beta = (torch.randn(1, 64, 1, 1, generator=generator).cuda() for _ in range(2))
+    grad_out = torch.randn(4, 256, 14, 14, generator=generator).cuda()
+    results = {}
+    for name, function in (("reference", sge_reference), ("fast", sge_fast)):
+        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+        out = function(*inputs, 64)
+        results[name] = (out, *torch.autograd.grad(out, inputs, grad_out))
+    for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
+        assert _relative_error(fast, reference) <= 1e-5, label
