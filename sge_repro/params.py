@@ -76,6 +76,10 @@ class TrainClsParams(Section):
     grad_clip_norm: float | None = Field(None, gt=0)
     image_size: int = Field(64, ge=16)
     min_crop_scale: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop scale lower bound")
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
     workers: int = Field(0, ge=0)
     device: str = "cpu"
 
@@ -83,6 +87,8 @@ class TrainClsParams(Section):
 class EvalClsParams(Section):
     batch_size: int = Field(128, ge=1)
     image_size: int = Field(64, ge=16)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
     workers: int = Field(0, ge=0)
     device: str = "cpu"
 

@@ -26,7 +26,7 @@ def eval_cls(
         paths.cls_checkpoint(model, seed, "best"), paths.cls_data, paths.cls_metrics(model, seed),
         paths.cls_predictions(model, seed), image_size=p.image_size, batch_size=p.batch_size,
         workers=p.workers, device=p.device, dataset_name=ctx.cls_dataset, seed=seed, model_name=model,
-        skip_corrupt=ctx.params.data.skip_corrupt,
+        skip_corrupt=ctx.params.data.skip_corrupt, amp=p.amp, channels_last=p.channels_last,
     )
     _print_result(f"{model} (seed {seed}) on {ctx.cls_dataset} val", result)
 

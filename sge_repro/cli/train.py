@@ -39,6 +39,7 @@ def train_cls(
             label_smoothing=p.label_smoothing, grad_clip_norm=p.grad_clip_norm,
             image_size=p.image_size, random_crop_min_scale=p.min_crop_scale,
             workers=p.workers, seed=seed, device=p.device, skip_corrupt=ctx.params.data.skip_corrupt,
+            amp=p.amp, channels_last=p.channels_last, compile=p.compile, sync_bn=p.sync_bn,
             dataset_name=ctx.cls_dataset, progress=on_progress,
         )
     _print_result(f"trained {model} (seed {seed})", result)
