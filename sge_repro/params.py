@@ -124,7 +124,7 @@ class Params(Section):
     cpu_threads: int = Field(2, ge=1, description="torch threads on CPU; CPU runs repeat bit for bit at a fixed count")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
-    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn"], min_length=1)
+    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
     detection_backbones: list[str] = Field(
         default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
     )
