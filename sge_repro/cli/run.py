@@ -120,12 +120,12 @@ def status() -> None:
 
 
 def _reason(item) -> str:
-    if isinstance(item, dict):
-        parts = []
-        for kind, changes in item.items():
-            if isinstance(changes, dict):
-                parts.append(f"{kind}: " + ", ".join(f"{k} {v}" for k, v in list(changes.items())[:3]))
-            else:
-                parts.append(f"{kind}: {changes}")
-        return "; ".join(parts)
-    return str(item)
+    """One short phrase per kind of change, e.g. "changed deps: data/cls, params.yaml"."""
+    if not isinstance(item, dict):
+        return str(item)
+    parts = []
+    for kind, changes in item.items():
+        names = list(changes) if isinstance(changes, dict) else [str(changes)]
+        shown = ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+        parts.append(f"{kind}: {shown}")
+    return "; ".join(parts)

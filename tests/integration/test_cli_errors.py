@@ -66,3 +66,18 @@ def test_every_command_has_help(sge_repro_bin, tmp_path):
         result = run(sge_repro_bin, tmp_path, *command, "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert "Usage" in result.stdout
+
+
+def test_models_json_contract(sge_repro_bin, tmp_path):
+    """`sge-repro models --json`: [{"name", "params_m", "gflops"}] at 224x224, 1000 classes."""
+    import json
+
+    result = run(sge_repro_bin, tmp_path, "models", "--json", "resnet50", "sge_resnet50")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {"resnet50", "sge_resnet50"}
+    assert all(set(row) == {"name", "params_m", "gflops"} for row in rows.values())
+    assert abs(rows["resnet50"]["params_m"] - 25.56) <= 0.005       # the paper's table
+    assert abs(rows["sge_resnet50"]["params_m"] - 25.56) <= 0.005
+    assert abs(rows["sge_resnet50"]["gflops"] / 4.127 - 1) <= 0.01
+    assert rows["sge_resnet50"]["gflops"] > rows["resnet50"]["gflops"]  # SGE's ops are counted
