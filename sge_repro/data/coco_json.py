@@ -27,7 +27,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _load(json_path: Path) -> dict:
+def load_coco_document(json_path: Path) -> dict:
     if not json_path.is_file():
         raise UserError(f"{json_path}: annotation file not found; expected a COCO instances JSON")
     try:
@@ -44,7 +44,7 @@ def _load(json_path: Path) -> dict:
     return document
 
 
-def _check_records(json_path: Path, document: dict, section: str) -> list[dict]:
+def check_records(json_path: Path, document: dict, section: str) -> list[dict]:
     if section not in document:
         raise UserError(f"{json_path}: missing key {section!r}; expected images, annotations and categories")
     records = document[section]
@@ -76,10 +76,10 @@ def validate_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLi
     "annotations_per_category": {name: count}, "small", "medium", "large"} (COCO area ranges).
     """
     json_path, image_root = Path(json_path), Path(image_root)
-    document = _load(json_path)
-    images = _check_records(json_path, document, "images")
-    annotations = _check_records(json_path, document, "annotations")
-    categories = _check_records(json_path, document, "categories")
+    document = load_coco_document(json_path)
+    images = check_records(json_path, document, "images")
+    annotations = check_records(json_path, document, "annotations")
+    categories = check_records(json_path, document, "categories")
     if not categories:
         raise UserError(f"{json_path}: 'categories' is empty; expected at least one category")
 

@@ -56,7 +56,7 @@ def _broken_copy(coco_set, tmp_path, edit):
 def test_malformed_json_names_the_file(coco_set, tmp_path):
     json_file, image_root = _broken_copy(coco_set, tmp_path, lambda data, root: None)
     json_file.write_text('{"images": [')
-    with pytest.raises(UserError, match=rf"{json_file}: not valid JSON"):
+    with pytest.raises(UserError, match=rf"{json_file}: malformed JSON at line 1"):
         register_coco_dataset("test_broken", json_file, image_root)
 
 
@@ -73,7 +73,7 @@ def test_unknown_category_names_the_annotation_id(coco_set, tmp_path):
 
     json_file, image_root = _broken_copy(coco_set, tmp_path, edit)
     annotation_id = json.loads(json_file.read_text())["annotations"][1]["id"]
-    with pytest.raises(UserError, match=rf"{json_file}: annotation id {annotation_id}: unknown category_id 99"):
+    with pytest.raises(UserError, match=rf"{json_file}: annotation id {annotation_id} points at unknown category id 99"):
         register_coco_dataset("test_broken", json_file, image_root)
 
 
@@ -84,6 +84,6 @@ def test_non_positive_box_names_the_annotation_id(coco_set, tmp_path, box):
 
     json_file, image_root = _broken_copy(coco_set, tmp_path, edit)
     annotation_id = json.loads(json_file.read_text())["annotations"][0]["id"]
-    with pytest.raises(UserError, match=rf"annotation id {annotation_id}: bbox .* non-positive"):
+    with pytest.raises(UserError, match=rf"annotation id {annotation_id} has bbox .* non-positive"):
         register_coco_dataset("test_broken", json_file, image_root)
     assert "test_broken" not in DatasetCatalog.list()
