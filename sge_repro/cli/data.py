@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from sge_repro.cli.ui import console, progress_bar
+from sge_repro.cli.ui import console, named_tasks, progress_bar
 
 app = typer.Typer(help="Prepare the datasets the pipeline trains on.", no_args_is_help=True)
 
@@ -31,14 +31,7 @@ def prepare(
 
         params = load_params()
         with progress_bar() as progress:
-            tasks: dict[str, int] = {}
-
-            def on_progress(name: str, done: int, total: int | None) -> None:
-                if name not in tasks:
-                    tasks[name] = progress.add_task(name, total=total, info="")
-                progress.update(tasks[name], completed=done, total=total)
-
-            manifest = prepare_data(params.data, ProjectPaths(), progress=on_progress)
+            manifest = prepare_data(params.data, ProjectPaths(), progress=named_tasks(progress))
         for name, counts in manifest["datasets"].items():
             console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()
                                                          if isinstance(v, (int, float, str))))
@@ -70,15 +63,8 @@ def fetch(
     if dataset != "coco":
         raise UserError(f"data fetch: unknown dataset {dataset!r} (allowed: coco)")
     with progress_bar() as progress:
-        tasks: dict[str, int] = {}
-
-        def on_progress(name: str, done: int, total: int | None) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(name, total=total, info="")
-            progress.update(tasks[name], completed=done, total=total)
-
         result = fetch_coco(root, parts=tuple(part or ("train2017", "val2017", "annotations")),
-                            base_url=base_url, progress=on_progress)
+                            base_url=base_url, progress=named_tasks(progress))
     for name, state in result["parts"].items():
         console.print(f"{name}: {state}")
     console.print(f"COCO 2017 at {result['root']}: set data.detection.source_path to it")

@@ -41,9 +41,7 @@ def eval_det(
     from sge_repro.detection.stages import evaluate_detection_stage
 
     ctx = stage_context()
-    ctx.require_model(detector, "detectors")
-    ctx.require_model(backbone, "detection_backbones")
-    ctx.require_seed(seed)
+    ctx.require_detection_run(detector, backbone, seed)
     result = evaluate_detection_stage(ctx, detector, backbone, seed)
     flat = {f"bbox {k}": v for k, v in result["bbox"].items()}
     flat.update({f"segm {k}": v for k, v in result.get("segm", {}).items()})

@@ -32,6 +32,11 @@ class StageContext:
         if model not in allowed:
             raise UserError(f"params.yaml: {key}: {model!r} is not listed (listed: {', '.join(allowed)})")
 
+    def require_detection_run(self, detector: str, backbone: str, seed: int) -> None:
+        self.require_model(detector, "detectors")
+        self.require_model(backbone, "detection_backbones")
+        self.require_seed(seed)
+
     def require_seed(self, seed: int) -> None:
         if seed not in self.params.seeds:
             raise UserError(f"params.yaml: seeds: {seed} is not listed (listed: {self.params.seeds})")

@@ -55,9 +55,7 @@ def train_det(
     from sge_repro.detection.stages import train_detection_stage
 
     ctx = stage_context()
-    ctx.require_model(detector, "detectors")
-    ctx.require_model(backbone, "detection_backbones")
-    ctx.require_seed(seed)
+    ctx.require_detection_run(detector, backbone, seed)
     result = train_detection_stage(ctx, detector, backbone, seed)
     _print_result(f"trained {detector} with {backbone} (seed {seed})", result)
 

@@ -44,3 +44,15 @@ def progress_bar() -> Iterator[Progress]:
     )
     with progress:
         yield progress
+
+
+def named_tasks(progress: Progress):
+    """A callback (name, done, total) that keeps one bar per name (files, splits, archives)."""
+    tasks: dict[str, int] = {}
+
+    def update(name: str, done: int, total: int | None) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total, info="")
+        progress.update(tasks[name], completed=done, total=total)
+
+    return update

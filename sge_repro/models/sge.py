@@ -244,10 +244,21 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
+def check_spatial_size(x: torch.Tensor) -> None:
+    """SGE normalises over the H*W positions with the unbiased std: one position gives 0/0 = NaN
+    (in the authors' code too). Say so instead of training on NaN."""
+    if x.shape[-1] * x.shape[-2] < 2:
+        raise UserError(
+            f"SGE input of {x.shape[-2]}x{x.shape[-1]} positions: the spatial std needs at least 2; "
+            "expected larger input images (a ResNet's last stage is 1/32 of the input: use >= 64 px)"
+        )
+
+
 def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") -> torch.Tensor:
     """sge(bn(z)). With the fast impl, a plain BatchNorm2d, a contiguous NCHW float32/64 input and
     gradients needed, one fused Function that saves only z; otherwise the two modules in turn
     (so forward hooks, FrozenBatchNorm, SyncBatchNorm, channels_last all keep working)."""
+    check_spatial_size(z)
     fusable = (
         sge.impl == "fast"
         and type(bn) is nn.BatchNorm2d
@@ -312,6 +323,7 @@ class SpatialGroupEnhance(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise ValueError(f"SGE expected {self.channels} input channels, got {x.shape[1]}")
+        check_spatial_size(x)
         if self.impl == "reference":
             return sge_reference(x, self.weight, self.bias, self.groups)
         return sge_fast(x, self.weight, self.bias, self.groups)

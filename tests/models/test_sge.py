@@ -266,3 +266,14 @@ def test_fast_cuda_compiled_equals_reference():
         results[name] = (out, *torch.autograd.grad(out, inputs, grad_out))
     for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
         assert _relative_error(fast, reference) <= 1e-5, label
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_single_position_maps_are_refused_not_nan(impl):
+    from sge_repro.errors import UserError
+    from sge_repro.models import create_model
+
+    model = create_model("sge_resnet18", num_classes=4, groups=4, width=8, sge_impl=impl)
+    with pytest.raises(UserError, match=r"1x1 positions: the spatial std needs at least 2"):
+        model(torch.randn(2, 3, 32, 32))  # layer4 sees 1x1
+    assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()  # 2x2 is enough

@@ -59,7 +59,7 @@ def test_visualize_writes_one_png_per_stage_or_the_chosen_layer(tiny_sge_model, 
     written = visualize_sge(tiny_sge_model, image_file, tmp_path / "out")
     assert [p.name for p in written] == [f"val_0001-layer{i}.1.png" for i in (1, 2, 3, 4)]
     assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in written)
-    one = visualize_sge(tiny_sge_model, image_file, tmp_path / "one", layer="layer3.0", image_size=32)
+    one = visualize_sge(tiny_sge_model, image_file, tmp_path / "one", layer="layer3.0", image_size=64)
     assert [p.name for p in one] == ["val_0001-layer3.0.png"]
 
 
