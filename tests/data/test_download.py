@@ -83,9 +83,11 @@ class FileServer:
             self._dropped = True
             body = body[: len(body) // 2]
             handler.close_connection = True
+        # count before writing: the client may finish reading (and the test assert) before this
+        # thread runs another line after the write
+        self.body_bytes_sent += len(body)
         handler.wfile.write(body)
         handler.wfile.flush()
-        self.body_bytes_sent += len(body)
 
     def close(self):
         self.httpd.shutdown()
