@@ -28,15 +28,6 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Same thread count in this process and the subprocesses: CPU results are bit-reproducible.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def outputs(run: Path):
     return run / "ckpt", run / "metrics.json", run / "history.tsv"
 

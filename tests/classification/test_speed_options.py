@@ -23,14 +23,6 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def train(data_root, run: Path, model=("resnet18", {"width": 8}), **overrides):
     return train_classifier(model[0], model[1], data_root, run / "ckpt", run / "metrics.json", run / "history.tsv",
                             **{**RECIPE, **overrides})
