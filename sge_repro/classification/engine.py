@@ -15,7 +15,9 @@ validation is sharded and all-reduced, and rank 0 alone writes files.
 Speed options (all off by default, so the default run is plain fp32 and bit-reproducible):
 mixed precision (`amp`: bf16 autocast, or fp16 autocast with a GradScaler whose state lives in
 the checkpoint), channels_last memory format, torch.compile of the training forward, and
-SyncBatchNorm across ranks on CUDA.
+BatchNorm statistics synchronised across ranks (sync_bn: torch's SyncBatchNorm on CUDA,
+GlobalBatchNorm2d on CPU / gloo), with which N ranks train what one process trains on the same
+global batch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from sge_repro import atomic
+from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
 from sge_repro.classification.transforms import eval_transform, train_transform
 from sge_repro.data.imagenet import ImageFolderDataset, build_imagefolder, collate_skipping_none
 from sge_repro.errors import UserError
@@ -465,8 +468,8 @@ def train_classifier(model_name: str, model_kwargs: dict, data_root: str | os.Pa
     Speed options: `amp` "off" (fp32), "bf16" (autocast; CPU or CUDA) or "fp16" (autocast plus
     a GradScaler; CUDA only, else UserError); `channels_last` (NHWC weights and inputs);
     `compile` (torch.compile the training forward; validation runs the plain module);
-    `sync_bn` (SyncBatchNorm across ranks; applies only to multi-process CUDA runs, else a
-    no-op). Validation during training uses the same amp and layout.
+    `sync_bn` (BatchNorm statistics over the global batch of all ranks: nn.SyncBatchNorm on
+    CUDA, GlobalBatchNorm2d on CPU / gloo; a no-op for a single process). Validation during training uses the same amp and layout.
     """
     dist_info = init_distributed(device)
     torch_device = _resolve_device(device, dist_info)
@@ -513,11 +516,12 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
     model = create_model(recipe.model_name, num_classes=len(recipe.classes), seed=recipe.seed,
                          **recipe.model_kwargs)
     if recipe.sync_bn:
-        if dist_info.enabled and device.type == "cuda":
-            # Same parameters and buffers (state_dict keys unchanged); BN statistics over all ranks.
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if dist_info.enabled:
+            # Same parameters and buffers (state_dict keys unchanged); BN statistics over all ranks:
+            # torch's SyncBatchNorm on CUDA, GlobalBatchNorm2d on CPU / gloo.
+            model = convert_sync_batchnorm(model, device)
         else:
-            log.info("sync_bn: only applies to multi-process CUDA training; using plain BatchNorm")
+            log.info("sync_bn: a single process already normalises over the whole batch; using plain BatchNorm")
     # Layout before the optimizer exists, so its momentum buffers take the same layout.
     model = model.to(device, memory_format=_memory_format(recipe.channels_last))
     optimizer = torch.optim.SGD(

@@ -1,7 +1,7 @@
 """BatchNorm whose training statistics span every rank, on any device and backend (gloo too).
 
 torch's nn.SyncBatchNorm only runs on CUDA (and similar accelerators). GlobalBatchNorm2d does
-the same job with two autograd-aware all-reduces per layer, so a CPU / gloo run with N ranks
+the same job with two differentiable all-reduces per layer, so a CPU / gloo run with N ranks
 computes what one process computes on the whole global batch: the forward (statistics over
 all ranks' samples), the backward (gradients flow back through the all-reduces) and the running
 statistics. It is slower than the fused CUDA kernels; on CUDA, convert_sync_batchnorm uses
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
 
@@ -20,6 +19,30 @@ def _distributed_world_size(process_group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(process_group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks, differentiable: every rank's output feeds every rank's loss, so the
+    gradient of each input is the sum of all ranks' output gradients (one more all-reduce).
+    (torch.distributed.nn.functional.all_reduce does the same but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        summed = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """The sum of `tensor` over the ranks of `group`, with gradients flowing back to every rank."""
+    return _AllReduceSum.apply(tensor, group)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -56,11 +79,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         reduce_dims = (0, 2, 3)
         local_count = x.numel() // x.shape[1]
         local_sum_and_count = torch.cat([x.sum(reduce_dims), x.new_full((1,), float(local_count))])
-        global_sum_and_count = dist_functional.all_reduce(local_sum_and_count, group=self.process_group)
+        global_sum_and_count = all_reduce_sum(local_sum_and_count, self.process_group)
         count = global_sum_and_count[-1]
         mean = global_sum_and_count[:-1] / count
         centered = x - mean.view(1, -1, 1, 1)
-        squared_deviations = dist_functional.all_reduce(centered.square().sum(reduce_dims), group=self.process_group)
+        squared_deviations = all_reduce_sum(centered.square().sum(reduce_dims), self.process_group)
         var = squared_deviations / count  # biased, as BatchNorm normalises with
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
