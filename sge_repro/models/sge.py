@@ -12,7 +12,9 @@ and shapes equal the authors' release files (`layerX.Y.sge.weight`).
 
 Two implementations compute the same function:
 - "reference": the formula step by step in eager torch ops (documentation and test oracle);
-- "fast": fewer passes over the activation memory (the pooled dot product as one batched matmul,
+- "fast": on the CPU in float32, the C kernels of sge_cpu.c (one pass over memory, fused with the
+  BatchNorm in front of SGE); elsewhere (CUDA, float64, autocast, or without a C compiler) torch
+  ops with fewer passes over the activation memory (the pooled dot product as one batched matmul,
   the mean of c derived analytically) and a hand-written backward that needs one fused output
   pass instead of autograd's chain of elementwise kernels.
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from sge_repro.errors import UserError
+from sge_repro.models import sge_cpu
 
 SGE_EPS = 1e-5
 SGE_IMPLS = ("fast", "reference")
@@ -259,6 +262,20 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
     gradients needed, one fused Function that saves only z; otherwise the two modules in turn
     (so forward hooks, FrozenBatchNorm, SyncBatchNorm, channels_last all keep working)."""
     check_spatial_size(z)
+    if (
+        sge.impl == "fast"
+        and type(bn) is nn.BatchNorm2d
+        and z.is_contiguous()
+        and not torch.is_autocast_enabled(z.device.type)
+        and not (_has_hooks(bn) or _has_hooks(sge))
+        and sge_cpu.applies(z)
+    ):
+        if z.shape[1] != sge.channels:
+            raise ValueError(f"SGE expected {sge.channels} input channels, got {z.shape[1]}")
+        use_batch_stats, momentum = _bn_forward_args(bn)
+        return sge_cpu.BatchNormSGEFunction.apply(
+            z, bn.weight, bn.bias, sge.weight, sge.bias, bn.running_mean, bn.running_var, use_batch_stats, momentum,
+            bn.eps, sge.groups)
     fusable = (
         sge.impl == "fast"
         and type(bn) is nn.BatchNorm2d
@@ -284,9 +301,17 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
         sge.groups)
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, inplace: bool = False) -> torch.Tensor:
     """SGE with fewer memory passes. inplace: without gradients, overwrite a contiguous x with the
     result (saves one block-sized allocation; the caller must not need x afterwards)."""
+    if sge_cpu.applies(x) and not torch.is_autocast_enabled("cpu"):
+        y = sge_cpu.sge(x, weight, bias, groups, inplace)
+        # Keep the caller's memory format (channels_last models stay channels_last).
+        return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
     batch, channels, height, width = x.shape
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     x3 = x.contiguous().view(batch * groups, channels // groups, height * width)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sge_repro.errors import UserError
+from sge_repro.models import sge_cpu
 from sge_repro.models.sge import SpatialGroupEnhance, sge_fast, sge_reference
 
 
@@ -29,8 +30,20 @@ def formula_float64(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, gr
     return out
 
 
+@pytest.fixture(params=["cpu_kernel", "torch_ops"])
+def cpu_backend(request, monkeypatch):
+    """Runs a test once with the C kernel (sge_cpu.c) and once with the torch-ops fast path."""
+    if request.param == "cpu_kernel":
+        assert sge_cpu.available(), "the C kernel should build here (gcc is on the CI image)"
+    else:
+        monkeypatch.setattr(sge_cpu, "_library", None)
+        monkeypatch.setattr(sge_cpu, "_failed", True)
+        assert not sge_cpu.available()
+    return request.param
+
+
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_matches_float64_formula(impl):
+def test_matches_float64_formula(impl, cpu_backend):
     generator = torch.Generator().manual_seed(0)
     module = SpatialGroupEnhance(24, groups=6, impl=impl)
     with torch.no_grad():
@@ -90,7 +103,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     [((2, 64, 14, 14), 8, False), ((3, 48, 7, 5), 16, False), ((2, 64, 9, 11), 64, True),
      ((1, 12, 1, 2), 3, False), ((4, 256, 8, 8), 64, True)],
 )
-def test_fast_equals_reference_outputs_and_grads(shape, groups, channels_last):
+def test_fast_equals_reference_outputs_and_grads(shape, groups, channels_last, cpu_backend):
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(*shape, generator=generator) * 3 + 1
     if channels_last:
@@ -130,7 +143,7 @@ def _bn_sge_pair(channels, groups, momentum, seed):
 
 
 @pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)])
-def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum):
+def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum, cpu_backend):
     from sge_repro.models.sge import batchnorm_sge
 
     (reference, fast), generator = _bn_sge_pair(128, 16, momentum, seed=4)
@@ -149,7 +162,7 @@ def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum):
         assert _relative_error(actual, expected) <= 1e-5, label
 
 
-def test_fused_batchnorm_sge_saves_no_block_sized_tensor():
+def test_fused_batchnorm_sge_saves_no_block_sized_tensor(cpu_backend):
     from sge_repro.models.sge import batchnorm_sge
 
     (reference, fast), generator = _bn_sge_pair(256, 64, 0.1, seed=5)
@@ -223,7 +236,7 @@ def test_elementwise_formulation_equals_reference(monkeypatch, shape, groups, ch
     assert _relative_error(results["fast_eval"][0], results["reference"][0]) <= 1e-5
 
 
-def test_inplace_eval_overwrites_only_when_asked():
+def test_inplace_eval_overwrites_only_when_asked(cpu_backend):
     generator = torch.Generator().manual_seed(10)
     x = torch.randn(2, 32, 6, 5, generator=generator) * 2 - 0.5
     gamma, beta = torch.randn(1, 8, 1, 1, generator=generator), torch.randn(1, 8, 1, 1, generator=generator)
@@ -237,7 +250,7 @@ def test_inplace_eval_overwrites_only_when_asked():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_batchnorm_sge_eval_no_grad_equals_modules_in_turn(channels_last):
+def test_batchnorm_sge_eval_no_grad_equals_modules_in_turn(channels_last, cpu_backend):
     from sge_repro.models.sge import batchnorm_sge
 
     (reference, fast), generator = _bn_sge_pair(64, 16, 0.1, seed=11)

@@ -1,0 +1,210 @@
+/* Spatial Group-wise Enhance on the CPU, float32, contiguous NCHW, one pass over memory.
+ *
+ * The activation is seen as N = B*G rows of K channels x P positions (row n = sample b, group
+ * g = n % G; channel c = g*K + k). A row is at most a few hundred KB, so after its first read it
+ * stays in the core's L2 cache: every kernel below reads each row from memory once and writes
+ * its result once, where an eager formulation makes 4-9 passes. Statistics are accumulated in
+ * double. Rows are independent and split over OpenMP threads (the same libgomp as torch's).
+ *
+ * An optional per-channel affine x = z * scale[c] + shift[c] fuses a BatchNorm in front of SGE:
+ * the BN output x is then never written to memory.
+ *
+ * Forward, per row:  m_k = mean_p x_kp;  c_p = sum_k m_k x_kp;  d = c - mean(c);
+ *   s = sqrt(sum d^2 / (P-1));  gate = sigmoid(w_g d / (s + eps) + b_g);  y = x * gate.
+ * Backward: the hand-derived gradient (see sge.py, _sge_backward_core).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define SGE_EPS 1e-5
+
+/* Centred similarity d_p (into `centered`) of one row, and its unbiased std + eps.
+ * With the affine, c_p = sum_k m_k (s_k z_kp + t_k) = sum_k (m_k s_k) z_kp + const, and the
+ * constant vanishes in the centring, so d is computed from z directly. */
+static double centered_similarity(const float *z, const double *pooled, const float *scale, int64_t channel0,
+                                  int64_t K, int64_t P, double *centered) {
+    for (int64_t p = 0; p < P; ++p) centered[p] = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+        const double alpha = pooled[k] * (scale ? (double)scale[channel0 + k] : 1.0);
+        const float *zk = z + k * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) centered[p] += alpha * (double)zk[p];
+    }
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < P; ++p) sum += centered[p];
+    const double mean = sum / (double)P;
+    double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t p = 0; p < P; ++p) {
+        centered[p] -= mean;
+        squares += centered[p] * centered[p];
+    }
+    return sqrt(squares / (double)(P - 1)) + SGE_EPS;
+}
+
+/* m_k of one row: mean of x_k = scale * mean(z_k) + shift. */
+static void pooled_row(const float *z, const float *scale, const float *shift, int64_t channel0, int64_t K, int64_t P,
+                       double *pooled) {
+    for (int64_t k = 0; k < K; ++k) {
+        const float *zk = z + k * P;
+        double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t p = 0; p < P; ++p) sum += (double)zk[p];
+        const double mean = sum / (double)P;
+        pooled[k] = scale ? mean * scale[channel0 + k] + shift[channel0 + k] : mean;
+    }
+}
+
+/* y = SGE(affine(z)); y may alias z. pooled_out (N*K doubles) is filled when not NULL. */
+void sge_forward_f32(const float *z, float *y, const float *scale, const float *shift, const float *weight,
+                     const float *bias, double *pooled_out, int64_t B, int64_t G, int64_t K, int64_t P) {
+    const int64_t N = B * G;
+#pragma omp parallel
+    {
+        double *centered = malloc(sizeof(double) * P);
+        double *pooled_local = malloc(sizeof(double) * K);
+        float *gate = malloc(sizeof(float) * P);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t g = n % G, channel0 = g * K;
+            const float *zr = z + n * K * P;
+            float *yr = y + n * K * P;
+            double *pooled = pooled_out ? pooled_out + n * K : pooled_local;
+            pooled_row(zr, scale, shift, channel0, K, P, pooled);
+            const double std_eps = centered_similarity(zr, pooled, scale, channel0, K, P, centered);
+            const double gain = (double)weight[g] / std_eps, offset = bias[g];
+#pragma omp simd
+            for (int64_t p = 0; p < P; ++p) gate[p] = (float)(1.0 / (1.0 + exp(-(gain * centered[p] + offset))));
+            for (int64_t k = 0; k < K; ++k) {
+                const float s = scale ? scale[channel0 + k] : 1.0f, t = scale ? shift[channel0 + k] : 0.0f;
+                const float *zk = zr + k * P;
+                float *yk = yr + k * P;
+#pragma omp simd
+                for (int64_t p = 0; p < P; ++p) yk[p] = (zk[p] * s + t) * gate[p];
+            }
+        }
+        free(centered);
+        free(pooled_local);
+        free(gate);
+    }
+}
+
+/* grad_x = dL/dx for y = SGE(x), x = affine(z) (grad_x may alias grad_y). Per row also:
+ * grad_weight_rows[n], grad_bias_rows[n] (to be summed over the batch) and, with the affine,
+ * channel_sums[n*K+k] = sum_p grad_x_kp and channel_dots[n*K+k] = sum_p grad_x_kp z_kp (what
+ * the BatchNorm backward needs). pooled: the forward's m (N*K). */
+void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const float *scale, const float *shift,
+                      const float *weight, const float *bias, const double *pooled_all, double *grad_weight_rows,
+                      double *grad_bias_rows, double *channel_sums, double *channel_dots, int64_t B, int64_t G,
+                      int64_t K, int64_t P) {
+    const int64_t N = B * G;
+#pragma omp parallel
+    {
+        double *centered = malloc(sizeof(double) * P);
+        double *grad_gate = malloc(sizeof(double) * P);
+        float *gate = malloc(sizeof(float) * P);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t g = n % G, channel0 = g * K;
+            const float *zr = z + n * K * P, *gyr = grad_y + n * K * P;
+            float *gxr = grad_x + n * K * P;
+            const double *pooled = pooled_all + n * K;
+            const double std_eps = centered_similarity(zr, pooled, scale, channel0, K, P, centered);
+            /* dL/dgate_p = sum_k gy_kp x_kp */
+            for (int64_t p = 0; p < P; ++p) grad_gate[p] = 0.0;
+            for (int64_t k = 0; k < K; ++k) {
+                const double s = scale ? scale[channel0 + k] : 1.0, t = scale ? shift[channel0 + k] : 0.0;
+                const float *zk = zr + k * P, *gyk = gyr + k * P;
+#pragma omp simd
+                for (int64_t p = 0; p < P; ++p) grad_gate[p] += (double)gyk[p] * ((double)zk[p] * s + t);
+            }
+            /* Through the sigmoid and the normalisation: grad_gate becomes dL/dc (centred). */
+            const double w = weight[g], b = bias[g], std = std_eps - SGE_EPS;
+            double grad_w = 0.0, grad_b = 0.0, dot = 0.0;
+#pragma omp simd reduction(+ : grad_w, grad_b, dot)
+            for (int64_t p = 0; p < P; ++p) {
+                const double normalized = centered[p] / std_eps;
+                const double sig = 1.0 / (1.0 + exp(-(w * normalized + b)));
+                gate[p] = (float)sig;
+                const double grad_affine = grad_gate[p] * sig * (1.0 - sig);
+                grad_w += grad_affine * normalized;
+                grad_b += grad_affine;
+                grad_gate[p] = grad_affine * w; /* now dL/dnormalized */
+                dot += grad_gate[p] * centered[p];
+            }
+            grad_weight_rows[n] = grad_w;
+            grad_bias_rows[n] = grad_b;
+            const double correction = std > 1e-30 ? dot / (std_eps * std_eps * std * (double)(P - 1)) : 0.0;
+            double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t p = 0; p < P; ++p) {
+                grad_gate[p] = grad_gate[p] / std_eps - centered[p] * correction;
+                sum += grad_gate[p];
+            }
+            const double mean = sum / (double)P;
+#pragma omp simd
+            for (int64_t p = 0; p < P; ++p) grad_gate[p] -= mean; /* dL/dc */
+            /* dx_kp = gy_kp gate_p + m_k dc_p + (1/P) sum_p' x_kp' dc_p'; sum_p dc_p = 0, so the
+             * last term is s_k/P sum_p' z_kp' dc_p'. */
+            for (int64_t k = 0; k < K; ++k) {
+                const double s = scale ? scale[channel0 + k] : 1.0;
+                const float *zk = zr + k * P, *gyk = gyr + k * P;
+                float *gxk = gxr + k * P;
+                double zdot = 0.0;
+#pragma omp simd reduction(+ : zdot)
+                for (int64_t p = 0; p < P; ++p) zdot += (double)zk[p] * grad_gate[p];
+                const double grad_pooled = s * zdot / (double)P, m = pooled[k];
+                double gsum = 0.0, gzdot = 0.0;
+#pragma omp simd reduction(+ : gsum, gzdot)
+                for (int64_t p = 0; p < P; ++p) {
+                    const float gx = (float)((double)gyk[p] * gate[p] + m * grad_gate[p] + grad_pooled);
+                    gxk[p] = gx;
+                    gsum += gx;
+                    gzdot += (double)gx * zk[p];
+                }
+                if (channel_sums) {
+                    channel_sums[n * K + k] = gsum;
+                    channel_dots[n * K + k] = gzdot;
+                }
+            }
+        }
+        free(centered);
+        free(grad_gate);
+        free(gate);
+    }
+}
+
+/* Per-channel sum and sum of squares of z (B, C, P) over batch and positions: BatchNorm's batch
+ * statistics in one read. */
+void channel_moments_f32(const float *z, double *sums, double *squares, int64_t B, int64_t C, int64_t P) {
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+        double sum = 0.0, square = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+            const float *zc = z + (b * C + c) * P;
+#pragma omp simd reduction(+ : sum, square)
+            for (int64_t p = 0; p < P; ++p) {
+                sum += zc[p];
+                square += (double)zc[p] * zc[p];
+            }
+        }
+        sums[c] = sum;
+        squares[c] = square;
+    }
+}
+
+/* out = a[c] * u + b[c] * v + d[c] elementwise over (B, C, P); out may alias u. */
+void channel_affine2_f32(const float *u, const float *v, float *out, const float *a, const float *b, const float *d,
+                         int64_t B, int64_t C, int64_t P) {
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < B * C; ++row) {
+        const int64_t c = row % C;
+        const float ac = a[c], bc = b[c], dc = d[c];
+        const float *ur = u + row * P, *vr = v + row * P;
+        float *outr = out + row * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) outr[p] = ac * ur[p] + bc * vr[p] + dc;
+    }
+}
