@@ -6,7 +6,8 @@ global RNG from (seed, epoch), so a run resumed from an epoch checkpoint compute
 uninterrupted run computes (bit for bit on CPU).
 
 Augmentation is seeded per sample from (seed, epoch, index), so results do not depend on the
-number of loader workers either.
+number of loader workers either; the sampler hands each index to the workers together with its
+epoch, so the train loader is built once and its workers persist across epochs.
 
 Distributed: with WORLD_SIZE > 1 (torchrun) the process group is initialised from env://; each
 rank takes its slice of the same global batches a single process would use (GlobalBatchSampler),
@@ -286,52 +287,62 @@ def _val_loader(dataset: ImageFolderDataset, batch_size: int, workers: int, dist
 
 
 class GlobalBatchSampler:
-    """This rank's share of each global batch of one epoch.
+    """This rank's share of each global batch of one epoch, as (dataset index, epoch) pairs.
 
     The epoch's permutation depends only on (seed, epoch); global batch k is permutation
     [k*B, (k+1)*B) and rank r takes its r-th contiguous slice. So N ranks see exactly the images
     one process would see in each step (what a DistributedSampler does not guarantee), and the
-    incomplete last global batch is dropped.
+    incomplete last global batch is dropped. The epoch travels with every index, so persistent
+    loader workers need no state of their own: set_epoch here, in the main process, is enough.
     """
 
-    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int):
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int, epoch: int = 0):
         self.size, self.global_batch, self.rank, self.world_size = size, global_batch, rank, world_size
         self.per_rank = global_batch // world_size
-        self.generator_seed = _derived_seed("sampler", seed, epoch)
+        self.seed = seed
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator_seed = _derived_seed("sampler", self.seed, epoch)
 
     def __len__(self) -> int:
         return self.size // self.global_batch
 
     def __iter__(self):
+        epoch = self.epoch
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.generator_seed)).tolist()
         for step in range(len(self)):
             start = step * self.global_batch + self.rank * self.per_rank
-            yield order[start:start + self.per_rank]
+            yield [(index, epoch) for index in order[start:start + self.per_rank]]
 
 
 class PerSampleSeededDataset(torch.utils.data.Dataset):
-    """Seeds the augmentation of every sample from (seed, epoch, index).
+    """Item (index, epoch): sample `index` with its augmentation seeded from (seed, epoch, index).
 
     The random crop and flip of an image then depend on nothing else: not on the number of
     loader workers, not on the rank, not on what ran before (resume).
     """
 
     def __init__(self, dataset: ImageFolderDataset, seed: int):
-        self.dataset, self.seed, self.epoch_seed = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        # Workers are re-created every epoch (non-persistent), so they see the new value.
-        self.epoch_seed = _derived_seed("augment", self.seed, epoch)
+        self.dataset, self.seed = dataset, seed
+        self._epoch_seeds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def epoch_seed(self, epoch: int) -> int:
+        if epoch not in self._epoch_seeds:
+            self._epoch_seeds[epoch] = _derived_seed("augment", self.seed, epoch)
+        return self._epoch_seeds[epoch]
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
         # torchvision's transforms draw from the global CPU generator; seed it for this sample and
         # restore it after (torch.random.fork_rng does the same but costs ~100x more).
         generator = torch.default_generator
         saved = generator.get_state()
-        generator.manual_seed((self.epoch_seed + index * 0x9E3779B97F4A7C15) % 2**63)
+        generator.manual_seed((self.epoch_seed(epoch) + index * 0x9E3779B97F4A7C15) % 2**63)
         try:
             return self.dataset[index]
         finally:
@@ -339,12 +350,21 @@ class PerSampleSeededDataset(torch.utils.data.Dataset):
 
 
 def _train_loader(dataset: PerSampleSeededDataset, global_batch: int, workers: int, dist_info: DistInfo,
-                  seed: int, epoch: int, pin_memory: bool) -> DataLoader:
-    dataset.set_epoch(epoch)
-    batches = GlobalBatchSampler(len(dataset), global_batch, dist_info.rank, dist_info.world_size, seed, epoch)
+                  seed: int, pin_memory: bool) -> DataLoader:
+    """One loader for the whole run; call set_train_epoch(loader, epoch) before iterating it.
+
+    With workers, they persist across epochs (no re-spawn and dataset copy per epoch). The loader
+    draws its workers' base seed from a generator of its own, never from the global RNG, so the
+    global RNG of epoch k is the same whether the run started at epoch 0 or resumed at k."""
+    batches = GlobalBatchSampler(len(dataset), global_batch, dist_info.rank, dist_info.world_size, seed)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping_none,
-                      pin_memory=pin_memory, worker_init_fn=_seed_worker, persistent_workers=False,
-                      prefetch_factor=2 if workers > 0 else None)
+                      pin_memory=pin_memory, worker_init_fn=_seed_worker, persistent_workers=workers > 0,
+                      prefetch_factor=2 if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(_derived_seed("loader", seed, dist_info.rank)))
+
+
+def set_train_epoch(loader: DataLoader, epoch: int) -> None:
+    loader.batch_sampler.set_epoch(epoch)
 
 
 # --------------------------------------------------------------------------- training
@@ -560,11 +580,12 @@ def _train(recipe: TrainRecipe, dist_info: DistInfo, device: torch.device, train
     pin_memory = device.type == "cuda"
     val_loader = _val_loader(val_set, per_rank_batch, workers, dist_info, pin_memory)
     skipped_total = len(train_set.skipped) + len(val_set.skipped)
-    seeded_train_set = PerSampleSeededDataset(train_set, recipe.seed)
+    loader = _train_loader(PerSampleSeededDataset(train_set, recipe.seed), recipe.batch_size, workers, dist_info,
+                           recipe.seed, pin_memory)
 
     for epoch in range(start_epoch, recipe.epochs):
         _seed_everything(_derived_seed("epoch", recipe.seed, epoch, dist_info.rank))
-        loader = _train_loader(seeded_train_set, recipe.batch_size, workers, dist_info, recipe.seed, epoch, pin_memory)
+        set_train_epoch(loader, epoch)
         train_model.train()
         loss_sum, correct_sum, seen, epoch_skipped = 0.0, 0.0, 0, 0
         started = time.perf_counter()

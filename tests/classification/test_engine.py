@@ -216,8 +216,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(finished_run, data_ro
 
 
 def test_results_do_not_depend_on_the_number_of_workers(data_root, tmp_path):
-    in_process = train(data_root, tmp_path / "a", epochs=1, warmup_epochs=0, workers=0)
-    two_workers = train(data_root, tmp_path / "b", epochs=1, warmup_epochs=0, workers=2)
+    # Two epochs: the second one is served by the same (persistent) workers as the first.
+    in_process = train(data_root, tmp_path / "a", epochs=2, warmup_epochs=0, workers=0)
+    two_workers = train(data_root, tmp_path / "b", epochs=2, warmup_epochs=0, workers=2)
     assert in_process["train_loss"] == two_workers["train_loss"]
     a = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["state_dict"]

@@ -123,8 +123,10 @@ def test_bad_amp_is_rejected_before_training(data_root, tmp_path, overrides, mes
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_sync_bn_without_distributed_cuda_is_plain_batchnorm(data_root, tmp_path):
-    # A single CPU process has no peers to sync with: identical to a run without the option.
+def test_sync_bn_in_one_process_is_plain_batchnorm(data_root, tmp_path):
+    # A single process has no peers to sync with: identical to a run without the option (the
+    # model keeps nn.BatchNorm2d, so SGE blocks keep their fused BN + SGE path). Multi-rank
+    # sync_bn is tested in test_engine.py (two gloo ranks) and test_sync_batchnorm.py.
     a = train(data_root, tmp_path / "a", epochs=1)
     b = train(data_root, tmp_path / "b", epochs=1, sync_bn=True)
     assert a["train_loss"] == b["train_loss"] and a["loss"] == b["loss"]
