@@ -229,8 +229,9 @@ DISTRIBUTED_TRAINING = """
 import json, sys, torch
 torch.set_num_threads(1)
 from sge_repro.classification.engine import train_classifier
-data_root, run_dir, metrics, history, recipe = sys.argv[1:6]
-result = train_classifier("resnet18", {"width": 8}, data_root, run_dir, metrics, history, **json.loads(recipe))
+data_root, run_dir, metrics, history, recipe, model = sys.argv[1:7]
+model_name, model_kwargs = json.loads(model)
+result = train_classifier(model_name, model_kwargs, data_root, run_dir, metrics, history, **json.loads(recipe))
 print("RESULT", json.dumps(result))
 """
 
@@ -243,7 +244,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train_on_two_gloo_ranks(data_root, run: Path, **overrides) -> list[dict]:
+def train_on_two_gloo_ranks(data_root, run: Path, model=TINY_MODEL, **overrides) -> list[dict]:
     """Trains in two processes joined by env:// (as torchrun starts them); each rank's result."""
     run_dir, metrics_path, history_path = outputs(run)
     recipe = json.dumps({**RECIPE, **overrides})
@@ -254,7 +255,7 @@ def train_on_two_gloo_ranks(data_root, run: Path, **overrides) -> list[dict]:
                "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "GLOO_SOCKET_IFNAME": "lo"}
         processes.append(subprocess.Popen(
             [sys.executable, "-c", DISTRIBUTED_TRAINING, str(data_root), str(run_dir), str(metrics_path),
-             str(history_path), recipe], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
+             str(history_path), recipe, json.dumps(model)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
     try:
         outputs_by_rank = [process.communicate(timeout=240)[0] for process in processes]
     finally:
@@ -336,3 +337,19 @@ def test_two_gloo_ranks_with_sync_bn_train_what_one_process_trains(data_root, tm
             if isinstance(expected_value, float):
                 expected_value = pytest.approx(expected_value, rel=1e-5)
             assert metrics[key] == expected_value, key
+
+
+def test_sge_model_with_sync_bn_on_two_gloo_ranks_trains_what_one_process_trains(data_root, tmp_path):
+    # One process runs SGE blocks with the fused BN + SGE function (plain nn.BatchNorm2d); two
+    # ranks run GlobalBatchNorm2d then SGE, unfused. Both must train the same weights.
+    model = ("sge_resnet18", {"width": 8, "groups": 4})
+    options = dict(EQUIVALENCE_OPTIONS, epochs=1, image_size=64)  # SGE needs > 1x1 positions in layer4
+    single = train(data_root, tmp_path / "one", model=model, **options)
+    ranks = train_on_two_gloo_ranks(data_root, tmp_path / "two", model=model, sync_bn=True, **options)
+    expected = torch.load(outputs(tmp_path / "one")[0] / "last.pt", weights_only=True)["state_dict"]
+    actual = torch.load(outputs(tmp_path / "two")[0] / "last.pt", weights_only=True)["state_dict"]
+    assert any(name.endswith("sge.weight") for name in expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert ranks[0]["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    assert ranks[0]["loss"] == pytest.approx(single["loss"], rel=1e-5)
