@@ -19,64 +19,66 @@
 
 #define SGE_EPS 1e-5
 
-/* Centred similarity d_p (into `centered`) of one row, and its unbiased std + eps.
- * With the affine, c_p = sum_k m_k (s_k z_kp + t_k) = sum_k (m_k s_k) z_kp + const, and the
- * constant vanishes in the centring, so d is computed from z directly. */
-static double centered_similarity(const float *z, const double *pooled, const float *scale, int64_t channel0,
-                                  int64_t K, int64_t P, double *centered) {
-    for (int64_t p = 0; p < P; ++p) centered[p] = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-        const double alpha = pooled[k] * (scale ? (double)scale[channel0 + k] : 1.0);
-        const float *zk = z + k * P;
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) centered[p] += alpha * (double)zk[p];
-    }
-    double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < P; ++p) sum += centered[p];
-    const double mean = sum / (double)P;
-    double squares = 0.0;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t p = 0; p < P; ++p) {
-        centered[p] -= mean;
-        squares += centered[p] * centered[p];
-    }
-    return sqrt(squares / (double)(P - 1)) + SGE_EPS;
-}
-
-/* m_k of one row: mean of x_k = scale * mean(z_k) + shift. */
+/* The per-channel means of z (into `zbar`) of one row and m_k = mean of x_k = scale_k zbar_k + shift_k
+ * (into `pooled`). zbar is rounded to float first: the backward recomputes m from it. */
 static void pooled_row(const float *z, const float *scale, const float *shift, int64_t channel0, int64_t K, int64_t P,
-                       double *pooled) {
+                       double *pooled, float *zbar) {
     for (int64_t k = 0; k < K; ++k) {
         const float *zk = z + k * P;
         double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t p = 0; p < P; ++p) sum += (double)zk[p];
-        const double mean = sum / (double)P;
-        pooled[k] = scale ? mean * scale[channel0 + k] + shift[channel0 + k] : mean;
+        for (int64_t p = 0; p < P; ++p) sum += zk[p];
+        zbar[k] = (float)(sum / (double)P);
+        pooled[k] = scale ? (double)zbar[k] * scale[channel0 + k] + shift[channel0 + k] : zbar[k];
     }
 }
 
-/* y = SGE(affine(z)); y may alias z. pooled_out (N*K doubles) is filled when not NULL. */
+/* Centred similarity d_p (into `centered`) of one row; returns its unbiased std + eps.
+ * d_p = c_p - mean(c) = sum_k m_k (x_kp - mean(x_k)) = sum_k (m_k s_k) (z_kp - zbar_k): summing
+ * centred terms keeps float accumulation accurate however large mean(c) is. */
+static double centered_similarity(const float *z, const double *pooled, const float *zbar, const float *scale,
+                                  int64_t channel0, int64_t K, int64_t P, float *centered) {
+    for (int64_t p = 0; p < P; ++p) centered[p] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+        const float alpha = (float)(pooled[k] * (scale ? (double)scale[channel0 + k] : 1.0)), mean = zbar[k];
+        const float *zk = z + k * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) centered[p] += alpha * (zk[p] - mean);
+    }
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < P; ++p) sum += centered[p];
+    const float residual = (float)(sum / (double)P);  /* rounding only */
+    double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t p = 0; p < P; ++p) {
+        centered[p] -= residual;
+        squares += (double)centered[p] * centered[p];
+    }
+    return sqrt(squares / (double)(P - 1)) + SGE_EPS;
+}
+
+/* y = SGE(affine(z)); y may alias z. zmean_out (N*K doubles: the per-channel means of z, which the
+ * backward needs) is filled when not NULL. */
 void sge_forward_f32(const float *z, float *y, const float *scale, const float *shift, const float *weight,
-                     const float *bias, double *pooled_out, int64_t B, int64_t G, int64_t K, int64_t P) {
+                     const float *bias, double *zmean_out, int64_t B, int64_t G, int64_t K, int64_t P) {
     const int64_t N = B * G;
 #pragma omp parallel
     {
-        double *centered = malloc(sizeof(double) * P);
-        double *pooled_local = malloc(sizeof(double) * K);
-        float *gate = malloc(sizeof(float) * P);
+        float *centered = malloc(sizeof(float) * P), *gate = malloc(sizeof(float) * P), *zbar = malloc(sizeof(float) * K);
+        double *pooled = malloc(sizeof(double) * K);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n) {
             const int64_t g = n % G, channel0 = g * K;
             const float *zr = z + n * K * P;
             float *yr = y + n * K * P;
-            double *pooled = pooled_out ? pooled_out + n * K : pooled_local;
-            pooled_row(zr, scale, shift, channel0, K, P, pooled);
-            const double std_eps = centered_similarity(zr, pooled, scale, channel0, K, P, centered);
-            const double gain = (double)weight[g] / std_eps, offset = bias[g];
+            pooled_row(zr, scale, shift, channel0, K, P, pooled, zbar);
+            if (zmean_out)
+                for (int64_t k = 0; k < K; ++k) zmean_out[n * K + k] = zbar[k];
+            const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, centered);
+            const float gain = (float)(weight[g] / std_eps), offset = bias[g];
 #pragma omp simd
-            for (int64_t p = 0; p < P; ++p) gate[p] = (float)(1.0 / (1.0 + exp(-(gain * centered[p] + offset))));
+            for (int64_t p = 0; p < P; ++p) gate[p] = 1.0f / (1.0f + expf(-(gain * centered[p] + offset)));
             for (int64_t k = 0; k < K; ++k) {
                 const float s = scale ? scale[channel0 + k] : 1.0f, t = scale ? shift[channel0 + k] : 0.0f;
                 const float *zk = zr + k * P;
@@ -86,64 +88,69 @@ void sge_forward_f32(const float *z, float *y, const float *scale, const float *
             }
         }
         free(centered);
-        free(pooled_local);
         free(gate);
+        free(zbar);
+        free(pooled);
     }
 }
 
 /* grad_x = dL/dx for y = SGE(x), x = affine(z) (grad_x may alias grad_y). Per row also:
  * grad_weight_rows[n], grad_bias_rows[n] (to be summed over the batch) and, with the affine,
  * channel_sums[n*K+k] = sum_p grad_x_kp and channel_dots[n*K+k] = sum_p grad_x_kp z_kp (what
- * the BatchNorm backward needs). pooled: the forward's m (N*K). */
+ * the BatchNorm backward needs). zmean_all: what the forward wrote to zmean_out. */
 void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const float *scale, const float *shift,
-                      const float *weight, const float *bias, const double *pooled_all, double *grad_weight_rows,
+                      const float *weight, const float *bias, const double *zmean_all, double *grad_weight_rows,
                       double *grad_bias_rows, double *channel_sums, double *channel_dots, int64_t B, int64_t G,
                       int64_t K, int64_t P) {
     const int64_t N = B * G;
 #pragma omp parallel
     {
-        double *centered = malloc(sizeof(double) * P);
-        double *grad_gate = malloc(sizeof(double) * P);
-        float *gate = malloc(sizeof(float) * P);
+        float *centered = malloc(sizeof(float) * P), *grad_gate = malloc(sizeof(float) * P);
+        float *gate = malloc(sizeof(float) * P), *zbar = malloc(sizeof(float) * K);
+        double *pooled = malloc(sizeof(double) * K);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n) {
             const int64_t g = n % G, channel0 = g * K;
             const float *zr = z + n * K * P, *gyr = grad_y + n * K * P;
             float *gxr = grad_x + n * K * P;
-            const double *pooled = pooled_all + n * K;
-            const double std_eps = centered_similarity(zr, pooled, scale, channel0, K, P, centered);
+            for (int64_t k = 0; k < K; ++k) {  /* as pooled_row computed them, without re-reading the row */
+                zbar[k] = (float)zmean_all[n * K + k];
+                pooled[k] = scale ? (double)zbar[k] * scale[channel0 + k] + shift[channel0 + k] : zbar[k];
+            }
+            const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, centered);
             /* dL/dgate_p = sum_k gy_kp x_kp */
-            for (int64_t p = 0; p < P; ++p) grad_gate[p] = 0.0;
+            for (int64_t p = 0; p < P; ++p) grad_gate[p] = 0.0f;
             for (int64_t k = 0; k < K; ++k) {
-                const double s = scale ? scale[channel0 + k] : 1.0, t = scale ? shift[channel0 + k] : 0.0;
+                const float s = scale ? scale[channel0 + k] : 1.0f, t = scale ? shift[channel0 + k] : 0.0f;
                 const float *zk = zr + k * P, *gyk = gyr + k * P;
 #pragma omp simd
-                for (int64_t p = 0; p < P; ++p) grad_gate[p] += (double)gyk[p] * ((double)zk[p] * s + t);
+                for (int64_t p = 0; p < P; ++p) grad_gate[p] += gyk[p] * (zk[p] * s + t);
             }
             /* Through the sigmoid and the normalisation: grad_gate becomes dL/dc (centred). */
-            const double w = weight[g], b = bias[g], std = std_eps - SGE_EPS;
+            const double std = std_eps - SGE_EPS;
+            const float wf = weight[g], bf = bias[g], inv_std_eps = (float)(1.0 / std_eps);
             double grad_w = 0.0, grad_b = 0.0, dot = 0.0;
 #pragma omp simd reduction(+ : grad_w, grad_b, dot)
             for (int64_t p = 0; p < P; ++p) {
-                const double normalized = centered[p] / std_eps;
-                const double sig = 1.0 / (1.0 + exp(-(w * normalized + b)));
-                gate[p] = (float)sig;
-                const double grad_affine = grad_gate[p] * sig * (1.0 - sig);
+                const float normalized = centered[p] * inv_std_eps;
+                const float sig = 1.0f / (1.0f + expf(-(wf * normalized + bf)));
+                gate[p] = sig;
+                const float grad_affine = grad_gate[p] * sig * (1.0f - sig);
                 grad_w += grad_affine * normalized;
                 grad_b += grad_affine;
-                grad_gate[p] = grad_affine * w; /* now dL/dnormalized */
-                dot += grad_gate[p] * centered[p];
+                grad_gate[p] = grad_affine * wf; /* now dL/dnormalized */
+                dot += (double)grad_gate[p] * centered[p];
             }
             grad_weight_rows[n] = grad_w;
             grad_bias_rows[n] = grad_b;
-            const double correction = std > 1e-30 ? dot / (std_eps * std_eps * std * (double)(P - 1)) : 0.0;
+            const float correction = std > 1e-30 ? (float)(dot / (std_eps * std_eps * std * (double)(P - 1))) : 0.0f;
             double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
             for (int64_t p = 0; p < P; ++p) {
-                grad_gate[p] = grad_gate[p] / std_eps - centered[p] * correction;
+                grad_gate[p] = grad_gate[p] * inv_std_eps - centered[p] * correction;
                 sum += grad_gate[p];
             }
-            const double mean = sum / (double)P;
+            const float mean = (float)(sum / (double)P);
 #pragma omp simd
             for (int64_t p = 0; p < P; ++p) grad_gate[p] -= mean; /* dL/dc */
             /* dx_kp = gy_kp gate_p + m_k dc_p + (1/P) sum_p' x_kp' dc_p'; sum_p dc_p = 0, so the
@@ -155,11 +162,11 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
                 double zdot = 0.0;
 #pragma omp simd reduction(+ : zdot)
                 for (int64_t p = 0; p < P; ++p) zdot += (double)zk[p] * grad_gate[p];
-                const double grad_pooled = s * zdot / (double)P, m = pooled[k];
+                const float grad_pooled = (float)(s * zdot / (double)P), m = (float)pooled[k];
                 double gsum = 0.0, gzdot = 0.0;
 #pragma omp simd reduction(+ : gsum, gzdot)
                 for (int64_t p = 0; p < P; ++p) {
-                    const float gx = (float)((double)gyk[p] * gate[p] + m * grad_gate[p] + grad_pooled);
+                    const float gx = gyk[p] * gate[p] + m * grad_gate[p] + grad_pooled;
                     gxk[p] = gx;
                     gsum += gx;
                     gzdot += (double)gx * zk[p];
@@ -173,6 +180,8 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
         free(centered);
         free(grad_gate);
         free(gate);
+        free(zbar);
+        free(pooled);
     }
 }
 

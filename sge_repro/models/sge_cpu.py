@@ -127,13 +127,13 @@ def _f32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).to(torch.float32).contiguous()
 
 
-def _forward(z, y, scale, shift, weight, bias, pooled, groups):
+def _forward(z, y, scale, shift, weight, bias, zmean, groups):
     batch, channels, height, width = z.shape
-    library().sge_forward_f32(_p(z), _p(y), _p(scale), _p(shift), _p(weight), _p(bias), _p(pooled),
+    library().sge_forward_f32(_p(z), _p(y), _p(scale), _p(shift), _p(weight), _p(bias), _p(zmean),
                               batch, groups, channels // groups, height * width)
 
 
-def _backward(z, grad_y, grad_x, scale, shift, weight, bias, pooled, groups, channel_stats: bool):
+def _backward(z, grad_y, grad_x, scale, shift, weight, bias, zmean, groups, channel_stats: bool):
     """Runs the backward kernel; returns (grad_weight, grad_bias, channel_sums, channel_dots) with
     the per-row partial sums reduced over the batch (channel_* are None without channel_stats)."""
     batch, channels, height, width = z.shape
@@ -143,7 +143,7 @@ def _backward(z, grad_y, grad_x, scale, shift, weight, bias, pooled, groups, cha
     sums = torch.empty(batch * channels, dtype=torch.float64) if channel_stats else None
     dots = torch.empty(batch * channels, dtype=torch.float64) if channel_stats else None
     library().sge_backward_f32(
-        _p(z), _p(grad_y), _p(grad_x), _p(scale), _p(shift), _p(weight), _p(bias), _p(pooled),
+        _p(z), _p(grad_y), _p(grad_x), _p(scale), _p(shift), _p(weight), _p(bias), _p(zmean),
         _p(grad_weight_rows), _p(grad_bias_rows), _p(sums), _p(dots), batch, groups, channels // groups, height * width)
     grad_weight = grad_weight_rows.view(batch, groups).sum(0)
     grad_bias = grad_bias_rows.view(batch, groups).sum(0)
@@ -159,21 +159,21 @@ class SGEFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, inplace: bool):
         batch, channels = x.shape[:2]
         weight32, bias32 = _f32(weight), _f32(bias)
-        pooled = torch.empty(batch * channels, dtype=torch.float64)
+        zmean = torch.empty(batch * channels, dtype=torch.float64)  # per-channel means of z, for the backward
         y = x if inplace else torch.empty_like(x)
-        _forward(x, y, None, None, weight32, bias32, pooled, groups)
+        _forward(x, y, None, None, weight32, bias32, zmean, groups)
         if not inplace:
-            ctx.save_for_backward(x, weight, bias, pooled)
+            ctx.save_for_backward(x, weight, bias, zmean)
         ctx.groups = groups
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, pooled = ctx.saved_tensors
+        x, weight, bias, zmean = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x)
         grad_weight, grad_bias, _, _ = _backward(
-            x, grad_y, grad_x, None, None, _f32(weight), _f32(bias), pooled, ctx.groups, channel_stats=False)
+            x, grad_y, grad_x, None, None, _f32(weight), _f32(bias), zmean, ctx.groups, channel_stats=False)
         shape = weight.shape
         return grad_x, grad_weight.view(shape).to(weight.dtype), grad_bias.view(shape).to(bias.dtype), None, None
 
@@ -215,22 +215,22 @@ class BatchNormSGEFunction(torch.autograd.Function):
         beta = bn_bias.detach().double() if bn_bias is not None else torch.zeros(channels, dtype=torch.float64)
         scale = gamma * invstd
         shift = beta - mean * scale
-        pooled = torch.empty(batch * channels, dtype=torch.float64)
+        zmean = torch.empty(batch * channels, dtype=torch.float64)  # per-channel means of z, for the backward
         y = torch.empty_like(z)
         scale32, shift32 = scale.float(), shift.float()
-        _forward(z, y, scale32, shift32, _f32(weight), _f32(bias), pooled, groups)
-        ctx.save_for_backward(z, weight, bias, scale32, shift32, mean, invstd, gamma, pooled)
+        _forward(z, y, scale32, shift32, _f32(weight), _f32(bias), zmean, groups)
+        ctx.save_for_backward(z, weight, bias, scale32, shift32, mean, invstd, gamma, zmean)
         ctx.use_batch_stats, ctx.groups, ctx.count = use_batch_stats, groups, count
         ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        z, weight, bias, scale32, shift32, mean, invstd, gamma, pooled = ctx.saved_tensors
+        z, weight, bias, scale32, shift32, mean, invstd, gamma, zmean = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad = torch.empty_like(z)  # dL/dx, then dL/dz in place
         grad_weight, grad_bias, sums, dots = _backward(
-            z, grad_y, grad, scale32, shift32, _f32(weight), _f32(bias), pooled, ctx.groups, channel_stats=True)
+            z, grad_y, grad, scale32, shift32, _f32(weight), _f32(bias), zmean, ctx.groups, channel_stats=True)
         # BatchNorm backward from the per-channel sums of dx and dx*z: with xhat = (z - mean) * invstd,
         # sum dx*xhat = invstd (sum dx z - mean sum dx).
         dot_xhat = invstd * (dots - mean * sums)
