@@ -110,8 +110,8 @@ def _all_reduce_sum(values: list[float], dist_info: DistInfo, device: torch.devi
 
 
 def _broadcast_buffers(model: nn.Module, dist_info: DistInfo) -> None:
-    """Give every rank rank 0's BN running statistics (each rank updated them on its own shard
-    in the last step), so sharded validation evaluates exactly the model rank 0 saves."""
+    """Give every rank rank 0's BN running statistics (without sync_bn each rank updated them on
+    its own shard in the last step), so sharded validation evaluates exactly the model rank 0 saves."""
     if not dist_info.enabled:
         return
     import torch.distributed as dist
