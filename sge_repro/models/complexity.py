@@ -60,11 +60,16 @@ def _flop_handles() -> dict[str, Any]:
 def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> float:
     """Multiply-adds of one forward pass on a 1 x 3 x S x S input, in G (fvcore + handles above).
 
-    Traced in eval mode under no_grad, so SGE runs its eager fast path (not the autograd Function,
-    which a trace would show as an opaque PythonOp)."""
+    Traced in eval mode with SGE switched to its reference implementation: the count belongs to
+    the function, and the fast path's kernels are opaque to a trace."""
+    from sge_repro.models.sge import SpatialGroupEnhance
+
     was_training = model.training
+    sge_modules = [(module, module.impl) for module in model.modules() if isinstance(module, SpatialGroupEnhance)]
     model.eval()
     try:
+        for module, _ in sge_modules:
+            module.impl = "reference"
         # fvcore's tracer emits deprecation / tracer warnings on current torch: not the user's concern.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -78,6 +83,8 @@ def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> 
             total = analysis.total()
     finally:
         model.train(was_training)
+        for module, impl in sge_modules:
+            module.impl = impl
     return total / 1e9
 
 

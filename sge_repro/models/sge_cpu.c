@@ -58,10 +58,10 @@ static double centered_similarity(const float *z, const double *pooled, const fl
     return sqrt(squares / (double)(P - 1)) + SGE_EPS;
 }
 
-/* y = SGE(affine(z)); y may alias z. zmean_out (N*K doubles: the per-channel means of z, which the
+/* y = SGE(affine(z)); y may alias z. zmean_out (N*K floats: the per-channel means of z, which the
  * backward needs) is filled when not NULL. */
 void sge_forward_f32(const float *z, float *y, const float *scale, const float *shift, const float *weight,
-                     const float *bias, double *zmean_out, int64_t B, int64_t G, int64_t K, int64_t P) {
+                     const float *bias, float *zmean_out, int64_t B, int64_t G, int64_t K, int64_t P) {
     const int64_t N = B * G;
 #pragma omp parallel
     {
@@ -99,7 +99,7 @@ void sge_forward_f32(const float *z, float *y, const float *scale, const float *
  * channel_sums[n*K+k] = sum_p grad_x_kp and channel_dots[n*K+k] = sum_p grad_x_kp z_kp (what
  * the BatchNorm backward needs). zmean_all: what the forward wrote to zmean_out. */
 void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const float *scale, const float *shift,
-                      const float *weight, const float *bias, const double *zmean_all, double *grad_weight_rows,
+                      const float *weight, const float *bias, const float *zmean_all, double *grad_weight_rows,
                       double *grad_bias_rows, double *channel_sums, double *channel_dots, int64_t B, int64_t G,
                       int64_t K, int64_t P) {
     const int64_t N = B * G;
@@ -114,7 +114,7 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
             const float *zr = z + n * K * P, *gyr = grad_y + n * K * P;
             float *gxr = grad_x + n * K * P;
             for (int64_t k = 0; k < K; ++k) {  /* as pooled_row computed them, without re-reading the row */
-                zbar[k] = (float)zmean_all[n * K + k];
+                zbar[k] = zmean_all[n * K + k];
                 pooled[k] = scale ? (double)zbar[k] * scale[channel0 + k] + shift[channel0 + k] : zbar[k];
             }
             const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, centered);

@@ -159,7 +159,7 @@ class SGEFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, inplace: bool):
         batch, channels = x.shape[:2]
         weight32, bias32 = _f32(weight), _f32(bias)
-        zmean = torch.empty(batch * channels, dtype=torch.float64)  # per-channel means of z, for the backward
+        zmean = torch.empty(batch * channels, dtype=torch.float32)  # per-channel means of z, for the backward
         y = x if inplace else torch.empty_like(x)
         _forward(x, y, None, None, weight32, bias32, zmean, groups)
         if not inplace:
@@ -187,6 +187,16 @@ def sge(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, 
     return SGEFunction.apply(contiguous, weight, bias, groups, inplace)
 
 
+def _bn_affine(bn_weight, bn_bias, mean32, invstd32) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm as x = z * scale + shift (float32 per channel) from its statistics."""
+    invstd = invstd32.double()
+    scale = invstd if bn_weight is None else bn_weight.detach().double() * invstd
+    shift = -mean32.double() * scale
+    if bn_bias is not None:
+        shift += bn_bias.detach().double()
+    return scale.float(), shift.float()
+
+
 class BatchNormSGEFunction(torch.autograd.Function):
     """y = SGE(BatchNorm(z)) for a contiguous float32 CPU z. The BN output is never stored: the
     forward reads z twice (statistics, then BN+SGE) and writes y; the backward reads z and dy,
@@ -210,23 +220,23 @@ class BatchNormSGEFunction(torch.autograd.Function):
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         else:
             mean, var = running_mean.double(), running_var.double()
-        invstd = torch.rsqrt(var + eps)
-        gamma = bn_weight.detach().double() if bn_weight is not None else torch.ones(channels, dtype=torch.float64)
-        beta = bn_bias.detach().double() if bn_bias is not None else torch.zeros(channels, dtype=torch.float64)
-        scale = gamma * invstd
-        shift = beta - mean * scale
-        zmean = torch.empty(batch * channels, dtype=torch.float64)  # per-channel means of z, for the backward
+        # Saved in float32 as native_batch_norm saves them; scale / shift derive from the rounded
+        # values, so the backward recomputes exactly the forward's.
+        mean32, invstd32 = mean.float(), torch.rsqrt(var + eps).float()
+        scale32, shift32 = _bn_affine(bn_weight, bn_bias, mean32, invstd32)
+        zmean = torch.empty(batch * channels, dtype=torch.float32)  # per-channel means of z, for the backward
         y = torch.empty_like(z)
-        scale32, shift32 = scale.float(), shift.float()
         _forward(z, y, scale32, shift32, _f32(weight), _f32(bias), zmean, groups)
-        ctx.save_for_backward(z, weight, bias, scale32, shift32, mean, invstd, gamma, zmean)
+        ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, mean32, invstd32, zmean)
         ctx.use_batch_stats, ctx.groups, ctx.count = use_batch_stats, groups, count
-        ctx.has_bn_weight, ctx.has_bn_bias = bn_weight is not None, bn_bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        z, weight, bias, scale32, shift32, mean, invstd, gamma, zmean = ctx.saved_tensors
+        z, bn_weight, bn_bias, weight, bias, mean32, invstd32, zmean = ctx.saved_tensors
+        scale32, shift32 = _bn_affine(bn_weight, bn_bias, mean32, invstd32)
+        mean, invstd = mean32.double(), invstd32.double()
+        gamma = bn_weight.detach().double() if bn_weight is not None else torch.ones_like(mean)
         grad_y = grad_y.contiguous()
         grad = torch.empty_like(z)  # dL/dx, then dL/dz in place
         grad_weight, grad_bias, sums, dots = _backward(
@@ -246,6 +256,6 @@ class BatchNormSGEFunction(torch.autograd.Function):
         library().channel_affine2_f32(_p(grad), _p(z), _p(grad), _p(a32), _p(b32), _p(d32),
                                       batch, channels, height * width)
         shape = weight.shape
-        return (grad, dot_xhat.float() if ctx.has_bn_weight else None, sums.float() if ctx.has_bn_bias else None,
+        return (grad, dot_xhat.float() if bn_weight is not None else None, sums.float() if bn_bias is not None else None,
                 grad_weight.view(shape).to(weight.dtype), grad_bias.view(shape).to(bias.dtype),
                 None, None, None, None, None, None)
