@@ -19,43 +19,96 @@
 
 #define SGE_EPS 1e-5
 
+/* Reductions over a row keep LANES independent float partial sums (vectorised, no dependency
+ * chain through one accumulator) and combine them in double. */
+#define LANES 32
+/* Block of positions whose per-position accumulators stay in registers / L1 across channels. */
+#define BLOCK 64
+
+static double sum_f32(const float *a, int64_t n) {
+    float lanes[LANES] = {0};
+    int64_t p = 0;
+    for (; p + LANES <= n; p += LANES)
+        for (int j = 0; j < LANES; ++j) lanes[j] += a[p + j];
+    double total = 0.0;
+    for (; p < n; ++p) total += a[p];
+    for (int j = 0; j < LANES; ++j) total += lanes[j];
+    return total;
+}
+
+static double dot_f32(const float *a, const float *b, int64_t n) {
+    float lanes[LANES] = {0};
+    int64_t p = 0;
+    for (; p + LANES <= n; p += LANES)
+        for (int j = 0; j < LANES; ++j) lanes[j] += a[p + j] * b[p + j];
+    double total = 0.0;
+    for (; p < n; ++p) total += (double)a[p] * b[p];
+    for (int j = 0; j < LANES; ++j) total += lanes[j];
+    return total;
+}
+
+/* out_p = sum_k alpha_k (z_kp - offset_k) for the K channel rows of z (stride P): one write of
+ * out instead of K read-modify-writes. */
+static void channel_combination(const float *z, const float *alpha, const float *offset, int64_t K, int64_t P,
+                                float *out) {
+    int64_t p0 = 0;
+    for (; p0 + BLOCK <= P; p0 += BLOCK) {
+        float acc[BLOCK] = {0};
+        for (int64_t k = 0; k < K; ++k) {
+            const float a = alpha[k], o = offset[k], *zk = z + k * P + p0;
+            for (int j = 0; j < BLOCK; ++j) acc[j] += a * (zk[j] - o);
+        }
+        for (int j = 0; j < BLOCK; ++j) out[p0 + j] = acc[j];
+    }
+    for (int64_t p = p0; p < P; ++p) out[p] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {  /* the tail (all of a small map): vectorised over positions */
+        const float a = alpha[k], o = offset[k], *zk = z + k * P;
+#pragma omp simd
+        for (int64_t p = p0; p < P; ++p) out[p] += a * (zk[p] - o);
+    }
+}
+
+/* out_p = sum_k g_kp (s_k z_kp + t_k) (s, t NULL: identity), blocked as channel_combination. */
+static void channel_products(const float *g, const float *z, const float *s, const float *t, int64_t K, int64_t P,
+                             float *out) {
+    int64_t p0 = 0;
+    for (; p0 + BLOCK <= P; p0 += BLOCK) {
+        float acc[BLOCK] = {0};
+        for (int64_t k = 0; k < K; ++k) {
+            const float sk = s ? s[k] : 1.0f, tk = s ? t[k] : 0.0f, *zk = z + k * P + p0, *gk = g + k * P + p0;
+            for (int j = 0; j < BLOCK; ++j) acc[j] += gk[j] * (zk[j] * sk + tk);
+        }
+        for (int j = 0; j < BLOCK; ++j) out[p0 + j] = acc[j];
+    }
+    for (int64_t p = p0; p < P; ++p) out[p] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+        const float sk = s ? s[k] : 1.0f, tk = s ? t[k] : 0.0f, *zk = z + k * P, *gk = g + k * P;
+#pragma omp simd
+        for (int64_t p = p0; p < P; ++p) out[p] += gk[p] * (zk[p] * sk + tk);
+    }
+}
+
 /* The per-channel means of z (into `zbar`) of one row and m_k = mean of x_k = scale_k zbar_k + shift_k
  * (into `pooled`). zbar is rounded to float first: the backward recomputes m from it. */
 static void pooled_row(const float *z, const float *scale, const float *shift, int64_t channel0, int64_t K, int64_t P,
                        double *pooled, float *zbar) {
     for (int64_t k = 0; k < K; ++k) {
-        const float *zk = z + k * P;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t p = 0; p < P; ++p) sum += zk[p];
-        zbar[k] = (float)(sum / (double)P);
+        zbar[k] = (float)(sum_f32(z + k * P, P) / (double)P);
         pooled[k] = scale ? (double)zbar[k] * scale[channel0 + k] + shift[channel0 + k] : zbar[k];
     }
 }
 
 /* Centred similarity d_p (into `centered`) of one row; returns its unbiased std + eps.
  * d_p = c_p - mean(c) = sum_k m_k (x_kp - mean(x_k)) = sum_k (m_k s_k) (z_kp - zbar_k): summing
- * centred terms keeps float accumulation accurate however large mean(c) is. */
+ * centred terms keeps float accumulation accurate however large mean(c) is. `alpha`: K scratch. */
 static double centered_similarity(const float *z, const double *pooled, const float *zbar, const float *scale,
-                                  int64_t channel0, int64_t K, int64_t P, float *centered) {
-    for (int64_t p = 0; p < P; ++p) centered[p] = 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
-        const float alpha = (float)(pooled[k] * (scale ? (double)scale[channel0 + k] : 1.0)), mean = zbar[k];
-        const float *zk = z + k * P;
+                                  int64_t channel0, int64_t K, int64_t P, float *alpha, float *centered) {
+    for (int64_t k = 0; k < K; ++k) alpha[k] = (float)(pooled[k] * (scale ? (double)scale[channel0 + k] : 1.0));
+    channel_combination(z, alpha, zbar, K, P, centered);
+    const float residual = (float)(sum_f32(centered, P) / (double)P); /* rounding only */
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) centered[p] += alpha * (zk[p] - mean);
-    }
-    double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t p = 0; p < P; ++p) sum += centered[p];
-    const float residual = (float)(sum / (double)P);  /* rounding only */
-    double squares = 0.0;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t p = 0; p < P; ++p) {
-        centered[p] -= residual;
-        squares += (double)centered[p] * centered[p];
-    }
-    return sqrt(squares / (double)(P - 1)) + SGE_EPS;
+    for (int64_t p = 0; p < P; ++p) centered[p] -= residual;
+    return sqrt(dot_f32(centered, centered, P) / (double)(P - 1)) + SGE_EPS;
 }
 
 /* y = SGE(affine(z)); y may alias z. zmean_out (N*K floats: the per-channel means of z, which the
@@ -65,7 +118,8 @@ void sge_forward_f32(const float *z, float *y, const float *scale, const float *
     const int64_t N = B * G;
 #pragma omp parallel
     {
-        float *centered = malloc(sizeof(float) * P), *gate = malloc(sizeof(float) * P), *zbar = malloc(sizeof(float) * K);
+        float *centered = malloc(sizeof(float) * P), *gate = malloc(sizeof(float) * P);
+        float *zbar = malloc(sizeof(float) * K), *alpha = malloc(sizeof(float) * K);
         double *pooled = malloc(sizeof(double) * K);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n) {
@@ -75,7 +129,7 @@ void sge_forward_f32(const float *z, float *y, const float *scale, const float *
             pooled_row(zr, scale, shift, channel0, K, P, pooled, zbar);
             if (zmean_out)
                 for (int64_t k = 0; k < K; ++k) zmean_out[n * K + k] = zbar[k];
-            const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, centered);
+            const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, alpha, centered);
             const float gain = (float)(weight[g] / std_eps), offset = bias[g];
 #pragma omp simd
             for (int64_t p = 0; p < P; ++p) gate[p] = 1.0f / (1.0f + expf(-(gain * centered[p] + offset)));
@@ -90,14 +144,16 @@ void sge_forward_f32(const float *z, float *y, const float *scale, const float *
         free(centered);
         free(gate);
         free(zbar);
+        free(alpha);
         free(pooled);
     }
 }
 
 /* grad_x = dL/dx for y = SGE(x), x = affine(z) (grad_x may alias grad_y). Per row also:
  * grad_weight_rows[n], grad_bias_rows[n] (to be summed over the batch) and, with the affine,
- * channel_sums[n*K+k] = sum_p grad_x_kp and channel_dots[n*K+k] = sum_p grad_x_kp z_kp (what
- * the BatchNorm backward needs). zmean_all: what the forward wrote to zmean_out. */
+ * channel_sums[n*K+k] = sum_p grad_x_kp and channel_dots[n*K+k] = sum_p grad_x_kp (z_kp - zbar_k)
+ * with zbar_k the row's channel mean (centred, so float lanes stay accurate): what the
+ * BatchNorm backward needs. zmean_all: what the forward wrote to zmean_out. */
 void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const float *scale, const float *shift,
                       const float *weight, const float *bias, const float *zmean_all, double *grad_weight_rows,
                       double *grad_bias_rows, double *channel_sums, double *channel_dots, int64_t B, int64_t G,
@@ -107,6 +163,7 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
     {
         float *centered = malloc(sizeof(float) * P), *grad_gate = malloc(sizeof(float) * P);
         float *gate = malloc(sizeof(float) * P), *zbar = malloc(sizeof(float) * K);
+        float *alpha = malloc(sizeof(float) * K);
         double *pooled = malloc(sizeof(double) * K);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n) {
@@ -117,15 +174,9 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
                 zbar[k] = zmean_all[n * K + k];
                 pooled[k] = scale ? (double)zbar[k] * scale[channel0 + k] + shift[channel0 + k] : zbar[k];
             }
-            const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, centered);
+            const double std_eps = centered_similarity(zr, pooled, zbar, scale, channel0, K, P, alpha, centered);
             /* dL/dgate_p = sum_k gy_kp x_kp */
-            for (int64_t p = 0; p < P; ++p) grad_gate[p] = 0.0f;
-            for (int64_t k = 0; k < K; ++k) {
-                const float s = scale ? scale[channel0 + k] : 1.0f, t = scale ? shift[channel0 + k] : 0.0f;
-                const float *zk = zr + k * P, *gyk = gyr + k * P;
-#pragma omp simd
-                for (int64_t p = 0; p < P; ++p) grad_gate[p] += gyk[p] * (zk[p] * s + t);
-            }
+            channel_products(gyr, zr, scale ? scale + channel0 : NULL, scale ? shift + channel0 : NULL, K, P, grad_gate);
             /* Through the sigmoid and the normalisation: grad_gate becomes dL/dc (centred). */
             const double std = std_eps - SGE_EPS;
             const float wf = weight[g], bf = bias[g], inv_std_eps = (float)(1.0 / std_eps);
@@ -159,17 +210,27 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
                 const double s = scale ? scale[channel0 + k] : 1.0;
                 const float *zk = zr + k * P, *gyk = gyr + k * P;
                 float *gxk = gxr + k * P;
-                double zdot = 0.0;
-#pragma omp simd reduction(+ : zdot)
-                for (int64_t p = 0; p < P; ++p) zdot += (double)zk[p] * grad_gate[p];
-                const float grad_pooled = (float)(s * zdot / (double)P), m = (float)pooled[k];
+                const float grad_pooled = (float)(s * dot_f32(zk, grad_gate, P) / (double)P), m = (float)pooled[k];
+                const float zk_mean = zbar[k];
+                float sums[LANES] = {0}, dots[LANES] = {0};
+                int64_t p = 0;
+                for (; p + LANES <= P; p += LANES)
+                    for (int j = 0; j < LANES; ++j) {
+                        const float gx = gyk[p + j] * gate[p + j] + m * grad_gate[p + j] + grad_pooled;
+                        gxk[p + j] = gx;
+                        sums[j] += gx;
+                        dots[j] += gx * (zk[p + j] - zk_mean);
+                    }
                 double gsum = 0.0, gzdot = 0.0;
-#pragma omp simd reduction(+ : gsum, gzdot)
-                for (int64_t p = 0; p < P; ++p) {
+                for (; p < P; ++p) {
                     const float gx = gyk[p] * gate[p] + m * grad_gate[p] + grad_pooled;
                     gxk[p] = gx;
                     gsum += gx;
-                    gzdot += (double)gx * zk[p];
+                    gzdot += (double)gx * (zk[p] - zk_mean);
+                }
+                for (int j = 0; j < LANES; ++j) {
+                    gsum += sums[j];
+                    gzdot += dots[j];
                 }
                 if (channel_sums) {
                     channel_sums[n * K + k] = gsum;
@@ -181,6 +242,7 @@ void sge_backward_f32(const float *z, const float *grad_y, float *grad_x, const 
         free(grad_gate);
         free(gate);
         free(zbar);
+        free(alpha);
         free(pooled);
     }
 }

@@ -147,8 +147,8 @@ def _backward(z, grad_y, grad_x, scale, shift, weight, bias, zmean, groups, chan
         _p(grad_weight_rows), _p(grad_bias_rows), _p(sums), _p(dots), batch, groups, channels // groups, height * width)
     grad_weight = grad_weight_rows.view(batch, groups).sum(0)
     grad_bias = grad_bias_rows.view(batch, groups).sum(0)
-    if channel_stats:
-        return grad_weight, grad_bias, sums.view(batch, channels).sum(0), dots.view(batch, channels).sum(0)
+    if channel_stats:  # per (sample, channel): the caller combines them with the channel means
+        return grad_weight, grad_bias, sums.view(batch, channels), dots.view(batch, channels)
     return grad_weight, grad_bias, None, None
 
 
@@ -241,9 +241,12 @@ class BatchNormSGEFunction(torch.autograd.Function):
         grad = torch.empty_like(z)  # dL/dx, then dL/dz in place
         grad_weight, grad_bias, sums, dots = _backward(
             z, grad_y, grad, scale32, shift32, _f32(weight), _f32(bias), zmean, ctx.groups, channel_stats=True)
-        # BatchNorm backward from the per-channel sums of dx and dx*z: with xhat = (z - mean) * invstd,
-        # sum dx*xhat = invstd (sum dx z - mean sum dx).
-        dot_xhat = invstd * (dots - mean * sums)
+        # BatchNorm backward from per-(sample, channel) sums of dx and dx (z - zbar), zbar the
+        # sample's channel mean: with xhat = (z - mean) * invstd,
+        # sum dx*xhat = invstd sum_b [sum dx (z - zbar_b) + (zbar_b - mean) sum dx].
+        zmean_bc = zmean.double().view(sums.shape)
+        dot_xhat = invstd * (dots + sums * (zmean_bc - mean)).sum(0)
+        sums = sums.sum(0)
         a = gamma * invstd
         if ctx.use_batch_stats:
             # dz = a (dx - sum dx / M - xhat sum dx*xhat / M)
