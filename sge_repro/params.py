@@ -79,7 +79,10 @@ class TrainClsParams(Section):
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
     compile: bool = False
-    sync_bn: bool = False
+    sync_bn: bool = Field(False, description=(
+        "BatchNorm statistics over the global batch of all processes (torch SyncBatchNorm on CUDA, "
+        "GlobalBatchNorm2d on CPU/gloo): N processes then train what one process trains on the same "
+        "batch_size. No effect in a single process"))
     workers: int = Field(0, ge=0)
     device: str = "cpu"
 

@@ -283,7 +283,7 @@ def _val_loader(dataset: ImageFolderDataset, batch_size: int, workers: int, dist
     shard = Subset(dataset, indices) if dist_info.enabled else dataset
     return DataLoader(shard, batch_size=batch_size, sampler=SequentialSampler(shard), num_workers=workers,
                       collate_fn=collate_skipping_none, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
 
 
 class GlobalBatchSampler:
