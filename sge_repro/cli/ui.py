@@ -16,15 +16,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-def _console(stderr: bool = False) -> Console:
-    console = Console(stderr=stderr)
+def _console(stderr: bool = False, quiet: bool = False) -> Console:
+    console = Console(stderr=stderr, quiet=quiet)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         # Captured output (DVC stage logs, CI): 80 columns would fold the result tables.
-        console = Console(stderr=stderr, width=160)
+        console = Console(stderr=stderr, width=160, quiet=quiet)
     return console
 
 
-console = _console()
+# Under torchrun only rank 0 prints progress and results (errors still come from every rank).
+_SECONDARY_RANK = os.environ.get("RANK", "0") not in ("", "0")
+console = _console(quiet=_SECONDARY_RANK)
 err_console = _console(stderr=True)
 
 
