@@ -59,7 +59,8 @@ class ModelParams(Section):
 
     width: int = Field(32, ge=4, description="base channel width (64 = the paper's ResNets)")
     groups: int = Field(8, ge=1, description="SGE groups G (64 in the paper)")
-    sge_impl: Literal["fast", "reference"] = "fast"
+    sge_impl: Literal["fast", "reference", "triton"] = Field("fast", description=(
+        "SGE implementation: fast (default), reference (the formula step by step), triton (CUDA kernels, opt-in)"))
 
 
 class TrainClsParams(Section):

@@ -23,7 +23,7 @@ def bench_sge(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """ResNet50 vs SGE-ResNet50 (reference and fast module): eval forward and a training step."""
+    """ResNet50 vs SGE-ResNet50 (reference, fast and, on CUDA, Triton module): eval forward and a training step."""
     import torch
 
     from sge_repro.models.benchmark import benchmark_sge
@@ -46,7 +46,9 @@ def bench_sge(
     console.print(table)
     module = result["module"]
     shape = "x".join(str(n) for n in module["shape"])
-    for impl in ("reference", "fast"):
+    for impl in ("reference", "fast", "triton"):
+        if impl not in module:  # triton: only where CUDA is
+            continue
         item = module[impl]
         console.print(f"module alone ({impl}) on {shape}, G={module['groups']}: forward {item['forward_ms']:.2f} ms "
                       f"({item['forward_gb_s']:.1f} GB/s), forward+backward {item['forward_backward_ms']:.2f} ms "

@@ -16,11 +16,18 @@ from torch import nn
 
 from sge_repro.errors import UserError
 from sge_repro.models.registry import create_model
+from sge_repro.models import sge_triton
 from sge_repro.models.sge import sge_fast, sge_reference
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = (("resnet50", "resnet50", "fast"), ("sge_resnet50_reference", "sge_resnet50", "reference"),
             ("sge_resnet50_fast", "sge_resnet50", "fast"))
+# Where the Triton kernels run (CUDA), they are measured too.
+TRITON_VARIANT = ("sge_resnet50_triton", "sge_resnet50", "triton")
+
+
+def _variants(device: torch.device) -> tuple:
+    return VARIANTS + ((TRITON_VARIANT,) if sge_triton.applies(torch.empty(1, 1, 1, 1, device=device)) else ())
 
 
 def _sync(device: torch.device) -> None:
@@ -85,8 +92,9 @@ def benchmark_sge(
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(target)
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(target)
 
+    variants = _variants(target)
     models, optimizers = {}, {}
-    for label, name, impl in VARIANTS:
+    for label, name, impl in variants:
         models[label] = create_model(name, sge_impl=impl, seed=seed).to(target)
         optimizers[label] = torch.optim.SGD(models[label].parameters(), lr=1e-3, momentum=0.9)
 
@@ -103,18 +111,18 @@ def benchmark_sge(
         loss.backward()
         optimizer.step()
 
-    samples: dict[str, dict[str, list[float]]] = {label: {"forward_ms": [], "train_step_ms": []} for label, _, _ in VARIANTS}
+    samples: dict[str, dict[str, list[float]]] = {label: {"forward_ms": [], "train_step_ms": []} for label, _, _ in variants}
     for round_index in range(warmup + repeats):
-        for label, _, _ in VARIANTS:
+        for label, _, _ in variants:
             forward_ms = _timed(lambda: forward(label), target)
             train_ms = _timed(lambda: train_step(label), target)
             if round_index >= warmup:
                 samples[label]["forward_ms"].append(forward_ms)
                 samples[label]["train_step_ms"].append(train_ms)
 
-    memory = {label: saved_activation_bytes(models[label].train(), images, autocast_dtype) for label, _, _ in VARIANTS}
+    memory = {label: saved_activation_bytes(models[label].train(), images, autocast_dtype) for label, _, _ in variants}
     results = {}
-    for label, _, _ in VARIANTS:
+    for label, _, _ in variants:
         forward_ms = statistics.median(samples[label]["forward_ms"])
         train_ms = statistics.median(samples[label]["train_step_ms"])
         results[label] = {"forward_ms": forward_ms, "train_step_ms": train_ms,
@@ -148,6 +156,8 @@ def benchmark_sge_module(
     x_train = x.clone().requires_grad_(True)
     weight_train, bias_train = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     functions = {"reference": sge_reference, "fast": sge_fast}
+    if sge_triton.applies(x):
+        functions["triton"] = sge_triton.sge
 
     def forward(function) -> None:
         with torch.no_grad():

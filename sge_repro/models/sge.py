@@ -10,8 +10,9 @@ For x of shape (B, C, H, W) split into G groups of K = C/G channels, per sample 
 gamma (`weight`, init 0) and beta (`bias`, init 1) have shape (1, G, 1, 1), so parameter names
 and shapes equal the authors' release files (`layerX.Y.sge.weight`).
 
-Two implementations compute the same function:
+Three implementations compute the same function:
 - "reference": the formula step by step in eager torch ops (documentation and test oracle);
+- "triton" (opt-in, CUDA): one Triton kernel per direction (sge_triton.py); elsewhere "fast";
 - "fast": on the CPU in float32, the C kernels of sge_cpu.c (one pass over memory, fused with the
   BatchNorm in front of SGE); elsewhere (CUDA, float64, autocast, or without a C compiler) torch
   ops with fewer passes over the activation memory (the pooled dot product as one batched matmul,
@@ -28,10 +29,10 @@ import torch
 from torch import nn
 
 from sge_repro.errors import UserError
-from sge_repro.models import sge_cpu
+from sge_repro.models import sge_cpu, sge_triton
 
 SGE_EPS = 1e-5
-SGE_IMPLS = ("fast", "reference")
+SGE_IMPLS = ("fast", "reference", "triton")
 # Devices on which the fast path uses the elementwise formulation instead of batched matvecs.
 ELEMENTWISE_DEVICES = {"cuda"}
 # Devices on which the fast path's math runs through torch.compile (set SGE_COMPILE=0 to disable);
@@ -351,6 +352,10 @@ class SpatialGroupEnhance(nn.Module):
         check_spatial_size(x)
         if self.impl == "reference":
             return sge_reference(x, self.weight, self.bias, self.groups)
+        if self.impl == "triton":
+            out = sge_triton.sge(x, self.weight, self.bias, self.groups)
+            if out is not None:
+                return out
         return sge_fast(x, self.weight, self.bias, self.groups)
 
     def extra_repr(self) -> str:
