@@ -80,7 +80,7 @@ def test_group_validation_names_both_numbers(channels, groups):
 
 def test_unknown_impl_is_user_error():
     with pytest.raises(UserError, match="impl"):
-        SpatialGroupEnhance(8, groups=2, impl="triton")
+        SpatialGroupEnhance(8, groups=2, impl="tensorrt")
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
