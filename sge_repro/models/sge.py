@@ -270,6 +270,7 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
         and not torch.is_autocast_enabled(z.device.type)
         and not (_has_hooks(bn) or _has_hooks(sge))
         and sge_cpu.applies(z)
+        and sge_cpu.batchnorm_applies(bn)
     ):
         if z.shape[1] != sge.channels:
             raise ValueError(f"SGE expected {sge.channels} input channels, got {z.shape[1]}")

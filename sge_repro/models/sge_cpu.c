@@ -279,3 +279,109 @@ void channel_affine2_f32(const float *u, const float *v, float *out, const float
         for (int64_t p = 0; p < P; ++p) outr[p] = ac * ur[p] + bc * vr[p] + dc;
     }
 }
+
+/* scale/shift of x = z * scale + shift for BatchNorm with statistics (mean, invstd) and optional
+ * affine parameters. Computed identically in the forward and the backward. */
+static void bn_affine(const float *bn_weight, const float *bn_bias, const float *mean, const float *invstd, int64_t C,
+                      float *scale, float *shift) {
+    for (int64_t c = 0; c < C; ++c) {
+        const double s = (bn_weight ? (double)bn_weight[c] : 1.0) * invstd[c];
+        scale[c] = (float)s;
+        shift[c] = (float)((bn_bias ? (double)bn_bias[c] : 0.0) - (double)mean[c] * s);
+    }
+}
+
+/* y = SGE(BatchNorm(z)). With use_batch_stats, the batch statistics (and, when running_mean is
+ * not NULL, the running statistics: unbiased variance, `momentum`) as nn.BatchNorm2d; otherwise
+ * the running statistics. Writes mean_out / invstd_out (C) and zmean_out (B*C) for the backward. */
+void bn_sge_forward_f32(const float *z, float *y, const float *bn_weight, const float *bn_bias, float *running_mean,
+                        float *running_var, float *mean_out, float *invstd_out, const float *weight, const float *bias,
+                        float *zmean_out, int64_t use_batch_stats, double momentum, double eps, int64_t B, int64_t C,
+                        int64_t G, int64_t P) {
+    float *scale = malloc(sizeof(float) * C), *shift = malloc(sizeof(float) * C);
+    if (use_batch_stats) {
+        double *sums = malloc(sizeof(double) * C), *squares = malloc(sizeof(double) * C);
+        channel_moments_f32(z, sums, squares, B, C, P);
+        const double count = (double)(B * P);
+        for (int64_t c = 0; c < C; ++c) {
+            const double mean = sums[c] / count, var = fmax(squares[c] / count - mean * mean, 0.0);
+            mean_out[c] = (float)mean;
+            invstd_out[c] = (float)(1.0 / sqrt(var + eps));
+            if (running_mean) {
+                const double unbiased = count > 1 ? var * count / (count - 1) : var;
+                running_mean[c] = (float)((1 - momentum) * running_mean[c] + momentum * mean);
+                running_var[c] = (float)((1 - momentum) * running_var[c] + momentum * unbiased);
+            }
+        }
+        free(sums);
+        free(squares);
+    } else {
+        for (int64_t c = 0; c < C; ++c) {
+            mean_out[c] = running_mean[c];
+            invstd_out[c] = (float)(1.0 / sqrt((double)running_var[c] + eps));
+        }
+    }
+    bn_affine(bn_weight, bn_bias, mean_out, invstd_out, C, scale, shift);
+    sge_forward_f32(z, y, scale, shift, weight, bias, zmean_out, B, G, C / G, P);
+    free(scale);
+    free(shift);
+}
+
+/* Gradients of y = SGE(BatchNorm(z)) given what bn_sge_forward_f32 wrote: grad_z (B*C*P),
+ * grad_weight / grad_bias (G, SGE), grad_bn_weight / grad_bn_bias (C; skipped when NULL). */
+void bn_sge_backward_f32(const float *z, const float *grad_y, float *grad_z, const float *bn_weight,
+                         const float *bn_bias, const float *mean, const float *invstd, const float *zmean,
+                         const float *weight, const float *bias, int64_t use_batch_stats, float *grad_weight,
+                         float *grad_bias, float *grad_bn_weight, float *grad_bn_bias, int64_t B, int64_t C, int64_t G,
+                         int64_t P) {
+    const int64_t N = B * G;
+    float *scale = malloc(sizeof(float) * C), *shift = malloc(sizeof(float) * C);
+    float *a = malloc(sizeof(float) * C), *b = malloc(sizeof(float) * C), *d = malloc(sizeof(float) * C);
+    double *weight_rows = malloc(sizeof(double) * N), *bias_rows = malloc(sizeof(double) * N);
+    double *sums = malloc(sizeof(double) * B * C), *dots = malloc(sizeof(double) * B * C);
+    bn_affine(bn_weight, bn_bias, mean, invstd, C, scale, shift);
+    sge_backward_f32(z, grad_y, grad_z, scale, shift, weight, bias, zmean, weight_rows, bias_rows, sums, dots, B, G,
+                     C / G, P);
+    for (int64_t g = 0; g < G; ++g) {
+        double gw = 0.0, gb = 0.0;
+        for (int64_t s = 0; s < B; ++s) {
+            gw += weight_rows[s * G + g];
+            gb += bias_rows[s * G + g];
+        }
+        grad_weight[g] = (float)gw;
+        grad_bias[g] = (float)gb;
+    }
+    /* BatchNorm backward from per-(sample, channel) sums of dx and dx (z - zbar), zbar the sample's
+     * channel mean: with xhat = (z - mean) invstd,
+     * sum dx xhat = invstd sum_b [sum dx (z - zbar_b) + (zbar_b - mean) sum dx]. */
+    const double count = (double)(B * P);
+    for (int64_t c = 0; c < C; ++c) {
+        double total = 0.0, centred = 0.0;
+        for (int64_t s = 0; s < B; ++s) {
+            total += sums[s * C + c];
+            centred += dots[s * C + c] + sums[s * C + c] * ((double)zmean[s * C + c] - mean[c]);
+        }
+        const double dot_xhat = invstd[c] * centred, ac = (bn_weight ? (double)bn_weight[c] : 1.0) * invstd[c];
+        if (grad_bn_weight) grad_bn_weight[c] = (float)dot_xhat;
+        if (grad_bn_bias) grad_bn_bias[c] = (float)total;
+        a[c] = (float)ac;
+        if (use_batch_stats) { /* dz = a (dx - sum dx / M - xhat sum dx xhat / M) */
+            const double bc = -ac * invstd[c] * dot_xhat / count;
+            b[c] = (float)bc;
+            d[c] = (float)(-ac * total / count - bc * mean[c]);
+        } else {
+            b[c] = 0.0f;
+            d[c] = 0.0f;
+        }
+    }
+    channel_affine2_f32(grad_z, z, grad_z, a, b, d, B, C, P);
+    free(scale);
+    free(shift);
+    free(a);
+    free(b);
+    free(d);
+    free(weight_rows);
+    free(bias_rows);
+    free(sums);
+    free(dots);
+}

@@ -36,11 +36,12 @@ _library: ctypes.CDLL | None = None
 _failed = False
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_f64 = ctypes.c_double
 _SIGNATURES = {
     "sge_forward_f32": [_ptr] * 7 + [_i64] * 4,
     "sge_backward_f32": [_ptr] * 12 + [_i64] * 4,
-    "channel_moments_f32": [_ptr] * 3 + [_i64] * 3,
-    "channel_affine2_f32": [_ptr] * 6 + [_i64] * 3,
+    "bn_sge_forward_f32": [_ptr] * 11 + [_i64, _f64, _f64] + [_i64] * 4,
+    "bn_sge_backward_f32": [_ptr] * 10 + [_i64] + [_ptr] * 4 + [_i64] * 4,
 }
 
 
@@ -133,23 +134,16 @@ def _forward(z, y, scale, shift, weight, bias, zmean, groups):
                               batch, groups, channels // groups, height * width)
 
 
-def _backward(z, grad_y, grad_x, scale, shift, weight, bias, zmean, groups, channel_stats: bool):
-    """Runs the backward kernel; returns (grad_weight, grad_bias, channel_sums, channel_dots) with
-    the per-row partial sums reduced over the batch (channel_* are None without channel_stats)."""
-    batch, channels, height, width = z.shape
+def _backward(x, grad_y, grad_x, weight, bias, zmean, groups):
+    """Runs the backward kernel; returns (grad_weight, grad_bias) reduced over the batch."""
+    batch, channels, height, width = x.shape
     rows = batch * groups
     grad_weight_rows = torch.empty(rows, dtype=torch.float64)
     grad_bias_rows = torch.empty(rows, dtype=torch.float64)
-    sums = torch.empty(batch * channels, dtype=torch.float64) if channel_stats else None
-    dots = torch.empty(batch * channels, dtype=torch.float64) if channel_stats else None
     library().sge_backward_f32(
-        _p(z), _p(grad_y), _p(grad_x), _p(scale), _p(shift), _p(weight), _p(bias), _p(zmean),
-        _p(grad_weight_rows), _p(grad_bias_rows), _p(sums), _p(dots), batch, groups, channels // groups, height * width)
-    grad_weight = grad_weight_rows.view(batch, groups).sum(0)
-    grad_bias = grad_bias_rows.view(batch, groups).sum(0)
-    if channel_stats:  # per (sample, channel): the caller combines them with the channel means
-        return grad_weight, grad_bias, sums.view(batch, channels), dots.view(batch, channels)
-    return grad_weight, grad_bias, None, None
+        _p(x), _p(grad_y), _p(grad_x), None, None, _p(weight), _p(bias), _p(zmean),
+        _p(grad_weight_rows), _p(grad_bias_rows), None, None, batch, groups, channels // groups, height * width)
+    return grad_weight_rows.view(batch, groups).sum(0), grad_bias_rows.view(batch, groups).sum(0)
 
 
 class SGEFunction(torch.autograd.Function):
@@ -172,8 +166,7 @@ class SGEFunction(torch.autograd.Function):
         x, weight, bias, zmean = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x)
-        grad_weight, grad_bias, _, _ = _backward(
-            x, grad_y, grad_x, None, None, _f32(weight), _f32(bias), zmean, ctx.groups, channel_stats=False)
+        grad_weight, grad_bias = _backward(x, grad_y, grad_x, _f32(weight), _f32(bias), zmean, ctx.groups)
         shape = weight.shape
         return grad_x, grad_weight.view(shape).to(weight.dtype), grad_bias.view(shape).to(bias.dtype), None, None
 
@@ -187,78 +180,48 @@ def sge(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, 
     return SGEFunction.apply(contiguous, weight, bias, groups, inplace)
 
 
-def _bn_affine(bn_weight, bn_bias, mean32, invstd32) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm as x = z * scale + shift (float32 per channel) from its statistics."""
-    invstd = invstd32.double()
-    scale = invstd if bn_weight is None else bn_weight.detach().double() * invstd
-    shift = -mean32.double() * scale
-    if bn_bias is not None:
-        shift += bn_bias.detach().double()
-    return scale.float(), shift.float()
+def batchnorm_applies(bn: torch.nn.BatchNorm2d) -> bool:
+    """The fused kernels read BN parameters and running statistics as float32 (as in a float32 model)."""
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()) for t in tensors)
 
 
 class BatchNormSGEFunction(torch.autograd.Function):
-    """y = SGE(BatchNorm(z)) for a contiguous float32 CPU z. The BN output is never stored: the
-    forward reads z twice (statistics, then BN+SGE) and writes y; the backward reads z and dy,
-    writes dx, then turns it into dz in place. Running statistics are updated as nn.BatchNorm2d
-    does (unbiased variance)."""
+    """y = SGE(BatchNorm(z)) for a contiguous float32 CPU z, each direction one kernel call. The BN
+    output is never stored: the forward reads z twice (statistics, then BN+SGE) and writes y; the
+    backward reads z and dy, writes dx, then turns it into dz in place. Running statistics are
+    updated as nn.BatchNorm2d does (unbiased variance, `momentum`)."""
 
     @staticmethod
     def forward(ctx, z, bn_weight, bn_bias, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
                 groups):
         batch, channels, height, width = z.shape
-        count = batch * height * width
-        if use_batch_stats:
-            sums = torch.empty(channels, dtype=torch.float64)
-            squares = torch.empty(channels, dtype=torch.float64)
-            library().channel_moments_f32(_p(z), _p(sums), _p(squares), batch, channels, height * width)
-            mean = sums / count
-            var = (squares / count - mean * mean).clamp_min_(0.0)
-            if running_mean is not None:
-                unbiased = var * (count / max(count - 1, 1))
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        else:
-            mean, var = running_mean.double(), running_var.double()
-        # Saved in float32 as native_batch_norm saves them; scale / shift derive from the rounded
-        # values, so the backward recomputes exactly the forward's.
-        mean32, invstd32 = mean.float(), torch.rsqrt(var + eps).float()
-        scale32, shift32 = _bn_affine(bn_weight, bn_bias, mean32, invstd32)
-        zmean = torch.empty(batch * channels, dtype=torch.float32)  # per-channel means of z, for the backward
+        mean = torch.empty(channels)  # float32, as native_batch_norm saves them
+        invstd = torch.empty(channels)
+        zmean = torch.empty(batch * channels)  # per-(sample, channel) means of z, for the backward
         y = torch.empty_like(z)
-        _forward(z, y, scale32, shift32, _f32(weight), _f32(bias), zmean, groups)
-        ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, mean32, invstd32, zmean)
-        ctx.use_batch_stats, ctx.groups, ctx.count = use_batch_stats, groups, count
+        weight32, bias32 = _f32(weight), _f32(bias)
+        library().bn_sge_forward_f32(
+            _p(z), _p(y), _p(bn_weight), _p(bn_bias), _p(running_mean),
+            _p(running_var), _p(mean), _p(invstd), _p(weight32), _p(bias32), _p(zmean), int(use_batch_stats),
+            float(momentum), float(eps), batch, channels, groups, height * width)
+        ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, mean, invstd, zmean)
+        ctx.use_batch_stats, ctx.groups = use_batch_stats, groups
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        z, bn_weight, bn_bias, weight, bias, mean32, invstd32, zmean = ctx.saved_tensors
-        scale32, shift32 = _bn_affine(bn_weight, bn_bias, mean32, invstd32)
-        mean, invstd = mean32.double(), invstd32.double()
-        gamma = bn_weight.detach().double() if bn_weight is not None else torch.ones_like(mean)
-        grad_y = grad_y.contiguous()
-        grad = torch.empty_like(z)  # dL/dx, then dL/dz in place
-        grad_weight, grad_bias, sums, dots = _backward(
-            z, grad_y, grad, scale32, shift32, _f32(weight), _f32(bias), zmean, ctx.groups, channel_stats=True)
-        # BatchNorm backward from per-(sample, channel) sums of dx and dx (z - zbar), zbar the
-        # sample's channel mean: with xhat = (z - mean) * invstd,
-        # sum dx*xhat = invstd sum_b [sum dx (z - zbar_b) + (zbar_b - mean) sum dx].
-        zmean_bc = zmean.double().view(sums.shape)
-        dot_xhat = invstd * (dots + sums * (zmean_bc - mean)).sum(0)
-        sums = sums.sum(0)
-        a = gamma * invstd
-        if ctx.use_batch_stats:
-            # dz = a (dx - sum dx / M - xhat sum dx*xhat / M)
-            b = -a * invstd * dot_xhat / ctx.count
-            d = -a * sums / ctx.count - b * mean
-        else:
-            b, d = torch.zeros_like(a), torch.zeros_like(a)
+        z, bn_weight, bn_bias, weight, bias, mean, invstd, zmean = ctx.saved_tensors
         batch, channels, height, width = z.shape
-        a32, b32, d32 = a.float(), b.float(), d.float()  # named: ctypes gets raw pointers, keep them alive
-        library().channel_affine2_f32(_p(grad), _p(z), _p(grad), _p(a32), _p(b32), _p(d32),
-                                      batch, channels, height * width)
-        shape = weight.shape
-        return (grad, dot_xhat.float() if bn_weight is not None else None, sums.float() if bn_bias is not None else None,
-                grad_weight.view(shape).to(weight.dtype), grad_bias.view(shape).to(bias.dtype),
-                None, None, None, None, None, None)
+        grad_y = grad_y.contiguous()
+        grad_z = torch.empty_like(z)
+        grad_weight, grad_bias = torch.empty(ctx.groups), torch.empty(ctx.groups)
+        grad_bn_weight = torch.empty(channels) if bn_weight is not None else None
+        grad_bn_bias = torch.empty(channels) if bn_bias is not None else None
+        weight32, bias32 = _f32(weight), _f32(bias)
+        library().bn_sge_backward_f32(
+            _p(z), _p(grad_y), _p(grad_z), _p(bn_weight), _p(bn_bias), _p(mean), _p(invstd), _p(zmean),
+            _p(weight32), _p(bias32), int(ctx.use_batch_stats), _p(grad_weight), _p(grad_bias), _p(grad_bn_weight),
+            _p(grad_bn_bias), batch, channels, ctx.groups, height * width)
+        return (grad_z, grad_bn_weight, grad_bn_bias, grad_weight.view(weight.shape).to(weight.dtype),
+                grad_bias.view(bias.shape).to(bias.dtype), None, None, None, None, None, None)
