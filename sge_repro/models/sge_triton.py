@@ -81,6 +81,23 @@ if triton is not None:
             tl.store(y_ptr + base + ks * P + ps, (x * gate[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _backward_tile(x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b,
+                       BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+        """One tile of positions [p0, p0 + BLOCK_P) recomputed from x and dy: (x, dy, d, gate,
+        dL/d(w n + b) zeroed past P, element offsets, mask)."""
+        ks = tl.arange(0, BLOCK_K)[:, None]
+        ps = p0 + tl.arange(0, BLOCK_P)[None, :]
+        mask = (ks < K) & (ps < P)
+        offsets = base + ks * P + ps
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gy = tl.load(gy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        d = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0) - residual
+        gate = tl.sigmoid(w * d / std_eps + b)
+        grad_affine = tl.sum(gy * x, axis=0) * gate * (1.0 - gate)
+        grad_affine = tl.where(p0 + tl.arange(0, BLOCK_P) < P, grad_affine, 0.0)
+        return x, gy, d, gate, grad_affine, offsets, mask
+
+    @triton.jit
     def _sge_backward_kernel(x_ptr, gy_ptr, gx_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, G, K, P, eps,
                              BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         """dx (and per-row partial dgamma, dbeta) for y = x * sigmoid(w n + b), n = d / (s + eps),
@@ -92,22 +109,14 @@ if triton is not None:
         std_eps = std + eps
         w = tl.load(w_ptr + row % G).to(tl.float32)
         b = tl.load(b_ptr + row % G).to(tl.float32)
-        ks = tl.arange(0, BLOCK_K)[:, None]
         # Pass A: dgamma, dbeta and <dL/dn, d>.
         grad_w = tl.zeros((BLOCK_P,), tl.float32)
         grad_b = tl.zeros((BLOCK_P,), tl.float32)
         dot = tl.zeros((BLOCK_P,), tl.float32)
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)[None, :]
-            mask = (ks < K) & (ps < P)
-            x = tl.load(x_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
-            gy = tl.load(gy_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
-            d = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0) - residual
-            normalized = d / std_eps
-            gate = tl.sigmoid(w * normalized + b)
-            grad_affine = tl.sum(gy * x, axis=0) * gate * (1.0 - gate)
-            grad_affine = tl.where(p0 + tl.arange(0, BLOCK_P) < P, grad_affine, 0.0)
-            grad_w += grad_affine * normalized
+            x, gy, d, gate, grad_affine, offsets, mask = _backward_tile(
+                x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
+            grad_w += grad_affine * d / std_eps
             grad_b += grad_affine
             dot += grad_affine * w * d
         tl.store(gw_ptr + row, tl.sum(grad_w))
@@ -117,29 +126,20 @@ if triton is not None:
         grad_sum = tl.zeros((BLOCK_P,), tl.float32)
         x_dot = tl.zeros((BLOCK_K, BLOCK_P), tl.float32)
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)[None, :]
-            mask = (ks < K) & (ps < P)
-            x = tl.load(x_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
-            gy = tl.load(gy_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
-            d = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0) - residual
-            gate = tl.sigmoid(w * d / std_eps + b)
-            grad_d = tl.sum(gy * x, axis=0) * gate * (1.0 - gate) * w / std_eps - d * correction
-            grad_d = tl.where(p0 + tl.arange(0, BLOCK_P) < P, grad_d, 0.0)
+            x, gy, d, gate, grad_affine, offsets, mask = _backward_tile(
+                x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
+            grad_d = tl.where(p0 + tl.arange(0, BLOCK_P) < P, grad_affine * w / std_eps - d * correction, 0.0)
             grad_sum += grad_d
             x_dot += x * grad_d[None, :]
         grad_mean = tl.sum(grad_sum) / P
-        # dx_kp = gy_kp gate_p + m_k dc_p + (1/P) sum_p' x_kp' dc_p', dc = dd - mean(dd).
+        # Pass C: dx_kp = gy_kp gate_p + m_k dc_p + (1/P) sum_p' x_kp' dc_p', dc = dd - mean(dd).
         grad_pooled = tl.sum(x_dot, axis=1) / P - grad_mean * m
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)[None, :]
-            mask = (ks < K) & (ps < P)
-            x = tl.load(x_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
-            gy = tl.load(gy_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
-            d = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0) - residual
-            gate = tl.sigmoid(w * d / std_eps + b)
-            grad_c = tl.sum(gy * x, axis=0) * gate * (1.0 - gate) * w / std_eps - d * correction - grad_mean
+            x, gy, d, gate, grad_affine, offsets, mask = _backward_tile(
+                x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
+            grad_c = grad_affine * w / std_eps - d * correction - grad_mean
             gx = gy * gate[None, :] + m[:, None] * grad_c[None, :] + grad_pooled[:, None]
-            tl.store(gx_ptr + base + ks * P + ps, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+            tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(channels_per_group: int, positions: int) -> tuple[int, int]:
