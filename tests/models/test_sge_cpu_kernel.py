@@ -120,3 +120,23 @@ def test_disabled_by_environment(tmp_path):
     code = "from sge_repro.models import sge_cpu; print(sge_cpu.available())"
     result = _run_isolated(code, tmp_path, SGE_CPU_KERNEL="0")
     assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+def test_torch_compile_of_an_sge_model_matches_eager():
+    """train_cls.compile: dynamo breaks the graph at the kernel's autograd Function; the compiled
+    model must give eager's loss and gradients."""
+    from sge_repro.models.registry import create_model
+
+    generator = torch.Generator().manual_seed(23)
+    images = torch.randn(4, 3, 64, 64, generator=generator)
+    labels = torch.randint(0, 10, (4,), generator=generator)
+    results = []
+    for compiled in (False, True):
+        model = create_model("sge_resnet18", num_classes=10, width=8, groups=4, seed=0)
+        runner = torch.compile(model) if compiled else model
+        loss = torch.nn.functional.cross_entropy(runner(images), labels)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
