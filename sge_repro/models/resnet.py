@@ -22,8 +22,14 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-def _block_attention_kwargs(attention: str, groups: int, sge_impl: str) -> dict:
-    return {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
+def _attach_block_attention(block: nn.Module, attention: str, placement: str, channels: int, groups: int,
+                            sge_impl: str) -> None:
+    """Sets block.attention_name and, for an attention after the block's last BN, the module
+    itself under that name (state-dict keys like `layer1.0.sge.weight`, as the releases)."""
+    block.attention_name = attention if placement == "block" else None
+    if block.attention_name:
+        kwargs = {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
+        setattr(block, attention, create_attention(attention, channels, **kwargs))
 
 
 def _last_bn_and_attention(block: nn.Module, conv_out: torch.Tensor, bn: nn.Module) -> torch.Tensor:
@@ -58,10 +64,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
-        self.attention_name = attention if placement == "block" else None
-        if self.attention_name:
-            module = create_attention(attention, planes, **_block_attention_kwargs(attention, groups, sge_impl))
-            setattr(self, attention, module)
+        _attach_block_attention(self, attention, placement, planes, groups, sge_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -96,11 +99,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        self.attention_name = attention if placement == "block" else None
-        if self.attention_name:
-            channels = planes * self.expansion
-            module = create_attention(attention, channels, **_block_attention_kwargs(attention, groups, sge_impl))
-            setattr(self, attention, module)
+        _attach_block_attention(self, attention, placement, planes * self.expansion, groups, sge_impl)
         self.sk = SelectiveKernelBranch(planes, planes, stride) if placement == "conv" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
