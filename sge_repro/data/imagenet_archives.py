@@ -407,11 +407,7 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, a
 def _unpack_val(tar: tarfile.TarFile, archive: Path, val_dir: Path, devkit: Devkit, keep: set[str]) -> int:
     written = 0
     seen: set[int] = set()
-    for member in tar:
-        if member.isdir():
-            _checked_dir(member, archive, val_dir)
-            continue
-        name = _checked_flat_name(member, archive, val_dir)
+    for member, name in _flat_files(tar, archive, val_dir):
         match = _VAL_NAME.fullmatch(name)
         if match is None:
             raise UserError(f"{archive}: member {name!r}: expected ILSVRC2012_val_########.JPEG")
@@ -432,7 +428,17 @@ def _unpack_val(tar: tarfile.TarFile, archive: Path, val_dir: Path, devkit: Devk
     return written
 
 
-def _checked_dir(member: tarfile.TarInfo, archive: Path, where: Path) -> None:
+def _flat_files(tar: tarfile.TarFile, archive: Path, where: Path, context: str = ""):
+    """(member, checked file name) for each file of a flat archive; folder entries other than
+    "./" are refused."""
+    for member in tar:
+        if member.isdir():
+            _checked_dir(member, archive)
+            continue
+        yield member, _checked_flat_name(member, archive, where, context=context)
+
+
+def _checked_dir(member: tarfile.TarInfo, archive: Path) -> None:
     # Directory entries are harmless only if they point nowhere: "./" at most.
     if os.path.normpath(member.name) != ".":
         raise UserError(f"{archive}: member {member.name!r} is a folder; expected a flat archive of files")
@@ -441,11 +447,7 @@ def _checked_dir(member: tarfile.TarInfo, archive: Path, where: Path) -> None:
 def _unpack_train(tar: tarfile.TarFile, archive: Path, train_dir: Path, keep: set[str], strict: bool) -> int:
     written = 0
     found: set[str] = set()
-    for member in tar:
-        if member.isdir():
-            _checked_dir(member, archive, train_dir)
-            continue
-        name = _checked_flat_name(member, archive, train_dir)
+    for member, name in _flat_files(tar, archive, train_dir):
         wnid, extension = os.path.splitext(name)
         if extension != ".tar" or not _WNID.fullmatch(wnid):
             raise UserError(f"{archive}: member {name!r}: expected one n########.tar per class")
@@ -458,11 +460,7 @@ def _unpack_train(tar: tarfile.TarFile, archive: Path, train_dir: Path, keep: se
         class_stream = tar.extractfile(member)
         assert class_stream is not None
         with tarfile.open(fileobj=class_stream, mode="r|") as class_tar:
-            for image in class_tar:
-                if image.isdir():
-                    _checked_dir(image, archive, train_dir / wnid)
-                    continue
-                image_name = _checked_flat_name(image, archive, train_dir / wnid, context=f"{name}/")
+            for image, image_name in _flat_files(class_tar, archive, train_dir / wnid, context=f"{name}/"):
                 _write_member(class_tar, image, train_dir / wnid / image_name, archive)
                 written += 1
     missing = sorted(keep - found)
