@@ -37,6 +37,10 @@ class ClassificationData(Section):
     train_per_class: int = Field(150, ge=1)
     val_per_class: int = Field(30, ge=1)
 
+    @property
+    def dataset_name(self) -> str:
+        return "embedded" if self.source == "synthetic" else "imagenet"
+
 
 class DetectionData(Section):
     source: Literal["synthetic", "coco"] = "synthetic"
@@ -45,6 +49,10 @@ class DetectionData(Section):
     num_val: int = Field(60, ge=1)
     image_size: int = Field(128, ge=32)
     num_categories: int = Field(3, ge=1)
+
+    @property
+    def dataset_name(self) -> str:
+        return "embedded" if self.source == "synthetic" else "coco"
 
 
 class DataParams(Section):
@@ -61,6 +69,10 @@ class ModelParams(Section):
     groups: int = Field(8, ge=1, description="SGE groups G (64 in the paper)")
     sge_impl: Literal["fast", "reference", "triton"] = Field("fast", description=(
         "SGE implementation: fast (default), reference (the formula step by step), triton (CUDA kernels, opt-in)"))
+
+    def model_kwargs(self) -> dict:
+        """Architecture knobs shared by the classifier and its detector backbone."""
+        return {"width": self.width, "groups": self.groups, "sge_impl": self.sge_impl}
 
 
 class TrainClsParams(Section):
@@ -140,6 +152,12 @@ class Params(Section):
     train_det: TrainDetParams = TrainDetParams()
     eval_det: EvalDetParams = EvalDetParams()
     report: ReportParams = ReportParams()
+
+    def require_listed(self, key: str, value: str | int) -> None:
+        """A stage's matrix item must be one of params.yaml's lists (models, seeds, ...)."""
+        allowed = getattr(self, key)
+        if value not in allowed:
+            raise UserError(f"params.yaml: {key}: {value!r} is not listed (listed: {', '.join(map(str, allowed))})")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

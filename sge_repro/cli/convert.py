@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sge_repro.cli.train import _print_result
+from sge_repro.cli.ui import print_result
 
 
 def convert(
@@ -29,13 +29,9 @@ def convert(
     else:
         if model is None:
             raise UserError("convert: give --model/--seed (pipeline stage) or --input/--output (one file)")
-        from sge_repro.cli.stage_context import stage_context
+        from sge_repro.params import load_params
+        from sge_repro.paths import ProjectPaths
+        from sge_repro.stages.detection import convert as stage
 
-        ctx = stage_context()
-        ctx.require_model(model, "detection_backbones")
-        ctx.require_seed(seed)
-        summary = convert_classifier_to_detectron2(
-            ctx.paths.cls_checkpoint(model, seed, ctx.params.convert.checkpoint),
-            ctx.paths.det_weights(model, seed), model_name=model,
-        )
-    _print_result("converted to detectron2 weights", summary)
+        summary = stage(load_params(), ProjectPaths(), model, seed)
+    print_result("converted to detectron2 weights", summary)

@@ -25,13 +25,13 @@ def prepare(
     from sge_repro.errors import UserError
 
     if dataset is None:
-        from sge_repro.data.prepare import prepare_data
         from sge_repro.params import load_params
         from sge_repro.paths import ProjectPaths
+        from sge_repro.stages.data import data as stage
 
         params = load_params()
         with progress_bar() as progress:
-            manifest = prepare_data(params.data, ProjectPaths(), progress=named_tasks(progress))
+            manifest = stage(params, ProjectPaths(), progress=named_tasks(progress))
         for name, counts in manifest["datasets"].items():
             console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()
                                                          if isinstance(v, (int, float, str))))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from sge_repro.cli.stage_context import stage_context
-from sge_repro.cli.train import _print_result
+from sge_repro.cli.ui import print_result
+from sge_repro.params import load_params
+from sge_repro.paths import ProjectPaths
 
 app = typer.Typer(help="Evaluate a trained classifier or detector (one pipeline stage each).", no_args_is_help=True)
 
@@ -16,19 +17,11 @@ def eval_cls(
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
     """Top-1 / top-5 of one classifier's best checkpoint on the val split."""
-    from sge_repro.classification.engine import evaluate_classifier
+    from sge_repro.stages.classification import eval_cls as stage
 
-    ctx = stage_context()
-    ctx.require_model(model)
-    ctx.require_seed(seed)
-    p, paths = ctx.params.eval_cls, ctx.paths
-    result = evaluate_classifier(
-        paths.cls_checkpoint(model, seed, "best"), paths.cls_data, paths.cls_metrics(model, seed),
-        paths.cls_predictions(model, seed), image_size=p.image_size, batch_size=p.batch_size,
-        workers=p.workers, device=p.device, dataset_name=ctx.cls_dataset, seed=seed, model_name=model,
-        skip_corrupt=ctx.params.data.skip_corrupt, amp=p.amp, channels_last=p.channels_last,
-    )
-    _print_result(f"{model} (seed {seed}) on {ctx.cls_dataset} val", result)
+    params = load_params()
+    result = stage(params, ProjectPaths(), model, seed)
+    print_result(f"{model} (seed {seed}) on {params.data.classification.dataset_name} val", result)
 
 
 @app.command("det")
@@ -38,11 +31,10 @@ def eval_det(
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
     """COCO AP (pycocotools) of one trained detector on the val split."""
-    from sge_repro.detection.stages import evaluate_detection_stage
+    from sge_repro.stages.detection import eval_det as stage
 
-    ctx = stage_context()
-    ctx.require_detection_run(detector, backbone, seed)
-    result = evaluate_detection_stage(ctx, detector, backbone, seed)
+    params = load_params()
+    result = stage(params, ProjectPaths(), detector, backbone, seed)
     flat = {f"bbox {k}": v for k, v in result["bbox"].items()}
     flat.update({f"segm {k}": v for k, v in result.get("segm", {}).items()})
-    _print_result(f"{detector} + {backbone} (seed {seed}) on {ctx.det_dataset} val", flat)
+    print_result(f"{detector} + {backbone} (seed {seed}) on {params.data.detection.dataset_name} val", flat)

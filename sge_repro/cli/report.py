@@ -12,28 +12,14 @@ from sge_repro.cli.ui import console
 
 def report() -> None:
     """Collect every metrics file, compare with the paper, write reports/ and print the tables."""
-    from sge_repro.cli.stage_context import stage_context
-    from sge_repro.report import build_report, render_console, write_report
+    from sge_repro.params import load_params
+    from sge_repro.paths import ProjectPaths
+    from sge_repro.report import render_console
+    from sge_repro.stages.report import report as stage
 
-    ctx = stage_context()
-    p = ctx.params.report
-    result = build_report(ctx.paths.root, profile=ctx.params.profile, tolerance=p.tolerance,
-                          bootstrap_samples=p.bootstrap_samples, seed=p.seed,
-                          complexity=_complexity(ctx))
-    write_report(result, ctx.paths.reports)
-    render_console(result, console)
-    console.print(f"wrote {ctx.paths.reports}/summary.json, report.md, report.html")
-
-
-def _complexity(ctx):
-    """#params / GFLOPs of the models as trained (width, classes, resolution of this profile)."""
-    from sge_repro.models.complexity import model_complexity
-
-    def complexity(name: str) -> dict:
-        return model_complexity(name, num_classes=ctx.params.data.classification.num_classes,
-                                image_size=ctx.params.eval_cls.image_size, **ctx.model_kwargs())
-
-    return complexity
+    paths = ProjectPaths()
+    render_console(stage(load_params(), paths), console)
+    console.print(f"wrote {paths.reports}/summary.json, report.md, report.html")
 
 
 def print_saved_report(root: Path) -> None:
@@ -55,14 +41,11 @@ def visualize(
     from sge_repro.errors import UserError
 
     if trained:
-        from sge_repro.cli.stage_context import stage_context
-        from sge_repro.report.visualize import visualize_trained_models
+        from sge_repro.params import load_params
+        from sge_repro.paths import ProjectPaths
+        from sge_repro.stages.report import visualize as stage
 
-        ctx = stage_context()
-        seed = ctx.params.seeds[0]
-        written = visualize_trained_models(
-            ctx.params.models, seed, lambda name, s: ctx.paths.cls_checkpoint(name, s, "best"),
-            ctx.paths.cls_data / "val", ctx.paths.attention_maps, image_size=ctx.params.eval_cls.image_size)
+        written = stage(load_params(), ProjectPaths())
     else:
         if model is None or checkpoint is None or image is None:
             raise UserError("visualize: give --model, --checkpoint and --image (or --trained for the pipeline stage)")

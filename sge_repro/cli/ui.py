@@ -58,3 +58,16 @@ def named_tasks(progress: Progress):
         progress.update(tasks[name], completed=done, total=total)
 
     return update
+
+
+def print_result(title: str, result: dict) -> None:
+    """A stage's summary as a two-column table (scalars only)."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, (int, float, str)):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)

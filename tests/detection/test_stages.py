@@ -5,8 +5,8 @@ import shutil
 
 import torch
 
-from sge_repro.cli.stage_context import StageContext
-from sge_repro.detection.stages import evaluate_detection_stage, schedule_overrides, train_detection_stage
+from sge_repro.detection.setup import schedule_overrides
+from sge_repro.stages.detection import eval_det, train_det
 from sge_repro.params import profile_params
 from sge_repro.paths import ProjectPaths
 
@@ -23,18 +23,18 @@ def test_schedule_keeps_the_yaml_shape():
 def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weights, tmp_path):
     torch.set_num_threads(1)
     params = profile_params("smoke")
-    ctx = StageContext(params, ProjectPaths(tmp_path))
-    shutil.copytree(coco_set, ctx.paths.det_data)
-    ctx.paths.det_weights("sge_resnet18", 0).parent.mkdir(parents=True)
-    shutil.copy(detectron2_weights, ctx.paths.det_weights("sge_resnet18", 0))
+    paths = ProjectPaths(tmp_path)
+    shutil.copytree(coco_set, paths.det_data)
+    paths.det_weights("sge_resnet18", 0).parent.mkdir(parents=True)
+    shutil.copy(detectron2_weights, paths.det_weights("sge_resnet18", 0))
 
-    summary = train_detection_stage(ctx, "faster_rcnn", "sge_resnet18", 0)
+    summary = train_det(params, paths, "faster_rcnn", "sge_resnet18", 0)
     assert summary["iterations"] == params.train_det.max_iter and summary["dataset"] == "embedded"
-    run_dir = ctx.paths.det_run_dir("faster_rcnn", "sge_resnet18", 0)
+    run_dir = paths.det_run_dir("faster_rcnn", "sge_resnet18", 0)
     before = sorted(p.name for p in run_dir.iterdir())
 
-    metrics = evaluate_detection_stage(ctx, "faster_rcnn", "sge_resnet18", 0)
-    on_disk = json.loads(ctx.paths.det_metrics("faster_rcnn", "sge_resnet18", 0).read_text())
+    metrics = eval_det(params, paths, "faster_rcnn", "sge_resnet18", 0)
+    on_disk = json.loads(paths.det_metrics("faster_rcnn", "sge_resnet18", 0).read_text())
     assert on_disk == metrics
     assert (on_disk["detector"], on_disk["backbone"], on_disk["seed"], on_disk["dataset"]) == (
         "faster_rcnn", "sge_resnet18", 0, "embedded")

@@ -1,0 +1,39 @@
+"""The visualize and report stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sge_repro.params import Params
+from sge_repro.paths import ProjectPaths
+from sge_repro.stages.runtime import use_cpu_threads
+
+
+def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
+    """SGE attention maps of every trained SGE model of params.yaml on a few val images."""
+    from sge_repro.report.visualize import visualize_trained_models
+
+    use_cpu_threads(params)
+    seed = params.seeds[0]
+    return visualize_trained_models(
+        params.models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
+        paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
+
+
+def report(params: Params, paths: ProjectPaths):
+    """Collect every metrics file, compare with the paper, write reports/; returns the Report."""
+    from sge_repro.models.complexity import model_complexity
+    from sge_repro.report import build_report, write_report
+
+    use_cpu_threads(params)
+
+    def complexity(name: str) -> dict:
+        """#params / GFLOPs of the models as trained (width, classes, resolution of this profile)."""
+        return model_complexity(name, num_classes=params.data.classification.num_classes,
+                                image_size=params.eval_cls.image_size, **params.model.model_kwargs())
+
+    p = params.report
+    result = build_report(paths.root, profile=params.profile, tolerance=p.tolerance,
+                          bootstrap_samples=p.bootstrap_samples, seed=p.seed, complexity=complexity)
+    write_report(result, paths.reports)
+    return result
