@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from float_compare import relative_error
 from sge_repro.atomic import torch_save
 from sge_repro.detection.config import build_detector_config
 from sge_repro.detection.convert import (
@@ -43,8 +44,11 @@ def test_round_trip_gives_identical_backbone_features(classifier_checkpoint, det
     with torch.no_grad():
         ours = detector.backbone.bottom_up(x)
     expected = _classifier_features(classifier, x)
+    # detectron2 applies the frozen BatchNorm as x * scale + shift, the classifier as
+    # (x - mean) / sqrt(var + eps) * weight + bias: other float32 rounding, compared norm-wise
+    # (tests/float_compare.py); measured <= 2.5e-7 on AMD EPYC (res2; res3-res5 equal), the tolerance 40x that.
     for name in ("res2", "res3", "res4", "res5"):
-        torch.testing.assert_close(ours[name], expected[name], rtol=1e-5, atol=1e-5)
+        assert relative_error(ours[name], expected[name]) <= 1e-5, name
 
 
 def test_converted_file_drops_fc_and_records_conventions(detectron2_weights):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from float_compare import relative_error
 from sge_repro.errors import UserError
 from sge_repro.models import create_model, list_models
 from sge_repro.models.complexity import count_params_m
@@ -123,7 +124,12 @@ def test_reference_and_fast_models_agree():
             if isinstance(module, SpatialGroupEnhance):
                 torch.nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-5)
+        error = relative_error(fast(x), reference(x))
+    # Two code paths through 16 SGE blocks of float32 (see tests/float_compare.py): each SGE layer
+    # agrees with the reference to ~1e-7..1e-6 norm-wise (test_sge.py bounds it by 1e-5); the logits
+    # after 16 of them: measured 7.8e-7 on AMD EPYC, the tolerance 13x that. An element-wise
+    # atol / rtol would judge the logits nearest zero by the rounding of the largest.
+    assert error <= 1e-5, error
 
 
 def test_fast_and_reference_models_agree_in_training():

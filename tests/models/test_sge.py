@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from float_compare import relative_error
 from sge_repro.errors import UserError
 from sge_repro.models import sge_cpu
 from sge_repro.models.sge import SpatialGroupEnhance, sge_fast, sge_reference
@@ -93,11 +94,6 @@ def test_gradcheck(impl):
     assert torch.autograd.gradcheck(lambda a, w, b: function(a, w, b, 4), (x, gamma, beta))
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize(
     "shape,groups,channels_last",
     [((2, 64, 14, 14), 8, False), ((3, 48, 7, 5), 16, False), ((2, 64, 9, 11), 64, True),
@@ -122,7 +118,7 @@ def test_fast_equals_reference_outputs_and_grads(shape, groups, channels_last, c
     if channels_last:
         assert results["fast"][0].is_contiguous(memory_format=torch.channels_last)
     for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
-        assert _relative_error(fast, reference) <= 1e-5, label
+        assert relative_error(fast, reference) <= 1e-5, label
 
 
 def _bn_sge_pair(channels, groups, momentum, seed):
@@ -159,7 +155,7 @@ def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum, cpu_back
         assert int(bn.num_batches_tracked) == (1 if training else 0)
     labels = ("out", "dz", "dbn_weight", "dbn_bias", "dgamma", "dbeta", "running_mean", "running_var")
     for label, expected, actual in zip(labels, *results):
-        assert _relative_error(actual, expected) <= 1e-5, label
+        assert relative_error(actual, expected) <= 1e-5, label
 
 
 def test_fused_batchnorm_sge_saves_no_block_sized_tensor(cpu_backend):
@@ -199,7 +195,7 @@ def test_fast_low_precision_keeps_dtype_and_matches_float32(device):
     out.float().square().sum().backward()
     assert out.dtype == torch.bfloat16 and x_leaf.grad.dtype == torch.bfloat16 and gamma.grad.dtype == torch.float32
     expected = sge_reference(x.float(), gamma.detach(), beta.detach(), 8)
-    assert _relative_error(out.float(), expected) <= 2e-2
+    assert relative_error(out.float(), expected) <= 2e-2
 
 
 def test_sge_model_trains_under_bfloat16_autocast():
@@ -232,8 +228,8 @@ def test_elementwise_formulation_equals_reference(monkeypatch, shape, groups, ch
     with torch.no_grad():
         results["fast_eval"] = (sge_fast(x, gamma, beta, groups),)
     for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
-        assert _relative_error(fast, reference) <= 1e-5, label
-    assert _relative_error(results["fast_eval"][0], results["reference"][0]) <= 1e-5
+        assert relative_error(fast, reference) <= 1e-5, label
+    assert relative_error(results["fast_eval"][0], results["reference"][0]) <= 1e-5
 
 
 def test_inplace_eval_overwrites_only_when_asked(cpu_backend):
@@ -243,10 +239,10 @@ def test_inplace_eval_overwrites_only_when_asked(cpu_backend):
     expected = sge_reference(x, gamma, beta, 8)
     original = x.clone()
     with torch.no_grad():
-        assert _relative_error(sge_fast(x, gamma, beta, 8), expected) <= 1e-5
+        assert relative_error(sge_fast(x, gamma, beta, 8), expected) <= 1e-5
         assert torch.equal(x, original)
         out = sge_fast(x, gamma, beta, 8, inplace=True)
-    assert out.data_ptr() == x.data_ptr() and _relative_error(out, expected) <= 1e-5
+    assert out.data_ptr() == x.data_ptr() and relative_error(out, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -262,7 +258,7 @@ def test_batchnorm_sge_eval_no_grad_equals_modules_in_turn(channels_last, cpu_ba
         outputs = [batchnorm_sge(z, bn.eval(), sge) for bn, sge in (reference, fast)]
     assert torch.equal(z, z_before)
     assert outputs[1].is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert _relative_error(outputs[1], outputs[0]) <= 1e-5
+    assert relative_error(outputs[1], outputs[0]) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -278,7 +274,7 @@ def test_fast_cuda_compiled_equals_reference():
         out = function(*inputs, 64)
         results[name] = (out, *torch.autograd.grad(out, inputs, grad_out))
     for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
-        assert _relative_error(fast, reference) <= 1e-5, label
+        assert relative_error(fast, reference) <= 1e-5, label
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

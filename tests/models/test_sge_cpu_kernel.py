@@ -8,13 +8,9 @@ import sys
 import pytest
 import torch
 
+from float_compare import relative_error
 from sge_repro.models import sge_cpu
 from sge_repro.models.sge import SpatialGroupEnhance, batchnorm_sge, sge_reference
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 @pytest.fixture(autouse=True)
@@ -47,12 +43,14 @@ def test_batchnorm_variants_equal_modules_in_turn(affine, track_running_stats, t
         if track_running_stats:
             results[-1] += (bn.running_mean.clone(), bn.running_var.clone())
     for index, (expected, actual) in enumerate(zip(*results)):
-        assert _relative_error(actual, expected) <= 1e-5, index
+        assert relative_error(actual, expected) <= 1e-5, index
 
 
 def test_results_do_not_depend_on_the_thread_count():
     """Rows are independent and reduced in a fixed order: bitwise equal on 1 or 2 threads
-    (what the bit-for-bit resume of training relies on)."""
+    (what the bit-for-bit resume of training relies on). Bit-for-bit is sound here on any machine:
+    one process, one compiled kernel, and the thread count only decides which thread takes a row,
+    never the order in which a row's numbers are added."""
     generator = torch.Generator().manual_seed(21)
     x = torch.randn(3, 64, 11, 13, generator=generator).requires_grad_(True)
     gamma, beta = torch.randn(1, 16, 1, 1, generator=generator), torch.randn(1, 16, 1, 1, generator=generator)
@@ -74,7 +72,7 @@ def test_large_detection_sized_maps():
     x = torch.randn(1, 64, 120, 160, generator=generator) + 0.5
     gamma, beta = torch.randn(1, 16, 1, 1, generator=generator), torch.randn(1, 16, 1, 1, generator=generator)
     with torch.no_grad():
-        assert _relative_error(sge_cpu.sge(x, gamma, beta, 16), sge_reference(x.double(), gamma, beta, 16)) <= 1e-5
+        assert relative_error(sge_cpu.sge(x, gamma, beta, 16), sge_reference(x.double(), gamma, beta, 16)) <= 1e-5
 
 
 def test_loading_keeps_denormals():
@@ -137,6 +135,10 @@ def test_torch_compile_of_an_sge_model_matches_eager():
         loss = torch.nn.functional.cross_entropy(runner(images), labels)
         loss.backward()
         results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
-    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # Compiled and eager run other kernels (inductor fuses the elementwise ops around the SGE
+    # Function): float32 sums in another order, compared norm-wise (tests/float_compare.py).
+    # Measured on AMD EPYC: loss equal, gradients <= 7.6e-6 (tolerance 13x); a gradient sums 4 images x up to
+    # 32x32 positions, ~ sqrt(4e3) * 2**-24 ~ 4e-6 per reduction, through 18 layers of backward.
+    assert relative_error(results[1][0], results[0][0]) <= 1e-5
+    errors = {name: relative_error(results[1][1][name], grad) for name, grad in results[0][1].items()}
+    assert max(errors.values()) <= 1e-4, max(errors.items(), key=lambda item: item[1])
