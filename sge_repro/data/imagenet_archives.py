@@ -1,4 +1,4 @@
-"""Prepare ImageNet (ILSVRC2012) as the ImageFolder tree that `sge_repro.data.imagenet` loads.
+"""Prepare ImageNet (ILSVRC2012) as the ImageFolder tree that `sge_repro.data.imagefolder` loads.
 
 `prepare_imagenet(source, destination)` accepts either
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from sge_repro import atomic
-from sge_repro.data.imagenet import SPLITS, check_layout, list_classes
+from sge_repro.data.imagefolder import SPLITS, check_layout, list_classes
 from sge_repro.errors import UserError
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from sge_repro.data.imagenet import build_imagefolder
+from sge_repro.data.imagefolder import build_imagefolder
 from sge_repro.data.imagenet_archives import (
     DEVKIT_ARCHIVE, OFFICIAL_MD5, SUMMARY_FILE, TRAIN_ARCHIVE, VAL_ARCHIVE, prepare_imagenet, read_devkit,
 )

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sge_repro.classification.transforms import eval_transform, eval_resize_size, train_transform
-from sge_repro.data.imagenet import build_imagefolder, collate_skipping_none, decode_rgb
+from sge_repro.data.imagefolder import build_imagefolder, collate_skipping_none, decode_rgb
 from sge_repro.data.synthetic import generate_classification_set
 from sge_repro.errors import UserError
 
