@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,43 +109,11 @@ def prepare_imagenet(source: str | os.PathLike, destination: str | os.PathLike,
         atomic.write_json(tmp / SUMMARY_FILE, summary)
         return summary
 
-    return _build_atomically(destination, build_and_count)
+    with atomic.publish_dir(destination) as tmp:
+        return build_and_count(tmp)
 
 
-# ---------------------------------------------------------------- the atomic build
-
-
-def _build_atomically(destination: Path, build: Callable[[Path], dict]) -> dict:
-    """Build into a hidden temp folder beside destination, then swap it into place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(destination)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
-    try:
-        result = build(tmp)
-        _replace_tree(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
-def _remove_stale_partials(destination: Path) -> None:
-    # Left behind by a killed run: hidden, never renamed, so never trusted; just reclaim the space.
-    for stale in destination.parent.glob(f".{destination.name}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _replace_tree(new: Path, destination: Path) -> None:
-    if destination.is_symlink() or destination.is_file():
-        destination.unlink()
-    elif destination.exists():
-        # A directory cannot be os.replace'd onto a non-empty one: move the old aside first.
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.rename(destination, old)
-        os.rename(new, destination)
-        shutil.rmtree(old)  # does not follow the class symlinks of an old linked tree
-        return
-    os.rename(new, destination)
+# ---------------------------------------------------------------- checks
 
 
 def _refuse_overlap(source: Path, destination: Path) -> None:
