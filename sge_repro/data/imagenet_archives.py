@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from sge_repro import atomic
+from sge_repro.data.download import file_digest
 from sge_repro.data.imagefolder import SPLITS, check_layout, list_classes
 from sge_repro.errors import UserError
 
@@ -281,11 +282,7 @@ class _HashingReader:
 
 
 def verify_md5(path: Path, expected: str) -> None:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_READ_SIZE):
-            digest.update(chunk)
-    _compare_md5(path, expected, digest.hexdigest())
+    _compare_md5(path, expected, file_digest(path, "md5"))
 
 
 def _compare_md5(path: Path, expected: str, actual: str) -> None:
