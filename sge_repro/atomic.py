@@ -1,39 +1,83 @@
-"""Atomic writes: a temp file in the target's folder, then os.replace.
+"""Atomic writes: build beside the target under a hidden temp name, then rename into place.
 
-A killed process never leaves a half-written file that a later stage would trust.
+A killed process never leaves a half-written file or tree that a later stage would trust.
+Files and folders share one temp naming scheme, `.<name>.tmp-<pid>-<ns>` in the target's
+folder, and one cleanup: before a new write to a target, temps of that target whose process
+is gone are removed (they were never renamed, so never trusted; this only reclaims the space).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+
+_IN_USE: set[str] = set()  # this process's temps still being written (other threads may clean up)
+
+
+def _temp_path(target: Path) -> Path:
+    """A fresh hidden name beside `target`, naming the process that owns it."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _owner_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours and not in _IN_USE: left by an earlier write that failed to clean up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)  # rmtree never follows symlinks inside the tree
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove the temps of `target` left by processes that no longer run; return them."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-\d+")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in target.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and os.path.abspath(entry) not in _IN_USE and not _owner_alive(int(match.group(1))):
+            _remove(entry)
+            removed.append(entry)
+    return removed
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+    remove_stale_temps(path)
+    tmp = _temp_path(path)
+    _IN_USE.add(os.path.abspath(tmp))
     try:
-        write(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask applies)
+        write(str(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _IN_USE.discard(os.path.abspath(tmp))
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -60,3 +104,34 @@ def torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def publish_dir(root: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `root`; when the block finishes, it becomes `root`.
+
+    If the block raises (or the process is killed), `root` is left as it was (the previous tree,
+    or nothing) and the temp folder is removed (or, after a kill, by the next publish). An
+    existing `root` (folder, file or symlink) is renamed aside, the new tree renamed into place
+    and the old one deleted; a symlink is removed, never followed.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    staging = _temp_path(root)
+    _IN_USE.add(os.path.abspath(staging))
+    try:
+        staging.mkdir()
+        yield staging
+        if root.exists() or root.is_symlink():
+            retired = _temp_path(root)
+            os.replace(root, retired)
+            os.replace(staging, root)
+            _remove(retired)
+        else:
+            os.replace(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        _IN_USE.discard(os.path.abspath(staging))

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 from sge_repro import atomic
 from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
 from sge_repro.classification.transforms import eval_transform, train_transform
-from sge_repro.data.imagenet import ImageFolderDataset, build_imagefolder, collate_skipping_none
+from sge_repro.data.imagefolder import ImageFolderDataset, build_imagefolder, collate_skipping_none
 from sge_repro.errors import UserError
 
 log = logging.getLogger(__name__)

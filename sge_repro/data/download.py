@@ -124,6 +124,7 @@ def _total_from_content_range(header: str | None) -> int | None:
 
 
 def file_digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file's bytes ("md5", "sha256", any hashlib name), read in 1 MiB blocks."""
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(_READ_SIZE):

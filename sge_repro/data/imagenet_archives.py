@@ -1,4 +1,4 @@
-"""Prepare ImageNet (ILSVRC2012) as the ImageFolder tree that `sge_repro.data.imagenet` loads.
+"""Prepare ImageNet (ILSVRC2012) as the ImageFolder tree that `sge_repro.data.imagefolder` loads.
 
 `prepare_imagenet(source, destination)` accepts either
 
@@ -27,15 +27,15 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from sge_repro import atomic
-from sge_repro.data.imagenet import SPLITS, check_layout, list_classes
-from sge_repro.errors import UserError
+from sge_repro.data.download import file_digest
+from sge_repro.data.imagefolder import SPLITS, check_layout, check_same_classes, list_classes
+from sge_repro.errors import UserError, preview
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
@@ -110,43 +110,11 @@ def prepare_imagenet(source: str | os.PathLike, destination: str | os.PathLike,
         atomic.write_json(tmp / SUMMARY_FILE, summary)
         return summary
 
-    return _build_atomically(destination, build_and_count)
+    with atomic.publish_dir(destination) as tmp:
+        return build_and_count(tmp)
 
 
-# ---------------------------------------------------------------- the atomic build
-
-
-def _build_atomically(destination: Path, build: Callable[[Path], dict]) -> dict:
-    """Build into a hidden temp folder beside destination, then swap it into place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(destination)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
-    try:
-        result = build(tmp)
-        _replace_tree(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
-def _remove_stale_partials(destination: Path) -> None:
-    # Left behind by a killed run: hidden, never renamed, so never trusted; just reclaim the space.
-    for stale in destination.parent.glob(f".{destination.name}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def _replace_tree(new: Path, destination: Path) -> None:
-    if destination.is_symlink() or destination.is_file():
-        destination.unlink()
-    elif destination.exists():
-        # A directory cannot be os.replace'd onto a non-empty one: move the old aside first.
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.rename(destination, old)
-        os.rename(new, destination)
-        shutil.rmtree(old)  # does not follow the class symlinks of an old linked tree
-        return
-    os.rename(new, destination)
+# ---------------------------------------------------------------- checks
 
 
 def _refuse_overlap(source: Path, destination: Path) -> None:
@@ -166,7 +134,7 @@ def _normalise_subset(subset_classes: Sequence[str] | None) -> list[str] | None:
         raise UserError("subset_classes: empty list; expected at least one WordNet id (or no subset)")
     duplicates = sorted(name for name, count in Counter(subset).items() if count > 1)
     if duplicates:
-        raise UserError(f"subset_classes: duplicated {_preview(duplicates)}; expected each class once")
+        raise UserError(f"subset_classes: duplicated {preview(duplicates)}; expected each class once")
     return sorted(subset)
 
 
@@ -177,7 +145,7 @@ def _check_classes(where: Path, found: Sequence[str], expected: Sequence[str] | 
     if subset is not None:
         missing = [name for name in subset if name not in found_set]
         if missing:
-            raise UserError(f"{where}: subset classes not found: {_preview(missing)}; "
+            raise UserError(f"{where}: subset classes not found: {preview(missing)}; "
                             f"expected every subset class in the source")
         return subset
     if expected is not None:
@@ -191,15 +159,8 @@ def _check_classes(where: Path, found: Sequence[str], expected: Sequence[str] | 
             extra.append(f"{len(found_set) - len(extra) - NUM_CLASSES} class folder(s) beyond {NUM_CLASSES}")
     if missing or extra:
         raise UserError(f"{where}: classes do not match the {NUM_CLASSES} ILSVRC2012 synsets (missing: "
-                        f"{_preview(missing)}; extra: {_preview(extra)}); give subset_classes to prepare a subset")
+                        f"{preview(missing)}; extra: {preview(extra)}); give subset_classes to prepare a subset")
     return sorted(found_set)
-
-
-def _preview(names: Sequence[str], limit: int = 5) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # ---------------------------------------------------------------- an existing ImageFolder tree
@@ -208,10 +169,7 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
 def _link_imagefolder(source: Path, tmp: Path, subset: list[str] | None, progress: Progress | None) -> dict:
     devkit = read_devkit(source / DEVKIT_ARCHIVE, None) if (source / DEVKIT_ARCHIVE).is_file() else None
     train, val = (list_classes(source / split) for split in SPLITS)
-    if train != val:
-        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        raise UserError(f"{source}: train/ and val/ class folders differ (only in train: {_preview(only_train)}; "
-                        f"only in val: {_preview(only_val)}); expected the same classes")
+    check_same_classes(source, train, val)
     keep = _check_classes(source, train, devkit.wnids if devkit else None, subset)
     counts = {split: 0 for split in SPLITS}
     for done, name in enumerate(keep, start=1):
@@ -251,7 +209,7 @@ def read_devkit(path: Path, expected_md5: str | None) -> Devkit:
                         f"ILSVRC2012_ID per line ({error})") from error
     unknown = sorted({label for label in val_labels if label not in wnid_by_id})
     if unknown:
-        raise UserError(f"{path}: validation ground truth uses ILSVRC2012_ID {_preview([str(i) for i in unknown])} "
+        raise UserError(f"{path}: validation ground truth uses ILSVRC2012_ID {preview([str(i) for i in unknown])} "
                         f"not among the leaf synsets of meta.mat")
     return Devkit(wnid_by_id=wnid_by_id, words_by_wnid=words_by_wnid, val_labels=val_labels)
 
@@ -314,11 +272,7 @@ class _HashingReader:
 
 
 def verify_md5(path: Path, expected: str) -> None:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_READ_SIZE):
-            digest.update(chunk)
-    _compare_md5(path, expected, digest.hexdigest())
+    _compare_md5(path, expected, file_digest(path, "md5"))
 
 
 def _compare_md5(path: Path, expected: str, actual: str) -> None:
@@ -424,7 +378,7 @@ def _unpack_val(tar: tarfile.TarFile, archive: Path, val_dir: Path, devkit: Devk
                if number not in seen and devkit.wnid_by_id[devkit.val_labels[number - 1]] in keep]
     if missing:
         raise UserError(f"{archive}: {len(missing)} val image(s) of the ground truth missing "
-                        f"({_preview(missing)}); expected all of them")
+                        f"({preview(missing)}); expected all of them")
     return written
 
 
@@ -465,6 +419,6 @@ def _unpack_train(tar: tarfile.TarFile, archive: Path, train_dir: Path, keep: se
                 written += 1
     missing = sorted(keep - found)
     if missing:
-        raise UserError(f"{archive}: classes missing: {_preview(missing)}; expected one n########.tar for "
+        raise UserError(f"{archive}: classes missing: {preview(missing)}; expected one n########.tar for "
                         "each class" + ("" if strict else " of the subset"))
     return written

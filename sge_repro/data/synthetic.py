@@ -22,14 +22,13 @@ import io
 import json
 import math
 import os
-import shutil
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sge_repro import atomic
 from sge_repro.errors import UserError
 
 GENERATOR_VERSION = 1
@@ -207,40 +206,9 @@ def _similar_distractor(rng: np.random.Generator, shape: str, texture: str) -> t
 # --------------------------------------------------------------------------- writing
 
 
-def _owner_alive(staging_name: str) -> bool:
-    pid_text = staging_name.split(".tmp-")[-1].removeprefix("old-").split("-")[0]
-    if not pid_text.isdigit() or int(pid_text) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _staging_dir(root: Path) -> Path:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in root.parent.glob(f".{root.name}.tmp-*"):
-        # Left behind by a killed run; removed unless the process that owns it still runs.
-        if stale.is_dir() and not _owner_alive(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = root.parent / f".{root.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    staging.mkdir()
-    return staging
-
-
-def _publish(staging: Path, root: Path, manifest: dict) -> None:
-    """Write the manifest last, then swap the finished tree into place."""
+def _write_manifest(staging: Path, manifest: dict) -> None:
+    """The manifest goes in last: a tree with one is complete."""
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    if root.exists() or root.is_symlink():
-        retired = root.parent / f".{root.name}.tmp-old-{os.getpid()}-{time.monotonic_ns()}"
-        os.replace(root, retired)
-        os.replace(staging, root)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, root)
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -313,10 +281,8 @@ def generate_classification_set(root: str | os.PathLike, num_classes: int, image
                         "(the number of distinct shape x texture patterns)")
     if image_size < 16:
         raise UserError(f"image_size={image_size}: expected at least 16 pixels")
-    root = Path(root)
-    staging = _staging_dir(root)
     counts = {"train": 0, "val": 0}
-    try:
+    with atomic.publish_dir(root) as staging:
         for split, per_class in (("train", train_per_class), ("val", val_per_class)):
             total = per_class * num_classes
             for class_index in range(num_classes):
@@ -339,10 +305,7 @@ def generate_classification_set(root: str | os.PathLike, num_classes: int, image
             "counts": counts,
             "classes": {class_folder_name(k): f"{table[k][0]} / {table[k][1]}" for k in range(num_classes)},
         }
-        _publish(staging, root, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_manifest(staging, manifest)
     return {"num_classes": num_classes, **counts}
 
 
@@ -432,14 +395,12 @@ def generate_detection_set(root: str | os.PathLike, num_train: int, num_val: int
                         "(categories must have distinct shapes)")
     if image_size < 64:
         raise UserError(f"image_size={image_size}: expected at least 64 pixels for detection")
-    root = Path(root)
-    staging = _staging_dir(root)
     categories = [
         {"id": index + 1, "name": f"{shape}-{texture}", "supercategory": shape}
         for index, (shape, texture) in enumerate(category_patterns(num_categories))
     ]
     counts = {}
-    try:
+    with atomic.publish_dir(root) as staging:
         (staging / "annotations").mkdir(parents=True)
         for split, count in (("train", num_train), ("val", num_val)):
             (staging / split).mkdir()
@@ -487,8 +448,5 @@ def generate_detection_set(root: str | os.PathLike, num_train: int, num_val: int
             "counts": counts,
             "categories": [c["name"] for c in categories],
         }
-        _publish(staging, root, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_manifest(staging, manifest)
     return {"num_categories": num_categories, **counts}

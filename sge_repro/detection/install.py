@@ -13,7 +13,6 @@ Run as `python -m sge_repro.detection.install [--cache DIR]`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import shutil
 import subprocess
@@ -23,17 +22,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from sge_repro.data.download import file_digest
+
 SDIST = "pb1-detectron2==0.6"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_sdist(cache: Path) -> Path:
@@ -46,7 +39,7 @@ def download_sdist(cache: Path) -> Path:
              "--no-build-isolation", "--dest", str(cache), SDIST],
             check=True,
         )
-    actual = sha256_of(target)
+    actual = file_digest(target, "sha256")
     if actual != SDIST_SHA256:
         target.unlink()
         raise SystemExit(f"{target}: sha256 {actual} does not match the expected {SDIST_SHA256}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
 
-Progress = Callable[[str, int, int | None], None]
+if TYPE_CHECKING:
+    from sge_repro.data.prepare import Progress
 
 
 def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import torch
 from sge_repro.classification.engine import (DistInfo, GlobalBatchSampler, PerSampleSeededDataset, _train_loader,
                                              set_train_epoch)
 from sge_repro.classification.transforms import train_transform
-from sge_repro.data.imagenet import build_imagefolder
+from sge_repro.data.imagefolder import build_imagefolder
 from sge_repro.data.synthetic import generate_classification_set
 
 

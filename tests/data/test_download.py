@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sge_repro.data.download import COCO_FILES, download, extract_zip_safely, fetch_coco
+from sge_repro.data.download import COCO_FILES, download, extract_zip_safely, fetch_coco, file_digest
 from sge_repro.errors import UserError
 
 PAYLOAD = bytes(range(256)) * 1000  # 256,000 bytes
@@ -278,3 +278,10 @@ def test_fetch_coco_refuses_zip_without_expected_layout(server, tmp_path):
     with pytest.raises(UserError, match="extracted without val2017"):
         fetch_coco(tmp_path / "coco", parts=("val2017",), base_url=server.base_url,
                    expected_md5={"val2017": hashlib.md5(wrong).hexdigest()})
+
+
+@pytest.mark.parametrize("algorithm", ["md5", "sha256"])
+def test_file_digest_matches_hashlib_across_read_blocks(tmp_path, algorithm):
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one 1 MiB read block
+    (tmp_path / "f.bin").write_bytes(data)
+    assert file_digest(tmp_path / "f.bin", algorithm) == hashlib.new(algorithm, data).hexdigest()

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from sge_repro.data.imagenet import build_imagefolder
+from sge_repro.data.imagefolder import build_imagefolder
 from sge_repro.data.imagenet_archives import (
     DEVKIT_ARCHIVE, OFFICIAL_MD5, SUMMARY_FILE, TRAIN_ARCHIVE, VAL_ARCHIVE, prepare_imagenet, read_devkit,
 )
@@ -92,7 +92,7 @@ def make_archives(folder: Path, train_classes=CLASSES, extra_val: dict[str, byte
 
 
 def _leftovers(parent: Path) -> list[str]:
-    return sorted(path.name for path in parent.iterdir() if ".partial" in path.name or ".old-" in path.name)
+    return sorted(path.name for path in parent.iterdir() if ".tmp-" in path.name)
 
 
 def test_devkit_maps_ids_to_wnids(tmp_path):
@@ -260,7 +260,7 @@ def test_bad_sources_and_destinations(tmp_path):
 
 def test_stale_partial_from_killed_run_is_cleared(tmp_path):
     md5 = make_archives(tmp_path / "src")
-    stale = tmp_path / ".out.abc123.partial"
+    stale = tmp_path / ".out.tmp-999999999-1"  # the temp of a process that no longer runs
     (stale / "train").mkdir(parents=True)
     prepare_imagenet(tmp_path / "src", tmp_path / "out", expected_md5=md5)
     assert not stale.exists() and (tmp_path / "out" / SUMMARY_FILE).is_file()

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sge_repro.errors import UserError
+from sge_repro.errors import UserError, preview
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")
@@ -83,6 +83,15 @@ def list_classes(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def check_same_classes(root: Path, train: Sequence[str], val: Sequence[str]) -> None:
+    """UserError naming `root` unless train/ and val/ hold the same class folders."""
+    if list(train) != list(val):
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
+        raise UserError(f"{root}: train/ and val/ class folders differ (only in train: "
+                        f"{preview(only_train)}; only in val: {preview(only_val)}); expected the same classes")
+
+
 def check_layout(root: str | os.PathLike, expected_classes: Sequence[str] | None = None) -> list[str]:
     """Validate root/{train,val}/<class>/ and return the sorted class list (UserError otherwise)."""
     root = Path(root)
@@ -102,26 +111,15 @@ def check_layout(root: str | os.PathLike, expected_classes: Sequence[str] | None
                                 f"({', '.join(IMAGE_EXTENSIONS)})")
         classes_by_split[split] = classes
     train, val = classes_by_split["train"], classes_by_split["val"]
-    if train != val:
-        only_train = sorted(set(train) - set(val))
-        only_val = sorted(set(val) - set(train))
-        raise UserError(f"{root}: train/ and val/ class folders differ (only in train: "
-                        f"{_preview(only_train)}; only in val: {_preview(only_val)}); expected the same classes")
+    check_same_classes(root, train, val)
     if expected_classes is not None:
         expected = sorted(expected_classes)
         if train != expected:
             missing = sorted(set(expected) - set(train))
             extra = sorted(set(train) - set(expected))
             raise UserError(f"{root}: class folders do not match the expected {len(expected)} classes "
-                            f"(missing: {_preview(missing)}; extra: {_preview(extra)})")
+                            f"(missing: {preview(missing)}; extra: {preview(extra)})")
     return train
-
-
-def _preview(names: Sequence[str], limit: int = 5) -> str:
-    if not names:
-        return "none"
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sge_repro.classification.transforms import eval_transform, eval_resize_size, train_transform
-from sge_repro.data.imagenet import build_imagefolder, collate_skipping_none, decode_rgb
+from sge_repro.data.imagefolder import build_imagefolder, collate_skipping_none, decode_rgb
 from sge_repro.data.synthetic import generate_classification_set
 from sge_repro.errors import UserError
 
@@ -147,3 +147,14 @@ def test_transforms_sizes():
     # Normalised with the ImageNet statistics.
     value = eval_transform(16)(Image.new("RGB", (16, 16), (255, 255, 255)))[0, 0, 0].item()
     assert value == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_train_and_val_with_different_classes_name_both_sides(tmp_path):
+    from sge_repro.data.imagefolder import check_layout
+
+    for split, names in (("train", ["a", "b"]), ("val", ["b", "c"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / split / name / "x.png")
+    with pytest.raises(UserError, match=r"train/ and val/ class folders differ \(only in train: a; only in val: c\)"):
+        check_layout(tmp_path)
