@@ -25,7 +25,11 @@ def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
 
 
 def report(params: Params, paths: ProjectPaths) -> Report:
-    """Collect every metrics file, compare with the paper, write reports/ (each file once)."""
+    """Collect every metrics file, compare with the paper, write reports/ (each file once).
+
+    The runs params.yaml asks for (models x seeds, detectors x detection_backbones x seeds) are
+    expected: any without a metrics file is listed as missing in the report.
+    """
     from sge_repro.models.complexity import model_complexity
     from sge_repro.report import build_report, write_report_files
 
@@ -39,6 +43,8 @@ def report(params: Params, paths: ProjectPaths) -> Report:
     p = params.report
     result = build_report(
         paths.root, profile=params.profile, tolerance=p.tolerance, bootstrap_samples=p.bootstrap_samples,
-        seed=p.seed, complexity=complexity)
+        seed=p.seed, complexity=complexity, expected_models=params.models,
+        expected_detection=[(d, b) for d in params.detectors for b in params.detection_backbones],
+        seeds=params.seeds)
     write_report_files(result, paths.reports)
     return result
