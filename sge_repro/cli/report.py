@@ -17,9 +17,7 @@ def report() -> None:
     from sge_repro.report import render_console
     from sge_repro.stages.report import report as stage
 
-    paths = ProjectPaths()
-    render_console(stage(load_params(), paths), console)
-    console.print(f"wrote {paths.reports}/summary.json, report.md, report.html")
+    render_console(stage(load_params(), ProjectPaths()), console)  # lists the files the stage wrote
 
 
 def print_saved_report(root: Path) -> None:

@@ -58,8 +58,9 @@ def _maybe_compiled(function):
     return call
 
 
-def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
-    """The formula of the paper, one step per line (eager, autograd)."""
+def sge_reference_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """The paper's spatial gate sigmoid(gamma * n + beta), shape (B, G, H, W), one step per line
+    (eager, autograd); weight and bias have shape (1, G, 1, 1) like the module's parameters."""
     batch, channels, height, width = x.shape
     xg = x.reshape(batch * groups, channels // groups, height, width)
     pooled = xg.mean(dim=(2, 3), keepdim=True)
@@ -68,7 +69,14 @@ def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gro
     centered = flat - flat.mean(dim=1, keepdim=True)
     normalized = centered / (centered.std(dim=1, keepdim=True) + SGE_EPS)
     normalized = normalized.reshape(batch, groups, height, width)
-    gate = torch.sigmoid(normalized * weight + bias)
+    return torch.sigmoid(normalized * weight + bias)
+
+
+def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+    """The formula of the paper, one step per line (eager, autograd)."""
+    batch, channels, height, width = x.shape
+    gate = sge_reference_gate(x, weight, bias, groups)
+    xg = x.reshape(batch * groups, channels // groups, height, width)
     out = xg * gate.reshape(batch * groups, 1, height, width)
     return out.reshape(batch, channels, height, width)
 

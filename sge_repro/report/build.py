@@ -1,18 +1,25 @@
-"""Build the comparison report: collect results, aggregate over seeds, compute gains and verdicts,
-write reports/summary.json, report.md and report.html.
+"""Build the comparison report: collect results, aggregate over seeds, compute gains and verdicts.
 
-The CLI calls `build_report(...)` then `render_console(report, console)` (sge_repro.report.render).
+Pure: `build_report` reads the metrics files and returns a `Report` (schema.py); it writes
+nothing. sge_repro.report.render writes reports/ and prints the tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from pydantic import ValidationError
+
 from sge_repro.errors import UserError
 from sge_repro.paths import ProjectPaths
-from sge_repro.report.collect import ClsRun, CollectedResults, DetRun, Missing, collect_results, read_json_object
+from sge_repro.report.collect import (
+    ClsRun,
+    CollectedResults,
+    DetRun,
+    collect_results,
+    read_json_object,
+)
 from sge_repro.report.reference import (
     BBOX_KEYS,
     PaperResults,
@@ -21,8 +28,20 @@ from sge_repro.report.reference import (
     plain_baseline,
     split_model_name,
 )
-from sge_repro.report.stats import (
+from sge_repro.report.schema import (
+    ClsEntry,
+    ClsRow,
+    Comparison,
+    CurveSet,
+    DetEntry,
+    DetRow,
     GainInterval,
+    Missing,
+    PaperSource,
+    Report,
+    Summary,
+)
+from sge_repro.report.stats import (
     gain_verdict,
     mean_std,
     paired_image_bootstrap,
@@ -44,114 +63,6 @@ EMBEDDED_NOTE = (
     "the same depth with the paper's gain (for the same attention at the nearest depth the paper "
     "reports)."
 )
-
-
-@dataclass
-class ClsRow:
-    """One classification model on one dataset, aggregated over its seeds."""
-
-    model: str
-    dataset: str
-    seeds: list[int]
-    top1: float
-    top1_std: float | None
-    top5: float
-    top5_std: float | None
-    params_m: float | None
-    gflops: float | None
-    baseline: str | None
-    gain: GainInterval | None
-    comparable: bool  # the paper's dataset: absolute numbers can be compared
-    paper_top1: float | None
-    paper_gain: float | None
-    paper_gain_model: str | None
-    verdict: str
-    runs: list[ClsRun] = field(repr=False, default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "seeds": self.seeds,
-            "top1": self.top1,
-            "top1_std": self.top1_std,
-            "top5": self.top5,
-            "top5_std": self.top5_std,
-            "params_m": self.params_m,
-            "gflops": self.gflops,
-            "baseline": self.baseline,
-            "gain": None if self.gain is None else self.gain.to_json(),
-            "comparable_with_paper": self.comparable,
-            "paper_top1": self.paper_top1,
-            "paper_gain": self.paper_gain,
-            "paper_gain_model": self.paper_gain_model,
-            "verdict": self.verdict,
-        }
-
-
-@dataclass
-class DetRow:
-    """One detector + backbone on one dataset, aggregated over its seeds."""
-
-    detector: str
-    backbone: str
-    dataset: str
-    seeds: list[int]
-    bbox: dict[str, float | None]
-    bbox_std: dict[str, float | None]
-    segm: dict[str, float | None] | None
-    baseline: str | None
-    gain: GainInterval | None
-    comparable: bool
-    paper_ap: float | None
-    paper_gain: float | None
-    paper_gain_backbone: str | None
-    verdict: str
-    runs: list[DetRun] = field(repr=False, default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "detector": self.detector,
-            "backbone": self.backbone,
-            "dataset": self.dataset,
-            "seeds": self.seeds,
-            "bbox": self.bbox,
-            "bbox_std": self.bbox_std,
-            **({"segm": self.segm} if self.segm is not None else {}),
-            "baseline": self.baseline,
-            "gain": None if self.gain is None else self.gain.to_json(),
-            "comparable_with_paper": self.comparable,
-            "paper_AP": self.paper_ap,
-            "paper_gain": self.paper_gain,
-            "paper_gain_backbone": self.paper_gain_backbone,
-            "verdict": self.verdict,
-        }
-
-
-@dataclass
-class CurveSet:
-    """Training histories of one model (one per seed), and its dataset when known."""
-
-    model: str
-    dataset: str | None
-    histories: dict[int, list[dict[str, float]]]
-
-
-@dataclass
-class Report:
-    profile: str
-    root: Path
-    tolerance: float
-    classification: list[ClsRow]
-    detection: list[DetRow]
-    curves: list[CurveSet]
-    missing: list[Missing]
-    notes: list[str]
-    paper: PaperResults
-    results: CollectedResults = field(repr=False)
-    attention_images: list[Path] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 def _model_order(name: str) -> tuple:
@@ -226,7 +137,8 @@ def _classification_rows(
     seed: int,
     missing: list[Missing],
     notes: list[str],
-) -> list[ClsRow]:
+) -> list[tuple[ClsRow, list[ClsRun]]]:
+    """One row per (dataset, model), with the runs it aggregates (seed order)."""
     groups: dict[tuple[str, str], list[ClsRun]] = {}
     for run in results.classification:
         groups.setdefault((run.dataset, run.model), []).append(run)
@@ -245,8 +157,8 @@ def _classification_rows(
                 gain = _cls_gain(runs, base_runs, samples, seed, notes)
             else:
                 missing.append(
-                    Missing(f"baseline {baseline} on {dataset}", f"metrics/eval_cls/{baseline}-seed*.json",
-                            f"absent: no gain for {model}")
+                    Missing(what=f"baseline {baseline} on {dataset}", path=f"metrics/eval_cls/{baseline}-seed*.json",
+                            reason=f"absent: no gain for {model}")
                 )
         comparable = is_paper_dataset(dataset, "cls")
         if comparable:
@@ -260,10 +172,13 @@ def _classification_rows(
             nearest = paper.nearest_cls_gain(model)
             paper_gain, paper_gain_model = nearest if nearest else (None, None)
             verdict = "baseline" if baseline is None else gain_verdict(gain, paper_gain)
-        rows.append(
-            ClsRow(model, dataset, [r.seed for r in runs], top1, top1_std, top5, top5_std, params_m, gflops,
-                   baseline, gain, comparable, paper_top1, paper_gain, paper_gain_model, verdict, runs)
-        )
+        rows.append((
+            ClsRow(model=model, dataset=dataset, seeds=[r.seed for r in runs], top1=top1, top1_std=top1_std,
+                   top5=top5, top5_std=top5_std, params_m=params_m, gflops=gflops, baseline=baseline, gain=gain,
+                   comparable=comparable, paper_top1=paper_top1, paper_gain=paper_gain,
+                   paper_gain_model=paper_gain_model, verdict=verdict),
+            runs,
+        ))
     return rows
 
 
@@ -274,7 +189,8 @@ def _detection_rows(
     samples: int,
     seed: int,
     missing: list[Missing],
-) -> list[DetRow]:
+) -> list[tuple[DetRow, list[DetRun]]]:
+    """One row per (dataset, detector, backbone), with the runs it aggregates (seed order)."""
     groups: dict[tuple[str, str, str], list[DetRun]] = {}
     for run in results.detection:
         groups.setdefault((run.dataset, run.detector, run.backbone), []).append(run)
@@ -304,8 +220,9 @@ def _detection_rows(
                 )
             else:
                 missing.append(
-                    Missing(f"baseline {detector} + {baseline} on {dataset}",
-                            f"metrics/eval_det/{detector}-{baseline}-seed*.json", f"absent: no gain for {backbone}")
+                    Missing(what=f"baseline {detector} + {baseline} on {dataset}",
+                            path=f"metrics/eval_det/{detector}-{baseline}-seed*.json",
+                            reason=f"absent: no gain for {backbone}")
                 )
         comparable = is_paper_dataset(dataset, "det")
         if comparable:
@@ -319,10 +236,13 @@ def _detection_rows(
             nearest = paper.nearest_det_gain(detector, backbone)
             paper_gain, paper_gain_backbone = nearest if nearest else (None, None)
             verdict = "baseline" if baseline is None else gain_verdict(gain, paper_gain)
-        rows.append(
-            DetRow(detector, backbone, dataset, [r.seed for r in runs], bbox, bbox_std, segm, baseline, gain,
-                   comparable, paper_ap, paper_gain, paper_gain_backbone, verdict, runs)
-        )
+        rows.append((
+            DetRow(detector=detector, backbone=backbone, dataset=dataset, seeds=[r.seed for r in runs], bbox=bbox,
+                   bbox_std=bbox_std, segm=segm, baseline=baseline, gain=gain, comparable=comparable,
+                   paper_ap=paper_ap, paper_gain=paper_gain, paper_gain_backbone=paper_gain_backbone,
+                   verdict=verdict),
+            runs,
+        ))
     return rows
 
 
@@ -343,54 +263,27 @@ def _curves(results: CollectedResults, root: Path) -> list[CurveSet]:
     return [by_model[m] for m in sorted(by_model, key=_model_order)]
 
 
-def summary_json(report: Report) -> dict:
-    """reports/summary.json: the DESIGN.md contract (per-run entries) plus the comparison."""
-    complexity = {row.model: (row.params_m, row.gflops) for row in report.classification}
-    classification = []
-    for row in report.classification:
-        for run in row.runs:
-            classification.append({
-                "model": run.model,
-                "dataset": run.dataset,
-                "seed": run.seed,
-                "top1": run.top1,
-                "top5": run.top5,
-                "params_m": complexity[run.model][0],
-                "gflops": complexity[run.model][1],
-            })
-    detection = []
-    for row in report.detection:
-        for run in row.runs:
-            # The contract holds numbers: an AP COCOeval left undefined (NaN: no detections, or no
-            # objects of that size) is 0 here, and named under flags.
-            undefined = {}
-            entry = {
-                "detector": run.detector,
-                "backbone": run.backbone,
-                "dataset": run.dataset,
-                "seed": run.seed,
-            }
-            for task, values in (("bbox", run.bbox), ("segm", run.segm)):
-                if values is None:
-                    continue
-                entry[task] = {key: 0.0 if value is None else value for key, value in values.items()}
-                undefined.update({task: [key for key, value in values.items() if value is None]})
-            if any(undefined.values()):
-                entry["flags"] = {"nan_reported_as_zero": {t: keys for t, keys in undefined.items() if keys}}
-            detection.append(entry)
-    return {
-        "profile": report.profile,
-        "classification": classification,
-        "detection": detection,
-        "comparison": {
-            "tolerance": report.tolerance,
-            "classification": [row.to_json() for row in report.classification],
-            "detection": [row.to_json() for row in report.detection],
-        },
-        "missing": [{"what": m.what, "path": m.path, "reason": m.reason} for m in report.missing],
-        "notes": list(report.notes),
-        "paper": {"source": report.paper.source},
-    }
+def _cls_entries(rows: list[tuple[ClsRow, list[ClsRun]]]) -> list[ClsEntry]:
+    """The contract's per-run entries; #params / GFLOPs those of the model's row."""
+    complexity = {row.model: (row.params_m, row.gflops) for row, _ in rows}
+    return [
+        ClsEntry(model=run.model, dataset=run.dataset, seed=run.seed, top1=run.top1, top5=run.top5,
+                 params_m=complexity[run.model][0], gflops=complexity[run.model][1])
+        for _, runs in rows for run in runs
+    ]
+
+
+def _det_entry(run: DetRun) -> DetEntry:
+    """The contract holds numbers: an AP COCOeval left undefined (NaN: no detections, or no objects
+    of that size) is 0 here, and named under flags."""
+    tasks = {task: values for task, values in (("bbox", run.bbox), ("segm", run.segm)) if values is not None}
+    zeroed = {task: {key: 0.0 if value is None else value for key, value in values.items()}
+              for task, values in tasks.items()}
+    undefined = {task: [key for key, value in values.items() if value is None] for task, values in tasks.items()}
+    undefined = {task: keys for task, keys in undefined.items() if keys}
+    return DetEntry(detector=run.detector, backbone=run.backbone, dataset=run.dataset, seed=run.seed,
+                    bbox=zeroed["bbox"], segm=zeroed.get("segm"),
+                    flags={"nan_reported_as_zero": undefined} if undefined else None)
 
 
 def build_report(
@@ -403,10 +296,9 @@ def build_report(
     expected_models: Iterable[str] = (),
     expected_detection: Iterable[tuple[str, str]] = (),
     seeds: Sequence[int] = (),
-    write: bool = True,
 ) -> Report:
-    """Collect every metrics file under `root`, compare with the paper, and write
-    reports/summary.json, reports/report.md and reports/report.html (atomically).
+    """Collect every metrics file under `root` and compare with the paper; writes nothing
+    (sge_repro.report.render.write_report_files writes reports/).
 
     tolerance: |ours - paper| in points within which a result on the paper's dataset counts as
     reproduced. bootstrap_samples / seed: the bootstrap of the gains. complexity: a
@@ -427,40 +319,24 @@ def build_report(
     table = resolve_complexity(models, complexity, notes)
     classification = _classification_rows(results, paper, table, tolerance, bootstrap_samples, seed, missing, notes)
     detection = _detection_rows(results, paper, tolerance, bootstrap_samples, seed, missing)
-    if any(not r.comparable for r in classification) or any(not r.comparable for r in detection):
+    if any(not r.comparable for r, _ in classification) or any(not r.comparable for r, _ in detection):
         notes.append(EMBEDDED_NOTE)
     if not results.classification and not results.detection:
         notes.append("No evaluated runs found under metrics/: run the pipeline first (sge-repro run all).")
     attention_images = [
         path for folder in ATTENTION_DIRS if (root / folder).is_dir() for path in sorted((root / folder).rglob("*.png"))
     ][:MAX_ATTENTION_IMAGES]
-    report = Report(
+    summary = Summary(
         profile=profile,
-        root=root,
-        tolerance=tolerance,
-        classification=classification,
-        detection=detection,
-        curves=_curves(results, root),
+        classification=_cls_entries(classification),
+        detection=[_det_entry(run) for _, runs in detection for run in runs],
+        comparison=Comparison(tolerance=tolerance, classification=[row for row, _ in classification],
+                              detection=[row for row, _ in detection]),
         missing=missing,
         notes=notes,
-        paper=paper,
-        results=results,
-        attention_images=attention_images,
+        paper=PaperSource(source=paper.source),
     )
-    report.summary = summary_json(report)
-    if write:
-        write_report(report, ProjectPaths(root).reports)
-    return report
-
-
-def write_report(report: Report, reports_dir: Path) -> dict[str, Path]:
-    """Write summary.json, report.md, report.html under `reports_dir` (atomically), once per report."""
-    from sge_repro.report.render import write_report_files
-
-    reports_dir = Path(reports_dir)
-    if not report.files or any(path.parent != reports_dir for path in report.files.values()):
-        report.files = write_report_files(report, reports_dir)
-    return report.files
+    return Report(summary=summary, curves=_curves(results, root), attention_images=attention_images)
 
 
 def load_saved_report(root: Path) -> Report:
@@ -471,34 +347,11 @@ def load_saved_report(root: Path) -> Report:
     if data is None:
         raise UserError(f"{path}: no report yet; expected one written by `sge-repro report`")
     try:
-        comparison = data["comparison"]
-        classification = [
-            ClsRow(
-                model=r["model"], dataset=r["dataset"], seeds=list(r["seeds"]), top1=r["top1"],
-                top1_std=r["top1_std"], top5=r["top5"], top5_std=r["top5_std"], params_m=r["params_m"],
-                gflops=r["gflops"], baseline=r["baseline"],
-                gain=None if r["gain"] is None else GainInterval.from_json(r["gain"]),
-                comparable=r["comparable_with_paper"], paper_top1=r["paper_top1"], paper_gain=r["paper_gain"],
-                paper_gain_model=r["paper_gain_model"], verdict=r["verdict"],
-            )
-            for r in comparison["classification"]
-        ]
-        detection = [
-            DetRow(
-                detector=r["detector"], backbone=r["backbone"], dataset=r["dataset"], seeds=list(r["seeds"]),
-                bbox=r["bbox"], bbox_std=r["bbox_std"], segm=r.get("segm"), baseline=r["baseline"],
-                gain=None if r["gain"] is None else GainInterval.from_json(r["gain"]),
-                comparable=r["comparable_with_paper"], paper_ap=r["paper_AP"], paper_gain=r["paper_gain"],
-                paper_gain_backbone=r["paper_gain_backbone"], verdict=r["verdict"],
-            )
-            for r in comparison["detection"]
-        ]
-        missing = [Missing(m["what"], m["path"], m["reason"]) for m in data.get("missing", [])]
-        return Report(
-            profile=str(data["profile"]), root=root, tolerance=float(comparison["tolerance"]),
-            classification=classification, detection=detection, curves=[], missing=missing,
-            notes=list(data.get("notes", [])), paper=load_paper_results(), results=CollectedResults(),
-            summary=data,
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: not a report written by this version ({error!r}); rerun `sge-repro report`") from error
+        return Report(summary=Summary.model_validate(data))
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise UserError(
+            f"{path}: key '{key}': {first['msg']}; expected a report written by this version "
+            "(rerun `sge-repro report`)"
+        ) from error

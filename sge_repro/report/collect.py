@@ -20,17 +20,9 @@ import numpy as np
 from sge_repro.errors import UserError
 from sge_repro.paths import ProjectPaths
 from sge_repro.report.reference import BBOX_KEYS
+from sge_repro.report.schema import Missing
 
 _RUN_FILE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)\.(?:json|tsv)$")
-
-
-@dataclass(frozen=True)
-class Missing:
-    """Something the report would use but could not find (or found incomplete)."""
-
-    what: str
-    path: str
-    reason: str
 
 
 @dataclass
@@ -189,14 +181,15 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
     model, seed = identity
     data = read_json_object(path, root)
     if data is None:
-        missing.append(Missing(f"classification {model} seed {seed}", _display(path, root), "empty file"))
+        missing.append(Missing(what=f"classification {model} seed {seed}", path=_display(path, root), reason="empty file"))
         return None
     _check_identity(data, "model", model, path, root)
     _check_identity(data, "seed", seed, path, root)
     absent = [k for k in ("dataset", "top1", "top5") if k not in data]
     if absent:
         missing.append(
-            Missing(f"classification {model} seed {seed}", _display(path, root), f"incomplete: no {', '.join(absent)}")
+            Missing(what=f"classification {model} seed {seed}", path=_display(path, root),
+                    reason=f"incomplete: no {', '.join(absent)}")
         )
         return None
     if not isinstance(data["dataset"], str):
@@ -219,9 +212,9 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
     if run.predictions is None:
         missing.append(
             Missing(
-                f"per-image predictions of {model} seed {seed}",
-                _display(predictions_path, root),
-                "absent: no paired bootstrap over validation images",
+                what=f"per-image predictions of {model} seed {seed}",
+                path=_display(predictions_path, root),
+                reason="absent: no paired bootstrap over validation images",
             )
         )
     elif run.num_images is not None and run.num_images != len(run.predictions.correct):
@@ -242,7 +235,7 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
     what = f"detection {detector} + {backbone} seed {seed}"
     data = read_json_object(path, root)
     if data is None:
-        missing.append(Missing(what, _display(path, root), "empty file"))
+        missing.append(Missing(what=what, path=_display(path, root), reason="empty file"))
         return None
     _check_identity(data, "detector", detector, path, root)
     _check_identity(data, "backbone", backbone, path, root)
@@ -252,7 +245,8 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
         absent = [k for k in ("dataset", "bbox") if k not in data]
         if isinstance(bbox, dict):
             absent += [f"bbox.{k}" for k in BBOX_KEYS if k not in bbox]
-        missing.append(Missing(what, _display(path, root), f"incomplete: no {', '.join(absent) or 'bbox object'}"))
+        missing.append(Missing(what=what, path=_display(path, root),
+                               reason=f"incomplete: no {', '.join(absent) or 'bbox object'}"))
         return None
     run = DetRun(
         detector=detector,
@@ -264,7 +258,7 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
         flags=dict(data.get("flags") or {}),
     )
     if run.bbox["AP"] is None:
-        missing.append(Missing(what, _display(path, root), "incomplete: bbox.AP is null"))
+        missing.append(Missing(what=what, path=_display(path, root), reason="incomplete: bbox.AP is null"))
         return None
     segm = data.get("segm")
     if segm is not None:
@@ -328,9 +322,9 @@ def collect_results(
         if not paths.cls_metrics(*identity).is_file():
             results.missing.append(
                 Missing(
-                    f"classification {identity[0]} seed {identity[1]}",
-                    _display(paths.cls_metrics(*identity), paths.root),
-                    "absent: trained but not evaluated",
+                    what=f"classification {identity[0]} seed {identity[1]}",
+                    path=_display(paths.cls_metrics(*identity), paths.root),
+                    reason="absent: trained but not evaluated",
                 )
             )
 
@@ -339,13 +333,15 @@ def collect_results(
         for seed in seeds:
             path = paths.cls_metrics(model, seed)
             if (model, seed) not in evaluated and _display(path, paths.root) not in reported:
-                results.missing.append(Missing(f"classification {model} seed {seed}", _display(path, paths.root), "absent"))
+                results.missing.append(Missing(what=f"classification {model} seed {seed}",
+                                               path=_display(path, paths.root), reason="absent"))
     found_det = {(r.detector, r.backbone, r.seed) for r in results.detection}
     for detector, backbone in expected_detection:
         for seed in seeds:
             path = paths.det_metrics(detector, backbone, seed)
             if (detector, backbone, seed) not in found_det and _display(path, paths.root) not in reported:
                 results.missing.append(
-                    Missing(f"detection {detector} + {backbone} seed {seed}", _display(path, paths.root), "absent")
+                    Missing(what=f"detection {detector} + {backbone} seed {seed}", path=_display(path, paths.root),
+                            reason="absent")
                 )
     return results

@@ -1,5 +1,6 @@
-"""Render a built report: rich tables on the console, reports/report.md, a self-contained
-reports/report.html (plots as base64 PNG data URIs) and reports/summary.json.
+"""Render a built report (schema.Report): rich tables on the console, and the files of reports/:
+summary.json (the schema's model_dump), report.md and a self-contained report.html (plots as
+base64 PNG data URIs), each written once, atomically, by `write_report_files`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from sge_repro.atomic import write_json, write_text
-from sge_repro.report.reference import official_log, split_model_name
-from sge_repro.report.stats import GainInterval, significance_label
+from sge_repro.report.reference import is_paper_dataset, official_log, split_model_name
+from sge_repro.report.schema import CurveSet, GainInterval, Report
+from sge_repro.report.stats import significance_label
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from sge_repro.report.build import CurveSet, Report
 
 DASH = "-"
 
@@ -164,7 +164,7 @@ def render_markdown(report: Report) -> str:
     parts = [
         f"# SGE reproduction report (profile `{report.profile}`)",
         "",
-        f"Paper figures: {report.paper.source}. Verdict on the paper's datasets: \"reproduced\" when "
+        f"Paper figures: {report.summary.paper.source}. Verdict on the paper's datasets: \"reproduced\" when "
         f"|ours - paper| <= {report.tolerance:g} points, else the signed gap. Means ± sample std over "
         "seeds; gains with 95% bootstrap confidence intervals (top-1: paired over validation images; "
         "AP: over seeds).",
@@ -210,8 +210,6 @@ class Series:
 
 def curve_series(curve: CurveSet) -> list[Series]:
     """The lines of a model's training-curve plot: ours per seed; on ImageNet also the authors' log."""
-    from sge_repro.report.reference import is_paper_dataset
-
     series = []
     for seed, rows in sorted(curve.histories.items()):
         epochs = [r.get("epoch", float(i)) for i, r in enumerate(rows)]
@@ -320,7 +318,7 @@ def render_html(report: Report) -> str:
         f"<title>SGE reproduction report ({escape(report.profile)})</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>SGE reproduction report <small>(profile {escape(report.profile)})</small></h1>",
-        f'<p class="note">Paper figures: {escape(report.paper.source)}. Verdict on the paper\'s datasets: '
+        f'<p class="note">Paper figures: {escape(report.summary.paper.source)}. Verdict on the paper\'s datasets: '
         f"&ldquo;reproduced&rdquo; when |ours &minus; paper| &le; {report.tolerance:g} points, else the signed gap. "
         "Means &plusmn; sample std over seeds; gains with 95% bootstrap CIs (top-1: paired over validation "
         "images; AP: over seeds).</p>",
@@ -350,10 +348,12 @@ def render_html(report: Report) -> str:
 
 
 def write_report_files(report: Report, reports_dir: Path) -> dict[str, Path]:
-    """Write summary.json, report.md and report.html atomically; returns {kind: path}."""
+    """Write summary.json, report.md and report.html atomically, each once; returns {kind: path}
+    (also kept as report.files, which the console lists)."""
     reports_dir = Path(reports_dir)
-    return {
-        "summary": write_json(reports_dir / "summary.json", report.summary),
+    report.files = {
+        "summary": write_json(reports_dir / "summary.json", report.summary.model_dump()),
         "markdown": write_text(reports_dir / "report.md", render_markdown(report)),
         "html": write_text(reports_dir / "report.html", render_html(report)),
     }
+    return report.files

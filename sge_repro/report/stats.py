@@ -10,56 +10,13 @@ takes a seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from sge_repro.report.schema import GainInterval
+
 SINGLE_RUN = "single run"
-
-
-@dataclass(frozen=True)
-class GainInterval:
-    """A gain (attention model minus its plain baseline) in points, with its bootstrap CI."""
-
-    estimate: float
-    low: float | None
-    high: float | None
-    method: str  # how the CI was obtained, for the report
-    units: int  # images or seeds resampled (0 when there is no CI)
-    samples: int  # bootstrap resamples (0 when there is no CI)
-    confidence: float = 0.95
-
-    @property
-    def significant(self) -> bool | None:
-        """True when the CI excludes 0; None when there is no CI (a single run)."""
-        if self.low is None or self.high is None:
-            return None
-        return self.low > 0.0 or self.high < 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "gain": self.estimate,
-            "ci_low": self.low,
-            "ci_high": self.high,
-            "confidence": self.confidence,
-            "method": self.method,
-            "units": self.units,
-            "samples": self.samples,
-            "significant": self.significant,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping) -> "GainInterval":
-        return cls(
-            estimate=float(data["gain"]),
-            low=data.get("ci_low"),
-            high=data.get("ci_high"),
-            method=str(data.get("method", "")),
-            units=int(data.get("units", 0)),
-            samples=int(data.get("samples", 0)),
-            confidence=float(data.get("confidence", 0.95)),
-        )
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -141,8 +98,9 @@ def seed_bootstrap(
         draws = differences[picks].mean(axis=1)
         low, high = _percentile_interval(draws, confidence)
         return GainInterval(
-            float(differences.mean()), low, high, f"bootstrap over {len(common)} paired seeds",
-            len(common), samples, confidence,
+            estimate=float(differences.mean()), low=low, high=high,
+            method=f"bootstrap over {len(common)} paired seeds", units=len(common), samples=samples,
+            confidence=confidence,
         )
     if len(treated) >= 2 and len(baseline) >= 2:
         a = np.array(list(treated.values()), dtype=np.float64)
@@ -153,10 +111,12 @@ def seed_bootstrap(
         )
         low, high = _percentile_interval(draws, confidence)
         return GainInterval(
-            treated_mean - baseline_mean, low, high,
-            f"unpaired bootstrap over {a.size} vs {b.size} seeds", a.size + b.size, samples, confidence,
+            estimate=treated_mean - baseline_mean, low=low, high=high,
+            method=f"unpaired bootstrap over {a.size} vs {b.size} seeds", units=a.size + b.size,
+            samples=samples, confidence=confidence,
         )
-    return GainInterval(treated_mean - baseline_mean, None, None, SINGLE_RUN, 0, 0, confidence)
+    return GainInterval(estimate=treated_mean - baseline_mean, low=None, high=None, method=SINGLE_RUN, units=0,
+                        samples=0, confidence=confidence)
 
 
 def significance_label(gain: GainInterval | None) -> str:

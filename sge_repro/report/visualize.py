@@ -2,7 +2,8 @@
 SGE module, the spatial gate sigmoid(gamma * n + beta) it computes, and the feature map after.
 
 Forward hooks on the model's SpatialGroupEnhance modules capture their input and output; the gate
-is recomputed from the input with the module's own parameters (and checked against its output).
+is recomputed from the input with the module's own parameters by the SGE reference formula
+(sge_repro.models.sge.sge_reference_gate; checked against the module's output).
 """
 
 from __future__ import annotations
@@ -30,17 +31,6 @@ def sge_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, SpatialGroupEnhance):
             found[name.rsplit(".", 1)[0] if "." in name else name] = module
     return found
-
-
-def sge_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
-    """The SGE gate, shape (B, G, H, W), for input x (B, C, H, W) (paper steps 1-5)."""
-    batch, channels, height, width = x.shape
-    grouped = x.reshape(batch * groups, channels // groups, height, width)
-    descriptor = grouped.mean(dim=(2, 3), keepdim=True)  # m_g
-    similarity = (grouped * descriptor).sum(dim=1).reshape(batch * groups, -1)  # c_i
-    normalised = (similarity - similarity.mean(dim=1, keepdim=True)) / (similarity.std(dim=1, keepdim=True) + 1e-5)
-    normalised = normalised.reshape(batch, groups, height, width)
-    return torch.sigmoid(normalised * weight.reshape(1, groups, 1, 1) + bias.reshape(1, groups, 1, 1))
 
 
 def default_layers(names: list[str]) -> list[str]:
@@ -74,6 +64,8 @@ def load_image(image_path: Path, image_size: int | None) -> tuple[torch.Tensor, 
 
 def capture_sge(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     """Run `model` on `image` and return {layer: {"before", "gate", "after"}} for the given SGE blocks."""
+    from sge_repro.models.sge import sge_reference_gate
+
     modules = sge_modules(model)
     captured: dict[str, dict[str, torch.Tensor]] = {}
     handles = []
@@ -81,7 +73,8 @@ def capture_sge(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dic
     def hook(name: str, module: nn.Module):
         def record(_module, inputs, output):
             before = inputs[0].detach().float()
-            gate = sge_gate(before, module.weight.detach().float(), module.bias.detach().float(), module.groups)
+            gate = sge_reference_gate(before, module.weight.detach().float(), module.bias.detach().float(),
+                                      module.groups)
             captured[name] = {"before": before[0], "gate": gate[0], "after": output.detach().float()[0]}
 
         return record

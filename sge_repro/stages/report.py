@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.runtime import use_cpu_threads
+
+if TYPE_CHECKING:
+    from sge_repro.report.schema import Report
 
 
 def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
@@ -20,10 +24,14 @@ def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
         paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
 
 
-def report(params: Params, paths: ProjectPaths):
-    """Collect every metrics file, compare with the paper, write reports/; returns the Report."""
+def report(params: Params, paths: ProjectPaths) -> Report:
+    """Collect every metrics file, compare with the paper, write reports/ (each file once).
+
+    The runs params.yaml asks for (models x seeds, detectors x detection_backbones x seeds) are
+    expected: any without a metrics file is listed as missing in the report.
+    """
     from sge_repro.models.complexity import model_complexity
-    from sge_repro.report import build_report, write_report
+    from sge_repro.report import build_report, write_report_files
 
     use_cpu_threads(params)
 
@@ -33,7 +41,10 @@ def report(params: Params, paths: ProjectPaths):
                                 image_size=params.eval_cls.image_size, **params.model.model_kwargs())
 
     p = params.report
-    result = build_report(paths.root, profile=params.profile, tolerance=p.tolerance,
-                          bootstrap_samples=p.bootstrap_samples, seed=p.seed, complexity=complexity)
-    write_report(result, paths.reports)
+    result = build_report(
+        paths.root, profile=params.profile, tolerance=p.tolerance, bootstrap_samples=p.bootstrap_samples,
+        seed=p.seed, complexity=complexity, expected_models=params.models,
+        expected_detection=[(d, b) for d in params.detectors for b in params.detection_backbones],
+        seeds=params.seeds)
+    write_report_files(result, paths.reports)
     return result

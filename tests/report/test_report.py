@@ -7,9 +7,14 @@ from rich.console import Console
 
 from sge_repro.errors import UserError
 from sge_repro.paths import ProjectPaths
-from sge_repro.report import build_report, load_saved_report, render_console, write_report
-from sge_repro.report.build import CurveSet
+from sge_repro.report import (
+    build_report,
+    load_saved_report,
+    render_console,
+    write_report_files,
+)
 from sge_repro.report.render import classification_table, curve_series, detection_table
+from sge_repro.report.schema import CurveSet
 
 from .conftest import fixture_complexity
 
@@ -50,7 +55,9 @@ GOLDEN_DETECTION = [
 
 @pytest.fixture
 def report(results_root):
-    return build_report(results_root, "embedded", bootstrap_samples=2000, seed=0, complexity=fixture_complexity)
+    built = build_report(results_root, "embedded", bootstrap_samples=2000, seed=0, complexity=fixture_complexity)
+    write_report_files(built, results_root / "reports")
+    return built
 
 
 def _approx_tree(value):
@@ -73,7 +80,8 @@ def test_summary_json_follows_the_contract_with_known_values(report, results_roo
 
 
 def test_comparison_gains_and_verdicts(report):
-    rows = {(r["dataset"], r["model"]): r for r in report.summary["comparison"]["classification"]}
+    comparison = report.summary.model_dump()["comparison"]
+    rows = {(r["dataset"], r["model"]): r for r in comparison["classification"]}
     embedded_sge = rows[("embedded", "sge_resnet18")]
     # Paired over the 10 images: per-image difference of the seed means is 0.5 on one image,
     # 1 on another, 0 elsewhere -> +15 points; P(resample misses both) = 0.8^10 > 2.5% -> CI from 0.
@@ -88,7 +96,7 @@ def test_comparison_gains_and_verdicts(report):
     assert rows[("imagenet", "sge_resnet50")]["verdict"] == "-0.58 vs paper"
     assert rows[("imagenet", "sge_resnet50")]["gain"]["method"] == "single run"
     assert rows[("imagenet", "se_resnet101")]["gain"] is None
-    det = {(r["detector"], r["backbone"], r["dataset"]): r for r in report.summary["comparison"]["detection"]}
+    det = {(r["detector"], r["backbone"], r["dataset"]): r for r in comparison["detection"]}
     faster = det[("faster_rcnn", "sge_resnet50", "coco")]
     assert faster["gain"]["gain"] == pytest.approx(0.6)
     assert (faster["gain"]["ci_low"], faster["gain"]["ci_high"]) == (pytest.approx(0.6), pytest.approx(0.6))
@@ -162,7 +170,8 @@ def test_attention_maps_are_embedded_in_the_html(results_root):
     from .test_visualize import PNG_SIGNATURE
 
     write_bytes(results_root / "runs" / "visualize" / "val_0001-layer3.1.png", PNG_SIGNATURE + b"fake")
-    build_report(results_root, "embedded", bootstrap_samples=100, complexity=fixture_complexity)
+    write_report_files(build_report(results_root, "embedded", bootstrap_samples=100, complexity=fixture_complexity),
+                       results_root / "reports")
     parser = _Collector()
     parser.feed((results_root / "reports" / "report.html").read_text())
     assert len(parser.images) == 7
@@ -194,18 +203,52 @@ def test_console_output_and_saved_report_round_trip(report, results_root):
     assert [m.path for m in saved.missing] == [m.path for m in report.missing]
 
 
-def test_write_report_after_build_does_not_rewrite(report, results_root):
-    before = (results_root / "reports" / "report.html").stat().st_mtime_ns
-    assert write_report(report, results_root / "reports") == report.files
-    assert (results_root / "reports" / "report.html").stat().st_mtime_ns == before
-    assert sorted(p.name for p in (results_root / "reports").iterdir()) == ["report.html", "report.md", "summary.json"]
+def test_build_writes_nothing_and_writing_gives_the_three_files(results_root):
+    built = build_report(results_root, "embedded", bootstrap_samples=100, complexity=fixture_complexity)
+    assert not (results_root / "reports").exists()
+    reports = results_root / "reports"
+    files = write_report_files(built, reports)
+    assert files == built.files == {"summary": reports / "summary.json", "markdown": reports / "report.md",
+                                    "html": reports / "report.html"}
+    assert sorted(p.name for p in reports.iterdir()) == ["report.html", "report.md", "summary.json"]
+    assert json.loads((reports / "summary.json").read_text()) == built.summary.model_dump()
+
+
+def test_saved_summary_reads_back_into_the_same_model(report, results_root):
+    text = ProjectPaths(results_root).summary.read_text()
+    saved = load_saved_report(results_root)
+    assert saved.summary == report.summary
+    assert json.dumps(saved.summary.model_dump(), indent=2, allow_nan=False) + "\n" == text
+    # the optional keys stay absent when absent (no segm for faster_rcnn, no flags without NaN)
+    faster = json.loads(text)["detection"][0]
+    assert "segm" not in faster and "flags" not in faster
+    assert "segm" not in json.loads(text)["comparison"]["detection"][0]
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda s: s["comparison"]["classification"][1].update(top1="high"), "comparison.classification.1.top1"),
+        (lambda s: s["detection"][0]["bbox"].update(AP=None), "detection.0.bbox.AP"),
+        (lambda s: s.pop("profile"), "profile"),
+    ],
+)
+def test_malformed_saved_summary_is_a_user_error_naming_file_and_key(report, results_root, edit, key):
+    path = ProjectPaths(results_root).summary
+    summary = json.loads(path.read_text())
+    edit(summary)
+    path.write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=rf"summary\.json: key '{key}': ") as error:
+        load_saved_report(results_root)
+    assert "rerun `sge-repro report`" in str(error.value)
 
 
 def test_empty_project_gives_a_report_that_says_so(tmp_path):
     report = build_report(tmp_path, "smoke", bootstrap_samples=10, complexity=fixture_complexity,
                           expected_models=["resnet18"], seeds=[0])
-    assert report.summary["classification"] == [] and report.summary["detection"] == []
-    assert report.summary["missing"] == [
+    write_report_files(report, tmp_path / "reports")
+    assert report.summary.classification == [] and report.summary.detection == []
+    assert report.summary.model_dump()["missing"] == [
         {"what": "classification resnet18 seed 0", "path": "metrics/eval_cls/resnet18-seed0.json", "reason": "absent"}
     ]
     assert "No evaluated runs." in (tmp_path / "reports" / "report.md").read_text()

@@ -7,10 +7,10 @@ from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.models.checkpoints import make_classifier_checkpoint
+from sge_repro.models.sge import sge_reference_gate
 from sge_repro.report.visualize import (
     capture_sge,
     load_image,
-    sge_gate,
     sge_modules,
     visualize_sge,
     visualize_sge_checkpoint,
@@ -50,7 +50,7 @@ def test_gate_times_input_is_what_the_sge_module_outputs(tiny_sge_model, image_f
 
 def test_gate_at_initialisation_is_sigmoid_of_one():
     x = torch.randn(2, 16, 5, 5)
-    gate = sge_gate(x, torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1), groups=4)
+    gate = sge_reference_gate(x, torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1), groups=4)
     torch.testing.assert_close(gate, torch.full((2, 4, 5, 5), float(torch.sigmoid(torch.tensor(1.0)))))
 
 

@@ -1,0 +1,199 @@
+"""reports/summary.json as one pydantic model, and the built report that holds it.
+
+Every field of the file is defined once, here: writing is `Summary.model_dump()` (field order is
+the file's key order), reading a saved file is `Summary.model_validate(data)`. The DESIGN.md
+contract: `profile`, per-run `classification` entries (model, dataset, seed, top1, top5,
+params_m, gflops) and `detection` entries (detector, backbone, dataset, seed, bbox, segm for mask
+models), accuracies and APs in percent; the comparison with the paper, what is missing and the
+notes are added beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_serializer
+
+APs = dict[str, float]
+OptionalAPs = dict[str, float | None]
+
+
+class _Record(BaseModel):
+    """A JSON object of summary.json: JSON names via aliases, keys in `omit_when_none` left out
+    when their value is None (e.g. `segm` of a detector without masks)."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True, frozen=True)
+    omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):
+        data = handler(self)
+        for key in self.omit_when_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class GainInterval(_Record):
+    """A gain (attention model minus its plain baseline) in points, with its bootstrap CI."""
+
+    estimate: float = Field(alias="gain")
+    low: float | None = Field(alias="ci_low")
+    high: float | None = Field(alias="ci_high")
+    confidence: float = 0.95
+    method: str  # how the CI was obtained, for the report
+    units: int  # images or seeds resampled (0 when there is no CI)
+    samples: int  # bootstrap resamples (0 when there is no CI)
+
+    @computed_field
+    @property
+    def significant(self) -> bool | None:
+        """True when the CI excludes 0; None when there is no CI (a single run)."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low > 0.0 or self.high < 0.0
+
+
+class ClsEntry(_Record):
+    """One classification run (the contract's per-run entry)."""
+
+    model: str
+    dataset: str
+    seed: int
+    top1: float
+    top5: float
+    params_m: float | None
+    gflops: float | None
+
+
+class DetEntry(_Record):
+    """One detection run (the contract's per-run entry). COCO's undefined APs are 0 here and
+    named under flags.nan_reported_as_zero."""
+
+    omit_when_none: ClassVar[tuple[str, ...]] = ("segm", "flags")
+
+    detector: str
+    backbone: str
+    dataset: str
+    seed: int
+    bbox: APs
+    segm: APs | None = None
+    flags: dict[str, dict[str, list[str]]] | None = None
+
+
+class ClsRow(_Record):
+    """One classification model on one dataset, aggregated over its seeds, against the paper."""
+
+    model: str
+    dataset: str
+    seeds: list[int]
+    top1: float
+    top1_std: float | None
+    top5: float
+    top5_std: float | None
+    params_m: float | None
+    gflops: float | None
+    baseline: str | None
+    gain: GainInterval | None
+    comparable: bool = Field(alias="comparable_with_paper")  # the paper's dataset: absolute numbers compare
+    paper_top1: float | None
+    paper_gain: float | None
+    paper_gain_model: str | None
+    verdict: str
+
+
+class DetRow(_Record):
+    """One detector + backbone on one dataset, aggregated over its seeds, against the paper."""
+
+    omit_when_none: ClassVar[tuple[str, ...]] = ("segm",)
+
+    detector: str
+    backbone: str
+    dataset: str
+    seeds: list[int]
+    bbox: OptionalAPs
+    bbox_std: OptionalAPs
+    segm: OptionalAPs | None = None
+    baseline: str | None
+    gain: GainInterval | None
+    comparable: bool = Field(alias="comparable_with_paper")
+    paper_ap: float | None = Field(alias="paper_AP")
+    paper_gain: float | None
+    paper_gain_backbone: str | None
+    verdict: str
+
+
+class Comparison(_Record):
+    tolerance: float  # |ours - paper| in points within which a result counts as reproduced
+    classification: list[ClsRow]
+    detection: list[DetRow]
+
+
+class Missing(_Record):
+    """Something the report would use but could not find (or found incomplete)."""
+
+    what: str
+    path: str
+    reason: str
+
+
+class PaperSource(_Record):
+    source: str
+
+
+class Summary(_Record):
+    """reports/summary.json."""
+
+    profile: str
+    classification: list[ClsEntry]
+    detection: list[DetEntry]
+    comparison: Comparison
+    missing: list[Missing] = []
+    notes: list[str] = []
+    paper: PaperSource
+
+
+@dataclass
+class CurveSet:
+    """Training histories of one model (one per seed), and its dataset when known."""
+
+    model: str
+    dataset: str | None
+    histories: dict[int, list[dict[str, float]]]
+
+
+@dataclass
+class Report:
+    """A built report: summary.json's content plus what only the plots use; `files` are the
+    paths written by sge_repro.report.render.write_report_files."""
+
+    summary: Summary
+    curves: list[CurveSet] = field(default_factory=list)
+    attention_images: list[Path] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> str:
+        return self.summary.profile
+
+    @property
+    def tolerance(self) -> float:
+        return self.summary.comparison.tolerance
+
+    @property
+    def classification(self) -> list[ClsRow]:
+        return self.summary.comparison.classification
+
+    @property
+    def detection(self) -> list[DetRow]:
+        return self.summary.comparison.detection
+
+    @property
+    def missing(self) -> list[Missing]:
+        return self.summary.missing
+
+    @property
+    def notes(self) -> list[str]:
+        return self.summary.notes
