@@ -116,7 +116,7 @@ class ConvertParams(Section):
 class TrainDetParams(Section):
     max_iter: int = Field(300, ge=1)
     ims_per_batch: int = Field(8, ge=1)
-    base_lr: float = Field(REFERENCE_TWO_STAGE_LR, gt=0, description=(
+    base_lr: float = Field(0.02, gt=0, description=(
         f"the two-stage (R-CNN) lr; each detector trains at base_lr * its YAML's SOLVER.BASE_LR / "
         f"{REFERENCE_TWO_STAGE_LR} (sge_repro.detection.detectors.detector_base_lr): RetinaNet at half"))
     warmup_iters: int = Field(50, ge=0)
