@@ -16,11 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sge_repro.detection.detectors import DETECTORS, REFERENCE_TWO_STAGE_LR
 from sge_repro.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 PROFILES_DIR = Path("pipelines") / "profiles"
-DETECTORS = ("faster_rcnn", "retinanet", "mask_rcnn", "cascade_rcnn")
 
 
 class Section(BaseModel):
@@ -116,7 +116,9 @@ class ConvertParams(Section):
 class TrainDetParams(Section):
     max_iter: int = Field(300, ge=1)
     ims_per_batch: int = Field(8, ge=1)
-    base_lr: float = Field(0.02, gt=0)
+    base_lr: float = Field(0.02, gt=0, description=(
+        f"the two-stage (R-CNN) lr; each detector trains at base_lr * its YAML's SOLVER.BASE_LR / "
+        f"{REFERENCE_TWO_STAGE_LR} (sge_repro.detection.detectors.detector_base_lr): RetinaNet at half"))
     warmup_iters: int = Field(50, ge=0)
     min_size: int = Field(128, ge=32)
     max_size: int = Field(128, ge=32)
@@ -161,14 +163,13 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
-        from sge_repro.models.registry import list_models
+        from sge_repro.models.registry import NAME_HELP, parse_model_name
 
-        known = list_models()
         for name in self.models:
-            if name not in known:
-                family = name.rsplit("_", 1)[-1].rstrip("0123456789")
-                examples = [k for k in known if family and family in k][:6] or known[:6]
-                raise ValueError(f"models: unknown model {name!r} (e.g. {', '.join(examples)})")
+            try:
+                parse_model_name(name)
+            except UserError:
+                raise ValueError(f"models: unknown model {name!r}; {NAME_HELP}") from None
         for name in self.detectors:
             if name not in DETECTORS:
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")

@@ -1,4 +1,5 @@
-"""`sge-repro bench sge|train`: overhead and throughput measurements."""
+"""`sge-repro bench sge|train`: overhead and throughput measurements (the developer tools in the
+top-level `benchmarks` package)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def bench_sge(
     """ResNet50 vs SGE-ResNet50 (reference, fast and, on CUDA, Triton module): eval forward and a training step."""
     import torch
 
-    from sge_repro.models.benchmark import benchmark_sge
+    from benchmarks.models import benchmark_sge
 
     if threads:
         torch.set_num_threads(threads)
@@ -62,15 +63,17 @@ def bench_train(
     image_size: int = typer.Option(224, help="Input resolution."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     repeats: int = typer.Option(5, min=3, help="Interleaved repeats (median)."),
-    width: int = typer.Option(64, help="Base width (64 = the paper's ResNets)."),
-    groups: int = typer.Option(64, help="SGE groups."),
+    width: Optional[int] = typer.Option(None, help="Base width (default: the paper's, 64)."),
+    groups: Optional[int] = typer.Option(None, help="SGE groups (default: the paper's, 64)."),
 ) -> None:
     """Training images/s (forward + backward + SGD step) of one model or several side by side."""
-    from sge_repro.models.benchmark import benchmark_training
+    from benchmarks.models import benchmark_training
 
+    # unset options keep the model defaults (sge_repro.models DEFAULT_WIDTH / DEFAULT_GROUPS)
+    architecture = {key: value for key, value in (("width", width), ("groups", groups)) if value is not None}
     with console.status("benchmarking training steps (interleaved)"):
         rows = benchmark_training(model, batch=batch, image_size=image_size, device=device,
-                                  repeats=repeats, width=width, groups=groups)
+                                  repeats=repeats, **architecture)
     table = Table(title=f"training throughput: batch {batch}, {image_size}px, {device}")
     table.add_column("model")
     table.add_column("images/s", justify="right")

@@ -4,7 +4,9 @@ The bottom-up network keeps torchvision's attribute names (conv1, bn1, layer1..l
 classification state dict maps onto `backbone.bottom_up.<torchvision name>` by a prefix alone,
 and the attention (SGE after the last norm of every block) is exactly the classification one.
 
-Registered in detectron2's BACKBONE_REGISTRY:
+`ResNetBackbone` wraps one of our ResNets as a detectron2 Backbone; `build_resnet_bottom_up` makes
+it from the config (the only place that reads `cfg.MODEL.SGE_BACKBONE`). Registered in
+detectron2's BACKBONE_REGISTRY:
 - `build_sge_resnet_backbone`: bottom-up only (res2..res5).
 - `build_sge_resnet_fpn_backbone`: FPN P2-P6 (Faster / Mask / Cascade R-CNN).
 - `build_sge_retinanet_resnet_fpn_backbone`: FPN P3-P7, P6/P7 from res5 (RetinaNet).
@@ -20,6 +22,7 @@ from torch import nn
 
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
+from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
 
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
@@ -38,10 +41,11 @@ def add_sge_config(cfg: CfgNode) -> CfgNode:
         return cfg
     cfg.MODEL.SGE_BACKBONE = CfgNode()
     node = cfg.MODEL.SGE_BACKBONE
+    # ARCH, WIDTH and GROUPS are replaced by the converted weights' header (detection/config.py)
     node.ARCH = "sge_resnet50"  # any name sge_repro.models.create_model knows
-    node.WIDTH = 64  # base width of the ResNet (64 = the paper's models)
-    node.GROUPS = 64  # SGE groups (ignored by models without SGE)
-    node.SGE_IMPL = "fast"  # "fast" or "reference"
+    node.WIDTH = DEFAULT_WIDTH  # base width of the ResNet
+    node.GROUPS = DEFAULT_GROUPS  # SGE groups (ignored by models without SGE)
+    node.SGE_IMPL = "fast"  # "fast", "reference" or "triton" (params.yaml model.sge_impl)
     node.NORM = "FrozenBN"  # FrozenBN (paper), BN, SyncBN
     node.OUT_FEATURES = list(STAGE_NAMES)  # for the bottom-up-only backbone
     # the converted file records its pixel convention; a mismatch with the config is an error
@@ -49,17 +53,7 @@ def add_sge_config(cfg: CfgNode) -> CfgNode:
     return cfg
 
 
-def create_classifier(arch: str, width: int = 64, groups: int = 64, sge_impl: str = "fast") -> nn.Module:
-    """Our classification ResNet, randomly initialised (weights come from the converted file)."""
-    from sge_repro.models import create_model
-
-    try:
-        return create_model(arch, num_classes=1000, groups=groups, width=width, sge_impl=sge_impl)
-    except KeyError as error:  # unknown model name
-        raise UserError(f"MODEL.SGE_BACKBONE.ARCH: {error}") from None
-
-
-class ClassifierResNet(Backbone):
+class ResNetBackbone(Backbone):
     """Stem + res2..res5 of a torchvision-style ResNet as a detectron2 Backbone.
 
     `resnet` is any module with conv1, bn1, relu, maxpool, layer1..layer4 (ours or
@@ -113,7 +107,7 @@ class ClassifierResNet(Backbone):
         self.train(was_training)
         return channels
 
-    def freeze(self, freeze_at: int) -> "ClassifierResNet":
+    def freeze(self, freeze_at: int) -> "ResNetBackbone":
         """Freeze the first `freeze_at` stages: no gradients, BatchNorm frozen as well."""
         for index, (name, modules) in enumerate(self.stages(), start=1):
             if index > freeze_at:
@@ -130,7 +124,7 @@ class ClassifierResNet(Backbone):
 
     def forward(self, x: torch.Tensor) -> dict:
         if x.dim() != 4:
-            raise ValueError(f"ClassifierResNet takes (N, C, H, W) inputs, got shape {tuple(x.shape)}")
+            raise ValueError(f"ResNetBackbone takes (N, C, H, W) inputs, got shape {tuple(x.shape)}")
         outputs = {}
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         last = self._out_features
@@ -149,15 +143,20 @@ class ClassifierResNet(Backbone):
         }
 
 
-def build_bottom_up(cfg: CfgNode, out_features) -> ClassifierResNet:
+def build_resnet_bottom_up(cfg: CfgNode, out_features) -> ResNetBackbone:
+    """The bottom-up network of `cfg.MODEL.SGE_BACKBONE`: our ResNet, randomly initialised (the
+    weights come from cfg.MODEL.WEIGHTS), without avgpool and fc."""
     node = cfg.MODEL.SGE_BACKBONE
-    resnet = create_classifier(node.ARCH, width=node.WIDTH, groups=node.GROUPS, sge_impl=node.SGE_IMPL)
-    return ClassifierResNet(resnet, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, norm=node.NORM)
+    try:
+        resnet = create_model(node.ARCH, num_classes=1000, groups=node.GROUPS, width=node.WIDTH, sge_impl=node.SGE_IMPL)
+    except UserError as error:
+        raise UserError(f"MODEL.SGE_BACKBONE: {error}") from None
+    return ResNetBackbone(resnet, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, norm=node.NORM)
 
 
 @BACKBONE_REGISTRY.register()
 def build_sge_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
-    return build_bottom_up(cfg, cfg.MODEL.SGE_BACKBONE.OUT_FEATURES)
+    return build_resnet_bottom_up(cfg, cfg.MODEL.SGE_BACKBONE.OUT_FEATURES)
 
 
 @BACKBONE_REGISTRY.register()
@@ -165,7 +164,7 @@ def build_sge_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backb
     """FPN over res2..res5 plus a max-pooled P6: P2-P6."""
     in_features = cfg.MODEL.FPN.IN_FEATURES
     return FPN(
-        bottom_up=build_bottom_up(cfg, in_features),
+        bottom_up=build_resnet_bottom_up(cfg, in_features),
         in_features=in_features,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
@@ -179,7 +178,7 @@ def build_sge_retinanet_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec
     """FPN over res3..res5 plus P6 / P7 computed from res5: P3-P7."""
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     # P6/P7 read res5 itself, so the bottom-up network must return it
-    bottom_up = build_bottom_up(cfg, sorted(set(in_features) | {"res5"}))
+    bottom_up = build_resnet_bottom_up(cfg, sorted(set(in_features) | {"res5"}))
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(
         bottom_up=bottom_up,

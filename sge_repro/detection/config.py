@@ -1,11 +1,12 @@
 """detectron2 configs: the YAML files in pipelines/detectron2/ plus run-specific values.
 
-    pipelines/detectron2/{detector}_{R50|SGE_R50|R101|SGE_R101}_FPN_{2x|20e}.yaml  (paper)
-    pipelines/detectron2/cpu/{detector}.yaml                                    (embedded / smoke)
+    pipelines/detectron2/{detector}_{R50|SGE_R50|R101|SGE_R101}_FPN_{2x|20e}.yaml  (config set "paper": COCO)
+    pipelines/detectron2/embedded/{detector}.yaml                    (config set "embedded": generated data)
 
-Detectors: faster_rcnn, mask_rcnn, cascade_rcnn, retinanet. The backbone architecture comes
-from the converted weights' header when there is one, so a config can never silently build a
-different network from the one the weights were trained as.
+Detectors: sge_repro.detection.detectors.DETECTORS. The backbone architecture (ARCH, WIDTH,
+GROUPS) comes from the converted weights' header when there is one, so a config can never
+silently build a different network from the one the weights were trained as; the YAMLs name
+only the ARCH of their file. The SGE implementation is a run choice (params.yaml model.sge_impl).
 """
 
 from __future__ import annotations
@@ -16,32 +17,35 @@ from typing import Any
 
 from sge_repro.detection.backbone import add_sge_config
 from sge_repro.detection.compat import import_detectron2
+from sge_repro.detection.detectors import DETECTORS, PAPER_SCHEDULES
 from sge_repro.errors import UserError
+from sge_repro.models.registry import parse_model_name
 
 import_detectron2()
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 
-DETECTORS = ("faster_rcnn", "mask_rcnn", "cascade_rcnn", "retinanet")
-VARIANTS = ("cpu", "paper")
-PAPER_SCHEDULES = {"faster_rcnn": "2x", "mask_rcnn": "2x", "cascade_rcnn": "20e", "retinanet": "2x"}
+# "embedded": small CPU configs for the generated data set (embedded / smoke profiles);
+# "paper": the paper's COCO settings, one file per detector, depth and plain / SGE backbone.
+CONFIG_SETS = ("embedded", "paper")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "detectron2"
 
 
-def detector_config_file(detector: str, backbone_model: str | None = None, variant: str = "cpu",
+def detector_config_file(detector: str, backbone_model: str | None = None, config_set: str = "embedded",
                          config_dir: str | Path | None = None) -> Path:
-    """The YAML for `detector` in `variant`; paper files are per depth and plain / SGE."""
+    """The YAML for `detector` in `config_set`; paper files are per depth and plain / SGE."""
     if detector not in DETECTORS:
         raise UserError(f"detector {detector!r}: expected one of {list(DETECTORS)}")
-    if variant not in VARIANTS:
-        raise UserError(f"detection config variant {variant!r}: expected one of {list(VARIANTS)}")
+    if config_set not in CONFIG_SETS:
+        raise UserError(f"detection config set {config_set!r}: expected one of {list(CONFIG_SETS)}")
     config_dir = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    if variant == "cpu":
-        path = config_dir / "cpu" / f"{detector}.yaml"
+    if config_set == "embedded":
+        path = config_dir / "embedded" / f"{detector}.yaml"
     else:
-        name = backbone_model or "resnet50"
-        depth = "101" if name.endswith("101") else "50"
-        # other attentions (se_, cbam_, ...) reuse the plain file of their depth; ARCH is set later
-        tag = f"SGE_R{depth}" if name.startswith("sge_") else f"R{depth}"
+        backbone = parse_model_name(backbone_model or "resnet50")
+        # the paper has R50 and R101 files; other depths use R50's settings, other attentions
+        # (se_, cbam_, ...) the plain file of their depth (ARCH is set later)
+        depth = "101" if backbone.depth == 101 else "50"
+        tag = f"SGE_R{depth}" if backbone.attention == "sge" else f"R{depth}"
         path = config_dir / f"{detector}_{tag}_FPN_{PAPER_SCHEDULES[detector]}.yaml"
     if not path.is_file():
         raise UserError(f"{path}: detectron2 config not found")
@@ -81,19 +85,21 @@ def build_detector_config(
     num_classes: int,
     seed: int,
     overrides: dict[str, Any] | None = None,
-    variant: str = "cpu",
+    config_set: str = "embedded",
     config_file: str | os.PathLike | None = None,
     device: str | None = None,
+    sge_impl: str | None = None,
 ) -> CfgNode:
     """A frozen detectron2 config for one run.
 
     backbone_model: a create_model name; None = the one recorded in `weights`. weights: converted
     classification weights (sge-repro convert) or a detector checkpoint; None = random init
     (explicit, logged). overrides: dotted detectron2 keys, applied last. device: None = the
-    config's, falling back to "cpu" when CUDA is absent.
+    config's, falling back to "cpu" when CUDA is absent. sge_impl: the backbone's SGE
+    implementation ("fast" | "reference" | "triton"); None = the config's.
     """
     cfg = add_sge_config(get_cfg())
-    path = Path(config_file) if config_file is not None else detector_config_file(detector, backbone_model, variant)
+    path = Path(config_file) if config_file is not None else detector_config_file(detector, backbone_model, config_set)
     if not path.is_file():
         raise UserError(f"{path}: detectron2 config not found")
     try:
@@ -112,6 +118,8 @@ def build_detector_config(
         cfg.MODEL.SGE_BACKBONE.GROUPS = int(recorded.get("groups", cfg.MODEL.SGE_BACKBONE.GROUPS))
     elif backbone_model is not None:
         cfg.MODEL.SGE_BACKBONE.ARCH = backbone_model
+    if sge_impl is not None:
+        cfg.MODEL.SGE_BACKBONE.SGE_IMPL = sge_impl
 
     if num_classes < 1:
         raise UserError(f"num_classes={num_classes}: expected a positive integer")

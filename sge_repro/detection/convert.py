@@ -22,7 +22,9 @@ from torch import nn
 
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
-from sge_repro.models import create_model
+from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
+from sge_repro.models.registry import DEPTHS, format_model_name
+from sge_repro.models.resnet import Bottleneck
 from sge_repro.models.checkpoints import check_state_dict, interpret_checkpoint, load_checkpoint_file
 
 DETECTRON2_WEIGHTS_FORMAT = "sge-repro/detectron2-weights/v1"
@@ -44,10 +46,7 @@ def _infer_model(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[str, 
             blocks[stage] = max(blocks.get(stage, 0), index + 1)
     layout = [blocks.get(stage, 0) for stage in (1, 2, 3, 4)]
     bottleneck = any(".conv3." in key for key in state_dict)
-    depths = {
-        (False, (2, 2, 2, 2)): 18, (False, (3, 4, 6, 3)): 34,
-        (True, (3, 4, 6, 3)): 50, (True, (3, 4, 23, 3)): 101, (True, (3, 8, 36, 3)): 152,
-    }
+    depths = {(block is Bottleneck, tuple(layers)): depth for depth, (block, layers) in DEPTHS.items()}
     depth = depths.get((bottleneck, tuple(layout)))
     block_keys = {key.split(".")[2] for key in state_dict if key.startswith("layer1.0.")}
     attention_keys = block_keys - {"conv1", "conv2", "conv3", "bn1", "bn2", "bn3", "downsample"}
@@ -59,8 +58,8 @@ def _infer_model(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[str, 
     kwargs = {"width": int(state_dict["conv1.weight"].shape[0])}
     if "sge" in attention_keys:
         kwargs["groups"] = int(state_dict["layer1.0.sge.weight"].numel())
-        return f"sge_resnet{depth}", kwargs
-    return f"resnet{depth}", kwargs
+        return format_model_name("sge", depth), kwargs
+    return format_model_name("none", depth), kwargs
 
 
 def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None = None,
@@ -85,7 +84,7 @@ def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None =
     num_classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000
     model = create_model(name, num_classes=num_classes, **kwargs)
     model.load_state_dict(check_state_dict(model, state_dict, path, detected), strict=True)
-    kwargs = {"groups": int(kwargs.get("groups", 64)), "width": int(kwargs.get("width", 64))}
+    kwargs = {"groups": int(kwargs.get("groups", DEFAULT_GROUPS)), "width": int(kwargs.get("width", DEFAULT_WIDTH))}
     return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes}
 
 

@@ -1,9 +1,10 @@
 """A detector's detectron2 config from the pipeline's params (used by sge_repro.stages.detection).
 
-Which config: `data.detection.source: coco` uses the paper YAMLs (pipelines/detectron2/*.yaml),
-the generated set uses the small CPU ones (pipelines/detectron2/cpu/). train_det's params are
-mapped onto the YAML keeping its shape: learning-rate steps stay at the same fractions of the
-schedule, Cascade R-CNN keeps its 20e/24e length ratio, RetinaNet keeps half the two-stage lr.
+Which config set: `data.detection.source: coco` uses the "paper" YAMLs (pipelines/detectron2/*.yaml),
+the generated set the small "embedded" ones (pipelines/detectron2/embedded/). train_det's params
+are mapped onto the YAML keeping its shape: learning-rate steps stay at the same fractions of the
+schedule, Cascade R-CNN keeps its 20e/24e length ratio, and base_lr is rescaled per detector by
+`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is params.model.sge_impl.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ from typing import Any
 
 from sge_repro.detection.config import build_detector_config, detector_config_file
 from sge_repro.detection.data import coco_split_paths, dataset_num_classes, register_split
+from sge_repro.detection.detectors import detector_base_lr
 from sge_repro.errors import UserError
 
-REFERENCE_TWO_STAGE_LR = 0.02  # the base YAMLs' R-CNN lr that train_det.base_lr stands for
-REFERENCE_PAPER_ITERS = 180000  # the 2x schedule train_det.max_iter stands for (paper variant)
+REFERENCE_PAPER_ITERS = 180000  # the 2x schedule train_det.max_iter stands for (paper config set)
 
 
 def _dataset(params, paths) -> tuple[str, str, str, str]:
-    """(data kind, root, layout, variant) of the detection data in params."""
+    """(data kind, root, layout, config set) of the detection data in params."""
     data = params.data.detection
     if data.source == "coco":
         if not data.source_path:
             raise UserError("params.yaml: data.detection.source_path: required when data.detection.source is coco")
         return "coco", data.source_path, "coco2017", "paper"
-    return "embedded", str(paths.det_data), "embedded", "cpu"
+    return "embedded", str(paths.det_data), "embedded", "embedded"
 
 
-def schedule_overrides(detector: str, variant: str, max_iter: int, ims_per_batch: int, base_lr: float,
+def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_batch: int, base_lr: float,
                        warmup_iters: int, min_size: int, max_size: int, checkpoint_period: int,
                        workers: int) -> dict[str, Any]:
     """detectron2 overrides for train_det's params, keeping the YAML's schedule shape."""
@@ -40,13 +41,13 @@ def schedule_overrides(detector: str, variant: str, max_iter: int, ims_per_batch
     from sge_repro.detection.backbone import add_sge_config
 
     reference = add_sge_config(get_cfg())
-    reference.merge_from_file(str(detector_config_file(detector, None, variant)))
+    reference.merge_from_file(str(detector_config_file(detector, None, config_set)))
     yaml_iters = reference.SOLVER.MAX_ITER
     # paper: max_iter is the 2x length; a detector with another schedule (cascade 20e) scales with it
-    iters = max_iter if variant == "cpu" else max(1, round(max_iter * yaml_iters / REFERENCE_PAPER_ITERS))
+    iters = max_iter if config_set == "embedded" else max(1, round(max_iter * yaml_iters / REFERENCE_PAPER_ITERS))
     steps = tuple(sorted({max(1, round(step / yaml_iters * iters)) for step in reference.SOLVER.STEPS} - {iters}))
     steps = tuple(step for step in steps if step < iters)
-    lr = base_lr * reference.SOLVER.BASE_LR / REFERENCE_TWO_STAGE_LR
+    lr = detector_base_lr(base_lr, reference.SOLVER.BASE_LR)
     return {
         "SOLVER.MAX_ITER": iters,
         "SOLVER.STEPS": steps,
@@ -64,19 +65,19 @@ def schedule_overrides(detector: str, variant: str, max_iter: int, ims_per_batch
 
 def stage_config(params, paths, detector: str, backbone: str, seed: int, device: str):
     """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
-    kind, root, layout, variant = _dataset(params, paths)
+    kind, root, layout, config_set = _dataset(params, paths)
     train_name, val_name = f"sge_{kind}_train", f"sge_{kind}_val"
     register_split(train_name, root, "train", layout)
     register_split(val_name, root, "val", layout)
     p = params.train_det
     overrides = schedule_overrides(
-        detector, variant, p.max_iter, p.ims_per_batch, p.base_lr, p.warmup_iters, p.min_size,
+        detector, config_set, p.max_iter, p.ims_per_batch, p.base_lr, p.warmup_iters, p.min_size,
         p.max_size, p.checkpoint_period, p.workers,
     )
     cfg = build_detector_config(
         detector, backbone, paths.det_weights(backbone, seed), train_name, val_name,
         paths.det_run_dir(detector, backbone, seed),
         num_classes=dataset_num_classes(coco_split_paths(root, "train", layout)[0]), seed=seed,
-        overrides=overrides, variant=variant, device=device,
+        overrides=overrides, config_set=config_set, device=device, sge_impl=params.model.sge_impl,
     )
     return cfg, kind, val_name

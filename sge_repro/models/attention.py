@@ -1,4 +1,5 @@
-"""The paper's attention baselines, one small module each, and a name -> class factory.
+"""The paper's attention baselines, one small module each, and a factory taking a name or a
+callable (as timm's create_attn): `create_attention("se", 256)`, `create_attention(MyGate, 256)`.
 
 Where each module sits (as in the authors' PytorchInsight code):
 - "block" attentions (sge, se, cbam, gc) map the residual branch after the block's last BN,
@@ -6,17 +7,25 @@ Where each module sits (as in the authors' PytorchInsight code):
 - "stage" attention (bam) sits between stages, after layer1, layer2 and layer3 (`model.bam1..3`);
 - "conv" attention (sk) is the authors' SK* block: a second 3x3 grouped-conv branch beside the
   bottleneck's conv2, fused by a squeeze and a 2-way softmax selection (`block.sk`).
+A module class says where it sits with a `placement` class attribute; a callable without one is a
+block attention (stored as `block.attn`).
+
+Defaults live once: SGE groups in sge.py (DEFAULT_GROUPS), the MLP reduction here (DEFAULT_REDUCTION).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
 from sge_repro.errors import UserError
 from sge_repro.models.sge import SpatialGroupEnhance
+
+DEFAULT_REDUCTION = 16  # hidden = channels / 16 in SE, CBAM, GC, BAM and SK's squeeze
+SK_CONV_GROUPS = 32  # the authors' SK* grouped 3x3 branch
+AttentionSpec = Union[str, Callable[..., nn.Module], None]
 
 
 def _reduced(channels: int, reduction: int) -> int:
@@ -26,7 +35,7 @@ def _reduced(channels: int, reduction: int) -> int:
 class SqueezeExcite(nn.Module):
     """SE (Hu et al.): channel gate from the pooled vector through a bottleneck MLP (reduction 16)."""
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION):
         super().__init__()
         hidden = _reduced(channels, reduction)
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
@@ -44,7 +53,7 @@ class CBAM(nn.Module):
     """CBAM (Woo et al.): channel gate (shared MLP on avg- and max-pooled vectors), then a spatial
     gate (7x7 conv + BN over the channel-wise max and mean maps)."""
 
-    def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7):
+    def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION, spatial_kernel: int = 7):
         super().__init__()
         hidden = _reduced(channels, reduction)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
@@ -66,7 +75,7 @@ class GlobalContext(nn.Module):
     """GC block (Cao et al.): softmax-attention pooling to one context vector, a bottleneck
     transform with LayerNorm, added to every position ("channel add" fusion)."""
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION):
         super().__init__()
         hidden = _reduced(channels, reduction)
         self.conv_mask = nn.Conv2d(channels, 1, kernel_size=1)
@@ -94,7 +103,9 @@ class BottleneckAttention(nn.Module):
     Channel gate: MLP with BN on the pooled vector; spatial gate: 1x1 reduce, two dilated 3x3
     convs (dilation 4), 1x1 to one map, each hidden conv followed by BN + ReLU."""
 
-    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4):
+    placement = "stage"
+
+    def __init__(self, channels: int, reduction: int = DEFAULT_REDUCTION, dilation: int = 4):
         super().__init__()
         hidden = _reduced(channels, reduction)
         self.channel_gate = nn.Sequential(
@@ -126,7 +137,10 @@ class SelectiveKernelBranch(nn.Module):
     """The authors' SK*: a 3x3 grouped-conv branch (32 groups) beside the block's dense 3x3 conv,
     fused by a squeeze (planes/16, BN, ReLU) and a softmax over the two branches per channel."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, conv_groups: int = 32, reduction: int = 16):
+    placement = "conv"
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, conv_groups: int = SK_CONV_GROUPS,
+                 reduction: int = DEFAULT_REDUCTION):
         super().__init__()
         if planes % conv_groups != 0 or in_planes % conv_groups != 0:
             raise UserError(
@@ -151,38 +165,43 @@ class SelectiveKernelBranch(nn.Module):
         return dense_branch * weights[:, 0] + grouped_branch * weights[:, 1]
 
 
-# name -> (placement, class). Placement tells the ResNet where to put it.
-BLOCK_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {
+# name -> module class, in the order `sge-repro models` lists them.
+ATTENTIONS: dict[str, Callable[..., nn.Module]] = {
     "sge": SpatialGroupEnhance,
     "se": SqueezeExcite,
     "cbam": CBAM,
+    "bam": BottleneckAttention,
+    "sk": SelectiveKernelBranch,
     "gc": GlobalContext,
 }
-STAGE_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {"bam": BottleneckAttention}
-CONV_ATTENTIONS: dict[str, Callable[..., nn.Module]] = {"sk": SelectiveKernelBranch}
-ATTENTION_NAMES = ("none", *BLOCK_ATTENTIONS, *STAGE_ATTENTIONS, *CONV_ATTENTIONS)
+ATTENTION_NAMES = ("none", *ATTENTIONS)
 
 
-def attention_placement(name: str) -> str:
-    """'none' | 'block' | 'stage' | 'conv' for an attention name."""
-    if name == "none":
-        return "none"
-    if name in BLOCK_ATTENTIONS:
-        return "block"
-    if name in STAGE_ATTENTIONS:
-        return "stage"
-    if name in CONV_ATTENTIONS:
-        return "conv"
-    raise UserError(f"attention: unknown name {name!r}, expected one of {', '.join(ATTENTION_NAMES)}")
-
-
-def create_attention(name: str, channels: int, **kwargs) -> nn.Module | None:
-    """Build a block or stage attention for `channels` channels; None for 'none'."""
-    placement = attention_placement(name)
-    if placement == "none":
+def get_attention(attention: AttentionSpec) -> Callable[..., nn.Module] | None:
+    """The module class (or callable) for a name or callable; None for "none" / None."""
+    if attention is None or attention == "none":
         return None
-    if placement == "block":
-        return BLOCK_ATTENTIONS[name](channels, **kwargs)
-    if placement == "stage":
-        return STAGE_ATTENTIONS[name](channels, **kwargs)
-    raise UserError(f"attention {name!r} replaces a conv; build it with SelectiveKernelBranch inside a block")
+    if callable(attention):
+        return attention
+    try:
+        return ATTENTIONS[attention]
+    except (KeyError, TypeError):
+        raise UserError(f"attention: unknown name {attention!r}, expected one of {', '.join(ATTENTION_NAMES)} "
+                        "or a callable returning an nn.Module") from None
+
+
+def attention_placement(attention: AttentionSpec) -> str:
+    """'none' | 'block' | 'stage' | 'conv' for an attention name or callable."""
+    factory = get_attention(attention)
+    return "none" if factory is None else getattr(factory, "placement", "block")
+
+
+def create_attention(attention: AttentionSpec, channels: int, **kwargs) -> nn.Module | None:
+    """A block or stage attention for `channels` channels (kwargs go to its constructor); None for
+    'none'. SK replaces a conv: its block builds it (it needs the block's input and stride)."""
+    factory = get_attention(attention)
+    if factory is None:
+        return None
+    if attention_placement(factory) == "conv":
+        raise UserError(f"attention {attention!r} replaces a conv; build it with SelectiveKernelBranch inside a block")
+    return factory(channels, **kwargs)

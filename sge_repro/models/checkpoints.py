@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from sge_repro.errors import UserError
+from sge_repro.models.resnet import DEFAULT_WIDTH
+from sge_repro.models.sge import DEFAULT_GROUPS
 
 CLASSIFIER_FORMAT = "sge-repro/classifier/v1"
 FORMAT_OURS = CLASSIFIER_FORMAT
@@ -55,8 +57,9 @@ def make_classifier_checkpoint(model_name: str, model_kwargs: dict[str, Any], mo
     clashing = sorted(set(extra) & set(RESERVED_KEYS))
     if clashing:
         raise ValueError(f"make_classifier_checkpoint: extra keys {clashing} are reserved")
-    kwargs = {"num_classes": int(model_kwargs.get("num_classes", 1000)), "groups": int(model_kwargs.get("groups", 64)),
-              "width": int(model_kwargs.get("width", 64))}
+    kwargs = {"num_classes": int(model_kwargs.get("num_classes", 1000)),
+              "groups": int(model_kwargs.get("groups", DEFAULT_GROUPS)),
+              "width": int(model_kwargs.get("width", DEFAULT_WIDTH))}
     state_dict = {key: value.detach().cpu() for key, value in unwrap_model(model).state_dict().items()}
     return {"format": CLASSIFIER_FORMAT, "model": model_name, "model_kwargs": kwargs, "state_dict": state_dict, **extra}
 

@@ -7,13 +7,16 @@ sge_resnet50, se_resnet101. SK* exists only for Bottleneck depths (50, 101, 152)
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sge_repro.errors import UserError
-from sge_repro.models.resnet import BasicBlock, Bottleneck, ResNet
+from sge_repro.models.attention import ATTENTION_NAMES, attention_placement
+from sge_repro.models.resnet import DEFAULT_WIDTH, BasicBlock, Bottleneck, ResNet
+from sge_repro.models.sge import DEFAULT_GROUPS
 
 DEPTHS: dict[int, tuple[type, list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
@@ -22,70 +25,82 @@ DEPTHS: dict[int, tuple[type, list[int]]] = {
     101: (Bottleneck, [3, 4, 23, 3]),
     152: (Bottleneck, [3, 8, 36, 3]),
 }
-ATTENTIONS = ("none", "sge", "se", "cbam", "bam", "sk", "gc")
 ALLOWED_KWARGS = ("width", "sge_impl", "seed")
+_NAME = re.compile(r"^(?:(?P<attention>[a-z]+)_)?resnet(?P<depth>\d+)$")
+NAME_HELP = (
+    "expected <attention>_resnet<depth> or resnet<depth>, e.g. resnet50, sge_resnet50, se_resnet50, cbam_resnet50, "
+    f"bam_resnet50, sk_resnet50, gc_resnet50 (depths {', '.join(map(str, DEPTHS))}; see `sge-repro models`)"
+)
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelName:
+    """A parsed model name: `sge_resnet50` -> attention "sge", depth 50."""
+
     name: str
+    attention: str  # "none" for the plain ResNet
     depth: int
-    attention: str
+
+    @property
+    def plain(self) -> str:
+        """The plain ResNet of the same depth (the baseline an attention model is compared with)."""
+        return f"resnet{self.depth}"
+
+    @property
+    def block(self) -> type:
+        return DEPTHS[self.depth][0]
+
+    @property
+    def layers(self) -> list[int]:
+        return DEPTHS[self.depth][1]
 
 
-def _model_name(attention: str, depth: int) -> str:
+def format_model_name(attention: str, depth: int) -> str:
+    """The inverse of parse_model_name: ("sge", 50) -> "sge_resnet50", ("none", 18) -> "resnet18"."""
     return f"resnet{depth}" if attention == "none" else f"{attention}_resnet{depth}"
 
 
-def _build_specs() -> dict[str, ModelSpec]:
-    specs = {}
-    for attention in ATTENTIONS:
-        for depth, (block, _) in DEPTHS.items():
-            if attention == "sk" and block is not Bottleneck:
-                continue
-            name = _model_name(attention, depth)
-            specs[name] = ModelSpec(name, depth, attention)
-    return specs
+def _is_buildable(attention: str, depth: int) -> bool:
+    # SK* replaces the Bottleneck's 3x3 conv: no BasicBlock version
+    return depth in DEPTHS and attention in ATTENTION_NAMES and not (
+        attention_placement(attention) == "conv" and DEPTHS[depth][0] is not Bottleneck)
 
 
-MODEL_SPECS = _build_specs()
+def parse_model_name(name: str) -> ModelName:
+    """The one parser of model names `<attention>_resnet<depth>` / `resnet<depth>`; UserError for
+    a name create_model cannot build."""
+    match = _NAME.match(name) if isinstance(name, str) else None
+    if match is not None:
+        attention, depth = match["attention"] or "none", int(match["depth"])
+        if format_model_name(attention, depth) == name and _is_buildable(attention, depth):
+            return ModelName(name, attention, depth)
+    raise UserError(f"model: unknown name {name!r}; {NAME_HELP}")
 
 
 def list_models() -> list[str]:
     """Every model name create_model accepts, plain first, then by attention and depth."""
-    return list(MODEL_SPECS)
-
-
-def model_spec(name: str) -> ModelSpec:
-    try:
-        return MODEL_SPECS[name]
-    except KeyError:
-        examples = ", ".join(["resnet50", "sge_resnet50", "se_resnet50", "cbam_resnet50", "bam_resnet50", "sk_resnet50", "gc_resnet50"])
-        raise UserError(
-            f"model: unknown name {name!r}; expected <attention>_resnet<depth> or resnet<depth>, e.g. {examples} "
-            f"(depths {', '.join(map(str, DEPTHS))}; see `sge-repro models`)"
-        ) from None
+    return [format_model_name(attention, depth) for attention in ATTENTION_NAMES for depth in DEPTHS
+            if _is_buildable(attention, depth)]
 
 
 def build_model(
     name: str,
     num_classes: int = 1000,
-    groups: int = 64,
-    width: int = 64,
+    groups: int = DEFAULT_GROUPS,
+    width: int = DEFAULT_WIDTH,
     sge_impl: str = "fast",
     seed: int | None = None,
 ) -> ResNet:
     """A freshly initialised model (no checkpoint). `seed` makes the init independent of the
     global RNG state."""
-    spec = model_spec(name)
+    parsed = parse_model_name(name)
     if num_classes < 1:
         raise UserError(f"model {name}: num_classes={num_classes}, expected a positive integer")
     if width < 1:
         raise UserError(f"model {name}: width={width}, expected a positive integer")
-    block, layers = DEPTHS[spec.depth]
 
     def build() -> ResNet:
-        return ResNet(block, layers, num_classes=num_classes, attention=spec.attention, groups=groups,
+        return ResNet(parsed.block, parsed.layers, num_classes=num_classes, attention=parsed.attention, groups=groups,
                       width=width, sge_impl=sge_impl)
 
     if seed is None:
@@ -98,12 +113,12 @@ def build_model(
 def create_model(
     name: str,
     num_classes: int = 1000,
-    groups: int = 64,
+    groups: int = DEFAULT_GROUPS,
     checkpoint: str | os.PathLike | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build model `name`; with `checkpoint` (ours, a torchvision state dict, or an official release
-    file) load its weights strictly. kwargs: width (int, default 64), sge_impl ("fast" |
+    file) load its weights strictly. kwargs: width (int, default DEFAULT_WIDTH = 64), sge_impl ("fast" |
     "reference"), seed (int: init independent of the global RNG)."""
     unknown = sorted(set(kwargs) - set(ALLOWED_KWARGS))
     if unknown:
@@ -116,6 +131,6 @@ def create_model(
             model,
             checkpoint,
             expected_model=name,
-            expected_kwargs={"num_classes": num_classes, "groups": groups, "width": kwargs.get("width", 64)},
+            expected_kwargs={"num_classes": num_classes, "groups": groups, "width": kwargs.get("width", DEFAULT_WIDTH)},
         )
     return model

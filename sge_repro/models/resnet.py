@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sge_repro.models.attention import SelectiveKernelBranch, attention_placement, create_attention
-from sge_repro.models.sge import batchnorm_sge
+from sge_repro.models.attention import AttentionSpec, attention_placement, create_attention, get_attention
+from sge_repro.models.sge import DEFAULT_GROUPS, batchnorm_sge
+
+DEFAULT_WIDTH = 64  # channels of the stem and layer1 in the paper's ResNets
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -22,14 +24,17 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-def _attach_block_attention(block: nn.Module, attention: str, placement: str, channels: int, groups: int,
-                            sge_impl: str) -> None:
+def _attach_block_attention(block: nn.Module, attention: AttentionSpec, placement: str, channels: int,
+                            groups: int, sge_impl: str) -> None:
     """Sets block.attention_name and, for an attention after the block's last BN, the module
-    itself under that name (state-dict keys like `layer1.0.sge.weight`, as the releases)."""
-    block.attention_name = attention if placement == "block" else None
-    if block.attention_name:
-        kwargs = {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
-        setattr(block, attention, create_attention(attention, channels, **kwargs))
+    itself under that name (state-dict keys like `layer1.0.sge.weight`, as the releases; a
+    callable attention is stored as `attn`)."""
+    if placement != "block":
+        block.attention_name = None
+        return
+    block.attention_name = attention if isinstance(attention, str) else "attn"
+    kwargs = {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
+    setattr(block, block.attention_name, create_attention(attention, channels, **kwargs))
 
 
 def _last_bn_and_attention(block: nn.Module, conv_out: torch.Tensor, bn: nn.Module) -> torch.Tensor:
@@ -49,8 +54,8 @@ class BasicBlock(nn.Module):
         planes: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
-        attention: str = "none",
-        groups: int = 64,
+        attention: AttentionSpec = "none",
+        groups: int = DEFAULT_GROUPS,
         sge_impl: str = "fast",
     ):
         super().__init__()
@@ -84,8 +89,8 @@ class Bottleneck(nn.Module):
         planes: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
-        attention: str = "none",
-        groups: int = 64,
+        attention: AttentionSpec = "none",
+        groups: int = DEFAULT_GROUPS,
         sge_impl: str = "fast",
     ):
         super().__init__()
@@ -100,7 +105,7 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
         _attach_block_attention(self, attention, placement, planes * self.expansion, groups, sge_impl)
-        self.sk = SelectiveKernelBranch(planes, planes, stride) if placement == "conv" else None
+        self.sk = get_attention(attention)(planes, planes, stride) if placement == "conv" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -117,7 +122,8 @@ class ResNet(nn.Module):
     """ResNet-{18,34,50,101,152} with an optional attention.
 
     attention: "none" | "sge" | "se" | "cbam" | "gc" (in every block, after its last BN) |
-    "bam" (after layer1..layer3, as `bam1..bam3`) | "sk" (Bottleneck only, `block.sk`).
+    "bam" (after layer1..layer3, as `bam1..bam3`) | "sk" (Bottleneck only, `block.sk`) | a
+    callable (channels) -> nn.Module, placed as a block attention (see models/attention.py).
     groups: SGE groups. width: channels of the stem and layer1 (64 = the paper's models; small
     widths give the tiny CPU models, every stage scales with it).
     """
@@ -127,9 +133,9 @@ class ResNet(nn.Module):
         block: type[BasicBlock] | type[Bottleneck],
         layers: list[int],
         num_classes: int = 1000,
-        attention: str = "none",
-        groups: int = 64,
-        width: int = 64,
+        attention: AttentionSpec = "none",
+        groups: int = DEFAULT_GROUPS,
+        width: int = DEFAULT_WIDTH,
         sge_impl: str = "fast",
     ):
         super().__init__()

@@ -32,6 +32,7 @@ from sge_repro.errors import UserError
 from sge_repro.models import sge_cpu, sge_triton
 
 SGE_EPS = 1e-5
+DEFAULT_GROUPS = 64  # the paper's G; every other default of the SGE groups refers to this one
 SGE_IMPLS = ("fast", "reference", "triton")
 # Devices on which the fast path uses the elementwise formulation instead of batched matvecs.
 ELEMENTWISE_DEVICES = {"cuda"}
@@ -340,7 +341,7 @@ def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: 
 class SpatialGroupEnhance(nn.Module):
     """SGE module; `channels` is only used to validate the grouping early."""
 
-    def __init__(self, channels: int, groups: int = 64, impl: str = "fast"):
+    def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, impl: str = "fast"):
         super().__init__()
         if groups < 1 or channels % groups != 0:
             raise UserError(

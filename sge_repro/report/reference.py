@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -18,6 +17,7 @@ from importlib import resources
 import yaml
 
 from sge_repro.errors import UserError
+from sge_repro.models.registry import parse_model_name
 
 PACKAGE = "sge_repro.report"
 PAPER_RESULTS_FILE = "paper_results.yaml"
@@ -28,17 +28,16 @@ OFFICIAL_LOGS_DIR = "official_logs"
 PAPER_CLS_DATASET = "imagenet"
 PAPER_DET_DATASET = "coco"
 
-_MODEL_NAME = re.compile(r"^(?:(?P<attention>[a-z0-9]+)_)?(?P<base>[a-z]+?(?P<depth>\d+)\w*)$")
-
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def split_model_name(name: str) -> tuple[str | None, str, int | None]:
     """`sge_resnet50` -> ("sge", "resnet50", 50); `resnet18` -> (None, "resnet18", 18)."""
-    match = _MODEL_NAME.match(name)
-    if match is None:
+    try:
+        parsed = parse_model_name(name)
+    except UserError:
         return None, name, None
-    return match["attention"], match["base"], int(match["depth"])
+    return (None if parsed.attention == "none" else parsed.attention), parsed.plain, parsed.depth
 
 
 def plain_baseline(name: str) -> str | None:

@@ -186,7 +186,7 @@ def visualize_trained_models(
 ) -> list[Path]:
     """The `visualize` stage: attention PNGs of every trained SGE model (one seed) on the first
     val image of the first `num_images` classes, into out_dir/<model>-seed<seed>/."""
-    from sge_repro.models.registry import model_spec
+    from sge_repro.models.registry import parse_model_name
 
     val_root = Path(val_root)
     classes = sorted(p for p in val_root.iterdir() if p.is_dir()) if val_root.is_dir() else []
@@ -196,7 +196,7 @@ def visualize_trained_models(
         raise UserError(f"{val_root}: no validation images to visualize (expected <class>/<image> folders)")
     written: list[Path] = []
     for name in models:
-        if model_spec(name).attention != "sge":
+        if parse_model_name(name).attention != "sge":
             continue
         target = Path(out_dir) / f"{name}-seed{seed}"
         for image in images:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sge_repro.detection.backbone import ClassifierResNet, add_sge_config, count_bottom_up_parameters
+from sge_repro.detection.backbone import ResNetBackbone, add_sge_config, count_bottom_up_parameters
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
@@ -16,11 +16,11 @@ from detectron2.modeling import build_backbone  # noqa: E402
 @pytest.mark.parametrize("arch", ["resnet50", "sge_resnet50"])
 def test_backbone_parameters_match_the_paper(arch):
     # the paper's table: 23.51M for ResNet50 and SGE-ResNet50 without fc (SGE adds 2,048)
-    backbone = ClassifierResNet(create_model(arch), norm="BN", freeze_at=0)
+    backbone = ResNetBackbone(create_model(arch), norm="BN", freeze_at=0)
     count = count_bottom_up_parameters(backbone)
     assert round(count / 1e6, 2) == 23.51
     # FrozenBN keeps the same tensors as buffers; the count must not change
-    frozen = ClassifierResNet(create_model(arch), norm="FrozenBN", freeze_at=2)
+    frozen = ResNetBackbone(create_model(arch), norm="FrozenBN", freeze_at=2)
     assert count_bottom_up_parameters(frozen) == count
 
 

@@ -5,28 +5,62 @@ import shutil
 
 import torch
 
-from sge_repro.detection.setup import schedule_overrides
+from sge_repro.detection.detectors import REFERENCE_TWO_STAGE_LR, detector_base_lr
+from sge_repro.detection.engine import DetectorTrainer
+from sge_repro.detection.setup import schedule_overrides, stage_config
+from sge_repro.models.sge import SpatialGroupEnhance
 from sge_repro.stages.detection import eval_det, train_det
 from sge_repro.params import profile_params
 from sge_repro.paths import ProjectPaths
+
+from .conftest import GROUPS, WIDTH
 
 
 def test_schedule_keeps_the_yaml_shape():
     paper = schedule_overrides("cascade_rcnn", "paper", 180000, 16, 0.02, 1000, 800, 1333, 5000, 4)
     assert paper["SOLVER.MAX_ITER"] == 150000 and paper["SOLVER.STEPS"] == (120000, 142500)  # 20e
-    retina = schedule_overrides("retinanet", "cpu", 300, 8, 0.02, 50, 128, 128, 100, 0)
+    retina = schedule_overrides("retinanet", "embedded", 300, 8, 0.02, 50, 128, 128, 100, 0)
     assert retina["SOLVER.BASE_LR"] == 0.01 and retina["SOLVER.STEPS"] == (220, 280)
-    tiny = schedule_overrides("faster_rcnn", "cpu", 6, 4, 0.005, 2, 64, 64, 3, 0)
+    tiny = schedule_overrides("faster_rcnn", "embedded", 6, 4, 0.005, 2, 64, 64, 3, 0)
     assert tiny["SOLVER.STEPS"] == (4,)  # 280/300 of 6 rounds to 6 = the end, so it is dropped
+    assert tiny["SOLVER.BASE_LR"] == 0.005
+
+
+def test_base_lr_is_the_two_stage_rate_scaled_by_the_yaml():
+    assert REFERENCE_TWO_STAGE_LR == 0.02
+    assert detector_base_lr(0.02, 0.02) == 0.02  # R-CNN YAMLs: base_lr as given
+    assert detector_base_lr(0.005, 0.01) == 0.0025  # RetinaNet YAMLs: half
+
+
+def _project(tmp_path, coco_set, detectron2_weights) -> ProjectPaths:
+    paths = ProjectPaths(tmp_path)
+    shutil.copytree(coco_set, paths.det_data)
+    paths.det_weights("sge_resnet18", 0).parent.mkdir(parents=True)
+    shutil.copy(detectron2_weights, paths.det_weights("sge_resnet18", 0))
+    return paths
+
+
+def _sge_impls(cfg) -> set:
+    detector = DetectorTrainer.build_model(cfg)
+    return {module.impl for module in detector.modules() if isinstance(module, SpatialGroupEnhance)}
+
+
+def test_params_model_sge_impl_reaches_the_detector_backbone(coco_set, detectron2_weights, tmp_path):
+    params = profile_params("smoke")
+    paths = _project(tmp_path, coco_set, detectron2_weights)
+    cfg, _, _ = stage_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    assert cfg.MODEL.SGE_BACKBONE.SGE_IMPL == "fast" and _sge_impls(cfg) == {"fast"}
+    params.model.sge_impl = "reference"
+    cfg, _, _ = stage_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    assert cfg.MODEL.SGE_BACKBONE.SGE_IMPL == "reference" and _sge_impls(cfg) == {"reference"}
+    # width and groups come from the converted weights' header, not from the YAML
+    assert (cfg.MODEL.SGE_BACKBONE.WIDTH, cfg.MODEL.SGE_BACKBONE.GROUPS) == (WIDTH, GROUPS)
 
 
 def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weights, tmp_path):
     torch.set_num_threads(1)
     params = profile_params("smoke")
-    paths = ProjectPaths(tmp_path)
-    shutil.copytree(coco_set, paths.det_data)
-    paths.det_weights("sge_resnet18", 0).parent.mkdir(parents=True)
-    shutil.copy(detectron2_weights, paths.det_weights("sge_resnet18", 0))
+    paths = _project(tmp_path, coco_set, detectron2_weights)
 
     summary = train_det(params, paths, "faster_rcnn", "sge_resnet18", 0)
     assert summary["iterations"] == params.train_det.max_iter and summary["dataset"] == "embedded"

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from sge_repro.errors import UserError
+from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, sge_triton
 from sge_repro.models.registry import create_model
-from sge_repro.models import sge_triton
 from sge_repro.models.sge import sge_fast, sge_reference
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,7 +73,7 @@ def benchmark_sge(
     warmup: int = 2,
     seed: int = 0,
     module_shape: tuple[int, int, int, int] = (16, 1024, 14, 14),
-    module_groups: int = 64,
+    module_groups: int = DEFAULT_GROUPS,
 ) -> dict:
     """Forward (eval, no_grad) and training-step times of plain / reference-SGE / fast-SGE ResNet50,
     their ratios to the plain model, saved-activation memory, and the module alone with GB/s.
@@ -190,7 +190,7 @@ def benchmark_sge_module(
 
 def benchmark_training(
     names: list[str], batch: int = 32, image_size: int = 224, device: str = "cpu", repeats: int = 5,
-    warmup: int = 1, width: int = 64, groups: int = 64, num_classes: int = 1000, seed: int = 0,
+    warmup: int = 1, width: int = DEFAULT_WIDTH, groups: int = DEFAULT_GROUPS, num_classes: int = 1000, seed: int = 0,
 ) -> list[dict]:
     """Training images/s (forward + backward + SGD step) of each model, interleaved rounds, median;
     `ratio` is each model's throughput over the first one's."""

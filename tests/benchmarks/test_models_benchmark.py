@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sge_repro.errors import UserError
-from sge_repro.models.benchmark import benchmark_sge
+from benchmarks.models import benchmark_sge
 
 
 def test_benchmark_sge_small_run():
