@@ -10,8 +10,8 @@ from sge_repro.errors import UserError
 from sge_repro.params import TrainClsParams
 
 
-def fingerprint(params=TrainClsParams(), model="resnet18", model_kwargs=None, classes=("a", "b"), seed=0,
-                world_size=1) -> str:
+def fingerprint(params=None, model="resnet18", model_kwargs=None, classes=("a", "b"), seed=0, world_size=1) -> str:
+    params = TrainClsParams() if params is None else params
     kwargs = {"width": 8} if model_kwargs is None else model_kwargs
     return recipe_fingerprint(training_recipe(params, model, kwargs, list(classes), seed, world_size))
 
