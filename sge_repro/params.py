@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -83,7 +83,7 @@ class TrainClsParams(Section):
     weight_decay: float = Field(5e-4, ge=0)
     no_weight_decay_on_bn_bias: bool = False
     lr_schedule: Literal["step", "cosine"] = "cosine"
-    milestones: list[int] = [30, 60, 90]
+    milestones: list[Annotated[int, Field(ge=1)]] = [30, 60, 90]
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip_norm: float | None = Field(None, gt=0)
@@ -98,6 +98,13 @@ class TrainClsParams(Section):
         "batch_size. No effect in a single process"))
     workers: int = Field(0, ge=0)
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainClsParams":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs}: expected 0 <= warmup_epochs <= epochs "
+                             f"({self.epochs})")
+        return self
 
 
 class EvalClsParams(Section):
@@ -194,7 +201,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
         allowed = ", ".join(parent.model_fields) if parent else "?"
         return f"{source}: unknown key '{key}' (allowed here: {allowed})"
     if kind == "value_error":
-        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
+        message = error["msg"].removeprefix("Value error, ")
+        return f"{source}: {key}: {message}" if key else f"{source}: {message}"
     got = error.get("input")
     return f"{source}: {key or '(top level)'}: {error['msg'].lower()}, got {got!r}"
 

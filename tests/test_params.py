@@ -51,6 +51,13 @@ def test_smoke_overlay_changes_only_what_it_names():
         (lambda p: p.update(detection_backbones=["resnet50"]), "'resnet50' is not among models"),
         (lambda p: p["data"]["classification"].update(source="cifar"), "data.classification.source"),
         (lambda p: p.update(seeds=[0, 0]), "seeds: duplicate"),
+        (lambda p: p["train_cls"].update(epochs=0), "train_cls.epochs: input should be greater than or equal to 1"),
+        (lambda p: p["train_cls"].update(lr_schedule="linear"), "train_cls.lr_schedule"),
+        (lambda p: p["train_cls"].update(milestones=[30, 0]), "train_cls.milestones.1"),
+        (lambda p: p["train_cls"].update(amp="fp32"), "train_cls.amp: input should be 'off', 'bf16' or 'fp16'"),
+        (lambda p: p["eval_cls"].update(amp="fp32"), "eval_cls.amp"),
+        (lambda p: p["train_cls"].update(epochs=6, warmup_epochs=7),
+         "train_cls: warmup_epochs=7: expected 0 <= warmup_epochs <= epochs (6)"),
     ],
 )
 def test_bad_params_name_the_key(mutate, expected):

@@ -24,6 +24,7 @@ from sge_repro.atomic import torch_save, write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
+from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
 
 import_detectron2()
@@ -46,14 +47,11 @@ logger = logging.getLogger("sge_repro.detection")
 # --------------------------------------------------------------------------- distributed
 def init_distributed_from_env() -> int:
     """Join the torchrun process group if WORLD_SIZE > 1; returns the world size."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1 or dist.is_initialized():
+    if dist.is_initialized():
         return comm.get_world_size()
-    use_cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    world_size = join_process_group(cuda=torch.cuda.is_available()).world_size
+    if world_size <= 1:
+        return comm.get_world_size()
     # detectron2's comm.get_local_rank() reads a per-machine group that only its `launch` makes
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     machine = dist.get_rank() // local_size

@@ -1,13 +1,15 @@
-"""The training loader: built once, persistent workers, epochs chosen in the main process."""
+"""What each rank loads: the training loader (built once, persistent workers, epochs chosen in the
+main process), global batches split over ranks, per-sample seeded augmentation."""
 
 import pytest
 import torch
 
-from sge_repro.classification.engine import (DistInfo, GlobalBatchSampler, PerSampleSeededDataset, _train_loader,
-                                             set_train_epoch)
+from sge_repro.classification.sampling import (GlobalBatchSampler, PerSampleSeededDataset, set_train_epoch,
+                                               train_loader)
 from sge_repro.classification.transforms import train_transform
 from sge_repro.data.imagefolder import build_imagefolder
 from sge_repro.data.synthetic import generate_classification_set
+from sge_repro.distributed import DistInfo
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +20,7 @@ def train_set(tmp_path_factory):
 
 
 def epochs_of_batches(train_set, workers: int, epochs, dist_info=DistInfo()):
-    loader = _train_loader(PerSampleSeededDataset(train_set, seed=7), 6, workers, dist_info, seed=7,
-                           pin_memory=False)
+    loader = train_loader(train_set, 6, workers, dist_info, seed=7, pin_memory=False)
     result, worker_pids = [], []
     for epoch in epochs:
         set_train_epoch(loader, epoch)

@@ -1,4 +1,4 @@
-"""Short CUDA check of the training engine's speed options: `python -m sge_repro.classification.gpu_check OUT_DIR`.
+"""Short CUDA check of the training engine's speed options: `python tools/gpu_check.py OUT_DIR`.
 
 1. End-to-end: train_classifier on a generated 64 px set for each option set; prints val top-1 and
    the engine's images/s (which includes JPEG decoding and augmentation in the loader workers).
@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sge_repro.classification.engine import _autocast, _deterministic_mode, _memory_format, train_classifier
+from sge_repro.classification.determinism import deterministic_mode
+from sge_repro.classification.precision import autocast, grad_scaler, memory_format
+from sge_repro.classification.train import train_classifier
 from sge_repro.data.synthetic import generate_classification_set
+from sge_repro.params import ModelParams, TrainClsParams
 
-MODEL = ("sge_resnet18", {"width": 32, "groups": 8})
+MODEL = ("sge_resnet18", ModelParams(width=32, groups=8))
 OPTION_SETS = [
     {"amp": "off", "channels_last": False},
     {"amp": "bf16", "channels_last": False},
@@ -33,19 +36,19 @@ def step_throughput(amp: str, channels_last: bool, compile: bool, batch: int, im
     from sge_repro.models import create_model
 
     device = torch.device("cuda")
-    model = create_model(MODEL[0], num_classes=10, seed=0, **MODEL[1]).to(
-        device, memory_format=_memory_format(channels_last))
+    model = create_model(MODEL[0], num_classes=10, seed=0, **MODEL[1].model_kwargs()).to(
+        device, memory_format=memory_format(channels_last))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    scaler = grad_scaler(amp, device)
     forward = torch.compile(model) if compile else model
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, device=device, generator=generator).to(
-        memory_format=_memory_format(channels_last))
+        memory_format=memory_format(channels_last))
     targets = torch.randint(0, 10, (batch,), device=device, generator=generator)
     criterion = nn.CrossEntropyLoss()
 
     def step():
-        with _autocast(amp, device):
+        with autocast(amp, device):
             loss = criterion(forward(images), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -79,20 +82,20 @@ def main() -> None:
                                          val_per_class=30, seed=0)
     print("data", counts, flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "data": counts,
-              "model": MODEL, "end_to_end": [], "step_only": []}
+              "model": [MODEL[0], MODEL[1].model_kwargs()], "end_to_end": [], "step_only": []}
     for options in OPTION_SETS:
         name = f"{options['amp']}{'_cl' if options['channels_last'] else ''}"
         started = time.perf_counter()
-        metrics = train_classifier(MODEL[0], MODEL[1], data_root, out / name / "ckpt", out / name / "metrics.json",
-                                   out / name / "history.tsv", epochs=args.epochs, batch_size=128, lr=0.1,
-                                   lr_schedule="cosine", warmup_epochs=1, image_size=64, workers=args.workers,
-                                   seed=0, device="cuda", random_crop_min_scale=0.35,
-                                   no_weight_decay_on_bn_bias=True, **options)
+        params = TrainClsParams(epochs=args.epochs, batch_size=128, lr=0.1, weight_decay=1e-4, lr_schedule="cosine",
+                                warmup_epochs=1, image_size=64, workers=args.workers, device="cuda",
+                                min_crop_scale=0.35, no_weight_decay_on_bn_bias=True, **options)
+        metrics = train_classifier(params, MODEL[1], MODEL[0], 0, data_root, out / name / "ckpt",
+                                   out / name / "metrics.json", out / name / "history.tsv")
         row = {**options, "top1": metrics["top1"], "best_top1": metrics["best_top1"],
                "images_per_s": metrics["images_per_s"], "wall_s": time.perf_counter() - started}
         report["end_to_end"].append(row)
         print("end_to_end", json.dumps(row), flush=True)
-    with _deterministic_mode(torch.device("cuda")):  # the engine's cudnn settings
+    with deterministic_mode(torch.device("cuda")):  # the engine's cudnn settings
         for options in OPTION_SETS:
             row = step_throughput(**options, compile=False, batch=256, image_size=64, steps=50)
             report["step_only"].append(row)

@@ -1,0 +1,86 @@
+"""Joining torchrun's process group, and the few collectives the training loops need.
+
+A training stage runs on one process or on N processes started by torchrun (WORLD_SIZE,
+RANK, LOCAL_RANK, MASTER_ADDR/PORT in the environment: the env:// rendezvous). Both the
+classifier engine and the detector engine join the group here: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sge_repro.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def join_process_group(cuda: bool) -> DistInfo:
+    """Join the env:// process group when launched by torchrun with WORLD_SIZE > 1.
+
+    With `cuda` the group uses NCCL and this process's current CUDA device becomes LOCAL_RANK;
+    otherwise gloo. A single process (WORLD_SIZE unset or 1) joins nothing.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def rank_device(device: str, dist_info: DistInfo) -> torch.device:
+    """The torch device of this rank for a params.yaml `device` ("cuda" means cuda:LOCAL_RANK)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device!r}: CUDA is not available here; expected 'cpu'")
+        if dist_info.enabled and device == "cuda":
+            return torch.device("cuda", dist_info.local_rank)
+    elif device != "cpu":
+        raise UserError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:<index>'")
+    return torch.device(device)
+
+
+def all_reduce_sum(values: list[float], dist_info: DistInfo, device: torch.device) -> list[float]:
+    """Element-wise sums over the ranks (float64); the values unchanged in a single process."""
+    if not dist_info.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_buffers(model: nn.Module, dist_info: DistInfo) -> None:
+    """Give every rank rank 0's buffers (BN running statistics: without sync_bn each rank updated
+    them on its own shard), so sharded validation evaluates exactly the model rank 0 saves."""
+    if not dist_info.enabled:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def finite_everywhere(loss: torch.Tensor, dist_info: DistInfo) -> bool:
+    """Whether the loss is finite on every rank (all ranks must stop together, not hang)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist_info.enabled:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

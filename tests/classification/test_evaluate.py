@@ -1,0 +1,52 @@
+"""evaluate_classifier on a checkpoint written by train_classifier (and the checkpoint's format)."""
+
+import json
+
+import pytest
+import torch
+
+from sge_repro.classification.evaluate import evaluate_classifier
+from sge_repro.errors import UserError
+from sge_repro.models import create_model
+from sge_repro.params import EvalClsParams
+
+from .conftest import outputs
+
+
+def test_checkpoint_format_and_evaluation(finished_run, data_root, tmp_path):
+    run, metrics, _ = finished_run
+    run_dir, _, _ = outputs(run)
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    assert state["format"] == "sge-repro/classifier/v1" and state["model"] == "resnet18"
+    assert state["model_kwargs"]["num_classes"] == 3 and state["model_kwargs"]["width"] == 8
+    assert state["epoch"] == 6 and state["classes"] == ["n00000000", "n00000001", "n00000002"]
+    assert {"optimizer", "scheduler", "rng", "history", "best"} <= set(state)
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["epoch"] == metrics["best_epoch"]
+
+    model = create_model("resnet18", num_classes=3, width=8, checkpoint=run_dir / "best.pt")
+    assert isinstance(model, torch.nn.Module)
+    result = evaluate_classifier(EvalClsParams(image_size=32, batch_size=5), run_dir / "best.pt", data_root,
+                                 tmp_path / "eval.json", tmp_path / "pred.json", dataset_name="embedded")
+    # Evaluating best.pt reproduces the validation of its epoch during training.
+    assert result["top1"] == pytest.approx(metrics["best_top1"], abs=1e-9)
+    assert result["top5"] == pytest.approx(metrics["best_top5"], abs=1e-9)
+    assert set(result) >= {"model", "dataset", "seed", "top1", "top5", "loss", "num_images"}
+    assert result["dataset"] == "embedded" and result["seed"] == 3 and result["num_images"] == 30
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    predictions = json.loads((tmp_path / "pred.json").read_text())
+    assert len(predictions["correct_top1"]) == len(predictions["files"]) == 30
+    assert set(predictions["correct_top1"]) <= {0, 1}
+    assert 100 * sum(predictions["correct_top1"]) / 30 == pytest.approx(result["top1"])
+    assert predictions["files"][0].startswith("n00000000/")
+    assert predictions["correct_top1"] == [int(p == t) for p, t in
+                                           zip(predictions["predictions"], predictions["targets"])]
+
+
+def test_evaluation_rejects_wrong_model_name(finished_run, data_root, tmp_path):
+    run_dir, _, _ = outputs(finished_run[0])
+    with pytest.raises(UserError, match="holds model 'resnet18', expected 'sge_resnet18'"):
+        evaluate_classifier(EvalClsParams(image_size=32, batch_size=4), run_dir / "best.pt", data_root,
+                            tmp_path / "m.json", tmp_path / "p.json", model_name="sge_resnet18")
+    assert not (tmp_path / "m.json").exists()
+

@@ -1,0 +1,140 @@
+"""train_classifier: outputs, progress, resume (finished, SIGKILLed), stopping, runtime checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sge_repro.errors import UserError
+
+from .conftest import RECIPE, REPO, outputs, read_history, train
+
+
+def test_training_writes_checkpoints_metrics_and_history(finished_run):
+    run, metrics, calls = finished_run
+    run_dir, metrics_path, history_path = outputs(run)
+    assert {p.name for p in run_dir.iterdir()} == {"last.pt", "best.pt"}
+    assert json.loads(metrics_path.read_text()) == metrics
+    assert metrics["model"] == "resnet18" and metrics["seed"] == 3 and metrics["epochs"] == 6
+    assert metrics["num_train_images"] == 120 and metrics["num_val_images"] == 30
+    assert 0 <= metrics["top1"] <= 100 and metrics["top5"] == 100.0  # 3 classes: top-5 is every class
+    assert 1 <= metrics["best_epoch"] <= 6 and metrics["best_top1"] >= metrics["top1"]
+    rows = read_history(history_path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+                            "images_per_s", "epoch_time_s"}
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    assert float(rows[-1]["val_top1"]) == pytest.approx(metrics["top1"], abs=1e-3)
+    # Cosine after one warmup epoch: lr falls every epoch.
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(0.02) and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_progress_reports_every_step_and_epoch(finished_run):
+    _, _, calls = finished_run
+    steps = [c for c in calls if c[3]["phase"] == "train"]
+    epochs = [c for c in calls if c[3]["phase"] == "epoch"]
+    assert len(steps) == 6 * 7  # 120 images / batch 16 (last partial batch dropped), six epochs
+    assert [c[:3] for c in steps[:2]] == [(1, 1, 7), (1, 2, 7)]
+    assert [c[0] for c in epochs] == [1, 2, 3, 4, 5, 6] and "val_top1" in epochs[0][3]
+
+def test_finished_run_is_not_retrained(finished_run, data_root):
+    run, metrics, _ = finished_run
+    run_dir, metrics_path, history_path = outputs(run)
+    stamp = (run_dir / "last.pt").stat().st_mtime_ns
+    calls = []
+    again = train(data_root, run, progress=lambda *args: calls.append(args))
+    assert calls == [] and (run_dir / "last.pt").stat().st_mtime_ns == stamp
+    assert again["top1"] == metrics["top1"] and again["best_epoch"] == metrics["best_epoch"]
+
+
+def test_sge_model_trains(data_root, tmp_path):
+    metrics = train(data_root, tmp_path, model=("sge_resnet18", {"width": 8, "groups": 4}), epochs=1,
+                    warmup_epochs=0, image_size=64)  # SGE needs more than 1x1 positions in layer4
+    assert metrics["model"] == "sge_resnet18" and metrics["epochs"] == 1
+    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert state["model_kwargs"]["groups"] == 4
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(data_root, tmp_path):
+    train(data_root, tmp_path, epochs=1, warmup_epochs=0)
+    last = tmp_path / "ckpt" / "last.pt"
+    before = last.read_bytes()
+    # A different recipe starts over; an absurd lr overflows the weights within a few steps.
+    with pytest.raises(UserError, match=r"loss is (nan|inf) at epoch 1 step \d+ .*Last good checkpoint kept"):
+        train(data_root, tmp_path, epochs=2, lr=1e30, warmup_epochs=0)
+    assert last.read_bytes() == before
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_batch_larger_than_the_training_set_is_rejected_before_training(data_root, tmp_path):
+    # The schema checks each key (tests/test_params.py); only the data can reject this batch.
+    with pytest.raises(UserError, match="batch_size=1000: larger than the 120 training images"):
+        train(data_root, tmp_path, batch_size=1000)
+    assert not (tmp_path / "ckpt").exists()
+
+
+KILLABLE_TRAINING = """
+import sys, torch
+torch.set_num_threads(1)
+from sge_repro.classification.train import train_classifier
+from sge_repro.params import ModelParams, TrainClsParams
+data_root, run_dir, metrics, history, recipe = sys.argv[1:6]
+import json
+recipe = json.loads(recipe)
+seed = recipe.pop("seed")
+train_classifier(TrainClsParams(**recipe), ModelParams(width=8, groups=64), "resnet18", seed, data_root, run_dir, metrics, history)
+"""
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(finished_run, data_root, tmp_path):
+    run_dir, metrics_path, history_path = outputs(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_TRAINING, str(data_root), str(run_dir), str(metrics_path),
+         str(history_path), json.dumps(RECIPE)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    try:
+        while not (run_dir / "last.pt").exists():
+            assert process.poll() is None, "training ended before writing its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)  # mid epoch 2: right after epoch 1's checkpoint
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_at = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    assert killed_at < RECIPE["epochs"] and not metrics_path.exists()
+    print("killed after epoch", killed_at)
+
+    calls = []
+    resumed = train(data_root, tmp_path, progress=lambda *args: calls.append(args))
+    assert min(c[0] for c in calls) == killed_at + 1  # it resumed rather than starting over
+
+    reference_dir, _, _ = outputs(finished_run[0])
+    expected = torch.load(reference_dir / "last.pt", weights_only=True)
+    actual = torch.load(run_dir / "last.pt", weights_only=True)
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(actual["state_dict"][name], tensor), name
+    for key, buffers in expected["optimizer"]["state"].items():
+        assert torch.equal(actual["optimizer"]["state"][key]["momentum_buffer"], buffers["momentum_buffer"])
+    assert resumed["top1"] == finished_run[1]["top1"] and resumed["loss"] == finished_run[1]["loss"]
+    assert [r["train_loss"] for r in actual["history"]] == [r["train_loss"] for r in expected["history"]]
+
+
+def test_results_do_not_depend_on_the_number_of_workers(data_root, tmp_path):
+    # Two epochs: the second one is served by the same (persistent) workers as the first.
+    in_process = train(data_root, tmp_path / "a", epochs=2, warmup_epochs=0, workers=0)
+    two_workers = train(data_root, tmp_path / "b", epochs=2, warmup_epochs=0, workers=2)
+    assert in_process["train_loss"] == two_workers["train_loss"]
+    a = torch.load(tmp_path / "a" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
