@@ -12,40 +12,40 @@ from sge_repro.cli.ui import console, named_tasks, progress_bar
 app = typer.Typer(help="Prepare the datasets the pipeline trains on.", no_args_is_help=True)
 
 
-@app.command("prepare")
-def prepare(
-    dataset: Optional[str] = typer.Argument(
-        None, help="Omit for the `data` stage (as params.yaml says), or `imagenet` with --source."),
-    source: Optional[Path] = typer.Option(
-        None, help="imagenet: an ImageFolder tree (train/, val/) or a folder with the three official archives."),
-    destination: Path = typer.Option(Path("data/cls"), help="imagenet: where the ImageFolder tree goes."),
-    subset: Optional[List[str]] = typer.Option(None, help="imagenet: synsets to keep (repeatable); default all 1000."),
-) -> None:
+prepare_app = typer.Typer(help="The `data` stage, or one real dataset prepared by hand.")
+app.add_typer(prepare_app, name="prepare")
+
+
+@prepare_app.callback(invoke_without_command=True)
+def prepare(context: typer.Context) -> None:
     """The `data` stage: build data/cls (ImageFolder) and data/det (COCO JSON) as params.yaml says."""
-    from sge_repro.errors import UserError
-
-    if dataset is None:
-        from sge_repro.params import load_params
-        from sge_repro.paths import ProjectPaths
-        from sge_repro.stages.data import data as stage
-
-        params = load_params()
-        with progress_bar() as progress:
-            manifest = stage(params, ProjectPaths(), progress=named_tasks(progress))
-        for name, counts in manifest["datasets"].items():
-            console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()
-                                                         if isinstance(v, (int, float, str))))
+    if context.invoked_subcommand is not None:
         return
-    if dataset != "imagenet":
-        raise UserError(f"data prepare: unknown dataset {dataset!r} (allowed: imagenet; COCO: `data fetch coco`)")
-    if source is None:
-        raise UserError("data prepare imagenet: --source PATH is required (ImageFolder tree or the official archives)")
-    from sge_repro.data.imagenet_archives import prepare_imagenet
+    from sge_repro.params import load_params
+    from sge_repro.paths import ProjectPaths
+    from sge_repro.stages.data import data as stage
+
+    with progress_bar() as progress:
+        manifest = stage(load_params(), ProjectPaths(), progress=named_tasks(progress))
+    for name, counts in manifest["datasets"].items():
+        console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()
+                                                     if isinstance(v, (int, float, str))))
+
+
+@prepare_app.command("imagenet")
+def prepare_imagenet(
+    source: Path = typer.Option(
+        ..., help="An ImageFolder tree (train/, val/) or a folder with the three official archives."),
+    destination: Path = typer.Option(Path("data/cls"), help="Where the ImageFolder tree goes."),
+    subset: Optional[List[str]] = typer.Option(None, help="Synsets to keep (repeatable); default all 1000."),
+) -> None:
+    """ImageNet-1k from the official archives (MD5-checked) or an ImageFolder tree, into an ImageFolder tree."""
+    from sge_repro.data.imagenet_archives import prepare_imagenet as prepare
 
     with progress_bar() as progress:
         task = progress.add_task("imagenet", total=None, info="")
-        counts = prepare_imagenet(source, destination, subset_classes=subset or None,
-                                  progress=lambda done, total: progress.update(task, completed=done, total=total))
+        counts = prepare(source, destination, subset_classes=subset or None,
+                         progress=lambda done, total: progress.update(task, completed=done, total=total))
     console.print(", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

@@ -27,28 +27,25 @@ def print_saved_report(root: Path) -> None:
     render_console(load_saved_report(root), console)
 
 
-def visualize(
-    model: Optional[str] = typer.Option(None, help="Model name, e.g. sge_resnet18."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint of that model (ours, torchvision or official)."),
-    image: Optional[Path] = typer.Option(None, help="An image file."),
+def visualize() -> None:
+    """The visualize stage: SGE attention maps of every trained SGE model of params.yaml, into runs/visualize."""
+    from sge_repro.params import load_params
+    from sge_repro.paths import ProjectPaths
+    from sge_repro.stages.report import visualize as stage
+
+    for path in stage(load_params(), ProjectPaths()):
+        console.print(str(path))
+
+
+def visualize_file(
+    model: str = typer.Option(..., help="Model name, e.g. sge_resnet50."),
+    checkpoint: Path = typer.Option(..., help="Checkpoint of that model (ours, torchvision or official)."),
+    image: Path = typer.Option(..., help="An image file."),
     layer: Optional[str] = typer.Option(None, help="Block whose SGE to show, e.g. layer3.1 (default: the last one of each stage)."),
     out: Path = typer.Option(Path("reports/visualize"), help="Output folder for the PNGs."),
-    trained: bool = typer.Option(False, "--trained", help="The `visualize` stage: every trained SGE model of params.yaml on a few val images, into runs/visualize."),
 ) -> None:
-    """PNGs of the SGE attention per group: feature map before, the gate, after."""
-    from sge_repro.errors import UserError
+    """PNGs of the SGE attention per group of one checkpoint on one image: feature map before, the gate, after."""
+    from sge_repro.report.visualize import visualize_sge_checkpoint
 
-    if trained:
-        from sge_repro.params import load_params
-        from sge_repro.paths import ProjectPaths
-        from sge_repro.stages.report import visualize as stage
-
-        written = stage(load_params(), ProjectPaths())
-    else:
-        if model is None or checkpoint is None or image is None:
-            raise UserError("visualize: give --model, --checkpoint and --image (or --trained for the pipeline stage)")
-        from sge_repro.report.visualize import visualize_sge_checkpoint
-
-        written = visualize_sge_checkpoint(model, checkpoint, image, out, layer=layer)
-    for path in written:
+    for path in visualize_sge_checkpoint(model, checkpoint, image, out, layer=layer):
         console.print(str(path))

@@ -1,32 +1,34 @@
-"""A detector's detectron2 config from the pipeline's params (used by sge_repro.stages.detection).
+"""A detector's detectron2 config for one pipeline run (called by sge_repro.stages.detection).
 
 Which config set: `data.detection.source: coco` uses the "paper" YAMLs (pipelines/detectron2/*.yaml),
 the generated set the small "embedded" ones (pipelines/detectron2/embedded/). train_det's params
 are mapped onto the YAML keeping its shape: learning-rate steps stay at the same fractions of the
 schedule, Cascade R-CNN keeps its 20e/24e length ratio, and base_lr is rescaled per detector by
-`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is params.model.sge_impl.
+`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is model.sge_impl.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sge_repro.detection.config import build_detector_config, detector_config_file
 from sge_repro.detection.data import coco_split_paths, dataset_num_classes, register_split
 from sge_repro.detection.detectors import detector_base_lr
-from sge_repro.errors import UserError
+from sge_repro.params import TrainDetParams
 
 REFERENCE_PAPER_ITERS = 180000  # the 2x schedule train_det.max_iter stands for (paper config set)
 
 
-def _dataset(params, paths) -> tuple[str, str, str, str]:
-    """(data kind, root, layout, config set) of the detection data in params."""
-    data = params.data.detection
-    if data.source == "coco":
-        if not data.source_path:
-            raise UserError("params.yaml: data.detection.source_path: required when data.detection.source is coco")
-        return "coco", data.source_path, "coco2017", "paper"
-    return "embedded", str(paths.det_data), "embedded", "embedded"
+@dataclass(frozen=True)
+class DetectionDataset:
+    """Where a detection set lives and which YAML set fits it."""
+
+    kind: str        # "coco" or "embedded": the name in metrics and dataset registrations
+    root: str
+    layout: str      # "coco2017" (train2017/, val2017/) or "embedded" (train/, val/)
+    config_set: str  # "paper" or "embedded" YAMLs
 
 
 def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_batch: int, base_lr: float,
@@ -63,21 +65,19 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
     }
 
 
-def stage_config(params, paths, detector: str, backbone: str, seed: int, device: str):
-    """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
-    kind, root, layout, config_set = _dataset(params, paths)
-    train_name, val_name = f"sge_{kind}_train", f"sge_{kind}_val"
-    register_split(train_name, root, "train", layout)
-    register_split(val_name, root, "val", layout)
-    p = params.train_det
+def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDataset, train: TrainDetParams,
+               weights: Path, run_dir: Path, device: str, sge_impl: str):
+    """(cfg, val dataset name) of one train_det / eval_det run."""
+    train_name, val_name = f"sge_{dataset.kind}_train", f"sge_{dataset.kind}_val"
+    register_split(train_name, dataset.root, "train", dataset.layout)
+    register_split(val_name, dataset.root, "val", dataset.layout)
     overrides = schedule_overrides(
-        detector, config_set, p.max_iter, p.ims_per_batch, p.base_lr, p.warmup_iters, p.min_size,
-        p.max_size, p.checkpoint_period, p.workers,
+        detector, dataset.config_set, train.max_iter, train.ims_per_batch, train.base_lr, train.warmup_iters,
+        train.min_size, train.max_size, train.checkpoint_period, train.workers,
     )
     cfg = build_detector_config(
-        detector, backbone, paths.det_weights(backbone, seed), train_name, val_name,
-        paths.det_run_dir(detector, backbone, seed),
-        num_classes=dataset_num_classes(coco_split_paths(root, "train", layout)[0]), seed=seed,
-        overrides=overrides, config_set=config_set, device=device, sge_impl=params.model.sge_impl,
+        detector, backbone, weights, train_name, val_name, run_dir,
+        num_classes=dataset_num_classes(coco_split_paths(dataset.root, "train", dataset.layout)[0]), seed=seed,
+        overrides=overrides, config_set=dataset.config_set, device=device, sge_impl=sge_impl,
     )
-    return cfg, kind, val_name
+    return cfg, val_name

@@ -23,20 +23,32 @@ def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
         model_name=model)
 
 
-def _require_run(params: Params, detector: str, backbone: str, seed: int) -> None:
+def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):
+    """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
+    from sge_repro.detection.setup import DetectionDataset, run_config
+
     params.require_listed("detectors", detector)
     params.require_listed("detection_backbones", backbone)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
+    data = params.data.detection
+    if data.source == "coco":
+        if not data.source_path:
+            raise UserError("params.yaml: data.detection.source_path: required when data.detection.source is coco")
+        dataset = DetectionDataset("coco", data.source_path, "coco2017", "paper")
+    else:
+        dataset = DetectionDataset("embedded", str(paths.det_data), "embedded", "embedded")
+    cfg, val_name = run_config(
+        detector, backbone, seed, dataset, params.train_det, weights=paths.det_weights(backbone, seed),
+        run_dir=paths.det_run_dir(detector, backbone, seed), device=device, sge_impl=params.model.sge_impl)
+    return cfg, dataset.kind, val_name
 
 
 def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int) -> dict:
     """Train one detector from the converted classifier; resumes. Returns a summary for printing."""
     from sge_repro.detection.engine import train_detector
-    from sge_repro.detection.setup import stage_config
 
-    _require_run(params, detector, backbone, seed)
-    cfg, kind, _ = stage_config(params, paths, detector, backbone, seed, params.train_det.device)
+    cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)
     started = time.perf_counter()
     final = train_detector(cfg, resume=True)
     return {
@@ -50,10 +62,8 @@ def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str,
 def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int) -> dict:
     """COCO AP of the trained detector on the val split; writes metrics/eval_det/<run>.json."""
     from sge_repro.detection.engine import FINAL_WEIGHTS, evaluate_detector
-    from sge_repro.detection.setup import stage_config
 
-    _require_run(params, detector, backbone, seed)
-    cfg, kind, val_name = stage_config(params, paths, detector, backbone, seed, params.eval_det.device)
+    cfg, kind, val_name = detector_config(params, paths, detector, backbone, seed, params.eval_det.device)
     run_dir = paths.det_run_dir(detector, backbone, seed)
     weights = run_dir / FINAL_WEIGHTS
     if not weights.is_file():

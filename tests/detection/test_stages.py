@@ -7,9 +7,9 @@ import torch
 
 from sge_repro.detection.detectors import REFERENCE_TWO_STAGE_LR, detector_base_lr
 from sge_repro.detection.engine import DetectorTrainer
-from sge_repro.detection.setup import schedule_overrides, stage_config
+from sge_repro.detection.setup import schedule_overrides
 from sge_repro.models.sge import SpatialGroupEnhance
-from sge_repro.stages.detection import eval_det, train_det
+from sge_repro.stages.detection import detector_config, eval_det, train_det
 from sge_repro.params import profile_params
 from sge_repro.paths import ProjectPaths
 
@@ -48,10 +48,10 @@ def _sge_impls(cfg) -> set:
 def test_params_model_sge_impl_reaches_the_detector_backbone(coco_set, detectron2_weights, tmp_path):
     params = profile_params("smoke")
     paths = _project(tmp_path, coco_set, detectron2_weights)
-    cfg, _, _ = stage_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
     assert cfg.MODEL.SGE_BACKBONE.SGE_IMPL == "fast" and _sge_impls(cfg) == {"fast"}
     params.model.sge_impl = "reference"
-    cfg, _, _ = stage_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
     assert cfg.MODEL.SGE_BACKBONE.SGE_IMPL == "reference" and _sge_impls(cfg) == {"reference"}
     # width and groups come from the converted weights' header, not from the YAML
     assert (cfg.MODEL.SGE_BACKBONE.WIDTH, cfg.MODEL.SGE_BACKBONE.GROUPS) == (WIDTH, GROUPS)
