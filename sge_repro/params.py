@@ -25,7 +25,13 @@ PROFILES_DIR = Path("pipelines") / "profiles"
 
 class Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Strict types: `epochs: true` or `epochs: "3"` is an error, not 1 or 3 (an int where a float
+    # is expected stays accepted: `lr: 1` is natural YAML).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+# detectron2 reads a negative seed as "pick one at random": a seed is >= 0.
+Seed = Annotated[int, Field(ge=0)]
 
 
 class ClassificationData(Section):
@@ -56,7 +62,7 @@ class DetectionData(Section):
 
 
 class DataParams(Section):
-    seed: int = 0
+    seed: Seed = 0
     skip_corrupt: bool = False
     classification: ClassificationData = ClassificationData()
     detection: DetectionData = DetectionData()
@@ -141,13 +147,13 @@ class EvalDetParams(Section):
 class ReportParams(Section):
     tolerance: float = Field(0.3, ge=0, description="points within which a paper number counts as reproduced")
     bootstrap_samples: int = Field(2000, ge=100)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Params(Section):
     profile: str = "embedded"
     cpu_threads: int = Field(2, ge=1, description="torch threads on CPU; CPU runs repeat bit for bit at a fixed count")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
     detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
     detection_backbones: list[str] = Field(
@@ -242,7 +248,17 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    return validate_params(read_yaml(path), str(path))
+    """params.yaml, validated; it must name every top-level key (dvc.yaml reads them from the file)."""
+    raw = read_yaml(path)
+    if raw == {}:
+        raise UserError(f"{path}: empty; expected every section of the schema "
+                        "(`sge-repro run all --profile embedded` writes a complete one)")
+    params = validate_params(raw, str(path))
+    missing = [key for key in Params.model_fields if key not in raw]
+    if missing:
+        raise UserError(f"{path}: missing top-level key(s) {', '.join(missing)} "
+                        "(`sge-repro run all --profile NAME` writes a complete file)")
+    return params
 
 
 def available_profiles(profiles_dir: Path = PROFILES_DIR) -> list[str]:

@@ -1,6 +1,7 @@
 """Driving DVC: apply a profile to params.yaml, list stages, run `dvc repro`, read status.
 
-The CLI's `run` and `status` commands are views over these functions. DVC is run as a
+The CLI's `run` and `status` commands are views over these functions. A run writes params.yaml
+and its log only while it holds the run lock (`sge_repro.run_lock`). DVC is run as a
 subprocess of this interpreter (`python -m dvc`), with this environment's bin/ first on PATH
 so that every stage's `sge-repro ...` command resolves to this installation.
 """
@@ -17,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sge_repro import atomic
+from sge_repro import atomic, run_lock
 from sge_repro.errors import UserError
 from sge_repro.params import PARAMS_FILE, dump_params, load_params, profile_params
 
-LOG_DIR = Path("logs")
+LOG_FILE = Path("logs") / "dvc-repro.log"  # opened (truncated) only by the holder of the run lock
 
 
 def stage_env() -> dict[str, str]:
@@ -36,7 +37,11 @@ def dvc(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.C
         [sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=stage_env(), cwd=cwd
     )
     if check and result.returncode != 0:
-        message = (result.stderr or result.stdout).strip().splitlines()
+        output = (result.stderr or result.stdout).strip()
+        explained = run_lock.explain_dvc_lock_error(output, cwd or Path("."))
+        if explained:
+            raise UserError(explained)
+        message = output.splitlines()
         raise UserError(f"dvc {' '.join(args)} failed: {message[-1] if message else result.returncode}")
     return result
 
@@ -106,11 +111,13 @@ def repro(
     force: bool = False,
     on_event: Callable[[StageEvent], None] = lambda event: None,
     on_line: Callable[[str], None] = lambda line: None,
-    log_path: Path | None = None,
+    log_path: Path = LOG_FILE,
 ) -> int:
-    """Run `dvc repro`, reporting stage transitions; returns DVC's exit code."""
+    """Run `dvc repro`, reporting stage transitions; returns DVC's exit code.
+
+    The caller holds the run lock (`run_lock.hold`): the log is truncated here.
+    """
     args = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *targets]
-    log_path = log_path or LOG_DIR / "dvc-repro.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     running: str | None = None
     with open(log_path, "w", encoding="utf-8") as log:

@@ -88,3 +88,51 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("seeds: [0\nmodels: x\n")
     with pytest.raises(UserError, match=r"params.yaml: line \d+ not valid YAML"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda p: p.update(seeds=[0, -1]), "seeds.1: input should be greater than or equal to 0, got -1"),
+        (lambda p: p["data"].update(seed=-3), "data.seed: input should be greater than or equal to 0"),
+        (lambda p: p["report"].update(seed=-1), "report.seed: input should be greater than or equal to 0"),
+        (lambda p: p["train_cls"].update(epochs=True), "train_cls.epochs: input should be a valid integer, got True"),
+        (lambda p: p.update(seeds=[False]), "seeds.0: input should be a valid integer, got False"),
+        (lambda p: p["train_cls"].update(epochs="3"), "train_cls.epochs: input should be a valid integer, got '3'"),
+        (lambda p: p["train_cls"].update(epochs=3.0), "train_cls.epochs: input should be a valid integer, got 3.0"),
+        (lambda p: p["train_cls"].update(lr=True), "train_cls.lr: input should be a valid number, got True"),
+        (lambda p: p["train_cls"].update(lr="0.1"), "train_cls.lr: input should be a valid number, got '0.1'"),
+        (lambda p: p["train_cls"].update(compile=1), "train_cls.compile: input should be a valid boolean, got 1"),
+        (lambda p: p["train_cls"].update(compile="yes"), "train_cls.compile: input should be a valid boolean"),
+        (lambda p: p["train_cls"].update(device=0), "train_cls.device: input should be a valid string, got 0"),
+        (lambda p: p.update(models=["resnet18", 18]), "models.1: input should be a valid string, got 18"),
+    ],
+)
+def test_types_are_strict_and_seeds_non_negative(mutate, expected):
+    raw = Params().model_dump(mode="json")
+    mutate(raw)
+    with pytest.raises(UserError) as info:
+        validate_params(raw, "params.yaml")
+    assert str(info.value).startswith(f"params.yaml: {expected}")
+    assert "\n" not in str(info.value)
+
+
+def test_an_int_where_a_float_is_expected_stays_accepted():
+    raw = Params().model_dump(mode="json")
+    raw["train_cls"]["lr"] = 1
+    raw["report"]["tolerance"] = 0
+    params = validate_params(raw)
+    assert params.train_cls.lr == 1.0 and isinstance(params.train_cls.lr, float)
+    assert params.report.tolerance == 0.0
+
+
+def test_params_yaml_must_be_complete(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    with pytest.raises(UserError, match=r"params.yaml: empty; expected every section"):
+        load_params(path)
+    full = yaml.safe_load(dump_params(Params()))
+    del full["detectors"], full["report"]
+    path.write_text(yaml.safe_dump(full))
+    with pytest.raises(UserError, match=r"params.yaml: missing top-level key\(s\) detectors, report \("):
+        load_params(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from sge_repro import pipeline
+from sge_repro import pipeline, run_lock
 from sge_repro.cli.ui import console, err_console
 from sge_repro.errors import UserError
 
@@ -36,11 +37,7 @@ def _stage_table(stages: list[str], states: dict[str, str], times: dict[str, flo
     return table
 
 
-def _run(targets: list[str], force: bool) -> None:
-    pipeline.require_dvc_project()
-    stages = pipeline.list_stages()
-    for target in targets:
-        pipeline.resolve_target(target, stages)
+def _run(targets: list[str], force: bool, stages: list[str]) -> None:
     shown = [s for s in stages if not targets or any(s == t or s.startswith(t + "@") for t in targets)]
     states: dict[str, str] = {}
     times: dict[str, float] = {}
@@ -71,8 +68,11 @@ def _run(targets: list[str], force: bool) -> None:
     console.print()
     elapsed = time.monotonic() - started
     if code != 0:
+        explained = run_lock.explain_dvc_lock_error("\n".join(tail))
+        if explained:  # a `dvc repro` started outside sge-repro got there first
+            raise UserError(explained)
         err_console.print("\n".join(tail[-15:]), highlight=False, markup=False)
-        raise UserError(f"dvc repro failed (exit {code}); full log: {pipeline.LOG_DIR / 'dvc-repro.log'}")
+        raise UserError(f"dvc repro failed (exit {code}); full log: {pipeline.LOG_FILE}")
     ran = sum(1 for s in states.values() if s == "done")
     console.print(f"[green]pipeline finished[/] in {elapsed:.1f}s: {ran} stage(s) ran, "
                   f"{len(shown) - ran} up to date")
@@ -91,9 +91,16 @@ def run(
 ) -> None:
     """Run the pipeline (`dvc repro [STAGE]`) with a live view of the stages."""
     pipeline.require_dvc_project()
-    name, changed = pipeline.apply_profile(profile)
-    console.print(f"profile [bold]{name}[/]" + (" (params.yaml rewritten)" if changed else ""))
-    _run([] if target == "all" else [target], force)
+    targets = [] if target == "all" else [target]
+    # Nothing is written (params.yaml, logs/) before the run lock is ours; it is held until
+    # `dvc repro` exits, so a second run can neither mix profiles nor truncate this run's log.
+    with run_lock.hold(" ".join(["sge-repro", *sys.argv[1:]])):
+        name, changed = pipeline.apply_profile(profile)
+        stages = pipeline.list_stages()
+        for item in targets:
+            pipeline.resolve_target(item, stages)
+        console.print(f"profile [bold]{name}[/]" + (" (params.yaml rewritten)" if changed else ""))
+        _run(targets, force, stages)
     if report and target == "all":
         from sge_repro.cli.report import print_saved_report
 
@@ -103,6 +110,7 @@ def run(
 def status() -> None:
     """Which stages are up to date and which would rerun (`dvc status`)."""
     pipeline.require_dvc_project()
+    run_lock.refuse_if_busy()  # DVC's own answer would advise deleting a live run's lock
     pipeline.apply_profile(None)  # validate params.yaml first: a typo should be named here
     stages = pipeline.list_stages()
     stale = pipeline.stale_stages()

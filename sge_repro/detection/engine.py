@@ -26,6 +26,7 @@ from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
+from sge_repro.models.checkpoints import load_checkpoint_file
 
 import_detectron2()
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
@@ -91,7 +92,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         # torch.load(weights_only=True) in every case (fvcore's default may change with torch)
         if filename.endswith(".pkl"):
             raise UserError(f"weights {filename}: pickled Detectron .pkl files are not loaded; convert with sge-repro convert")
-        loaded = torch.load(filename, map_location="cpu", weights_only=True)
+        loaded = load_checkpoint_file(filename, what="weights")
         return loaded if "model" in loaded else {"model": loaded}
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -64,19 +66,37 @@ def make_classifier_checkpoint(model_name: str, model_kwargs: dict[str, Any], mo
     return {"format": CLASSIFIER_FORMAT, "model": model_name, "model_kwargs": kwargs, "state_dict": state_dict, **extra}
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """torch.load(weights_only=True) with one-line errors for missing / corrupt / unsafe files."""
+# The first bytes torch.save writes in its legacy (non-zip) format: the pickled magic number.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+_REFUSED_GLOBAL = re.compile(r"unsupported GLOBAL (\S+)")
+
+
+def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """torch.load(weights_only=True) with one-line errors for missing / corrupt / unsafe files.
+
+    The one safe load of a torch file in sge-repro (`what` names it in messages: "checkpoint",
+    "weights"). Torch's own message for a file it cannot read advises re-running with
+    weights_only=False, which is wrong for a corrupt file and unsafe for a hostile one: never shown.
+    """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path}: file not found")
+        raise UserError(f"{what} {path}: file not found")
+    with open(path, "rb") as file:
+        head = file.read(len(_LEGACY_TORCH_MAGIC))
+    if not zipfile.is_zipfile(path) and head != _LEGACY_TORCH_MAGIC:
+        raise UserError(f"{what} {path}: not a valid checkpoint (neither a torch zip archive nor a legacy "
+                        f"torch file{'; it is empty' if not head else ''})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"checkpoint {path}: not loadable with weights_only=True ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"checkpoint {path}: corrupt or not a torch file ({first_line})") from None
+        refused = _REFUSED_GLOBAL.search(str(error))
+        holds = f"it would import {refused.group(1)}" if refused else "it holds objects other than tensors and plain containers"
+        raise UserError(f"{what} {path}: refused, not a checkpoint of weights ({holds}; loaded with weights_only=True)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        first = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{what} {path}: not a valid checkpoint, corrupt or truncated ({first})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
