@@ -192,7 +192,7 @@ def test_corrupt_and_hostile_checkpoints_are_refused_in_one_line(project, sge_re
     expected = {"random.pt": "not a valid checkpoint", "truncated.pt": "not a valid checkpoint",
                 "empty.pt": "not a valid checkpoint", "payload.pt": "refused, not a checkpoint of weights"}
     for name, phrase in expected.items():
-        result = cli(sge_repro_bin, project, "convert", "--input", name, "--output", "out.pth", "--arch", "resnet18")
+        result = cli(sge_repro_bin, project, "convert-file", name, "out.pth", "--arch", "resnet18")
         message = one_line(result)
         assert f"checkpoint {name}: {phrase}" in message
         assert "weights_only=False" not in message and "will likely succeed" not in message
