@@ -60,23 +60,31 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = _temp_path(path)
+@contextmanager
+def _claimed_temp(target: Path) -> Iterator[Path]:
+    """A fresh temp name beside `target` (stale temps of it removed first), marked in use while the block runs."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = _temp_path(target)
     _IN_USE.add(os.path.abspath(tmp))
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask applies)
-        write(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield tmp
     finally:
         _IN_USE.discard(os.path.abspath(tmp))
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    with _claimed_temp(path) as tmp:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask applies)
+            write(str(tmp))
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -116,22 +124,17 @@ def publish_dir(root: str | os.PathLike) -> Iterator[Path]:
     and the old one deleted; a symlink is removed, never followed.
     """
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(root)
-    staging = _temp_path(root)
-    _IN_USE.add(os.path.abspath(staging))
-    try:
-        staging.mkdir()
-        yield staging
-        if root.exists() or root.is_symlink():
-            retired = _temp_path(root)
-            os.replace(root, retired)
-            os.replace(staging, root)
-            _remove(retired)
-        else:
-            os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        _IN_USE.discard(os.path.abspath(staging))
+    with _claimed_temp(root) as staging:
+        try:
+            staging.mkdir()
+            yield staging
+            if root.exists() or root.is_symlink():
+                retired = _temp_path(root)
+                os.replace(root, retired)
+                os.replace(staging, root)
+                _remove(retired)
+            else:
+                os.replace(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
