@@ -6,18 +6,24 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sge-repro-installed
 PROFILE ?= embedded
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run test bench lock clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile sge_repro/detection/install.py
+# Every package at the version and sha256 of requirements.lock (pip's hash-checking mode; pip
+# 24.0 is among them: newer pip refuses the detectron2 sdist's metadata, a direct-URL extra),
+# then the checkout itself (editable, no dependency resolution) and detectron2 (pinned sdist).
+$(STAMP): requirements.lock pyproject.toml Makefile sge_repro/detection/install.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# pip 24.0: newer pip refuses the detectron2 sdist's metadata (a direct-URL extra).
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'pip==24.0'
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m sge_repro.detection.install --cache $(VENV)/cache
 	touch $@
+
+# After changing a dependency in pyproject.toml: re-resolve, pin and hash everything, then commit
+# requirements.lock and environment.yml. Needs the package registries.
+lock:
+	$(PYTHON) tools/lock.py
 
 run: $(STAMP)
 	$(BIN)/sge-repro run all --profile $(PROFILE)

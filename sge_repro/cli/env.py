@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -45,15 +46,42 @@ def environment() -> dict[str, str]:
     return info
 
 
-def env(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Versions of torch, torchvision, detectron2 (and which build), CUDA / device, DVC."""
+def lock_status(lock: Path) -> tuple[bool, str, list[str]]:
+    """(matches, one-line summary, the differences) of the installed packages against the lock."""
+    from sge_repro.lockfile import compare, installed_distributions, read_lock
+
+    locked = read_lock(lock)
+    result = compare(locked, installed_distributions())
+    if result.matches:
+        return True, f"matches {lock.name} ({len(locked)} packages)", []
+    summary = (f"differs from {lock.name}: {len(result.missing)} missing, {len(result.different)} at another "
+               f"version, {len(result.extra)} not in the lock")
+    details = ([f"missing {item}" for item in result.missing] + [f"version {item}" for item in result.different]
+               + [f"extra {item}" for item in result.extra])
+    return False, summary, details
+
+
+def env(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    lock: Path = typer.Option(None, "--lock", help="Lock file to compare with [default: the checkout's requirements.lock]."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 when the installed packages differ from the lock."),
+) -> None:
+    """Versions of torch, torchvision, detectron2 (and which build), CUDA / device, DVC; the lock check."""
+    from sge_repro.lockfile import default_lock_path
+
     info = environment()
+    matches, summary, details = lock_status(lock or default_lock_path())
+    info["packages"] = summary
     if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    table = Table(title="sge-repro environment", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    for key, value in info.items():
-        table.add_row(key, value)
-    console.print(table)
+        print(json.dumps({**info, "lock_differences": details}, indent=2))
+    else:
+        table = Table(title="sge-repro environment", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        for key, value in info.items():
+            table.add_row(key, value)
+        console.print(table)
+        for line in details:
+            console.print(f"  {line}", highlight=False)
+    if check and not matches:
+        raise typer.Exit(1)
