@@ -66,6 +66,25 @@ def apply_profile(name: str | None, params_file: Path = PARAMS_FILE) -> tuple[st
     return name, True
 
 
+def prepare_run(profile: str | None, targets: list[str], params_file: Path = PARAMS_FILE) -> tuple[str, bool, list[str]]:
+    """Apply the profile and check the targets against the stages it expands to: (profile, changed, stages).
+
+    A target that does not exist under the new params leaves params.yaml as it was: the stage list
+    depends on params.yaml (matrix over models / seeds ...), so it is written first and put back.
+    """
+    before = params_file.read_text(encoding="utf-8") if params_file.exists() else None
+    name, changed = apply_profile(profile, params_file)
+    try:
+        stages = list_stages()
+        for target in targets:
+            resolve_target(target, stages)
+    except UserError:
+        if changed and before is not None:
+            atomic.write_text(params_file, before)
+        raise
+    return name, changed, stages
+
+
 def list_stages() -> list[str]:
     """Every stage name after foreach/matrix expansion, in dvc.yaml order."""
     names = dvc("stage", "list", "--name-only").stdout.split()

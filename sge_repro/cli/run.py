@@ -95,10 +95,7 @@ def run(
     # Nothing is written (params.yaml, logs/) before the run lock is ours; it is held until
     # `dvc repro` exits, so a second run can neither mix profiles nor truncate this run's log.
     with run_lock.hold(" ".join(["sge-repro", *sys.argv[1:]])):
-        name, changed = pipeline.apply_profile(profile)
-        stages = pipeline.list_stages()
-        for item in targets:
-            pipeline.resolve_target(item, stages)
+        name, changed, stages = pipeline.prepare_run(profile, targets)
         console.print(f"profile [bold]{name}[/]" + (" (params.yaml rewritten)" if changed else ""))
         _run(targets, force, stages)
     if report and target == "all":

@@ -154,6 +154,14 @@ def test_unknown_stage_is_one_line(project, sge_repro_bin):
     assert "unknown stage 'nosuchstage'" in message
 
 
+def test_unknown_stage_with_a_profile_leaves_params_yaml_as_it_was(project, sge_repro_bin):
+    before = (project / "params.yaml").read_text()
+    assert "profile: smoke" not in before  # the profile would rewrite it
+    message = one_line(cli(sge_repro_bin, project, "run", "train_cls@nosuchmodel-seed0", "--profile", "smoke"))
+    assert "unknown stage 'train_cls@nosuchmodel-seed0'" in message
+    assert (project / "params.yaml").read_text() == before
+
+
 @pytest.mark.parametrize("text, expected", [
     ("", "params.yaml: empty; expected every section"),
     ("seeds: [0]\n", "params.yaml: missing top-level key(s) profile, cpu_threads, models"),
