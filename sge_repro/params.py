@@ -177,7 +177,9 @@ class LaunchParams(Section):
 
 class Params(Section):
     profile: str = "embedded"
-    cpu_threads: int = Field(2, ge=1, description="torch threads on CPU; CPU runs repeat bit for bit at a fixed count")
+    cpu_threads: int = Field(2, ge=1, description=(
+        "torch threads on CPU, per node (split over the processes a stage launches there); "
+        "CPU runs repeat bit for bit at a fixed count"))
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
     detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
