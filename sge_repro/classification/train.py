@@ -73,7 +73,7 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     given. Writes run_dir/last.pt every epoch and run_dir/best.pt when val top-1 improves
     (atomic), `history_path` (TSV, one row per epoch) every epoch, and `metrics_path` (JSON) once
     training is complete. Rerunning resumes from run_dir/last.pt when it was written with the same
-    recipe (else starts over); a finished run only rewrites the metrics.
+    recipe (else a UserError names what differs); a finished run only rewrites the metrics.
     `progress(epoch, step, total_steps, info)` is called after each training step (info:
     phase="train", loss, top1, lr, images_per_s) and once per epoch with phase="epoch" and that
     epoch's history row. Epochs and steps are 1-based.
