@@ -83,9 +83,9 @@ def broadcast_buffers(model: nn.Module, dist_info: DistInfo) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def finite_everywhere(loss: torch.Tensor, dist_info: DistInfo) -> bool:
-    """Whether the loss is finite on every rank (all ranks must stop together, not hang)."""
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def min_over_ranks(value: torch.Tensor, dist_info: DistInfo) -> int:
+    """The smallest of a 0-d integer tensor over the ranks (a host synchronisation)."""
     if dist_info.enabled:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())

@@ -102,6 +102,9 @@ class TrainClsParams(Section):
         "BatchNorm statistics over the global batch of all processes (torch SyncBatchNorm on CUDA, "
         "GlobalBatchNorm2d on CPU/gloo): N processes then train what one process trains on the same "
         "batch_size. No effect in a single process"))
+    deterministic: bool = Field(True, description=(
+        "deterministic kernels, no cudnn autotuning: reruns repeat bit for bit; false = cudnn.benchmark "
+        "(faster on GPU). Not part of the resume recipe: it changes float rounding, not what is trained"))
     workers: int = Field(0, ge=0)
     device: str = "cpu"
 
