@@ -1,6 +1,6 @@
-"""Joining torchrun's process group, and the few collectives the training loops need.
+"""Joining the launched process group, and the few collectives the training loops need.
 
-A training stage runs on one process or on N processes started by torchrun (WORLD_SIZE,
+A training stage runs on one process or on N processes started by sge_repro.launch (WORLD_SIZE,
 RANK, LOCAL_RANK, MASTER_ADDR/PORT in the environment: the env:// rendezvous). Both the
 classifier engine and the detector engine join the group here: NCCL on CUDA, gloo on CPU.
 """
@@ -33,18 +33,20 @@ class DistInfo:
 
 
 def join_process_group(cuda: bool) -> DistInfo:
-    """Join the env:// process group when launched by torchrun with WORLD_SIZE > 1.
+    """Join the env:// process group when launched with WORLD_SIZE > 1 (sge_repro.launch, torchrun).
 
-    With `cuda` the group uses NCCL and this process's current CUDA device becomes LOCAL_RANK;
-    otherwise gloo. A single process (WORLD_SIZE unset or 1) joins nothing.
+    With `cuda` the group uses NCCL and this process's current CUDA device becomes LOCAL_RANK
+    before anything touches CUDA (so no rank but rank 0 opens a context on GPU 0, and NCCL binds
+    each rank to its own GPU); otherwise gloo. A single process (WORLD_SIZE unset or 1) joins nothing.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://",
+                                device_id=torch.device("cuda", local_rank) if cuda else None)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 
@@ -53,7 +55,10 @@ def rank_device(device: str, dist_info: DistInfo) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"device={device!r}: CUDA is not available here; expected 'cpu'")
-        if dist_info.enabled and device == "cuda":
+        if dist_info.enabled:
+            if device != "cuda":  # N ranks on one named GPU: each would also open a context on it
+                raise UserError(f"device={device!r}: with {dist_info.world_size} processes each uses "
+                                "cuda:LOCAL_RANK; expected 'cuda'")
             return torch.device("cuda", dist_info.local_rank)
     elif device != "cpu":
         raise UserError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:<index>'")
@@ -78,9 +83,9 @@ def broadcast_buffers(model: nn.Module, dist_info: DistInfo) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def finite_everywhere(loss: torch.Tensor, dist_info: DistInfo) -> bool:
-    """Whether the loss is finite on every rank (all ranks must stop together, not hang)."""
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def min_over_ranks(value: torch.Tensor, dist_info: DistInfo) -> int:
+    """The smallest of a 0-d integer tensor over the ranks (a host synchronisation)."""
     if dist_info.enabled:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sge_repro.detection.detectors import DETECTORS, REFERENCE_TWO_STAGE_LR
 from sge_repro.errors import UserError
@@ -102,6 +102,9 @@ class TrainClsParams(Section):
         "BatchNorm statistics over the global batch of all processes (torch SyncBatchNorm on CUDA, "
         "GlobalBatchNorm2d on CPU/gloo): N processes then train what one process trains on the same "
         "batch_size. No effect in a single process"))
+    deterministic: bool = Field(True, description=(
+        "deterministic kernels, no cudnn autotuning: reruns repeat bit for bit; false = cudnn.benchmark "
+        "(faster on GPU). Not part of the resume recipe: it changes float rounding, not what is trained"))
     workers: int = Field(0, ge=0)
     device: str = "cpu"
 
@@ -150,9 +153,36 @@ class ReportParams(Section):
     seed: Seed = 0
 
 
+class LaunchParams(Section):
+    """How each training stage starts its processes (sge_repro.launch). Not a dependency of any stage
+    in dvc.yaml: the outputs are a single process's files however many processes computed them."""
+
+    launcher: Literal["local", "slurm"] = Field("local", description=(
+        "local: this machine (torch's elastic launcher); slurm: one SLURM job per training stage"))
+    nproc_per_node: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description=(
+        "processes per node: an int >= 1, or auto = every visible CUDA GPU (1 without CUDA)"))
+    nodes: int = Field(1, ge=1, description="> 1 only with launcher slurm")
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _int_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError(f"expected an int >= 1 or 'auto', got {value!r}")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "LaunchParams":
+        if self.nodes > 1 and self.launcher != "slurm":
+            raise ValueError(f"nodes={self.nodes}: more than one node needs launcher: slurm "
+                             f"(got launcher: {self.launcher})")
+        return self
+
+
 class Params(Section):
     profile: str = "embedded"
-    cpu_threads: int = Field(2, ge=1, description="torch threads on CPU; CPU runs repeat bit for bit at a fixed count")
+    cpu_threads: int = Field(2, ge=1, description=(
+        "torch threads on CPU, per node (split over the processes a stage launches there); "
+        "CPU runs repeat bit for bit at a fixed count"))
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
     detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
@@ -167,6 +197,7 @@ class Params(Section):
     train_det: TrainDetParams = TrainDetParams()
     eval_det: EvalDetParams = EvalDetParams()
     report: ReportParams = ReportParams()
+    launch: LaunchParams = LaunchParams()
 
     def require_listed(self, key: str, value: str | int) -> None:
         """A stage's matrix item must be one of params.yaml's lists (models, seeds, ...)."""

@@ -83,3 +83,8 @@ class ProjectPaths:
     @property
     def summary(self) -> Path:
         return self.reports / "summary.json"
+
+    # launcher state (outside every DVC output; logs/ is git- and dvc-ignored)
+    def launch_state_dir(self, name: str) -> Path:
+        """Where the launcher of stage `name` keeps its own files (worker error files, job ids, logs)."""
+        return self.root / "logs" / "launch" / name

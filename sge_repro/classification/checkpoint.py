@@ -4,7 +4,24 @@ A training checkpoint is our classifier checkpoint (sge_repro.models.checkpoints
 model_kwargs, state_dict) plus the training state: epoch, optimizer, scheduler, rng, history,
 best, seed, classes, dataset, the recipe and its fingerprint, and with amp='fp16' the GradScaler.
 The recipe is the train_cls params plus what the run adds (model, model_kwargs, classes, seed,
-world_size); its fingerprint leaves out what does not change the weights (workers, device).
+world_size); its fingerprint and the resume check leave out what does not change the recipe:
+workers and device (the weights do not depend on them), `deterministic` (it picks kernels, which
+changes float rounding, not what is computed) and world_size (`batch_size` is the global batch,
+split over the ranks: the same global batches, the same lr, whatever the process count).
+
+A resume never starts over silently: a last.pt whose recipe differs from the params is a
+UserError naming each differing key (old -> new) and the two ways out.
+
+Resuming with another process count (same global batch) continues the same training; where it
+is not exactly the run that would have been:
+- without sync_bn, BatchNorm normalises over each rank's share (batch_size / world_size images),
+  so 8 -> 4 processes doubles the batch BN statistics are taken over from then on (a warning
+  says so). With sync_bn the statistics span the global batch at any process count.
+- the data order does not change: an epoch's permutation depends on (seed, epoch) only, and
+  global batch k is the same images at any world size (sampling.GlobalBatchSampler); a resume
+  starts at an epoch boundary (last.pt is written after each epoch), so no image is skipped or
+  repeated. Float sums over the ranks are taken in another order: equal within float32 rounding
+  (README, "What 'equal' means here"), not bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +41,8 @@ from sge_repro.params import TrainClsParams
 
 log = logging.getLogger(__name__)
 
-NOT_IN_FINGERPRINT = ("workers", "device")  # train_cls params that leave the trained weights unchanged
+# Recipe keys that are not the recipe: they leave what is trained unchanged (see above).
+NOT_IN_FINGERPRINT = ("workers", "device", "deterministic", "world_size")
 
 
 def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict, classes: list[str],
@@ -52,12 +70,52 @@ class TrainingState:
     best: dict = field(default_factory=lambda: {"epoch": 0, "top1": -1.0, "top5": 0.0})
 
 
-def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
-    """Load `path` (last.pt) into `state` when it was written with the same recipe.
+def recipe_differences(saved: dict, recipe: dict) -> list[str]:
+    """'key old -> new' for each recipe key that differs, named as in params.yaml."""
+    from sge_repro.params import TrainClsParams
 
-    Returns False, leaving `state` as it was, when there is no checkpoint or its recipe differs
-    (then training starts over, with a warning); raises UserError for a file this engine did
-    not write.
+    def flat(values: dict) -> dict:
+        out = {}
+        for key, value in values.items():
+            if key in NOT_IN_FINGERPRINT:
+                continue
+            if key == "model_kwargs" and isinstance(value, dict):
+                out.update({f"model.{name}": item for name, item in value.items()})
+            elif key in TrainClsParams.model_fields:
+                out[f"train_cls.{key}"] = value
+            else:
+                out[key] = value
+        return out
+
+    old, new = flat(saved), flat(recipe)
+    differences = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        before, after = old.get(key, "(not set)"), new.get(key, "(not set)")
+        if before != after:
+            if key == "classes" and isinstance(before, list) and isinstance(after, list):
+                before, after = f"{len(before)} classes", f"{len(after)} classes ({_changed_classes(before, after)})"
+            differences.append(f"{key} {_short(before)} -> {_short(after)}")
+    return differences
+
+
+def _changed_classes(before: list, after: list) -> str:
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    parts = ([f"+{', '.join(added[:3])}" + (" ..." if len(added) > 3 else "")] if added else []) + \
+            ([f"-{', '.join(removed[:3])}" + (" ..." if len(removed) > 3 else "")] if removed else [])
+    return "; ".join(parts) or "reordered"
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
+    """Load `path` (last.pt) into `state`; False when there is none (a fresh run).
+
+    Raises UserError for a file this engine did not write, and for a checkpoint trained with
+    another recipe (naming each differing key, old -> new): resuming it would mix two recipes,
+    starting over would throw its epochs away; the user chooses.
     """
     from sge_repro.models.checkpoints import load_checkpoint_file
 
@@ -67,9 +125,20 @@ def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
     if not isinstance(saved, dict) or "recipe_fingerprint" not in saved or "optimizer" not in saved:
         raise UserError(f"checkpoint {path}: not a training checkpoint of this engine; "
                         "expected last.pt written by train_classifier (delete the run folder to start over)")
-    if saved["recipe_fingerprint"] != recipe_fingerprint(recipe):
-        log.warning("%s was trained with a different recipe; starting from scratch", path)
-        return False
+    saved_recipe = saved.get("recipe")
+    if isinstance(saved_recipe, dict):
+        differences = recipe_differences(saved_recipe, recipe)
+    else:  # written before recipes were stored: only the fingerprint can tell
+        differences = [] if saved["recipe_fingerprint"] == recipe_fingerprint(recipe) else ["(recipe not stored)"]
+    if differences:
+        raise UserError(
+            f"{path}: epoch {saved.get('epoch', '?')} checkpoint of another recipe: {'; '.join(differences)}. "
+            f"To resume it, restore those values in params.yaml; to start over, move or delete {path.parent}")
+    saved_world = saved_recipe.get("world_size") if isinstance(saved_recipe, dict) else None
+    if saved_world is not None and saved_world != recipe["world_size"] and not recipe.get("sync_bn"):
+        log.warning("%s: trained on %s processes, resuming on %s without sync_bn: BatchNorm now normalises "
+                    "over %s images per process instead of %s", path, saved_world, recipe["world_size"],
+                    recipe["batch_size"] // recipe["world_size"], recipe["batch_size"] // saved_world)
     state.model.load_state_dict(saved["state_dict"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])

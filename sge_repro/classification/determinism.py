@@ -38,15 +38,20 @@ def seed_worker(worker_id: int) -> None:
 
 
 @contextlib.contextmanager
-def deterministic_mode(device: torch.device):
-    """Deterministic algorithms (warn only) and no cudnn autotuning, restored on exit."""
+def deterministic_mode(device: torch.device, enabled: bool = True):
+    """train_cls.deterministic, restored on exit.
+
+    On: deterministic algorithms (warn only) and no cudnn autotuning: CPU reruns and resumes
+    repeat bit for bit; on CUDA too, at some cost in speed. Off (the paper profile): torch's
+    default kernels and cudnn.benchmark = True (cudnn times its algorithms for each input shape
+    and keeps the fastest; reruns then differ in float rounding)."""
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     previous_benchmark = torch.backends.cudnn.benchmark
-    if device.type == "cuda":
+    if enabled and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.benchmark = not enabled and device.type == "cuda"
     try:
         yield
     finally:

@@ -40,8 +40,8 @@ from sge_repro.classification.schedule import lr_factor, lr_scheduler
 from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
 from sge_repro.classification.transforms import eval_transform, train_transform
 from sge_repro.data.imagefolder import build_imagefolder
-from sge_repro.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, finite_everywhere,
-                                   join_process_group, rank_device)
+from sge_repro.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, join_process_group,
+                                   min_over_ranks, rank_device)
 from sge_repro.errors import UserError
 from sge_repro.params import ModelParams, TrainClsParams
 
@@ -73,7 +73,7 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     given. Writes run_dir/last.pt every epoch and run_dir/best.pt when val top-1 improves
     (atomic), `history_path` (TSV, one row per epoch) every epoch, and `metrics_path` (JSON) once
     training is complete. Rerunning resumes from run_dir/last.pt when it was written with the same
-    recipe (else starts over); a finished run only rewrites the metrics.
+    recipe (else a UserError names what differs); a finished run only rewrites the metrics.
     `progress(epoch, step, total_steps, info)` is called after each training step (info:
     phase="train", loss, top1, lr, images_per_s) and once per epoch with phase="epoch" and that
     epoch's history row. Epochs and steps are 1-based.
@@ -102,7 +102,7 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     run = Run(params, model_name, device, dist_info, steps_per_epoch, run_dir)
     per_rank_batch = params.batch_size // dist_info.world_size
 
-    with deterministic_mode(device):
+    with deterministic_mode(device, params.deterministic):
         model = build_model(run, model_kwargs, len(train_set.classes), seed)
         optimizer = torch.optim.SGD(parameter_groups(model, params.weight_decay, params.no_weight_decay_on_bn_bias),
                                     lr=params.lr, momentum=params.momentum)
@@ -190,28 +190,53 @@ def train_forward(run: Run, model: nn.Module) -> nn.Module:
     return forward
 
 
+# Steps between host synchronisations: the running loss / top-1 shown by `progress` and the
+# non-finite-loss check are read from the device only every LOG_EVERY steps and at an epoch's
+# last step (the same steps on every rank: the check is a collective). In between, nothing in the
+# loop waits for the GPU.
+LOG_EVERY = 10
+NO_BAD_STEP = 2**62
+
+
 def train_epoch(run: Run, state: TrainingState, forward: nn.Module, criterion: nn.Module, loader: DataLoader,
                 epoch: int, progress: Progress | None) -> dict:
-    """One pass over the train loader; loss, top-1 and images/s over all ranks, skipped images."""
+    """One pass over the train loader; loss, top-1 and images/s over all ranks, skipped images.
+
+    Losses and correct counts accumulate on the device (float64); the host reads them at log
+    points only. A loss that is not finite stops every rank at the next log point (UserError),
+    before the epoch's checkpoint: last.pt stays the previous epoch's."""
     forward.train()
-    loss_sum, correct_sum, seen, skipped = 0.0, 0.0, 0, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss sum, correct count
+    bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=run.device)  # first non-finite
+    bad_loss = torch.zeros((), dtype=torch.float32, device=run.device)
+    seen, skipped = 0, 0
+    shown = {"loss": float("nan"), "top1": float("nan")}
     started = time.perf_counter()
     for step, (images, targets, num_skipped) in enumerate(loader, start=1):
         skipped += num_skipped
-        if images is None:
-            continue
-        images = images.to(run.device, non_blocking=True, memory_format=memory_format(run.params.channels_last))
-        targets = targets.to(run.device, non_blocking=True)
-        loss, logits = train_step(run, state, forward, criterion, images, targets, epoch, step)
-        loss_sum += loss.item() * targets.shape[0]
-        correct_sum += logits.argmax(dim=1).eq(targets).sum().item()
-        seen += targets.shape[0]
+        if images is not None:
+            images = images.to(run.device, non_blocking=True, memory_format=memory_format(run.params.channels_last))
+            targets = targets.to(run.device, non_blocking=True)
+            loss, logits = train_step(run, state, forward, criterion, images, targets)
+            loss = loss.detach()
+            first = (bad_step == NO_BAD_STEP) & ~torch.isfinite(loss)
+            bad_step = torch.where(first, step, bad_step)
+            bad_loss = torch.where(first, loss.float(), bad_loss)
+            totals += torch.stack([loss.double() * targets.shape[0],
+                                   logits.detach().argmax(dim=1).eq(targets).sum().double()])
+            seen += targets.shape[0]
+        if step % LOG_EVERY == 0 or step == run.steps_per_epoch:
+            stop_if_not_finite(run, bad_step, bad_loss, epoch)
+            if progress is not None and run.dist_info.is_main and seen:
+                loss_sum, correct_sum = totals.tolist()
+                shown = {"loss": loss_sum / seen, "top1": 100.0 * correct_sum / seen}
         if progress is not None and run.dist_info.is_main:
             elapsed = time.perf_counter() - started
             progress(epoch + 1, step, run.steps_per_epoch, {
-                "phase": "train", "loss": loss_sum / seen, "top1": 100.0 * correct_sum / seen,
-                "lr": state.optimizer.param_groups[0]["lr"],
+                "phase": "train", **shown, "lr": state.optimizer.param_groups[0]["lr"],
                 "images_per_s": seen * run.dist_info.world_size / max(elapsed, 1e-9)})
+    stop_if_not_finite(run, bad_step, bad_loss, epoch)
+    loss_sum, correct_sum = totals.tolist()
     train_time = time.perf_counter() - started
     loss_sum, correct_sum, seen, skipped = all_reduce_sum(
         [loss_sum, correct_sum, float(seen), float(skipped)], run.dist_info, run.device)
@@ -219,22 +244,26 @@ def train_epoch(run: Run, state: TrainingState, forward: nn.Module, criterion: n
             "images_per_s": seen / max(train_time, 1e-9), "skipped": int(skipped)}
 
 
-def train_step(run: Run, state: TrainingState, forward: nn.Module, criterion: nn.Module, images: torch.Tensor,
-               targets: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, backward and one optimizer and schedule step; returns (loss, logits).
+def stop_if_not_finite(run: Run, bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int) -> None:
+    """UserError on every rank when some rank saw a non-finite loss this epoch (a collective)."""
+    first = min_over_ranks(bad_step, run.dist_info)
+    if first == NO_BAD_STEP:
+        return
+    local = bad_step.item() == first
+    last = run.run_dir / "last.pt"
+    raise UserError(
+        f"training {run.model_name}: loss is {bad_loss.item() if local else 'not finite (on another rank)'} "
+        f"at epoch {epoch + 1} step {first} (global step {epoch * run.steps_per_epoch + first}); stopped. "
+        + (f"Last good checkpoint kept: {last}" if last.is_file() else "No checkpoint yet")
+        + "; expected a finite loss (lower lr or check the data)")
 
-    A loss that is not finite on some rank stops every rank before the update (UserError); the
-    last checkpoint, written at the end of the previous epoch, stays as it was."""
+
+def train_step(run: Run, state: TrainingState, forward: nn.Module, criterion: nn.Module, images: torch.Tensor,
+               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and one optimizer and schedule step; returns (loss, logits), on the device."""
     with autocast(run.params.amp, run.device):
         logits = forward(images)
         loss = criterion(logits, targets)  # autocast computes cross-entropy in fp32
-    if not finite_everywhere(loss, run.dist_info):
-        last = run.run_dir / "last.pt"
-        raise UserError(
-            f"training {run.model_name}: loss is {loss.item()} at epoch {epoch + 1} step {step} "
-            f"(global step {epoch * run.steps_per_epoch + step}); stopped. "
-            + (f"Last good checkpoint kept: {last}" if last.is_file() else "No checkpoint yet")
-            + "; expected a finite loss (lower lr or check the data)")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if run.params.grad_clip_norm:

@@ -17,10 +17,15 @@ def train_cls(
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
     """Train one classifier on data/cls; resumes from runs/cls/<model>-seed<seed>/last.pt."""
+    from sge_repro.launch import runs_in_process
     from sge_repro.stages.classification import train_cls as stage
 
     params = load_params()
     epochs = params.train_cls.epochs
+    if not runs_in_process(params.launch):  # launched workers: rank 0 prints a line per epoch
+        result = stage(params, ProjectPaths(), model, seed)
+        print_result(f"trained {model} (seed {seed})", result)
+        return
     with progress_bar() as progress:
         task = progress.add_task(f"train {model}", total=None, info="")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from sge_repro.launch import launch, runs_in_process
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.runtime import use_cpu_threads
@@ -13,17 +14,44 @@ StepProgress = Callable[[int, int, int, dict], None]
 
 def train_cls(params: Params, paths: ProjectPaths, model: str, seed: int,
               progress: StepProgress | None = None) -> dict:
-    """Train one classifier on data/cls; resumes from runs/cls/<model>-seed<seed>/last.pt."""
-    from sge_repro.classification.train import train_classifier
+    """Train one classifier on data/cls; resumes from runs/cls/<model>-seed<seed>/last.pt.
 
+    Runs on the processes params.launch asks for (sge_repro.launch); `progress` is called in
+    this process only when it trains here, otherwise rank 0 prints one line per epoch."""
     params.require_listed("models", model)
     params.require_listed("seeds", seed)
+    name = f"train_cls@{model}-{seed}"
+    if not runs_in_process(params.launch):
+        progress = EpochLines(name)
+    return launch(train_cls_worker, (params, paths, model, seed, progress), params.launch, name=name,
+                  state_dir=paths.launch_state_dir(name))
+
+
+def train_cls_worker(params: Params, paths: ProjectPaths, model: str, seed: int,
+                     progress: StepProgress | None) -> dict:
+    """One process of train_cls (all of it, when it runs alone): rank 0 writes the files."""
+    from sge_repro.classification.train import train_classifier
+
     use_cpu_threads(params)
     return train_classifier(
         params.train_cls, params.model, model, seed, paths.cls_data, paths.cls_run_dir(model, seed),
         paths.cls_train_metrics(model, seed), paths.cls_history(model, seed),
         dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
         progress=progress)
+
+
+class EpochLines:
+    """The progress of a launched training: one printed line per epoch (called on rank 0 only)."""
+
+    KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "images_per_s", "epoch_time_s")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, epoch: int, step: int, total_steps: int, info: dict) -> None:
+        if info.get("phase") == "epoch":
+            values = " ".join(f"{key} {info[key]:.4g}" for key in self.KEYS if key in info)
+            print(f"{self.name}: epoch {epoch} {values}", flush=True)
 
 
 def eval_cls(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:

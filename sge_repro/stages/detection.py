@@ -6,6 +6,7 @@ import time
 
 from sge_repro.atomic import write_json
 from sge_repro.errors import UserError
+from sge_repro.launch import launch
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.runtime import use_cpu_threads
@@ -45,7 +46,19 @@ def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone
 
 
 def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int) -> dict:
-    """Train one detector from the converted classifier; resumes. Returns a summary for printing."""
+    """Train one detector from the converted classifier; resumes. Returns a summary for printing.
+
+    Runs on the processes params.launch asks for (sge_repro.launch)."""
+    params.require_listed("detectors", detector)
+    params.require_listed("detection_backbones", backbone)
+    params.require_listed("seeds", seed)
+    name = f"train_det@{detector}-{backbone}-{seed}"
+    return launch(train_det_worker, (params, paths, detector, backbone, seed), params.launch, name=name,
+                  state_dir=paths.launch_state_dir(name))
+
+
+def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int) -> dict:
+    """One process of train_det (all of it, when it runs alone)."""
     from sge_repro.detection.engine import train_detector
 
     cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)

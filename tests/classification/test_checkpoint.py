@@ -24,21 +24,64 @@ def test_everything_that_changes_the_weights_changes_the_fingerprint():
     for change in changes:
         prints.add(fingerprint(TrainClsParams(**change)))
     for run_field in ({"model": "sge_resnet18"}, {"model_kwargs": {"width": 16}}, {"classes": ("a", "c")},
-                      {"seed": 1}, {"world_size": 2}):
+                      {"seed": 1}):
         prints.add(fingerprint(**run_field))
-    assert len(prints) == 1 + len(changes) + 5
+    assert len(prints) == 1 + len(changes) + 4
 
 
-def test_workers_and_device_do_not_change_the_fingerprint():
-    # Results do not depend on the loader workers (test_train.py); a run may resume elsewhere.
+def test_workers_device_and_world_size_do_not_change_the_fingerprint():
+    # Results do not depend on the loader workers (test_train.py); a run may resume elsewhere; the
+    # batch is global, so another process count trains the same recipe (test_resume_world_size.py).
     assert fingerprint(TrainClsParams(workers=4, device="cuda")) == fingerprint()
+    assert fingerprint(world_size=8) == fingerprint()
+
+
+def new_state() -> TrainingState:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainingState(model, optimizer, lr_scheduler(optimizer, 1, TrainClsParams()),
+                         torch.amp.GradScaler("cpu", enabled=False))
+
+
+def write_training_checkpoint(path, recipe: dict, epoch: int = 3) -> bytes:
+    state = new_state()
+    torch_save({"state_dict": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(), "epoch": epoch, "history": [], "best": {},
+                "recipe": recipe, "recipe_fingerprint": recipe_fingerprint(recipe)}, path)
+    return path.read_bytes()
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_naming_each_key(tmp_path):
+    last = tmp_path / "run" / "last.pt"
+    last.parent.mkdir()
+    saved = training_recipe(TrainClsParams(lr=0.1, epochs=100), "resnet18", {"width": 64, "groups": 64},
+                            ["a", "b"], 0, 8)
+    before = write_training_checkpoint(last, saved)
+    changed = training_recipe(TrainClsParams(lr=0.05, epochs=100, workers=3), "resnet18",
+                              {"width": 32, "groups": 64}, ["a", "b", "c"], 0, 4)
+    with pytest.raises(UserError) as caught:
+        resume(last, new_state(), changed)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message == (
+        f"{last}: epoch 3 checkpoint of another recipe: train_cls.lr 0.1 -> 0.05; model.width 64 -> 32; "
+        "classes 2 classes -> 3 classes (+c). To resume it, restore those values in params.yaml; "
+        f"to start over, move or delete {last.parent}")
+    assert last.read_bytes() == before  # nothing thrown away
+
+
+def test_the_same_recipe_on_another_process_count_resumes(tmp_path):
+    recipe = training_recipe(TrainClsParams(batch_size=64), "resnet18", {"width": 8}, ["a", "b"], 0, 8)
+    write_training_checkpoint(tmp_path / "last.pt", recipe, epoch=5)
+    state = new_state()
+    fewer = training_recipe(TrainClsParams(batch_size=64, workers=2, deterministic=False), "resnet18",
+                            {"width": 8}, ["a", "b"], 0, 4)
+    assert resume(tmp_path / "last.pt", state, fewer) is True and state.epoch == 5
 
 
 def test_resume_rejects_a_file_this_engine_did_not_write(tmp_path):
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = TrainingState(model, optimizer, lr_scheduler(optimizer, 1, TrainClsParams()),
-                          torch.amp.GradScaler("cpu", enabled=False))
+    state = new_state()
+    model = state.model
     recipe = training_recipe(TrainClsParams(), "resnet18", {}, ["a", "b"], 0, 1)
     assert resume(tmp_path / "last.pt", state, recipe) is False  # nothing to resume
     torch_save({"state_dict": model.state_dict()}, tmp_path / "last.pt")

@@ -85,10 +85,19 @@ def test_bf16_resume_matches_an_uninterrupted_run(bf16_run, data_root, tmp_path)
     assert resumed["loss"] == bf16_run[1]["loss"]
 
 
-def test_changing_amp_starts_over_instead_of_resuming(bf16_run, data_root, tmp_path):
+def test_changing_amp_is_refused_and_a_moved_run_starts_over(bf16_run, data_root, tmp_path):
     with pytest.raises(Interrupt):
         train(data_root, tmp_path, amp="bf16", epochs=2, progress=stop_at_epoch(2))
-    bf16_epoch1 = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["history"][0]
+    last = tmp_path / "ckpt" / "last.pt"
+    bf16_bytes = last.read_bytes()
+    bf16_epoch1 = torch.load(last, weights_only=True)["history"][0]
+    # amp changes the arithmetic: resuming would mix two recipes, starting over would throw the
+    # epoch away. Refused, naming the key, the checkpoint left as it was.
+    with pytest.raises(UserError, match=r"last.pt: epoch 1 checkpoint of another recipe: train_cls.amp bf16 -> off\. "
+                                        r"To resume it, restore those values in params.yaml; to start over, move"):
+        train(data_root, tmp_path, amp="off", epochs=2)
+    assert last.read_bytes() == bf16_bytes
+    (tmp_path / "ckpt").rename(tmp_path / "bf16-ckpt")  # the way out the message names
     calls = []
     train(data_root, tmp_path, amp="off", epochs=2, progress=lambda *a: calls.append(a))
     assert min(c[0] for c in calls) == 1

@@ -1,0 +1,92 @@
+"""sge_repro.launch: in-process for one process, torch elastic's local launcher for more, one-line
+failures. Real processes, a real gloo group on 127.0.0.1."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from sge_repro.errors import UserError
+from sge_repro.launch import LaunchError, launch, resolve_nproc_per_node, runs_in_process
+from sge_repro.params import LaunchParams, Params, validate_params
+
+from . import targets
+
+
+def test_one_process_runs_in_this_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    settings = LaunchParams()
+    assert runs_in_process(settings)
+    unpicklable = lambda x: (os.getpid(), x)  # noqa: E731 - a lambda cannot reach another process
+    assert launch(unpicklable, (7,), settings, name="t", state_dir=tmp_path / "state") == (os.getpid(), 7)
+    assert not (tmp_path / "state").exists()
+
+
+def test_already_inside_a_launched_world_runs_as_that_rank(monkeypatch):
+    # torchrun / srun started this process as one rank: launching again would nest worlds.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert runs_in_process(LaunchParams(nproc_per_node=4))
+
+
+def test_auto_is_every_visible_gpu_or_one():
+    expected = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    assert resolve_nproc_per_node(LaunchParams(nproc_per_node="auto")) == max(expected, 1)
+    assert resolve_nproc_per_node(LaunchParams(nproc_per_node=3)) == 3
+
+
+def test_two_processes_join_one_group_and_rank_zero_answers(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    state = tmp_path / "state"
+    result = launch(targets.report_and_sum, (str(tmp_path), 10.0), LaunchParams(nproc_per_node=2),
+                    name="t", state_dir=state)
+    seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert result == {"rank": 0, "total": 21.0, "pid": seen[0]["pid"]}  # (10 + 0) + (10 + 1)
+    assert seen[0]["pid"] != seen[1]["pid"] and os.getpid() not in (seen[0]["pid"], seen[1]["pid"])
+    for rank, env in enumerate(seen):
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (
+            str(rank), str(rank), "2", "2")
+        assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+    assert list(state.iterdir()) == []  # a successful launch leaves no error files behind
+
+
+def test_a_worker_error_is_one_line_naming_stage_rank_and_message(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LaunchError) as caught:
+        launch(targets.rank_one_raises, (str(tmp_path),), LaunchParams(nproc_per_node=2),
+               name="train_cls@resnet18-0", state_dir=tmp_path / "state")
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError) and "\n" not in message
+    assert message.startswith("train_cls@resnet18-0: rank 1 failed: params.yaml: train_cls.lr: something "
+                              "rank 1 did not like; traceback: ")
+    error_file = message.rsplit("traceback: ", 1)[1]
+    assert error_file.startswith(str(tmp_path / "state"))
+    assert "rank_one_raises" in json.loads(open(error_file).read())["message"]["extraInfo"]["py_callstack"]
+
+
+def test_any_other_exception_keeps_its_type(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LaunchError, match=r"^t: rank 1 failed: KeyError: 'missing'; traceback: "):
+        launch(targets.rank_one_crashes, (str(tmp_path),), LaunchParams(nproc_per_node=2), name="t",
+               state_dir=tmp_path / "state")
+
+
+def test_a_killed_worker_fails_the_launch_instead_of_hanging_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LaunchError, match=r"^t: rank 1 failed: killed by signal 9 \(SIGKILL\)$"):
+        launch(targets.rank_one_is_killed, (str(tmp_path),), LaunchParams(nproc_per_node=2), name="t",
+               state_dir=tmp_path / "state")
+
+
+@pytest.mark.parametrize("launch_section, expected", [
+    ({"nproc_per_node": "eight"}, "launch.nproc_per_node: expected an int >= 1 or 'auto', got 'eight'"),
+    ({"nproc_per_node": 0}, "launch.nproc_per_node: expected an int >= 1 or 'auto', got 0"),
+    ({"nproc_per_node": True}, "launch.nproc_per_node: expected an int >= 1 or 'auto', got True"),
+    ({"nodes": 2}, "launch: nodes=2: more than one node needs launcher: slurm (got launcher: local)"),
+    ({"launcher": "mpi"}, "launch.launcher"),
+])
+def test_launch_settings_are_validated(launch_section, expected):
+    raw = Params().model_dump(mode="json")
+    raw["launch"].update(launch_section)
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        validate_params(raw)
