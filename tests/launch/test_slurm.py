@@ -181,3 +181,47 @@ def test_nproc_per_node_auto_is_refused_for_slurm(tmp_path):
     settings = LaunchParams(launcher="slurm", nproc_per_node="auto")
     with pytest.raises(UserError, match="launch.nproc_per_node: auto cannot be resolved for launcher slurm"):
         run(all_reduce_ranks, (1.0,), settings, name="auto", state_dir=tmp_path)
+
+
+def test_a_classifier_trained_by_two_slurm_tasks_with_sync_bn_equals_one_process(slurm_cluster, tmp_path):
+    import torch
+
+    from classification.conftest import RECIPE, TINY_MODEL, outputs, train
+    from classification.test_distributed import EQUIVALENCE_OPTIONS, LOSS_TOLERANCE, SYNC_BN_TOLERANCE, TIMING_KEYS
+    from float_compare import largest_relative_error
+    from sge_repro.data.synthetic import generate_classification_set
+    from sge_repro.params import ModelParams, TrainClsParams
+
+    from .slurm_targets import train_one_thread
+
+    data_root = tmp_path / "data" / "cls"
+    generate_classification_set(data_root, num_classes=3, image_size=32, train_per_class=40, val_per_class=10, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each SLURM task (train_one_thread)
+    try:
+        single = train(data_root, tmp_path / "one", **EQUIVALENCE_OPTIONS)
+    finally:
+        torch.set_num_threads(threads)
+    recipe = {**RECIPE, **EQUIVALENCE_OPTIONS, "sync_bn": True}
+    seed = recipe.pop("seed")
+    args = (TrainClsParams(**recipe), ModelParams(**TINY_MODEL[1]), TINY_MODEL[0], seed, data_root,
+            *outputs(tmp_path / "two"))
+    launched = run(train_one_thread, args, TWO_TASKS, name="train_cls", state_dir=tmp_path / "state")
+
+    expected = torch.load(outputs(tmp_path / "one")[0] / "last.pt", weights_only=True)
+    actual = torch.load(outputs(tmp_path / "two")[0] / "last.pt", weights_only=True)
+    assert actual["recipe"]["world_size"] == 2 and actual["recipe"]["sync_bn"] is True
+    # The tolerances of tests/classification/test_distributed.py (justified there).
+    error, name = largest_relative_error(actual["state_dict"], expected["state_dict"])
+    assert error <= SYNC_BN_TOLERANCE, (name, error)
+    momentum = {key: state["momentum_buffer"] for key, state in expected["optimizer"]["state"].items()}
+    error, key = largest_relative_error(
+        {key: state["momentum_buffer"] for key, state in actual["optimizer"]["state"].items()}, momentum)
+    assert error <= SYNC_BN_TOLERANCE, (key, error)
+    # Rank 0's metrics came back through SLURM and equal what rank 0 wrote and the single process's.
+    assert launched == json.loads(outputs(tmp_path / "two")[1].read_text())
+    for key in set(single) - TIMING_KEYS:
+        expected_value = single[key]
+        if isinstance(expected_value, float):
+            expected_value = pytest.approx(expected_value, rel=LOSS_TOLERANCE)
+        assert launched[key] == expected_value, key
