@@ -104,9 +104,9 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         root = self.root
         munged = [_sbin("munged"), "--foreground", f"--socket={self.socket}",
                   f"--key-file={root}/munge/munge.key", f"--log-file={root}/munge/munged.log",
-                  f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munged.seed"]
-        if os.geteuid() == 0:
-            munged.append("--force")  # munged refuses root without it
+                  f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munged.seed",
+                  # Without it munged refuses root, and a socket below pytest's private (0700) temp folder.
+                  "--force"]
         self._spawn(munged, "munged")
         self._wait(lambda: self.socket.exists(), timeout_s, "munged's socket")
         self._spawn([_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld")

@@ -331,8 +331,11 @@ def _follow(record: dict, name: str) -> Any:
         done = [path.exists() for path in (_task_paths(folder, job_id, t).result for t in range(ntasks))]
         ended = False
         if not all(done) and time.monotonic() >= next_state_check:
-            state = job_state(job_id)
-            ended = state not in LIVE_STATES
+            try:
+                state = job_state(job_id)
+                ended = state not in LIVE_STATES
+            except LaunchError as exc:  # the controller is restarting, say: the job itself goes on
+                _say(f"{name}: {exc}; retrying")
             next_state_check = time.monotonic() + state_poll
             state_poll = min(state_poll * 1.5, STATE_POLL_S[1])
         outcomes = _outcomes(folder, job_id, ntasks) if any(done) or ended else [None] * ntasks
@@ -362,8 +365,11 @@ def _follow(record: dict, name: str) -> Any:
 
 def _wait_until_ended(job_id: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
-    while job_state(job_id) in LIVE_STATES and time.monotonic() < deadline:
-        time.sleep(LOG_POLL_S)
+    try:
+        while job_state(job_id) in LIVE_STATES and time.monotonic() < deadline:
+            time.sleep(LOG_POLL_S)
+    except LaunchError:
+        pass  # every task has delivered its result: nothing is lost by not waiting
 
 
 def _last_line(text: str) -> str:
@@ -412,8 +418,11 @@ def job_state(job_id: str) -> str:
 
     If the controller cannot be reached at all, this raises rather than report the job as gone
     (which would submit a second one)."""
-    done = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--states", "all", "--format", "%T"],
-                          capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--states", "all", "--format", "%T"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"SLURM job {job_id}: squeue failed: {exc}") from None
     if done.returncode == 0 and done.stdout.strip():
         return done.stdout.split()[0].upper()
     if done.returncode != 0 and "Invalid job id" not in done.stderr:
