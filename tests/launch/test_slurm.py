@@ -89,7 +89,7 @@ def test_two_tasks_all_reduce_over_gloo_and_rank_0_result(slurm_cluster, tmp_pat
     assert recorded_job(state_dir)["job_id"] != job_id
 
 
-def test_a_failing_task_fails_the_launch_with_the_job_and_its_error(slurm_cluster, tmp_path):
+def test_a_failing_task_fails_the_launch_with_the_job_and_its_error(slurm_cluster, tmp_path, capsys):
     with pytest.raises(LaunchError) as raised:
         run(fail_on_rank, (1, "the data is not there"), TWO_TASKS, name="failing", state_dir=tmp_path / "state")
     job_id = recorded_job(tmp_path / "state")["job_id"]
@@ -99,6 +99,11 @@ def test_a_failing_task_fails_the_launch_with_the_job_and_its_error(slurm_cluste
                     message), message
     # The job is over (rank 0 did not stay in its barrier until the time limit).
     assert slurm_cluster.wait_for_state(job_id, {"FAILED", "CANCELLED"}, timeout_s=60)
+    # A rerun does not collect the failed job: it says so and submits a new one (which fails the same way).
+    with pytest.raises(LaunchError, match="failed on rank 1: ValueError: the data is not there"):
+        run(fail_on_rank, (1, "the data is not there"), TWO_TASKS, name="failing", state_dir=tmp_path / "state")
+    assert f"the earlier SLURM job {job_id} ended" in capsys.readouterr().err
+    assert recorded_job(tmp_path / "state")["job_id"] != job_id
 
 
 def test_rerun_after_the_head_is_killed_reattaches_to_the_running_job(slurm_cluster, tmp_path):
@@ -128,6 +133,33 @@ def test_rerun_after_the_head_is_killed_reattaches_to_the_running_job(slurm_clus
     assert slurm_cluster.jobs_named(job_name) == [job_id]
     wait_until(lambda: slurm_cluster.finished_jobs(job_name), 30, "job completion record")
     assert slurm_cluster.finished_jobs(job_name) == [(job_id, job_name, "COMPLETED")]
+
+
+def test_a_job_submitted_but_never_recorded_is_adopted(slurm_cluster, tmp_path):
+    # The head died between sbatch's answer and writing the record: the rerun finds the live job
+    # by its name (stage + fingerprint) instead of submitting a second one.
+    (tmp_path / "markers").mkdir()
+    head, _ = start_head(tmp_path, "first")
+    try:
+        wait_until(lambda: both_ranks_started(tmp_path), 180, "running job")
+        record = recorded_job(tmp_path / "state")
+    finally:
+        head.kill()
+        head.wait()
+    (tmp_path / "state" / RECORD_FILE).unlink()
+    rerun, rerun_err = start_head(tmp_path, "second")
+    try:
+        wait_until(lambda: "adopting" in rerun_err.read_text(), 60, "adoption message")
+        (tmp_path / "gate").touch()
+        out, _ = rerun.communicate(timeout=180)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    assert rerun.returncode == 0, rerun_err.read_text()
+    assert json.loads(out.split("RESULT ", 1)[1])["sum"] == 6.0
+    assert f"adopting SLURM job {record['job_id']} (RUNNING)" in rerun_err.read_text()
+    assert recorded_job(tmp_path / "state")["job_id"] == record["job_id"]
+    assert slurm_cluster.jobs_named(record["job_name"]) == [record["job_id"]]
 
 
 def test_ctrl_c_in_the_head_cancels_the_job(slurm_cluster, tmp_path):
