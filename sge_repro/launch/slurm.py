@@ -50,6 +50,7 @@ LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "R
 UNKNOWN = "UNKNOWN"  # neither squeue nor sacct knows the job (purged, or no accounting)
 LOG_POLL_S = 1.0  # how often the logs and result files are looked at (a stat each)
 STATE_POLL_S = (2.0, 30.0)  # squeue every 2 s at first, backing off to every 30 s
+RESULT_GRACE_S = 30.0  # how long a COMPLETED job's result files may take to appear (NFS attribute caches)
 
 
 def run(target: Callable[..., Any], args: tuple, settings: LaunchParams, *, name: str, state_dir: Path) -> Any:
@@ -302,51 +303,63 @@ def _task_paths(folder: Path, job_id: str, task: int) -> _Paths:
                   folder / f"{job_id}_{task}_result.pkl")
 
 
-def _outcomes(folder: Path, job_id: str, ntasks: int) -> list[tuple[str, Any] | None]:
-    """Each task's ("success", value) / ("error", traceback), or None while it has none.
-    submitit writes a result file under a temp name and renames it: a present file is complete."""
-    outcomes = []
+def _outcomes(folder: Path, job_id: str, ntasks: int, known: list | None = None) -> list[tuple[str, Any] | None]:
+    """Each task's ("success", value) / ("error", traceback), or None while it has none (`known`:
+    outcomes read before, not read again). submitit writes a result file under a temp name and
+    renames it: a present file is complete."""
+    outcomes = list(known) if known is not None else [None] * ntasks
     for task in range(ntasks):
-        path = _task_paths(folder, job_id, task).result
-        try:
-            with open(path, "rb") as handle:
-                outcomes.append(pickle.load(handle))
-        except FileNotFoundError:
-            outcomes.append(None)
+        if outcomes[task] is None:
+            try:
+                with open(_task_paths(folder, job_id, task).result, "rb") as handle:
+                    outcomes[task] = pickle.load(handle)
+            except FileNotFoundError:
+                pass
     return outcomes
 
 
 def _follow(record: dict, name: str) -> Any:
-    """Stream the job's logs until every task has a result or the job has ended; rank 0's result."""
+    """Stream the job's logs until every task has a result, one has failed, or the job has ended;
+    rank 0's result."""
     job_id, ntasks, folder = str(record["job_id"]), int(record["ntasks"]), Path(record["folder"])
     tails = []
     for task in range(ntasks):
         paths = _task_paths(folder, job_id, task)
         prefix = f"[rank {task}] " if ntasks > 1 else ""
         tails += [LogTail(paths.stdout, sys.stdout, prefix), LogTail(paths.stderr, sys.stderr, prefix)]
-    state_poll, next_state_check, state = STATE_POLL_S[0], 0.0, UNKNOWN
+    state, state_poll, next_state_check, completed_at = UNKNOWN, STATE_POLL_S[0], 0.0, None
+    outcomes: list = [None] * ntasks
     while True:
         for tail in tails:
             tail.pump()
-        done = [path.exists() for path in (_task_paths(folder, job_id, t).result for t in range(ntasks))]
-        ended = False
-        if not all(done) and time.monotonic() >= next_state_check:
-            try:
-                state = job_state(job_id)
-                ended = state not in LIVE_STATES
-            except LaunchError as exc:  # the controller is restarting, say: the job itself goes on
-                _say(f"{name}: {exc}; retrying")
+        outcomes = _outcomes(folder, job_id, ntasks, outcomes)
+        failed = next((task for task, outcome in enumerate(outcomes) if outcome and outcome[0] == "error"), None)
+        if failed is not None or all(outcomes):
+            break
+        if time.monotonic() >= next_state_check:
             next_state_check = time.monotonic() + state_poll
             state_poll = min(state_poll * 1.5, STATE_POLL_S[1])
-        outcomes = _outcomes(folder, job_id, ntasks) if any(done) or ended else [None] * ntasks
-        failed = next((task for task, outcome in enumerate(outcomes) if outcome and outcome[0] == "error"), None)
-        if all(done) or ended or failed is not None:
-            if failed is not None and not ended:
-                _cancel(job_id, None, quiet=True)  # its peers may be waiting for it in a collective
-            for tail in tails:
-                tail.pump(final=True)
-            break
+            try:
+                state = job_state(job_id)
+            except LaunchError as exc:  # the controller is restarting, say: the job itself goes on
+                _say(f"{name}: {exc}; retrying")
+            else:
+                if state == "COMPLETED":
+                    # A shared filesystem may show the last result files a little later.
+                    completed_at = completed_at or time.monotonic()
+                    next_state_check = time.monotonic() + LOG_POLL_S
+                    if time.monotonic() - completed_at > RESULT_GRACE_S:
+                        break
+                elif state not in LIVE_STATES:
+                    outcomes = _outcomes(folder, job_id, ntasks, outcomes)
+                    failed = next((task for task, outcome in enumerate(outcomes)
+                                   if outcome and outcome[0] == "error"), None)
+                    break
         time.sleep(LOG_POLL_S)
+    if failed is not None and state in LIVE_STATES | {UNKNOWN}:
+        _cancel(job_id, None, quiet=True)  # its peers may be waiting for it in a collective
+    for tail in tails:
+        tail.pump(final=True)
     if failed is not None:
         raise LaunchError(f"{name}: SLURM job {job_id} failed on rank {failed}: {_last_line(outcomes[failed][1])} "
                           f"(log: {_task_paths(folder, job_id, failed).stderr})")
@@ -358,7 +371,7 @@ def _follow(record: dict, name: str) -> Any:
         error = _last_error_line(stderr)
         raise LaunchError(f"{name}: SLURM job {job_id} ended {state} without a result from rank {task}"
                           + (f": {error}" if error else "") + f" (log: {stderr})")
-    if state in LIVE_STATES or state == UNKNOWN:
+    if state in LIVE_STATES | {UNKNOWN}:
         _wait_until_ended(job_id)  # the tasks are exiting: the stage ends with its job (and its allocation)
     return outcomes[0][1]
 
@@ -378,14 +391,16 @@ def _last_line(text: str) -> str:
 
 
 def _last_error_line(path: Path) -> str:
-    """The last line of a task's stderr that reads like an error (slurmstepd's or Python's)."""
+    """The job's own last word in a task's stderr: slurmstepd's "*** JOB ... CANCELLED / DUE TO TIME
+    LIMIT ***" line, else the last line that reads like an error, else the last line."""
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     except FileNotFoundError:
         return ""
     lines = [line for line in lines if line]
-    errors = [line for line in lines if re.search(r"error|Error|CANCELLED|TIME LIMIT|Killed|oom", line)]
-    return (errors or lines or [""])[-1]
+    verdicts = [line for line in lines if re.search(r"\*\*\* (JOB|STEP) .*\*\*\*", line)]
+    errors = [line for line in lines if re.search(r"error|Error|Killed|oom|OOM", line)]
+    return (verdicts or errors or lines or [""])[-1]
 
 
 # --- talking to SLURM --------------------------------------------------------------------------

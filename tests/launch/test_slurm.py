@@ -179,6 +179,23 @@ def test_ctrl_c_in_the_head_cancels_the_job(slurm_cluster, tmp_path):
     assert slurm_cluster.wait_for_state(job_id, {"CANCELLED"}, timeout_s=60) == "CANCELLED"
 
 
+def test_a_job_ended_from_outside_fails_the_launch_with_its_state(slurm_cluster, tmp_path):
+    (tmp_path / "markers").mkdir()
+    head, head_err = start_head(tmp_path, "cancelled")
+    try:
+        wait_until(lambda: both_ranks_started(tmp_path), 180, "running job")
+        job_id = recorded_job(tmp_path / "state")["job_id"]
+        slurm_cluster.run("scancel", job_id)  # as an administrator, preemption or a time limit would
+        head.communicate(timeout=120)
+    finally:
+        if head.poll() is None:
+            head.kill()
+    assert head.returncode == 1
+    last = head_err.read_text().strip().splitlines()[-1]
+    assert re.match(rf"sge_repro.launch.errors.LaunchError: gated: SLURM job {job_id} ended CANCELLED without a "
+                    rf"result from rank 0: .*CANCELLED.* \(log: ", last), last
+
+
 def test_a_job_still_running_for_other_arguments_is_not_overrun(slurm_cluster, tmp_path):
     (tmp_path / "markers").mkdir()
     head, _ = start_head(tmp_path, "first")
