@@ -153,6 +153,38 @@ class ReportParams(Section):
     seed: Seed = 0
 
 
+# Raw sbatch options the launcher sets itself (from launch.* or for its own bookkeeping).
+_SLURM_RESERVED = {"nodes", "ntasks", "ntasks-per-node", "cpus-per-task", "mem", "mem-per-cpu", "mem-per-gpu",
+                   "time", "partition", "account", "job-name", "output", "error", "open-mode", "signal", "array",
+                   "gpus-per-node", "gpus-per-task", "wrap", "chdir"}
+
+
+class SlurmParams(Section):
+    """How a training stage's SLURM job is requested (launch.launcher: slurm)."""
+
+    partition: str | None = Field(None, description="sbatch --partition (none: the cluster's default)")
+    account: str | None = Field(None, description="sbatch --account (none: the user's default)")
+    time_limit: str = Field("72:00:00", pattern=r"^(\d+-)?\d+(:\d+){0,2}$|^(UNLIMITED|unlimited|INFINITE|infinite)$",
+                            description="sbatch --time: minutes, [days-]hours:minutes:seconds, ...")
+    cpus_per_task: int = Field(8, ge=1, description="CPU cores per task (one task per GPU); data loading workers use them")
+    mem_per_task: str = Field("64G", pattern=r"^[1-9][0-9]*[KMGT]?$",
+                              description="memory per task, in SLURM's units (K, M, G, T; M without a unit)")
+    extra_options: list[str] = Field(default_factory=list, description=(
+        'raw sbatch long options, e.g. ["--qos=high", "--constraint=a100"]'))
+
+    @model_validator(mode="after")
+    def _check_options(self) -> "SlurmParams":
+        for option in self.extra_options:
+            key = option[2:].split("=", 1)[0]
+            if not option.startswith("--") or not key or not key.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"extra_options: {option!r}: expected a long sbatch option such as "
+                                 "'--qos=high' or '--exclusive'")
+            if key.replace("_", "-") in _SLURM_RESERVED:
+                raise ValueError(f"extra_options: {option!r}: --{key} is set by the launcher (from launch.nodes, "
+                                 "launch.nproc_per_node and launch.slurm.*); set it there")
+        return self
+
+
 class LaunchParams(Section):
     """How each training stage starts its processes (sge_repro.launch). Not a dependency of any stage
     in dvc.yaml: the outputs are a single process's files however many processes computed them."""
@@ -162,6 +194,7 @@ class LaunchParams(Section):
     nproc_per_node: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description=(
         "processes per node: an int >= 1, or auto = every visible CUDA GPU (1 without CUDA)"))
     nodes: int = Field(1, ge=1, description="> 1 only with launcher slurm")
+    slurm: SlurmParams = SlurmParams()
 
     @field_validator("nproc_per_node", mode="before")
     @classmethod

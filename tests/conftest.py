@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session's test SLURM cluster, tests/slurm_cluster.py)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
