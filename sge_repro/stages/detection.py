@@ -79,6 +79,10 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
         "backbone": backbone,
         "seed": seed,
         "dataset": kind,
+        # how the detector was trained: the protocol's YAML and where its backbone weights came from
+        "engine": "detectron2",
+        "protocol": params.train_det.protocol,
+        "backbone_weights": params.convert_source(backbone),
         "bbox": result["bbox"],
         **({"segm": result["segm"]} if "segm" in result else {}),
         "flags": {
