@@ -53,6 +53,7 @@ def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str,
     final = train_detector(cfg, resume=True)
     return {
         "weights": str(final),
+        "protocol": params.train_det.protocol,
         "iterations": int(cfg.SOLVER.MAX_ITER),
         "dataset": kind,
         "seconds": round(time.perf_counter() - started, 1),
