@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sge_repro.detection.detectors import DETECTORS, REFERENCE_TWO_STAGE_LR
+from sge_repro.detection.detectors import DETECTORS, PROTOCOLS, REFERENCE_TWO_STAGE_LR, protocol_weights_source
 from sge_repro.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -125,17 +125,31 @@ class EvalClsParams(Section):
     device: str = "cpu"
 
 
+ConvertSource = Literal["trained", "file", "torchvision"]
+
+
 class ConvertParams(Section):
-    checkpoint: Literal["best", "last"] = "best"
+    checkpoint: Literal["best", "last"] = Field("best", description=(
+        "for source trained: which of runs/cls/<model>-seed<seed>/{best,last}.pt"))
+    source: ConvertSource = Field("trained", description="default for every backbone: trained | file | torchvision")
+    sources: dict[str, ConvertSource] = Field(default_factory=dict, description=(
+        "per-backbone override, e.g. {resnet50: torchvision, sge_resnet50: file}"))
+    files: dict[str, str] = Field(default_factory=dict, description=(
+        "backbone model name -> checkpoint path; required for every backbone whose source is file"))
 
 
 class TrainDetParams(Section):
+    protocol: Literal[PROTOCOLS] = Field("detectron2", description=(  # type: ignore[valid-type]
+        "detectron2 (its defaults), authors (the authors' mmdetection-2019 settings, plain backbones from "
+        "torchvision, attention backbones from the authors' checkpoint) or controlled (detectron2's settings, "
+        "both backbones from our own runs); see sge_repro.detection.detectors.PROTOCOLS"))
     max_iter: int = Field(300, ge=1)
     ims_per_batch: int = Field(8, ge=1)
     base_lr: float = Field(0.02, gt=0, description=(
         f"the two-stage (R-CNN) lr; each detector trains at base_lr * its YAML's SOLVER.BASE_LR / "
         f"{REFERENCE_TWO_STAGE_LR} (sge_repro.detection.detectors.detector_base_lr): RetinaNet at half"))
-    warmup_iters: int = Field(50, ge=0)
+    warmup_iters: int | None = Field(None, ge=0, description=(
+        "linear warmup length; null = the protocol YAML's (500 from 1/3 at COCO scale, as the authors)"))
     min_size: int = Field(128, ge=32)
     max_size: int = Field(128, ge=32)
     checkpoint_period: int = Field(100, ge=1)
@@ -232,6 +246,10 @@ class Params(Section):
     report: ReportParams = ReportParams()
     launch: LaunchParams = LaunchParams()
 
+    def convert_source(self, backbone: str) -> ConvertSource:
+        """Where `backbone`'s detector weights come from: convert.sources[backbone], else convert.source."""
+        return self.convert.sources.get(backbone, self.convert.source)
+
     def require_listed(self, key: str, value: str | int) -> None:
         """A stage's matrix item must be one of params.yaml's lists (models, seeds, ...)."""
         allowed = getattr(self, key)
@@ -260,7 +278,23 @@ class Params(Section):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"{key}: duplicate entries in {values}")
+        self._check_protocol_sources()
         return self
+
+    def _check_protocol_sources(self) -> None:
+        """The protocol fixes where each detector backbone starts from (its convert source)."""
+        from sge_repro.models.registry import parse_model_name
+
+        protocol = self.train_det.protocol
+        for name in self.detection_backbones:
+            expected = protocol_weights_source(protocol, parse_model_name(name).attention == "none")
+            source = self.convert_source(name)
+            if expected is not None and source != expected:
+                why = ("plain backbones from torchvision's weights, attention backbones from the authors' "
+                       "checkpoint file" if protocol == "authors" else "both backbones from our own training runs")
+                raise ValueError(
+                    f"train_det.protocol {protocol} starts {why}: convert source of {name!r} is {source!r}, "
+                    f"expected {expected!r} (set convert.sources: {{{name}: {expected}}})")
 
 
 def _describe(error: dict[str, Any], source: str) -> str:

@@ -136,3 +136,44 @@ def test_params_yaml_must_be_complete(tmp_path):
     path.write_text(yaml.safe_dump(full))
     with pytest.raises(UserError, match=r"params.yaml: missing top-level key\(s\) detectors, report \("):
         load_params(path)
+
+
+def _with_protocol(protocol: str, **convert) -> dict:
+    raw = Params().model_dump(mode="json")
+    raw["train_det"]["protocol"] = protocol
+    raw["convert"].update(convert)
+    return raw
+
+
+def test_protocol_is_named_and_defaults_to_detectron2():
+    assert Params().train_det.protocol == "detectron2"
+    with pytest.raises(UserError, match=r"^params.yaml: train_det.protocol: input should be 'detectron2', 'authors' or 'controlled'"):
+        validate_params(_with_protocol("mmdetection"))
+    # the paper profile trains its own backbones with one recipe and leaves the warmup to the YAML
+    paper = profile_params("paper", REPO / PROFILES_DIR)
+    assert paper.train_det.protocol == "controlled" and paper.train_det.warmup_iters is None
+
+
+def test_authors_protocol_needs_torchvision_plain_and_file_attention_backbones():
+    with pytest.raises(UserError) as error:
+        validate_params(_with_protocol("authors"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == ("params.yaml: train_det.protocol authors starts plain backbones from torchvision's weights, "
+                       "attention backbones from the authors' checkpoint file: convert source of 'resnet18' is "
+                       "'trained', expected 'torchvision' (set convert.sources: {resnet18: torchvision})")
+    with pytest.raises(UserError, match="convert source of 'sge_resnet18' is 'torchvision', expected 'file'"):
+        validate_params(_with_protocol("authors", source="torchvision"))
+    params = validate_params(_with_protocol(
+        "authors", sources={"resnet18": "torchvision", "sge_resnet18": "file"}, files={"sge_resnet18": "sge.pth.tar"}))
+    assert params.convert_source("resnet18") == "torchvision" and params.convert_source("sge_resnet18") == "file"
+
+
+def test_controlled_protocol_needs_both_backbones_trained():
+    assert validate_params(_with_protocol("controlled")).convert_source("sge_resnet18") == "trained"
+    with pytest.raises(UserError, match=r"controlled starts both backbones from our own training runs: convert "
+                                        r"source of 'resnet18' is 'torchvision', expected 'trained'"):
+        validate_params(_with_protocol("controlled", sources={"resnet18": "torchvision"}))
+    # detectron2 takes any source
+    assert validate_params(_with_protocol("detectron2", sources={"resnet18": "torchvision"})).convert_source(
+        "resnet18") == "torchvision"

@@ -13,6 +13,11 @@ detectron2's BACKBONE_REGISTRY:
 
 Config keys live under `cfg.MODEL.SGE_BACKBONE` (see `add_sge_config`); freezing uses
 detectron2's own `cfg.MODEL.BACKBONE.FREEZE_AT` (0 none, 1 stem, 2 stem + res2, ...).
+
+BatchNorm (`MODEL.SGE_BACKBONE.NORM`): "FrozenBN" (detectron2's: statistics and affine fixed),
+"FrozenStatsBN" (mmdetection's `norm_eval=True` with `frozen=False`, the authors' setting:
+statistics fixed, the BN stays in eval mode even under model.train(), while its weight and bias
+are trained), "BN" (batch statistics, updated), "SyncBN".
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
-NORMS = ("FrozenBN", "BN", "SyncBN")
+NORMS = ("FrozenBN", "FrozenStatsBN", "BN", "SyncBN")
 
 
 def add_sge_config(cfg: CfgNode) -> CfgNode:
@@ -46,7 +51,7 @@ def add_sge_config(cfg: CfgNode) -> CfgNode:
     node.WIDTH = DEFAULT_WIDTH  # base width of the ResNet
     node.GROUPS = DEFAULT_GROUPS  # SGE groups (ignored by models without SGE)
     node.SGE_IMPL = "fast"  # "fast", "reference" or "triton" (params.yaml model.sge_impl)
-    node.NORM = "FrozenBN"  # FrozenBN (paper), BN, SyncBN
+    node.NORM = "FrozenBN"  # FrozenBN (detectron2), FrozenStatsBN (the authors' mmdetection), BN, SyncBN
     node.OUT_FEATURES = list(STAGE_NAMES)  # for the bottom-up-only backbone
     # the converted file records its pixel convention; a mismatch with the config is an error
     node.CHECK_PIXEL_CONVENTION = True
@@ -62,6 +67,8 @@ class ResNetBackbone(Backbone):
 
     def __init__(self, resnet: nn.Module, out_features=STAGE_NAMES, freeze_at: int = 0, norm: str = "FrozenBN"):
         super().__init__()
+        # FrozenStatsBN: every BatchNorm stays in eval mode (running statistics used, never updated)
+        self.norm_statistics_frozen = norm == "FrozenStatsBN"
         if norm not in NORMS:
             raise UserError(f"MODEL.SGE_BACKBONE.NORM: {norm!r}, expected one of {list(NORMS)}")
         unknown = [name for name in out_features if name not in STAGE_NAMES]
@@ -82,6 +89,18 @@ class ResNetBackbone(Backbone):
             for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
                 setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
         self.freeze(freeze_at)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ResNetBackbone":
+        """nn.Module.train, except that under FrozenStatsBN every BatchNorm stays in eval mode (as
+        mmdetection's ResNet.train with norm_eval=True): the running statistics are used and never
+        updated, while the BN weight and bias keep requires_grad and train."""
+        super().train(mode)
+        if self.norm_statistics_frozen:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def stages(self):
         """(name, modules) in order; the stem is stage 1, res2 stage 2, ..."""

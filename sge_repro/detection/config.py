@@ -1,7 +1,16 @@
 """detectron2 configs: the YAML files in pipelines/detectron2/ plus run-specific values.
 
-    pipelines/detectron2/{detector}_{R50|SGE_R50|R101|SGE_R101}_FPN_{2x|20e}.yaml  (config set "paper": COCO)
-    pipelines/detectron2/embedded/{detector}.yaml                    (config set "embedded": generated data)
+One YAML per protocol (sge_repro.detection.detectors.PROTOCOLS) and detector, at two scales:
+
+    protocol detectron2:
+      pipelines/detectron2/{detector}_{R50|SGE_R50|R101|SGE_R101}_FPN_{2x|20e}.yaml  (config set "paper": COCO)
+      pipelines/detectron2/embedded/{detector}.yaml                    (config set "embedded": generated data)
+    protocol authors / controlled:
+      pipelines/detectron2/{protocol}/{detector}_FPN_{2x|20e}.yaml       (paper)
+      pipelines/detectron2/embedded/{protocol}/{detector}.yaml           (embedded)
+
+Every file names its protocol (the top-level key PROTOCOL), so the protocol is part of the
+config a run is built from, its dump (OUTPUT_DIR/config.yaml) and any fingerprint of it.
 
 Detectors: sge_repro.detection.detectors.DETECTORS. The backbone architecture (ARCH, WIDTH,
 GROUPS) comes from the converted weights' header when there is one, so a config can never
@@ -17,7 +26,8 @@ from typing import Any
 
 from sge_repro.detection.backbone import add_sge_config
 from sge_repro.detection.compat import import_detectron2
-from sge_repro.detection.detectors import DETECTORS, PAPER_SCHEDULES
+from sge_repro.detection.detectors import DETECTORS, PAPER_SCHEDULES, PROTOCOLS
+from sge_repro.detection.mmdetection import add_mmdetection_config
 from sge_repro.errors import UserError
 from sge_repro.models.registry import parse_model_name
 
@@ -30,15 +40,34 @@ CONFIG_SETS = ("embedded", "paper")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "detectron2"
 
 
+def new_config() -> CfgNode:
+    """detectron2's defaults plus this project's keys (MODEL.SGE_BACKBONE, PROTOCOL, the
+    mmdetection behaviours); what every YAML here is merged into."""
+    cfg = add_mmdetection_config(add_sge_config(get_cfg()))
+    if "PROTOCOL" not in cfg:
+        cfg.PROTOCOL = "detectron2"  # each YAML names its own
+    return cfg
+
+
 def detector_config_file(detector: str, backbone_model: str | None = None, config_set: str = "embedded",
-                         config_dir: str | Path | None = None) -> Path:
-    """The YAML for `detector` in `config_set`; paper files are per depth and plain / SGE."""
+                         config_dir: str | Path | None = None, protocol: str = "detectron2") -> Path:
+    """The YAML for `detector` in `config_set` under `protocol`; the detectron2 protocol's paper
+    files are per depth and plain / SGE, the other protocols' one per detector."""
     if detector not in DETECTORS:
         raise UserError(f"detector {detector!r}: expected one of {list(DETECTORS)}")
     if config_set not in CONFIG_SETS:
         raise UserError(f"detection config set {config_set!r}: expected one of {list(CONFIG_SETS)}")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"detection protocol {protocol!r}: expected one of {list(PROTOCOLS)}")
     config_dir = Path(config_dir) if config_dir is not None else CONFIG_DIR
-    if config_set == "embedded":
+    if protocol != "detectron2":
+        if backbone_model is not None:
+            parse_model_name(backbone_model)  # an unknown name is an error here too
+        if config_set == "embedded":
+            path = config_dir / "embedded" / protocol / f"{detector}.yaml"
+        else:
+            path = config_dir / protocol / f"{detector}_FPN_{PAPER_SCHEDULES[detector]}.yaml"
+    elif config_set == "embedded":
         path = config_dir / "embedded" / f"{detector}.yaml"
     else:
         backbone = parse_model_name(backbone_model or "resnet50")
@@ -89,6 +118,7 @@ def build_detector_config(
     config_file: str | os.PathLike | None = None,
     device: str | None = None,
     sge_impl: str | None = None,
+    protocol: str = "detectron2",
 ) -> CfgNode:
     """A frozen detectron2 config for one run.
 
@@ -96,16 +126,22 @@ def build_detector_config(
     classification weights (sge-repro convert) or a detector checkpoint; None = random init
     (explicit, logged). overrides: dotted detectron2 keys, applied last. device: None = the
     config's, falling back to "cpu" when CUDA is absent. sge_impl: the backbone's SGE
-    implementation ("fast" | "reference" | "triton"); None = the config's.
+    implementation ("fast" | "reference" | "triton"); None = the config's. protocol: which YAML
+    (sge_repro.detection.detectors.PROTOCOLS); an explicit config_file names its own.
     """
-    cfg = add_sge_config(get_cfg())
-    path = Path(config_file) if config_file is not None else detector_config_file(detector, backbone_model, config_set)
+    cfg = new_config()
+    if config_file is not None:
+        path = Path(config_file)
+    else:
+        path = detector_config_file(detector, backbone_model, config_set, protocol=protocol)
     if not path.is_file():
         raise UserError(f"{path}: detectron2 config not found")
     try:
         cfg.merge_from_file(str(path))
     except KeyError as error:
         raise UserError(f"{path}: unknown config key ({error})") from None
+    if config_file is None and cfg.PROTOCOL != protocol:
+        raise UserError(f"{path}: PROTOCOL is {cfg.PROTOCOL!r}, expected {protocol!r} for this protocol's file")
 
     recorded = _backbone_from_weights(weights)
     if recorded is not None:

@@ -24,6 +24,7 @@ from sge_repro.atomic import torch_save, write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
+from sge_repro.detection.mmdetection import build_optimizer  # also registers the authors' Cascade heads
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
 from sge_repro.models.checkpoints import load_checkpoint_file
@@ -134,6 +135,10 @@ class DetectorTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model):
+        return build_optimizer(cfg, model)  # adds the authors' full-model gradient clipping
 
     def build_hooks(self):
         built = super().build_hooks()

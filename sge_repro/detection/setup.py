@@ -4,7 +4,8 @@ Which config set: `data.detection.source: coco` uses the "paper" YAMLs (pipeline
 the generated set the small "embedded" ones (pipelines/detectron2/embedded/). train_det's params
 are mapped onto the YAML keeping its shape: learning-rate steps stay at the same fractions of the
 schedule, Cascade R-CNN keeps its 20e/24e length ratio, and base_lr is rescaled per detector by
-`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is model.sge_impl.
+`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is model.sge_impl; the
+protocol (train_det.protocol) picks the YAML of each detector.
 """
 
 from __future__ import annotations
@@ -32,18 +33,14 @@ class DetectionDataset:
 
 
 def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_batch: int, base_lr: float,
-                       warmup_iters: int, min_size: int, max_size: int, checkpoint_period: int,
-                       workers: int) -> dict[str, Any]:
-    """detectron2 overrides for train_det's params, keeping the YAML's schedule shape."""
-    from sge_repro.detection.compat import import_detectron2
+                       warmup_iters: int | None, min_size: int, max_size: int, checkpoint_period: int,
+                       workers: int, protocol: str = "detectron2") -> dict[str, Any]:
+    """detectron2 overrides for train_det's params, keeping the YAML's schedule shape.
+    warmup_iters None: the YAML's warmup (the authors' 500 iterations at COCO scale)."""
+    from sge_repro.detection.config import new_config
 
-    import_detectron2()
-    from detectron2.config import get_cfg
-
-    from sge_repro.detection.backbone import add_sge_config
-
-    reference = add_sge_config(get_cfg())
-    reference.merge_from_file(str(detector_config_file(detector, None, config_set)))
+    reference = new_config()
+    reference.merge_from_file(str(detector_config_file(detector, None, config_set, protocol=protocol)))
     yaml_iters = reference.SOLVER.MAX_ITER
     # paper: max_iter is the 2x length; a detector with another schedule (cascade 20e) scales with it
     iters = max_iter if config_set == "embedded" else max(1, round(max_iter * yaml_iters / REFERENCE_PAPER_ITERS))
@@ -55,7 +52,7 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
         "SOLVER.STEPS": steps,
         "SOLVER.IMS_PER_BATCH": ims_per_batch,
         "SOLVER.BASE_LR": lr,
-        "SOLVER.WARMUP_ITERS": min(warmup_iters, iters),
+        "SOLVER.WARMUP_ITERS": min(reference.SOLVER.WARMUP_ITERS if warmup_iters is None else warmup_iters, iters),
         "SOLVER.CHECKPOINT_PERIOD": checkpoint_period,
         "INPUT.MIN_SIZE_TRAIN": (min_size,),
         "INPUT.MAX_SIZE_TRAIN": max_size,
@@ -73,11 +70,12 @@ def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDatase
     register_split(val_name, dataset.root, "val", dataset.layout)
     overrides = schedule_overrides(
         detector, dataset.config_set, train.max_iter, train.ims_per_batch, train.base_lr, train.warmup_iters,
-        train.min_size, train.max_size, train.checkpoint_period, train.workers,
+        train.min_size, train.max_size, train.checkpoint_period, train.workers, protocol=train.protocol,
     )
     cfg = build_detector_config(
         detector, backbone, weights, train_name, val_name, run_dir,
         num_classes=dataset_num_classes(coco_split_paths(dataset.root, "train", dataset.layout)[0]), seed=seed,
         overrides=overrides, config_set=dataset.config_set, device=device, sge_impl=sge_impl,
+        protocol=train.protocol,
     )
     return cfg, val_name

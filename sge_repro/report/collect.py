@@ -61,6 +61,10 @@ class DetRun:
     path: Path
     segm: dict[str, float | None] | None = None
     flags: dict[str, Any] = field(default_factory=dict)
+    # how the detector was trained (eval det records them; None in files written before it did)
+    engine: str | None = None
+    protocol: str | None = None
+    backbone_weights: str | None = None
 
 
 @dataclass
@@ -256,6 +260,7 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
         bbox={k: _percent(bbox[k], f"bbox.{k}", path, root, allow_none=True) for k in BBOX_KEYS},
         path=path,
         flags=dict(data.get("flags") or {}),
+        **{key: _optional_text(data, key, path, root) for key in ("engine", "protocol", "backbone_weights")},
     )
     if run.bbox["AP"] is None:
         missing.append(Missing(what=what, path=_display(path, root), reason="incomplete: bbox.AP is null"))
@@ -267,6 +272,13 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
         run.segm = {k: _percent(segm.get(k), f"segm.{k}", path, root, allow_none=True) for k in BBOX_KEYS}
     _apply_nan_flags(run, what, notes)
     return run
+
+
+def _optional_text(data: dict, key: str, path: Path, root: Path) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a string, got {value!r}")
+    return value
 
 
 def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:

@@ -30,6 +30,22 @@ PAPER_DET_DATASET = "coco"
 
 BBOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
+# How the paper's COCO numbers were produced (paper-results.md, "COCO 2017 detection"): the
+# authors' mmdetection (2019) fork with their settings, which protocol "authors" mirrors in
+# detectron2. Absolute APs compare only for runs with this engine AND this protocol.
+PAPER_DET_ENGINE = "mmdetection-2019"
+PAPER_DET_PROTOCOL = "authors"
+
+
+def detection_setup_difference(engine: str | None, protocol: str | None) -> str | None:
+    """How a detection run's setup differs from the paper's (None: the same engine and protocol)."""
+    parts = []
+    if engine != PAPER_DET_ENGINE:
+        parts.append(f"engine {engine or 'not recorded'}, not the paper's mmdetection 2019")
+    if protocol != PAPER_DET_PROTOCOL:
+        parts.append(f"protocol {protocol or 'not recorded'}, not the authors'")
+    return "; ".join(parts) or None
+
 
 def split_model_name(name: str) -> tuple[str | None, str, int | None]:
     """`sge_resnet50` -> ("sge", "resnet50", 50); `resnet18` -> (None, "resnet18", 18)."""

@@ -81,6 +81,12 @@ class DetEntry(_Record):
     bbox: APs
     segm: APs | None = None
     flags: dict[str, dict[str, list[str]]] | None = None
+    # how it was trained (null when its metrics file does not say): the detection engine, the
+    # protocol (train_det.protocol) and where the backbone weights came from (convert source:
+    # trained | file | torchvision)
+    engine: str | None = None
+    protocol: str | None = None
+    backbone_weights: str | None = None
 
 
 class ClsRow(_Record):
@@ -123,6 +129,13 @@ class DetRow(_Record):
     paper_gain: float | None
     paper_gain_backbone: str | None
     verdict: str
+    # how the row's runs were trained ("a+b" when its seeds differ) and what the verdict judged:
+    # "AP" (absolute, the paper's engine and protocol), "gain" (the gain's CI against the paper's
+    # gain: COCO with another engine or protocol), "gain sign and size" (not the paper's dataset)
+    engine: str | None = None
+    protocol: str | None = None
+    backbone_weights: str | None = None
+    judged_on: str = "AP"
 
 
 class Comparison(_Record):

@@ -152,3 +152,32 @@ def gain_verdict(gain: GainInterval | None, paper_gain: float | None) -> str:
     elif gain.significant is None:
         text += ", single run"
     return text
+
+
+def gain_vs_paper_verdict(gain: GainInterval | None, paper_gain: float | None) -> str:
+    """On the paper's dataset but another engine / protocol: is the paper's gain inside our gain's CI?
+
+    "gain reproduced" when the paper's gain lies in the 95% CI of ours; otherwise where the CI lies
+    relative to the paper's gain and to 0. A single run (no CI) is not judged.
+    """
+    if gain is None:
+        return "no baseline run"
+    if paper_gain is None:
+        return "no paper gain to compare"
+    if gain.low is None or gain.high is None:
+        return f"gain {gain.estimate:+.2f} vs paper {paper_gain:+.2f}, single run: not judged"
+    ci = f"95% CI [{gain.low:+.2f}, {gain.high:+.2f}]"
+    if gain.low <= paper_gain <= gain.high:
+        return f"gain reproduced: paper {paper_gain:+.2f} within {ci}"
+    if gain.high < 0.0 < paper_gain or gain.low > 0.0 > paper_gain:
+        return f"opposite sign to paper's {paper_gain:+.2f}: {ci}"
+    if gain.low > paper_gain:
+        return f"gain above paper's {paper_gain:+.2f}: {ci}"
+    if gain.low <= 0.0 <= gain.high:
+        return f"gain not significant, below paper's {paper_gain:+.2f}: {ci}"
+    return f"gain below paper's {paper_gain:+.2f}: {ci}"
+
+
+def is_reproduced(verdict: str) -> bool:
+    """Whether a verdict string says the paper's figure (or gain) was reproduced."""
+    return verdict == "reproduced" or verdict.startswith("gain reproduced")

@@ -66,6 +66,7 @@ def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbon
     final = train_detector(cfg, resume=True)
     return {
         "weights": str(final),
+        "protocol": params.train_det.protocol,
         "iterations": int(cfg.SOLVER.MAX_ITER),
         "dataset": kind,
         "seconds": round(time.perf_counter() - started, 1),
@@ -92,6 +93,10 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
         "backbone": backbone,
         "seed": seed,
         "dataset": kind,
+        # how the detector was trained: the protocol's YAML and where its backbone weights came from
+        "engine": "detectron2",
+        "protocol": params.train_det.protocol,
+        "backbone_weights": params.convert_source(backbone),
         "bbox": result["bbox"],
         **({"segm": result["segm"]} if "segm" in result else {}),
         "flags": {

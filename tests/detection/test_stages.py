@@ -57,6 +57,19 @@ def test_params_model_sge_impl_reaches_the_detector_backbone(coco_set, detectron
     assert (cfg.MODEL.SGE_BACKBONE.WIDTH, cfg.MODEL.SGE_BACKBONE.GROUPS) == (WIDTH, GROUPS)
 
 
+def test_protocol_param_picks_the_protocols_yaml(coco_set, detectron2_weights, tmp_path):
+    params = profile_params("smoke")
+    paths = _project(tmp_path, coco_set, detectron2_weights)
+    params.train_det.protocol = "controlled"
+    cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    assert cfg.PROTOCOL == "controlled"
+    params.train_det.protocol = "authors"  # (the params validator would want other sources; the config does not care)
+    cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    assert cfg.PROTOCOL == "authors" and cfg.MODEL.SGE_BACKBONE.NORM == "FrozenStatsBN"
+    # smoke sets warmup_iters: 2, which wins over the YAML's
+    assert cfg.SOLVER.WARMUP_ITERS == 2
+
+
 def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weights, tmp_path):
     torch.set_num_threads(1)
     params = profile_params("smoke")
@@ -74,5 +87,7 @@ def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weight
         "faster_rcnn", "sge_resnet18", 0, "embedded")
     assert set(on_disk["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert isinstance(on_disk["flags"]["no_detections"], bool)
+    # how it was trained, for the report's rows
+    assert (on_disk["engine"], on_disk["protocol"], on_disk["backbone_weights"]) == ("detectron2", "detectron2", "trained")
     # evaluation leaves train_det's output folder untouched (it is a DVC output of that stage)
     assert sorted(p.name for p in run_dir.iterdir()) == before

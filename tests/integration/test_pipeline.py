@@ -53,6 +53,9 @@ def test_smoke_pipeline_end_to_end(project, sge_repro_bin):
         assert set(row["bbox"]) == BOX_KEYS
         assert all(0 <= value <= 100 for value in row["bbox"].values())
         assert "segm" not in row  # no mask model in the smoke profile
+        # how it was trained: the protocol of params.yaml, backbones from this pipeline's classifiers
+        assert (row["engine"], row["protocol"], row["backbone_weights"]) == (
+            "detectron2", params["train_det"]["protocol"], "trained")
     for name in ("report.md", "report.html"):
         assert (project / "reports" / name).stat().st_size > 0
     # the per-stage artifacts DVC declared

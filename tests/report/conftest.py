@@ -40,13 +40,23 @@ def write_cls(root: Path, model: str, seed: int, dataset: str, top1: float, top5
 
 
 def write_det(root: Path, detector: str, backbone: str, seed: int, dataset: str, ap: float,
-              segm_ap: float | None = None) -> None:
+              segm_ap: float | None = None, engine: str | None = None, protocol: str | None = None,
+              weights: str | None = None) -> None:
+    """A detection metrics file; engine / protocol / weights (backbone_weights) as eval det records
+    them, left out when None (files written before it did)."""
     bbox = {"AP": ap, "AP50": ap + 20, "AP75": ap + 2, "APs": ap - 15, "APm": ap, "APl": ap + 10}
     record = {"detector": detector, "backbone": backbone, "dataset": dataset, "seed": seed, "bbox": bbox,
               "flags": {"frozen_bn": True}}
+    for key, value in (("engine", engine), ("protocol", protocol), ("backbone_weights", weights)):
+        if value is not None:
+            record[key] = value
     if segm_ap is not None:
         record["segm"] = {"AP": segm_ap, "AP50": 50.0, "AP75": 30.0, "APs": None, "APm": 30.0, "APl": 40.0}
     write_json(ProjectPaths(root).det_metrics(detector, backbone, seed), record)
+
+
+# what eval det records for the paper profile's runs
+CONTROLLED = {"engine": "detectron2", "protocol": "controlled", "weights": "trained"}
 
 
 def populate(root: Path) -> Path:
@@ -58,8 +68,8 @@ def populate(root: Path) -> Path:
     # An attention model whose plain baseline was never run.
     write_cls(root, "se_resnet101", 0, "imagenet", top1=78.5, top5=94.0)
     for seed, (plain, sge) in enumerate([(37.4, 38.0), (37.6, 38.2)]):
-        write_det(root, "faster_rcnn", "resnet50", seed, "coco", plain)
-        write_det(root, "faster_rcnn", "sge_resnet50", seed, "coco", sge)
+        write_det(root, "faster_rcnn", "resnet50", seed, "coco", plain, **CONTROLLED)
+        write_det(root, "faster_rcnn", "sge_resnet50", seed, "coco", sge, **CONTROLLED)
     write_det(root, "mask_rcnn", "resnet18", 0, "embedded", 20.0, segm_ap=18.0)
     write_det(root, "mask_rcnn", "sge_resnet18", 0, "embedded", 19.5, segm_ap=18.5)
     return root

@@ -41,15 +41,19 @@ GOLDEN_CLASSIFICATION = [
 # APs undefined in the fixture (NaN flagged by eval det): 0 in the contract, named under flags
 _SEGM = {"AP50": 50.0, "AP75": 30.0, "APs": 0.0, "APm": 30.0, "APl": 40.0}
 _SEGM_FLAGS = {"flags": {"nan_reported_as_zero": {"segm": ["APs"]}}}
+_TRAINED = {"engine": "detectron2", "protocol": "controlled", "backbone_weights": "trained"}
+_UNRECORDED = {"engine": None, "protocol": None, "backbone_weights": None}  # metrics from before eval det wrote them
 GOLDEN_DETECTION = [
-    {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(37.4)},
-    {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(37.6)},
-    {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(38.0)},
-    {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(38.2)},
+    {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(37.4), **_TRAINED},
+    {"detector": "faster_rcnn", "backbone": "resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(37.6), **_TRAINED},
+    {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 0, "bbox": _bbox(38.0),
+     **_TRAINED},
+    {"detector": "faster_rcnn", "backbone": "sge_resnet50", "dataset": "coco", "seed": 1, "bbox": _bbox(38.2),
+     **_TRAINED},
     {"detector": "mask_rcnn", "backbone": "resnet18", "dataset": "embedded", "seed": 0, "bbox": _bbox(20.0),
-     "segm": {"AP": 18.0, **_SEGM}, **_SEGM_FLAGS},
+     "segm": {"AP": 18.0, **_SEGM}, **_SEGM_FLAGS, **_UNRECORDED},
     {"detector": "mask_rcnn", "backbone": "sge_resnet18", "dataset": "embedded", "seed": 0, "bbox": _bbox(19.5),
-     "segm": {"AP": 18.5, **_SEGM}, **_SEGM_FLAGS},
+     "segm": {"AP": 18.5, **_SEGM}, **_SEGM_FLAGS, **_UNRECORDED},
 ]
 
 
@@ -76,7 +80,9 @@ def test_summary_json_follows_the_contract_with_known_values(report, results_roo
     for entry in summary["classification"]:
         assert set(entry) == {"model", "dataset", "seed", "top1", "top5", "params_m", "gflops"}
     for entry in summary["detection"]:
-        assert set(entry) - {"segm", "flags"} == {"detector", "backbone", "dataset", "seed", "bbox"}
+        # the contract's keys, plus how each run was trained (fields may be added, none removed)
+        assert set(entry) - {"segm", "flags"} == {"detector", "backbone", "dataset", "seed", "bbox",
+                                                  "engine", "protocol", "backbone_weights"}
 
 
 def test_comparison_gains_and_verdicts(report):
@@ -100,9 +106,14 @@ def test_comparison_gains_and_verdicts(report):
     faster = det[("faster_rcnn", "sge_resnet50", "coco")]
     assert faster["gain"]["gain"] == pytest.approx(0.6)
     assert (faster["gain"]["ci_low"], faster["gain"]["ci_high"]) == (pytest.approx(0.6), pytest.approx(0.6))
-    assert faster["verdict"] == "-0.60 vs paper" and faster["paper_gain"] == pytest.approx(1.2)
-    assert det[("faster_rcnn", "resnet50", "coco")]["verdict"] == "reproduced"
+    # detectron2 + protocol controlled on COCO: judged on the gain, not on the absolute AP (38.1 vs 38.7)
+    assert faster["verdict"] == "gain below paper's +1.20: 95% CI [+0.60, +0.60]"
+    assert faster["paper_gain"] == pytest.approx(1.2) and faster["judged_on"] == "gain"
+    assert (faster["protocol"], faster["backbone_weights"], faster["engine"]) == ("controlled", "trained", "detectron2")
+    assert det[("faster_rcnn", "resnet50", "coco")]["verdict"] == "baseline; AP +0.00 vs paper, not judged"
     assert det[("mask_rcnn", "sge_resnet18", "embedded")]["verdict"] == "opposite sign, single run"
+    assert det[("mask_rcnn", "sge_resnet18", "embedded")]["judged_on"] == "gain sign and size"
+    assert det[("mask_rcnn", "sge_resnet18", "embedded")]["protocol"] is None
 
 
 def test_tables_have_the_golden_cells(report):
@@ -117,10 +128,12 @@ def test_tables_have_the_golden_cells(report):
     ]
     assert classification_table(report)[3][2] == "0 (single run)"
     assert detection_table(report)[1] == [
-        "faster_rcnn", "sge_resnet50", "coco", "0,1", "38.10 ± 0.14", "58.10", "40.10", "23.10", "38.10",
-        "48.10", "-", "+0.60 [+0.60, +0.60]", "significant", "38.7", "+1.20", "-0.60 vs paper",
+        "faster_rcnn", "sge_resnet50", "coco", "controlled", "trained", "0,1", "38.10 ± 0.14", "58.10", "40.10",
+        "23.10", "38.10", "48.10", "-", "+0.60 [+0.60, +0.60]", "significant", "38.7", "+1.20",
+        "gain below paper's +1.20: 95% CI [+0.60, +0.60]",
     ]
-    assert detection_table(report)[3][10] == "18.50"  # mask AP
+    assert detection_table(report)[3][3:5] == ["-", "-"]  # protocol and weights not recorded
+    assert detection_table(report)[3][12] == "18.50"  # mask AP
 
 
 def test_missing_and_notes_are_reported(report, results_root):
