@@ -45,24 +45,6 @@ def test_detector_with_sge_backbone_trains_and_evaluates(detector, detectron2_we
     json.dumps(result, allow_nan=False)  # the metrics contract: plain JSON, no NaN
 
 
-def test_resume_continues_from_the_last_checkpoint(detectron2_weights, registered, tmp_path):
-    torch.set_num_threads(1)
-    run = tmp_path / "run"
-    short = build_detector_config("faster_rcnn", None, detectron2_weights, *registered, run, NUM_CATEGORIES, 0,
-                                  overrides=tiny_overrides(**{"SOLVER.MAX_ITER": 2}))
-    train_detector(short, resume=True)
-    longer = build_detector_config("faster_rcnn", None, detectron2_weights, *registered, run, NUM_CATEGORIES, 0,
-                                   overrides=tiny_overrides(**{"SOLVER.MAX_ITER": 3}))
-    train_detector(longer, resume=True)
-    iterations = [json.loads(line)["iteration"] for line in (run / "metrics.json").read_text().splitlines()]
-    # events are written at each run's last iteration: 1 by the first run, 2 by the resumed one
-    assert iterations == [1, 2]
-    assert "Starting training from iteration 2" in (run / "log.txt").read_text()
-    before = (run / "model_final.pth").stat().st_mtime_ns
-    train_detector(longer, resume=True)  # finished: nothing to do
-    assert (run / "model_final.pth").stat().st_mtime_ns == before
-
-
 def test_divergence_names_the_iteration_and_keeps_the_last_good_checkpoint(detectron2_weights, registered, tmp_path):
     torch.set_num_threads(1)
     cfg = build_detector_config(
