@@ -325,9 +325,6 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
     it, or with `skip_corrupt` left out of the evaluation (listed in skipped_images).
     """
     init_distributed_from_env(cuda=_on_cuda(cfg))
-    # Evaluation must not touch OUTPUT_DIR: it is train_det's DVC output, and a changed log.txt
-    # there would make DVC retrain.
-    _setup_logging(None)
     records = DatasetCatalog.get(dataset)
     corrupt = check_images(records, skip_corrupt, f"the dataset {dataset}")
     kept = [record for record in records if record["file_name"] not in corrupt]
@@ -336,6 +333,9 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
     # evaluation needs the whole detector from the file, not only its backbone
     check_detector_weights(model, weights, require_all=True,
                            pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD)
+    # console log only after the checks (an error is one line); never in OUTPUT_DIR, train_det's
+    # DVC output, where a changed log.txt would make DVC retrain
+    _setup_logging(None)
     AtomicCheckpointer(model).load(str(weights))
     model.eval()
     with tempfile.TemporaryDirectory() as scratch:
