@@ -13,8 +13,8 @@ newest) holds detectron2's model / optimizer / scheduler / iteration, plus under
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import io
 import logging
 import os
 import random
@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sge_repro.atomic import torch_save, write_text
+from sge_repro.atomic import write_bytes, write_text
 from sge_repro.detection.compat import import_detectron2
+from sge_repro.detection.writes import disk_errors
 from sge_repro.errors import UserError, preview
 from sge_repro.models.checkpoints import load_checkpoint_file
 
@@ -155,8 +156,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
+        # serialised in memory, then written by Python: a full disk is a plain ENOSPC and the
+        # temp file is closed and removed at once (torch's C++ writer keeps its file open while
+        # its exception is alive, so the space would stay taken)
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
         with disk_errors(path):
-            torch_save(data, path)
+            write_bytes(path, buffer.getbuffer())
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -164,56 +170,23 @@ class AtomicCheckpointer(DetectionCheckpointer):
         with disk_errors(path):
             write_text(path, last_filename_basename)
 
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """One line instead of fvcore's list: starting from converted backbone weights, the
+        FPN and heads are new by design (sge_repro.detection.convert checked the backbone)."""
+        missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+        if missing or unexpected:
+            self.logger.info(f"{len(missing)} tensors initialised fresh (not in the file: "
+                             f"{preview(sorted({key.split('.')[0] for key in missing}))}), "
+                             f"{len(unexpected)} tensors of the file unused")
+        for key, shape_file, shape_model in incompatible.incorrect_shapes:
+            self.logger.warning(f"{key}: shape {tuple(shape_file)} in the file, {tuple(shape_model)} in the model: not loaded")
+
     def _load_file(self, filename: str):
         # torch.load(weights_only=True) in every case (fvcore's default may change with torch)
         if filename.endswith(".pkl"):
             raise UserError(f"weights {filename}: pickled Detectron .pkl files are not loaded; convert with sge-repro convert")
         loaded = load_checkpoint_file(filename, what="weights")
         return loaded if "model" in loaded else {"model": loaded}
-
-
-class disk_errors:
-    """Turn a failed write of `path` into a one-line UserError: ENOSPC ("no space left on device",
-    also torch's C++ writer's 'basic_ios::clear: iostream error' / 'file write failed') and the
-    other OS errors of a write (EDQUOT, EROFS, EACCES, EIO). The atomic writers have already
-    removed their temp file."""
-
-    TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed")
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None:
-            return False
-        raise_disk_error(self.path, error)
-        return False
-
-
-def raise_disk_error(path: str | os.PathLike, error: BaseException) -> None:
-    """Raise the one-line UserError for `error` when it is a failed write; return otherwise."""
-    where = Path(path).parent
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(f"{path}: no space left on device (writing in {where}); free space there and "
-                        "rerun: training resumes from the last complete checkpoint") from error
-    if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM):
-        raise UserError(f"{path}: cannot write ({os.strerror(error.errno)}); expected a writable folder {where}") from error
-    if isinstance(error, RuntimeError) and any(text in str(error) for text in disk_errors.TORCH_WRITE_FAILURES):
-        free = _free_bytes(where)
-        cause = "no space left on device" if free is not None and free < (64 << 20) else "the write failed"
-        raise UserError(f"{path}: {cause} (torch: {str(error).splitlines()[0]}; {free} bytes free in {where}); "
-                        "free space there and rerun: training resumes from the last complete checkpoint") from error
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -31,12 +31,15 @@ import torch.distributed as dist
 from sge_repro.atomic import write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
 from sge_repro.detection.checkpoint import (
-    FINAL_WEIGHTS, AtomicCheckpointer, CheckpointHook, config_fingerprint, disk_errors, last_checkpoint,
-    raise_disk_error, read_resume_state, set_rng_state,
+    FINAL_WEIGHTS, AtomicCheckpointer, CheckpointHook, config_fingerprint, last_checkpoint, read_resume_state,
+    set_rng_state,
 )
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
 from sge_repro.detection.loader import build_train_loader, check_images, training_records
+from sge_repro.detection.writes import (
+    AppendFile, append_log_to, disk_errors, quiet_event_writer_thread, raise_disk_error,
+)
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
 
@@ -49,7 +52,7 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -105,14 +108,31 @@ def _build_model(cfg: CfgNode) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- training
 class _MetricsWriter(JSONWriter):
-    """metrics.json lines; a full disk is the one-line error naming the file."""
+    """metrics.json, appended in whole lines (AppendFile): a full disk is the one-line error
+    naming the file, and no half line is left for the resumed run to append after."""
+
+    def __init__(self, json_file: str, window_size: int = 20):
+        super().__init__(json_file, window_size)
+        self._file_handle.close()
+        self._file_handle = AppendFile(json_file)
+
+
+class _EventsWriter(TensorboardXWriter):
+    """TensorBoard events; a failed write (raised by its writer thread at the next call) is the
+    one-line error naming the folder."""
+
+    def __init__(self, log_dir: str, **kwargs):
+        quiet_event_writer_thread()
+        super().__init__(log_dir, **kwargs)
+        self._log_dir = log_dir
 
     def write(self):
-        try:
+        with disk_errors(Path(self._log_dir) / "events.out.tfevents.*"):
             super().write()
-        except (OSError, RuntimeError) as error:
-            raise_disk_error(self._file_handle.name, error)
-            raise
+
+    def close(self):
+        with disk_errors(Path(self._log_dir) / "events.out.tfevents.*"):
+            super().close()
 
 
 class DetectorTrainer(DefaultTrainer):
@@ -174,12 +194,11 @@ class DetectorTrainer(DefaultTrainer):
         the `tensorboard` package is absent)."""
         writers = [CommonMetricPrinter(self.max_iter), _MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
         try:
-            from detectron2.utils.events import TensorboardXWriter
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             logger.warning("tensorboard is not installed: no TensorBoard events, metrics.json only")
             return writers
-        return writers + [TensorboardXWriter(self.cfg.OUTPUT_DIR)]
+        return writers + [_EventsWriter(self.cfg.OUTPUT_DIR)]
 
     def resume_from(self, path: Path, iteration: int) -> None:
         """Load model, optimizer, scheduler, iteration and this rank's RNG states from `path`."""
@@ -205,10 +224,22 @@ def coco_tasks(cfg: CfgNode) -> tuple[str, ...]:
     return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
 
 
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    """Drops detectron2's 'Exception during training:' traceback for a UserError (one line, by the CLI)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
 def _setup_logging(output_dir: str | None) -> None:
-    """detectron2's console log (rank 0) and OUTPUT_DIR/log.txt (rank 0 only: no log.txt.rankN)."""
+    """detectron2's console log (rank 0) and OUTPUT_DIR/log.txt (rank 0 only: no log.txt.rankN),
+    appended in whole records."""
     rank = comm.get_rank()
-    setup_logger(output=output_dir if rank == 0 else None, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+    output = output_dir if rank == 0 else None
+    d2_logger = setup_logger(output=output, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+    if output is not None:
+        append_log_to(d2_logger, os.path.join(output, "log.txt"))
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    if _not_a_user_error not in train_loop.filters:
+        train_loop.addFilter(_not_a_user_error)
 
 
 def _apply_determinism(cfg: CfgNode) -> None:
@@ -271,7 +302,11 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     else:
         logger.warning("MODEL.WEIGHTS is empty: the detector starts from a random initialisation")
     try:
-        trainer.train()
+        try:
+            trainer.train()
+        except (OSError, RuntimeError) as error:  # a write not named by its writer (fsync, a library's file)
+            raise_disk_error(cfg.OUTPUT_DIR, error)
+            raise
     except FloatingPointError as error:
         last = last_checkpoint(cfg.OUTPUT_DIR)
         kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was written before it"

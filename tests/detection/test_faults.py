@@ -53,10 +53,14 @@ def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def one_error_line(result: subprocess.CompletedProcess) -> str:
+def one_error_line(result: subprocess.CompletedProcess, progress_before: bool = False) -> str:
+    """The error line; the only output unless the command had started training (`progress_before`:
+    its progress log on stdout, but no traceback anywhere and one line on stderr)."""
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    output = result.stderr if progress_before else result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1, "\n".join(lines[:40])
+    assert "Traceback" not in result.stdout + result.stderr
     return lines[0]
 
 
@@ -120,3 +124,40 @@ def test_no_torch_jit_warnings_on_import():
     result = subprocess.run([sys.executable, "-c", "import sge_repro.detection.engine"], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+# --------------------------------------------------------------------------- issue 16 item 6
+@contextlib.contextmanager
+def small_disk(folder: Path, size_bytes: int):
+    """A tmpfs of `size_bytes` mounted at `folder` (needs root, as in CI); unmounted afterwards."""
+    folder.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_resumes(project, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(project, reference)
+    assert cli(reference, *TRAIN).returncode == 0  # the same run on a roomy disk
+    checkpoint_size = (reference / RUN / "model_0000001.pth").stat().st_size
+
+    run = project / RUN
+    # room for config, logs and one checkpoint; the second one does not fit
+    with small_disk(run, checkpoint_size + (3 << 20)):
+        line = one_error_line(cli(project, *TRAIN), progress_before=True)
+        assert line.startswith(f"error: {RUN}/model_0000003.pth: no space left on device"), line
+        assert sorted(path.name for path in run.iterdir() if path.name.startswith(".")) == []  # no temp left
+        assert (run / "last_checkpoint").read_text() == "model_0000001.pth"
+        for text in (run / "metrics.json").read_text().splitlines():
+            json.loads(text)  # whole lines only
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(run)], check=True)  # space freed
+        result = cli(project, *TRAIN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Starting training from iteration 2" in (run / "log.txt").read_text()
+        resumed = torch.load(run / "model_final.pth", weights_only=True)
+    expected = torch.load(reference / RUN / "model_final.pth", weights_only=True)
+    assert all(torch.equal(resumed["model"][name], tensor) for name, tensor in expected["model"].items())
