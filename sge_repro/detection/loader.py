@@ -161,8 +161,6 @@ def build_train_loader(cfg: CfgNode, records: list[dict], start_iter: int):
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise UserError(f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN!r}: only TrainingSampler "
                         "is supported (its stream is what a resume replays)")
-    if cfg.SEED < 0:
-        raise UserError(f"SEED={cfg.SEED}: expected a seed >= 0 (a negative seed would make every run differ)")
     world_size, rank = comm.get_world_size(), comm.get_rank()
     total = cfg.SOLVER.IMS_PER_BATCH
     if total % world_size:

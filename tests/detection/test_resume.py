@@ -250,3 +250,11 @@ def mixed_root(train_name: str) -> Path:
     from detectron2.data import MetadataCatalog
 
     return Path(MetadataCatalog.get(train_name).image_root).parent
+
+
+def test_a_negative_seed_is_refused_before_anything_is_written(detectron2_weights, registered, tmp_path):
+    cfg = build_detector_config("faster_rcnn", None, detectron2_weights, registered[0], None, tmp_path / "run",
+                                NUM_CATEGORIES, -1, overrides=tiny_overrides())
+    with pytest.raises(UserError, match=r"SEED=-1: expected a seed >= 0"):
+        train_detector(cfg)  # detectron2 would read it as "a new random seed each run"
+    assert not (tmp_path / "run").exists()
