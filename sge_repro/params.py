@@ -155,6 +155,8 @@ class TrainDetParams(Section):
     checkpoint_period: int = Field(100, ge=1)
     workers: int = Field(0, ge=0)
     device: str = "cpu"
+    keep_checkpoints: int = Field(2, ge=1, description="periodic checkpoints kept (newest); model_final always")
+    deterministic: bool = Field(True, description="cudnn without autotuning (detectron2 CUDNN_BENCHMARK off)")
 
 
 class EvalDetParams(Section):

@@ -9,6 +9,9 @@ What the shims cover (see shared notes, "detectron2 on these machines"):
   roi_align and nms; COCO evaluation runs on pycocotools with `use_fast_impl=False`).
 - Pillow >= 10 removed `Image.LINEAR`, used by v0.6 as a default argument at import time.
 - numpy >= 1.24 removed the `np.int` / `np.float` aliases that v0.6 still uses.
+- torch >= 2.10 deprecates `torch.jit.script`, which detectron2 and fvcore call at import time:
+  that one FutureWarning is filtered (by message), and torch.meshgrid's notice about its `indexing`
+  argument, which v0.6's anchor generator omits: a detection command's error is its one line.
 
 An official build (compiled `_C` present) is imported untouched apart from the two aliases,
 which are no-ops on the old library versions that build was made for.
@@ -20,6 +23,7 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
 from typing import Any
 
 _PLACEHOLDER_FLAG = "__sge_repro_placeholder__"
@@ -54,6 +58,10 @@ def _install_shims() -> None:
     global _installed
     if _installed:
         return
+    # detectron2 / fvcore script a few helpers at import; torch's deprecation notice is not ours to act on
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    # ... and v0.6's anchor generator calls torch.meshgrid without `indexing` (its "ij" default is what it means)
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
     from PIL import Image
 
     if not hasattr(Image, "LINEAR"):

@@ -1,15 +1,23 @@
 """Training and COCO evaluation of detectors through detectron2's own engine.
 
 `train_detector(cfg)` runs a DefaultTrainer subclass (hooks, periodic atomic checkpoints with
-resume, TensorBoard / JSON events in OUTPUT_DIR) and `evaluate_detector(cfg, weights, dataset)`
-runs COCOEvaluator on pycocotools (use_fast_impl=False: no compiled ops needed).
+exact resume, TensorBoard / JSON events in OUTPUT_DIR) and `evaluate_detector(cfg, weights,
+dataset)` runs COCOEvaluator on pycocotools (use_fast_impl=False: no compiled ops needed).
 
-Distributed: start with torchrun (env:// rendezvous); this module initialises the process
-group itself (NCCL on GPU, gloo on CPU), since detectron2 v0.6's `launch` requires CUDA.
+Distributed: each of N env:// worker processes (torch elastic, torchrun or SLURM set RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT) calls the same function; it joins
+the group (NCCL on GPU, gloo on CPU) and makes detectron2's per-machine group, since v0.6's
+`launch` requires CUDA. SOLVER.IMS_PER_BATCH is the global batch (each rank loads its share);
+only rank 0 writes files.
+
+Before anything is written in OUTPUT_DIR, training decodes every training image once (a corrupt
+one: UserError naming it, or left out with skip_corrupt) and compares the config fingerprint of
+the checkpoint it would resume from (sge_repro.detection.checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,83 +28,63 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sge_repro.atomic import torch_save, write_text
+from sge_repro.atomic import write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
+from sge_repro.detection.checkpoint import (
+    FINAL_WEIGHTS, AtomicCheckpointer, CheckpointHook, config_fingerprint, last_checkpoint, read_resume_state,
+    set_rng_state,
+)
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
 from sge_repro.detection.mmdetection import build_optimizer  # also registers the authors' Cascade heads
+from sge_repro.detection.loader import build_train_loader, check_images, training_records
+from sge_repro.detection.writes import (
+    AppendFile, append_log_to, disk_errors, quiet_event_writer_thread, raise_disk_error,
+)
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
-from sge_repro.models.checkpoints import load_checkpoint_file
 
 import_detectron2()
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data import build_detection_test_loader  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader  # noqa: E402
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks  # noqa: E402
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-FINAL_WEIGHTS = "model_final.pth"
 logger = logging.getLogger("sge_repro.detection")
 
 
 # --------------------------------------------------------------------------- distributed
-def init_distributed_from_env() -> int:
-    """Join the torchrun process group if WORLD_SIZE > 1; returns the world size."""
+def init_distributed_from_env(cuda: bool | None = None) -> int:
+    """Join the env:// process group if WORLD_SIZE > 1 and make detectron2's per-machine group
+    (what its `launch` would make); returns the world size."""
     if dist.is_initialized():
         return comm.get_world_size()
-    world_size = join_process_group(cuda=torch.cuda.is_available()).world_size
+    world_size = join_process_group(cuda=torch.cuda.is_available() if cuda is None else cuda).world_size
     if world_size <= 1:
         return comm.get_world_size()
-    # detectron2's comm.get_local_rank() reads a per-machine group that only its `launch` makes
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if world_size % local_size:
+        raise UserError(f"WORLD_SIZE={world_size} is not a multiple of LOCAL_WORLD_SIZE={local_size}")
     machine = dist.get_rank() // local_size
-    for index in range(world_size // local_size):
+    for index in range(world_size // local_size):  # every rank creates every group, in order
         group = dist.new_group(list(range(index * local_size, (index + 1) * local_size)))
         if index == machine:
             comm._LOCAL_PROCESS_GROUP = group
     return world_size
 
 
+def _on_cuda(cfg: CfgNode) -> bool:
+    return cfg.MODEL.DEVICE.startswith("cuda")
+
+
 # --------------------------------------------------------------------------- checkpoints
-class AtomicCheckpointer(DetectionCheckpointer):
-    """detectron2's checkpointer, but every file is written atomically (temp + rename), so a
-    killed run never leaves a truncated checkpoint that `last_checkpoint` would point to."""
-
-    def __init__(self, model, save_dir: str = "", metadata: dict | None = None, **checkpointables):
-        super().__init__(model, save_dir, **checkpointables)
-        self.metadata = metadata or {}
-
-    def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        data["sge_repro"] = dict(self.metadata)
-        basename = f"{name}.pth"
-        self.logger.info(f"Saving checkpoint to {os.path.join(self.save_dir, basename)}")
-        torch_save(data, os.path.join(self.save_dir, basename))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
-
-    def _load_file(self, filename: str):
-        # torch.load(weights_only=True) in every case (fvcore's default may change with torch)
-        if filename.endswith(".pkl"):
-            raise UserError(f"weights {filename}: pickled Detectron .pkl files are not loaded; convert with sge-repro convert")
-        loaded = load_checkpoint_file(filename, what="weights")
-        return loaded if "model" in loaded else {"model": loaded}
-
-
 def _weights_metadata(cfg: CfgNode) -> dict:
     node = cfg.MODEL.SGE_BACKBONE
     return {
@@ -110,28 +98,67 @@ def _weights_metadata(cfg: CfgNode) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- training
-class DetectorTrainer(DefaultTrainer):
-    """DefaultTrainer with CPU DDP, atomic checkpoints and COCOEvaluator on pycocotools."""
+def _build_model(cfg: CfgNode) -> torch.nn.Module:
+    """detectron2's model, logged in one line (DefaultTrainer prints the whole module tree)."""
+    model = build_model(cfg)
+    count = sum(parameter.numel() for parameter in model.parameters())
+    logger.info("model: %s with backbone %s, %.2fM parameters", cfg.MODEL.META_ARCHITECTURE,
+                cfg.MODEL.SGE_BACKBONE.ARCH, count / 1e6)
+    return model
 
-    def __init__(self, cfg: CfgNode):
+
+# --------------------------------------------------------------------------- training
+class _MetricsWriter(JSONWriter):
+    """metrics.json, appended in whole lines (AppendFile): a full disk is the one-line error
+    naming the file, and no half line is left for the resumed run to append after."""
+
+    def __init__(self, json_file: str, window_size: int = 20):
+        super().__init__(json_file, window_size)
+        self._file_handle.close()
+        self._file_handle = AppendFile(json_file)
+
+
+class _EventsWriter(TensorboardXWriter):
+    """TensorBoard events; a failed write (raised by its writer thread at the next call) is the
+    one-line error naming the folder."""
+
+    def __init__(self, log_dir: str, **kwargs):
+        quiet_event_writer_thread()
+        super().__init__(log_dir, **kwargs)
+        self._log_dir = log_dir
+
+    def write(self):
+        with disk_errors(Path(self._log_dir) / "events.out.tfevents.*"):
+            super().write()
+
+    def close(self):
+        with disk_errors(Path(self._log_dir) / "events.out.tfevents.*"):
+            super().close()
+
+
+class DetectorTrainer(DefaultTrainer):
+    """DefaultTrainer with CPU DDP, the resumable data stream, atomic checkpoints carrying the
+    config fingerprint and RNG states (CheckpointHook), and COCOEvaluator on pycocotools."""
+
+    def __init__(self, cfg: CfgNode, records: list[dict] | None = None, start_iter: int = 0,
+                 keep_checkpoints: int = 2, fingerprint: dict | None = None):
         TrainerBase.__init__(self)
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        records = training_records(cfg) if records is None else records
+        data_loader = build_train_loader(cfg, records, start_iter)
         # CPU modules need device_ids=None (detectron2 would pass [local_rank])
-        on_cuda = cfg.MODEL.DEVICE.startswith("cuda")
         model = create_ddp_model(
-            model, broadcast_buffers=False, **({} if on_cuda else {"device_ids": None})
+            model, broadcast_buffers=False, **({} if _on_cuda(cfg) else {"device_ids": None})
         )
         trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_class(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(
-            model, cfg.OUTPUT_DIR, metadata=_weights_metadata(cfg), trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
+        metadata = {**_weights_metadata(cfg), "world_size": comm.get_world_size(),
+                    **({"fingerprint": fingerprint} if fingerprint is not None else {})}
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, metadata=metadata, trainer=weakref.proxy(self))
+        self.keep_checkpoints = keep_checkpoints
+        self.start_iter = start_iter
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
@@ -140,22 +167,55 @@ class DetectorTrainer(DefaultTrainer):
     def build_optimizer(cls, cfg: CfgNode, model):
         return build_optimizer(cfg, model)  # adds the authors' full-model gradient clipping
 
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        return _build_model(cfg)
+
+    def state_dict(self) -> dict:
+        # detectron2 0.6's DefaultTrainer saves only the iteration and the hooks (the LR
+        # scheduler): the optimizer's momentum (and AMP's grad scaler) must be saved too
+        return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._trainer.load_state_dict(state["_trainer"])
+
     def build_hooks(self):
-        built = super().build_hooks()
-        if self.cfg.TEST.EVAL_PERIOD <= 0:
-            # evaluation is its own pipeline stage; no implicit eval at the end of training
-            built = [hook for hook in built if not isinstance(hook, hooks.EvalHook)]
+        built = []
+        for hook in super().build_hooks():
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                continue  # replaced below, on every rank (the RNG states are gathered from all)
+            if isinstance(hook, hooks.EvalHook) and self.cfg.TEST.EVAL_PERIOD <= 0:
+                continue  # evaluation is its own pipeline stage; no implicit eval at the end of training
+            built.append(hook)
+        checkpoints = CheckpointHook(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.keep_checkpoints,
+                                     cuda=_on_cuda(self.cfg))
+        writers = [index for index, hook in enumerate(built) if isinstance(hook, hooks.PeriodicWriter)]
+        built.insert(writers[0] if writers else len(built), checkpoints)
         return built
 
     def build_writers(self):
         """Console, metrics.json and TensorBoard events (TensorBoard skipped, with a warning, when
         the `tensorboard` package is absent)."""
+        writers = [CommonMetricPrinter(self.max_iter), _MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             logger.warning("tensorboard is not installed: no TensorBoard events, metrics.json only")
-            return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
-        return super().build_writers()
+            return writers
+        return writers + [_EventsWriter(self.cfg.OUTPUT_DIR)]
+
+    def resume_from(self, path: Path, iteration: int) -> None:
+        """Load model, optimizer, scheduler, iteration and this rank's RNG states from `path`."""
+        extra = self.checkpointer.load(str(path))
+        assert self.iter == iteration and self.start_iter == iteration + 1, (self.iter, iteration, self.start_iter)
+        states = extra.get("rng")
+        if isinstance(states, list) and len(states) == comm.get_world_size():
+            set_rng_state(states[comm.get_rank()])
+        else:
+            logger.warning("%s holds the RNG states of %s processes, this run has %d: the random streams of "
+                           "the model (proposal sampling) continue from new seeds", path,
+                           len(states) if isinstance(states, list) else "no", comm.get_world_size())
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
@@ -169,53 +229,91 @@ def coco_tasks(cfg: CfgNode) -> tuple[str, ...]:
     return ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
 
 
-def _setup_run(cfg: CfgNode, log_to_output_dir: bool = True) -> None:
-    init_distributed_from_env()
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    """Drops detectron2's 'Exception during training:' traceback for a UserError (one line, by the CLI)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+def _setup_logging(output_dir: str | None) -> None:
+    """detectron2's console log (rank 0) and OUTPUT_DIR/log.txt (rank 0 only: no log.txt.rankN),
+    appended in whole records."""
     rank = comm.get_rank()
-    if log_to_output_dir:
-        Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-    # Evaluation must not touch OUTPUT_DIR: it is train_det's DVC output, and a changed log.txt
-    # there would make DVC retrain.
-    output = cfg.OUTPUT_DIR if log_to_output_dir else None
-    setup_logger(output=output, distributed_rank=rank, name="detectron2", abbrev_name="d2")
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    output = output_dir if rank == 0 else None
+    d2_logger = setup_logger(output=output, distributed_rank=rank, name="detectron2", abbrev_name="d2")
+    if output is not None:
+        append_log_to(d2_logger, os.path.join(output, "log.txt"))
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    if _not_a_user_error not in train_loop.filters:
+        train_loop.addFilter(_not_a_user_error)
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    marker = Path(output_dir) / "last_checkpoint"
-    if marker.is_file():
-        candidate = Path(output_dir) / marker.read_text().strip()
-        if candidate.is_file():
-            return str(candidate)
-    return None
+def _apply_determinism(cfg: CfgNode) -> None:
+    """cudnn autotuning per CUDNN_BENCHMARK (train_det.deterministic: false); off = deterministic
+    cudnn kernels. No effect on CPU."""
+    torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
+    torch.backends.cudnn.deterministic = not cfg.CUDNN_BENCHMARK
 
 
-def train_detector(cfg: CfgNode, resume: bool = True) -> Path:
-    """Train the detector of `cfg`; returns OUTPUT_DIR/model_final.pth.
+def _check_seed(cfg: CfgNode) -> None:
+    if cfg.SEED < 0:
+        raise UserError(f"SEED={cfg.SEED}: expected a seed >= 0 (detectron2 reads a negative seed as 'random')")
+
+
+def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2, skip_corrupt: bool = False) -> Path:
+    """Train the detector of `cfg`; returns OUTPUT_DIR/model_final.pth. Call it in every process
+    of a distributed run.
 
     resume=True continues from OUTPUT_DIR/last_checkpoint when present (a finished run returns
-    at once); otherwise starts from cfg.MODEL.WEIGHTS, whose backbone tensors must ALL be
-    present (UserError otherwise). A NaN / infinite loss stops with a UserError naming the
-    iteration and the last good checkpoint (left in place).
+    at once), exactly where an uninterrupted run would be (model, optimizer, scheduler,
+    iteration, data stream and RNG states); a checkpoint written under another config is
+    refused (UserError naming the differing keys). Otherwise starts from cfg.MODEL.WEIGHTS,
+    whose backbone tensors must ALL be present (UserError otherwise). Keeps the newest
+    `keep_checkpoints` periodic checkpoints. A corrupt training image is a UserError naming it,
+    or left out with `skip_corrupt`; either way nothing is written before these checks. A NaN /
+    infinite loss stops with a UserError naming the iteration and the last good checkpoint.
     """
-    _setup_run(cfg)
-    if comm.is_main_process():
-        write_text(Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump())
-    trainer = DetectorTrainer(cfg)
-    resuming = resume and trainer.checkpointer.has_checkpoint()
-    if not resuming:
-        if cfg.MODEL.WEIGHTS:
-            check_detector_weights(
-                trainer.checkpointer.model, cfg.MODEL.WEIGHTS,
-                pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD,
-            )
-        else:
-            logger.warning("MODEL.WEIGHTS is empty: the detector starts from a random initialisation")
-    trainer.resume_or_load(resume=resume)
+    _check_seed(cfg)
+    if keep_checkpoints < 1:
+        raise UserError(f"keep_checkpoints={keep_checkpoints}: expected at least 1")
+    init_distributed_from_env(cuda=_on_cuda(cfg))
+    rank = comm.get_rank()
+    _apply_determinism(cfg)
+    records = training_records(cfg)
+    corrupt = check_images(records, skip_corrupt, f"the training set {', '.join(cfg.DATASETS.TRAIN)}")
+    records = [record for record in records if record["file_name"] not in corrupt]
+    fingerprint = config_fingerprint(cfg, num_images=len(records))
+    resume_state = read_resume_state(cfg.OUTPUT_DIR, fingerprint) if resume else None
+    final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
+    if resume_state and resume_state[1] >= cfg.SOLVER.MAX_ITER - 1 and final.is_file():
+        return final  # finished under this config: nothing to do, nothing rewritten
+    # ---- nothing was written before this line
+    if rank == 0:
+        with disk_errors(Path(cfg.OUTPUT_DIR) / "log.txt"):
+            Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+            _setup_logging(cfg.OUTPUT_DIR)
+        with disk_errors(Path(cfg.OUTPUT_DIR) / "config.yaml"):
+            write_text(Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump())
+    else:
+        _setup_logging(None)
+    seed_all_rng(cfg.SEED + rank)
+    start_iter = resume_state[1] + 1 if resume_state else 0
+    trainer = DetectorTrainer(cfg, records, start_iter, keep_checkpoints, fingerprint)
+    if resume_state:
+        trainer.resume_from(resume_state[0], resume_state[1])
+    elif cfg.MODEL.WEIGHTS:
+        check_detector_weights(trainer.checkpointer.model, cfg.MODEL.WEIGHTS,
+                               pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD)
+        trainer.checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    else:
+        logger.warning("MODEL.WEIGHTS is empty: the detector starts from a random initialisation")
     try:
-        trainer.train()
+        try:
+            trainer.train()
+        except (OSError, RuntimeError) as error:  # a write not named by its writer (fsync, a library's file)
+            raise_disk_error(cfg.OUTPUT_DIR, error)
+            raise
     except FloatingPointError as error:
-        last = _last_checkpoint(cfg.OUTPUT_DIR)
+        last = last_checkpoint(cfg.OUTPUT_DIR)
         kept = f"last good checkpoint kept: {last}" if last else "no checkpoint was written before it"
         raise UserError(
             f"detector training diverged: loss became NaN or infinite at iteration {trainer.iter} "
@@ -223,8 +321,7 @@ def train_detector(cfg: CfgNode, resume: bool = True) -> Path:
             f"SOLVER.WARMUP_ITERS ({str(error).splitlines()[0]})"
         ) from None
     comm.synchronize()
-    final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
-    if comm.is_main_process() and not final.is_file():
+    if rank == 0 and not final.is_file():
         raise RuntimeError(f"training ended without writing {final}")
     return final
 
@@ -242,35 +339,56 @@ def _clean_metrics(raw: dict) -> tuple[dict, list[str]]:
     return cleaned, nan_metrics
 
 
+class _SubsetCOCOEvaluator(COCOEvaluator):
+    """COCOEvaluator over the images that were evaluated (all of them unless some were skipped
+    as corrupt: then AP is over the rest, not counting the skipped images' objects as missed)."""
+
+    def __init__(self, *args, image_ids: list[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._image_ids = image_ids
+
+    def evaluate(self, img_ids=None):
+        return super().evaluate(self._image_ids if img_ids is None else img_ids)
+
+
 def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
-                      output_dir: str | os.PathLike | None = None) -> dict | None:
+                      output_dir: str | os.PathLike | None = None, skip_corrupt: bool = False) -> dict | None:
     """COCO metrics of the detector `weights` on registered `dataset`.
 
     Returns (on the main process; None on the others):
       {"bbox": {"AP","AP50","AP75","APs","APm","APl"}, "segm": {...} (mask models only),
        "per_category": {task: {name: AP}}, "nan_metrics": {task: [names reported as 0.0]},
-       "no_detections": bool, "num_detections": int, "num_images": int, "dataset", "weights"}
+       "no_detections": bool, "num_detections": int, "num_images": int, "skipped_images": [files],
+       "dataset", "weights"}
     APs are in percent. NaN (zero detections, or no objects of a size) is reported as 0.0 and
-    flagged in nan_metrics.
+    flagged in nan_metrics. Every image is decoded first: a corrupt one is a UserError naming
+    it, or with `skip_corrupt` left out of the evaluation (listed in skipped_images).
     """
-    _setup_run(cfg, log_to_output_dir=False)
+    init_distributed_from_env(cuda=_on_cuda(cfg))
+    records = DatasetCatalog.get(dataset)
+    corrupt = check_images(records, skip_corrupt, f"the dataset {dataset}")
+    kept = [record for record in records if record["file_name"] not in corrupt]
     weights = Path(weights)
-    model = DetectorTrainer.build_model(cfg)
+    model = _build_model(cfg)
     # evaluation needs the whole detector from the file, not only its backbone
     check_detector_weights(model, weights, require_all=True,
                            pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD)
+    # console log only after the checks (an error is one line); never in OUTPUT_DIR, train_det's
+    # DVC output, where a changed log.txt would make DVC retrain
+    _setup_logging(None)
     AtomicCheckpointer(model).load(str(weights))
     model.eval()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
-        evaluator = COCOEvaluator(dataset, tasks=coco_tasks(cfg), output_dir=str(folder), use_fast_impl=False)
-        loader = build_detection_test_loader(cfg, dataset)
+        evaluator = _SubsetCOCOEvaluator(
+            dataset, tasks=coco_tasks(cfg), output_dir=str(folder), use_fast_impl=False,
+            image_ids=[record["image_id"] for record in kept] if corrupt else None)
+        loader = build_detection_test_loader(dataset=kept, mapper=DatasetMapper(cfg, False),
+                                             num_workers=cfg.DATALOADER.NUM_WORKERS)
         raw = inference_on_dataset(model, loader, evaluator)
         if not comm.is_main_process():
             return None
         predictions = folder / "coco_instances_results.json"
-        import json
-
         num_detections = len(json.loads(predictions.read_text())) if predictions.is_file() else 0
     result: dict = {"per_category": {}, "nan_metrics": {}}
     for task in ("bbox", "segm"):
@@ -286,7 +404,8 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
     result.update({
         "no_detections": num_detections == 0,
         "num_detections": num_detections,
-        "num_images": len(loader.dataset),
+        "num_images": len(kept),
+        "skipped_images": sorted(corrupt),
         "dataset": dataset,
         "weights": str(weights),
     })

@@ -34,7 +34,7 @@ class DetectionDataset:
 
 def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_batch: int, base_lr: float,
                        warmup_iters: int | None, min_size: int, max_size: int, checkpoint_period: int,
-                       workers: int, protocol: str = "detectron2") -> dict[str, Any]:
+                       workers: int, protocol: str = "detectron2", deterministic: bool = True) -> dict[str, Any]:
     """detectron2 overrides for train_det's params, keeping the YAML's schedule shape.
     warmup_iters None: the YAML's warmup (the authors' 500 iterations at COCO scale)."""
     from sge_repro.detection.config import new_config
@@ -59,6 +59,7 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
         "INPUT.MIN_SIZE_TEST": min_size,
         "INPUT.MAX_SIZE_TEST": max_size,
         "DATALOADER.NUM_WORKERS": workers,
+        "CUDNN_BENCHMARK": not deterministic,
     }
 
 
@@ -71,6 +72,7 @@ def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDatase
     overrides = schedule_overrides(
         detector, dataset.config_set, train.max_iter, train.ims_per_batch, train.base_lr, train.warmup_iters,
         train.min_size, train.max_size, train.checkpoint_period, train.workers, protocol=train.protocol,
+        deterministic=train.deterministic,
     )
     cfg = build_detector_config(
         detector, backbone, weights, train_name, val_name, run_dir,

@@ -63,7 +63,8 @@ def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbon
 
     cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)
     started = time.perf_counter()
-    final = train_detector(cfg, resume=True)
+    final = train_detector(cfg, resume=True, keep_checkpoints=params.train_det.keep_checkpoints,
+                           skip_corrupt=params.data.skip_corrupt)
     return {
         "weights": str(final),
         "protocol": params.train_det.protocol,
@@ -85,7 +86,7 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
                         f"--backbone {backbone} --seed {seed}` first")
     started = time.perf_counter()
     # predictions go to a temp folder: the run folder is train_det's output and must not change here
-    result = evaluate_detector(cfg, weights, val_name)
+    result = evaluate_detector(cfg, weights, val_name, skip_corrupt=params.data.skip_corrupt)
     if result is None:  # a non-main process of a distributed evaluation
         return {}
     metrics = {
@@ -106,6 +107,7 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
         "per_category": result["per_category"],
         "num_detections": result["num_detections"],
         "num_images": result["num_images"],
+        **({"skipped_images": result["skipped_images"]} if result["skipped_images"] else {}),
         "weights": str(weights),
         "seconds": round(time.perf_counter() - started, 1),
     }

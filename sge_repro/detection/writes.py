@@ -1,0 +1,149 @@
+"""The files a detector run writes, under a full disk: one line naming the file, nothing partial.
+
+Checkpoints, last_checkpoint and config.yaml are written atomically (sge_repro.atomic: the temp
+is removed when the write fails). The append-only files are written here in whole pieces:
+metrics.json and log.txt append each record with one os.write and are cut back to their old
+length when the write fails, so a rerun never appends after half a line. A failed write becomes
+UserError "<file>: no space left on device ..." (exit 2); torch's C++ writer reports a full disk
+as 'basic_ios::clear: iostream error' or 'file write failed', recognised by the free space left.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+from sge_repro.errors import UserError
+
+TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed", "unexpected pos")
+RESUMES = "free space there and rerun: training resumes from the last complete checkpoint"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and the ones it was raised from / while handling (torch's writer raises a second
+    RuntimeError while closing the archive after the first)."""
+    chain = [error]
+    while (error := error.__cause__ or error.__context__) is not None and error not in chain:
+        chain.append(error)
+    return chain
+
+
+def raise_disk_error(path: str | os.PathLike, error: BaseException) -> None:
+    """Raise the one-line UserError for `error` when it is a failed write of `path`; return otherwise."""
+    if isinstance(error, UserError):
+        raise error
+    where = Path(path).parent
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"{path}: no space left on device (writing in {where}); {RESUMES}") from error
+    if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM):
+        raise UserError(f"{path}: cannot write ({os.strerror(error.errno)}); expected a writable folder {where}") from error
+    if isinstance(error, RuntimeError) and any(text in str(link) for link in _chain(error) for text in TORCH_WRITE_FAILURES):
+        free = _free_bytes(where)
+        cause = "no space left on device" if free is not None and free < (64 << 20) else "the write failed"
+        raise UserError(f"{path}: {cause} (torch: {str(error).splitlines()[0]}; {free} bytes free in {where}); "
+                        f"{RESUMES}") from error
+
+
+class disk_errors:
+    """`with disk_errors(path):` turns a failed write of `path` into the one-line UserError."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+
+    def __enter__(self) -> "disk_errors":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if error is not None:
+            raise_disk_error(self.path, error)
+        return False
+
+
+class AppendFile:
+    """A text file that `write` collects into and `flush` appends to in one os.write; when that
+    fails the file is cut back to its old length and the text dropped (UserError for a full disk)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.name = str(path)
+        with disk_errors(path):
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self._pending: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._pending.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._pending or self._fd < 0:
+            return
+        data = memoryview("".join(self._pending).encode("utf-8"))
+        self._pending = []
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as error:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise_disk_error(self.name, error)
+            raise
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def append_log_to(logger: logging.Logger, log_file: str | os.PathLike) -> None:
+    """Make `logger`'s handler of `log_file` (detectron2's setup_logger opened it buffered) append
+    whole records through AppendFile, and raise the full-disk UserError instead of printing
+    logging's '--- Logging error ---' traceback."""
+    log_file = os.path.abspath(log_file)
+    for handler in logger.handlers:
+        stream = getattr(handler, "stream", None)
+        if isinstance(handler, logging.StreamHandler) and os.path.abspath(getattr(stream, "name", "") or "") == log_file \
+                and not isinstance(stream, AppendFile):
+            handler.setStream(AppendFile(log_file))
+
+            def handle_error(record, handler=handler):
+                if isinstance(sys.exc_info()[1], UserError):
+                    raise sys.exc_info()[1]
+                logging.StreamHandler.handleError(handler, record)
+
+            handler.handleError = handle_error
+
+
+_previous_excepthook = threading.excepthook
+
+
+def _quiet_event_writer_errors(args) -> None:
+    """TensorBoard's writer thread re-raises its OSError in the main thread at the next write (where
+    it becomes the one-line error); its own traceback on stderr is not shown."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _previous_excepthook(args)
+
+
+def quiet_event_writer_thread() -> None:
+    threading.excepthook = _quiet_event_writer_errors
