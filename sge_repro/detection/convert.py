@@ -25,7 +25,7 @@ from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
 from sge_repro.models.registry import DEPTHS, format_model_name
 from sge_repro.models.resnet import Bottleneck
-from sge_repro.models.checkpoints import check_state_dict, interpret_checkpoint, load_checkpoint_file
+from sge_repro.models.checkpoints import interpret_checkpoint, load_checkpoint_file, load_state_dict_strict
 
 DETECTRON2_WEIGHTS_FORMAT = "sge-repro/detectron2-weights/v1"
 BACKBONE_PREFIX = "backbone.bottom_up."
@@ -83,9 +83,10 @@ def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None =
     kwargs.update(model_kwargs or {})
     num_classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000
     model = create_model(name, num_classes=num_classes, **kwargs)
-    model.load_state_dict(check_state_dict(model, state_dict, path, detected), strict=True)
+    load_state_dict_strict(model, state_dict, path, detected)
     kwargs = {"groups": int(kwargs.get("groups", DEFAULT_GROUPS)), "width": int(kwargs.get("width", DEFAULT_WIDTH))}
-    return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes}
+    return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes,
+                   "authors_layout": bool(model.authors_computation)}
 
 
 def convert_classifier_to_detectron2(
