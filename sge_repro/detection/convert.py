@@ -94,11 +94,14 @@ def convert_classifier_to_detectron2(
     output_path: str | os.PathLike,
     model_name: str | None = None,
     model_kwargs: dict | None = None,
+    backbone_source: str = "file",
 ) -> dict:
     """Write detectron2 weights for the bottom-up backbone; returns a summary dict.
 
     model_name is needed only for foreign files whose architecture cannot be inferred (e.g. an
     SE-ResNet from torchvision-style names); for our own files it is read from the header.
+    backbone_source ("trained" | "file" | "torchvision": where the ImageNet weights came from) is
+    recorded in the output's header for the report.
     """
     checkpoint_path, output_path = Path(checkpoint_path), Path(output_path)
     model, description = read_classifier(checkpoint_path, model_name, model_kwargs)
@@ -112,6 +115,7 @@ def convert_classifier_to_detectron2(
         "format": DETECTRON2_WEIGHTS_FORMAT,
         **description,
         "source": str(checkpoint_path),
+        "backbone_source": backbone_source,
         "prefix": BACKBONE_PREFIX,
         "input_format": INPUT_FORMAT,
         "pixel_mean": IMAGENET_PIXEL_MEAN,
