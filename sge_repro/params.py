@@ -20,6 +20,7 @@ from sge_repro.detection.detectors import DETECTORS, REFERENCE_TWO_STAGE_LR
 from sge_repro.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+RELEASED_SEED = 0  # a released classifier is one run: its files are named as seed 0
 PROFILES_DIR = Path("pipelines") / "profiles"
 
 
@@ -185,11 +186,13 @@ class Params(Section):
     profile: str = "embedded"
     cpu_threads: int = Field(2, ge=1, description="torch threads on CPU; CPU runs repeat bit for bit at a fixed count")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
-    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
-    detection_backbones: list[str] = Field(
-        default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
-    )
+    models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], description=(
+        "classifiers trained here (may be empty when `released` names the classifiers)"))
+    released: dict[str, str] = Field(default_factory=dict, description=(
+        "classifiers NOT trained here: model name -> checkpoint file (the authors' release, a torchvision "
+        "state dict, or ours), evaluated as run seed 0 (stages import_cls, eval_released)"))
+    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"])
+    detection_backbones: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"])
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train_cls: TrainClsParams = TrainClsParams()
@@ -209,11 +212,23 @@ class Params(Section):
     def _cross_checks(self) -> "Params":
         from sge_repro.models.registry import NAME_HELP, parse_model_name
 
-        for name in self.models:
-            try:
-                parse_model_name(name)
-            except UserError:
-                raise ValueError(f"models: unknown model {name!r}; {NAME_HELP}") from None
+        for key, names in (("models", self.models), ("released", list(self.released))):
+            for name in names:
+                try:
+                    parse_model_name(name)
+                except UserError:
+                    raise ValueError(f"{key}: unknown model {name!r}; {NAME_HELP}") from None
+        if not self.models and not self.released:
+            raise ValueError("models: empty, and no released checkpoints; expected at least one classifier")
+        both = [name for name in self.released if name in self.models]
+        if both:
+            raise ValueError(f"released: {', '.join(both)} also in models; a classifier is either trained here "
+                             "or given as a file")
+        empty = [name for name, path in self.released.items() if not path]
+        if empty:
+            raise ValueError(f"released: {empty[0]!r} has no checkpoint path")
+        if bool(self.detectors) != bool(self.detection_backbones):
+            raise ValueError("detectors and detection_backbones: both empty (no detection) or both listed")
         for name in self.detectors:
             if name not in DETECTORS:
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")

@@ -25,7 +25,9 @@ from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
 from sge_repro.models.registry import DEPTHS, format_model_name
 from sge_repro.models.resnet import Bottleneck
-from sge_repro.models.checkpoints import interpret_checkpoint, load_checkpoint_file, load_state_dict_strict
+from sge_repro.models.checkpoints import (
+    infer_model_kwargs, interpret_checkpoint, load_checkpoint_file, load_state_dict_strict,
+)
 
 DETECTRON2_WEIGHTS_FORMAT = "sge-repro/detectron2-weights/v1"
 BACKBONE_PREFIX = "backbone.bottom_up."
@@ -75,15 +77,13 @@ def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None =
     elif model_name is None:
         name, kwargs = _infer_model(state_dict, path)
     else:
-        name, kwargs = model_name, {}
-        if "conv1.weight" in state_dict:
-            kwargs["width"] = int(state_dict["conv1.weight"].shape[0])
-        if "layer1.0.sge.weight" in state_dict:
-            kwargs["groups"] = int(state_dict["layer1.0.sge.weight"].numel())
+        name, kwargs = model_name, infer_model_kwargs(state_dict)
+        kwargs.pop("num_classes", None)
     kwargs.update(model_kwargs or {})
     num_classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000
     model = create_model(name, num_classes=num_classes, **kwargs)
-    load_state_dict_strict(model, state_dict, path, detected)
+    load_state_dict_strict(model, state_dict, path, detected,
+                           authors_computation=bool(header and header["authors_computation"]))
     kwargs = {"groups": int(kwargs.get("groups", DEFAULT_GROUPS)), "width": int(kwargs.get("width", DEFAULT_WIDTH))}
     return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes,
                    "authors_layout": bool(model.authors_computation)}

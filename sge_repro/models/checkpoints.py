@@ -47,6 +47,9 @@ FORMAT_TORCHVISION = "torchvision"
 FORMAT_OFFICIAL = "official"
 FORMAT_PREFIXED = "state_dict (module. prefix)"
 RESERVED_KEYS = ("format", "model", "model_kwargs", "state_dict")
+# Optional key of our format: True when the weights came from the authors' release of a model whose
+# computation differs from ours (e.g. BAM), so that loading the file switches the model to theirs.
+AUTHORS_COMPUTATION_KEY = "authors_computation"
 _FIRST = 5  # how many keys an error message lists
 
 
@@ -128,7 +131,8 @@ def interpret_checkpoint(obj: Any, path: str | os.PathLike) -> tuple[dict[str, t
         missing = [key for key in RESERVED_KEYS if key not in obj]
         if missing or not _is_state_dict(obj["state_dict"]):
             raise UserError(f"checkpoint {path}: {CLASSIFIER_FORMAT} file lacks {missing or ['a tensor state_dict']}")
-        header = {"model": obj["model"], "model_kwargs": dict(obj["model_kwargs"])}
+        header = {"model": obj["model"], "model_kwargs": dict(obj["model_kwargs"]),
+                  "authors_computation": obj.get(AUTHORS_COMPUTATION_KEY) is True}
         return _strip_prefix(obj["state_dict"]), CLASSIFIER_FORMAT, header
     if isinstance(obj, dict) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
         return _strip_prefix(obj["state_dict"]), FORMAT_OFFICIAL, None
@@ -284,17 +288,51 @@ def load_into(
                 raise UserError(
                     f"checkpoint {path}: model_kwargs.{key}={header['model_kwargs'][key]!r}, expected {value!r}"
                 )
-    return load_state_dict_strict(model, state_dict, path, detected)
+    return load_state_dict_strict(model, state_dict, path, detected,
+                                  authors_computation=bool(header and header["authors_computation"]))
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
-                           detected: str) -> str:
+                           detected: str, authors_computation: bool = False) -> str:
     """Load a state dict (ours or in the authors' layout) into `model`, all or nothing; a file in the
-    authors' layout also switches the model to their computation. Returns the detected format."""
+    authors' layout (or one of ours saying so) also switches the model to their computation.
+    Returns the detected format."""
     state_dict, layout = to_model_layout(model, state_dict)
     complete = check_state_dict(model, state_dict, path, detected, layout)
     bare = unwrap_model(model)
     bare.load_state_dict(complete, strict=True)
-    if layout == LAYOUT_AUTHORS:
+    if layout == LAYOUT_AUTHORS or authors_computation:
         bare.use_authors_computation()
     return detected
+
+
+def infer_model_kwargs(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """width, SGE groups and classes of a foreign file (a state dict under our or the authors' names)."""
+    kwargs = {}
+    if "conv1.weight" in state_dict:
+        kwargs["width"] = int(state_dict["conv1.weight"].shape[0])
+    if "layer1.0.sge.weight" in state_dict:
+        kwargs["groups"] = int(state_dict["layer1.0.sge.weight"].numel())
+    if "fc.weight" in state_dict:
+        kwargs["num_classes"] = int(state_dict["fc.weight"].shape[0])
+    return kwargs
+
+
+def import_classifier(model_name: str, source: str | os.PathLike, destination: str | os.PathLike, **extra: Any) -> dict:
+    """A given checkpoint file (ours, a torchvision state dict, the authors' release) as one of ours:
+    loaded strictly into `model_name` (width, groups and classes read from the file), written in our
+    format to `destination` (atomically), with `extra` keys. Returns its header."""
+    from sge_repro.atomic import torch_save
+    from sge_repro.models.registry import create_model
+
+    source = Path(source)
+    state_dict, detected, header = interpret_checkpoint(load_checkpoint_file(source), source)
+    kwargs = dict(header["model_kwargs"]) if header else infer_model_kwargs(state_dict)
+    del state_dict
+    model = create_model(model_name, checkpoint=source, **kwargs)
+    kwargs = {"num_classes": model.fc.out_features, **kwargs}
+    checkpoint = make_classifier_checkpoint(model_name, kwargs, model, **extra)
+    checkpoint[AUTHORS_COMPUTATION_KEY] = bool(model.authors_computation)
+    torch_save(checkpoint, destination)
+    return {"model": model_name, "model_kwargs": checkpoint["model_kwargs"], "source_format": detected,
+            AUTHORS_COMPUTATION_KEY: checkpoint[AUTHORS_COMPUTATION_KEY]}
