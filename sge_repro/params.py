@@ -191,8 +191,10 @@ class Params(Section):
     released: dict[str, str] = Field(default_factory=dict, description=(
         "classifiers NOT trained here: model name -> checkpoint file (the authors' release, a torchvision "
         "state dict, or ours), evaluated as run seed 0 (stages import_cls, eval_released)"))
-    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"])
-    detection_backbones: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"])
+    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
+    detection_backbones: list[str] = Field(
+        default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
+    )
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train_cls: TrainClsParams = TrainClsParams()
@@ -227,8 +229,6 @@ class Params(Section):
         empty = [name for name, path in self.released.items() if not path]
         if empty:
             raise ValueError(f"released: {empty[0]!r} has no checkpoint path")
-        if bool(self.detectors) != bool(self.detection_backbones):
-            raise ValueError("detectors and detection_backbones: both empty (no detection) or both listed")
         for name in self.detectors:
             if name not in DETECTORS:
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")

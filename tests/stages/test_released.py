@@ -28,8 +28,8 @@ def _smoke(**changes) -> dict:
     ({"released": {"resnet18": "a.pth"}}, "released: resnet18 also in models"),
     ({"released": {"sge_resnet7": "a.pth"}}, "released: unknown model 'sge_resnet7'"),
     ({"released": {"se_resnet50": ""}}, "released: 'se_resnet50' has no checkpoint path"),
-    ({"models": [], "detection_backbones": [], "detectors": []}, "models: empty, and no released checkpoints"),
-    ({"detectors": []}, "detectors and detection_backbones: both empty"),
+    ({"models": [], "convert": {"source": "file", "files": {"resnet18": "a.pth", "sge_resnet18": "b.pth"}}},
+     "models: empty, and no released checkpoints"),
 ])
 def test_released_params_errors(changes, message):
     with pytest.raises(UserError) as error:
@@ -38,9 +38,10 @@ def test_released_params_errors(changes, message):
 
 
 def test_only_released_classifiers_is_valid():
-    params = validate_params(_smoke(models=[], detectors=[], detection_backbones=[],
-                                    released={"sge_resnet50": "released/sge.pth.tar"}))
-    assert params.models == [] and params.convert.inputs == {}
+    params = validate_params(_smoke(models=[], released={"sge_resnet18": "released/sge.pth.tar"},
+                                    convert={"source": "file", "files": {"resnet18": "a.pth",
+                                                                         "sge_resnet18": "released/sge.pth.tar"}}))
+    assert params.models == [] and {item.source for item in params.convert.inputs.values()} == {"file"}
 
 
 def test_import_keeps_the_authors_computation(tmp_path):
