@@ -20,6 +20,7 @@ from sge_repro.detection.detectors import DETECTORS, PROTOCOLS, REFERENCE_TWO_ST
 from sge_repro.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+RELEASED_SEED = 0  # a released classifier is one run: its files are named as seed 0
 PROFILES_DIR = Path("pipelines") / "profiles"
 
 
@@ -128,14 +129,36 @@ class EvalClsParams(Section):
 ConvertSource = Literal["trained", "file", "torchvision"]
 
 
+class TorchvisionWeights(Section):
+    url: str = Field(pattern=r"^https?://")
+    sha256: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="the file's SHA-256 or its leading hex digits (>= 8)")
+
+
+class ConvertInput(Section):
+    """What one convert@<backbone>-<seed> stage reads (derived; see ConvertParams.inputs)."""
+
+    model: str
+    seed: Seed
+    source: ConvertSource
+    path: str = Field(description="the stage's DVC dependency: runs/cls/<run>, the given file, or the fetched torchvision file")
+    checkpoint: Literal["best", "last"] | None = Field(None, description="source trained: which checkpoint of the run")
+
+
 class ConvertParams(Section):
-    checkpoint: Literal["best", "last"] = Field("best", description=(
-        "for source trained: which of runs/cls/<model>-seed<seed>/{best,last}.pt"))
-    source: ConvertSource = Field("trained", description="default for every backbone: trained | file | torchvision")
-    sources: dict[str, ConvertSource] = Field(default_factory=dict, description=(
-        "per-backbone override, e.g. {resnet50: torchvision, sge_resnet50: file}"))
+    checkpoint: Literal["best", "last"] = "best"
+    source: ConvertSource = Field("trained", description=(
+        "where every backbone's ImageNet weights come from: trained (our train_cls run), file (convert.files), "
+        "torchvision (torchvision's ImageNet weights; resnet50 / resnet101)"))
+    sources: dict[str, ConvertSource] = Field(default_factory=dict, description="per-backbone override of source")
     files: dict[str, str] = Field(default_factory=dict, description=(
-        "backbone model name -> checkpoint path; required for every backbone whose source is file"))
+        "backbone -> checkpoint file (ours, a torchvision state dict or the authors' release); every backbone "
+        "whose source is file, and only those"))
+    torchvision_weights: dict[str, TorchvisionWeights] = Field(default_factory=dict, description=(
+        "replaces the pinned URL / checksum of torchvision's weights (sge_repro.models.torchvision_weights)"))
+    # Derived from the keys above, detection_backbones and seeds (dvc.yaml's convert / fetch_weights
+    # stages iterate over them); written by sge-repro, never edited by hand: a copy that disagrees is an error.
+    inputs: dict[str, ConvertInput] | None = None
+    downloads: dict[str, TorchvisionWeights] | None = None
 
 
 class TrainDetParams(Section):
@@ -233,7 +256,11 @@ class Params(Section):
         "torch threads on CPU, per node (split over the processes a stage launches there); "
         "CPU runs repeat bit for bit at a fixed count"))
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], description=(
+        "classifiers trained here (may be empty when `released` names the classifiers)"))
+    released: dict[str, str] = Field(default_factory=dict, description=(
+        "classifiers NOT trained here: model name -> checkpoint file (the authors' release, a torchvision "
+        "state dict, or ours), evaluated as run seed 0 (stages import_cls, eval_released)"))
     detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
     detection_backbones: list[str] = Field(
         default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
@@ -262,25 +289,32 @@ class Params(Section):
     def _cross_checks(self) -> "Params":
         from sge_repro.models.registry import NAME_HELP, parse_model_name
 
-        for name in self.models:
-            try:
-                parse_model_name(name)
-            except UserError:
-                raise ValueError(f"models: unknown model {name!r}; {NAME_HELP}") from None
+        for key, names in (("models", self.models), ("released", list(self.released))):
+            for name in names:
+                try:
+                    parse_model_name(name)
+                except UserError:
+                    raise ValueError(f"{key}: unknown model {name!r}; {NAME_HELP}") from None
+        if not self.models and not self.released:
+            raise ValueError("models: empty, and no released checkpoints; expected at least one classifier")
+        both = [name for name in self.released if name in self.models]
+        if both:
+            raise ValueError(f"released: {', '.join(both)} also in models; a classifier is either trained here "
+                             "or given as a file")
+        empty = [name for name, path in self.released.items() if not path]
+        if empty:
+            raise ValueError(f"released: {empty[0]!r} has no checkpoint path")
         for name in self.detectors:
             if name not in DETECTORS:
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")
-        for name in self.detection_backbones:
-            if name not in self.models:
-                raise ValueError(
-                    f"detection_backbones: {name!r} is not among models {self.models} "
-                    "(a detector backbone starts from a trained classifier)"
-                )
+        self._check_convert_sources()
         for key in ("seeds", "models", "detectors", "detection_backbones"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"{key}: duplicate entries in {values}")
         self._check_protocol_sources()
+        self._check_derived("inputs", self.convert_inputs())
+        self._check_derived("downloads", self.convert_downloads())
         return self
 
     def _check_protocol_sources(self) -> None:
@@ -297,6 +331,71 @@ class Params(Section):
                 raise ValueError(
                     f"train_det.protocol {protocol} starts {why}: convert source of {name!r} is {source!r}, "
                     f"expected {expected!r} (set convert.sources: {{{name}: {expected}}})")
+
+    def convert_input(self, backbone: str, seed: int) -> ConvertInput:
+        """The one input of convert@<backbone>-<seed> (paths relative to the project root)."""
+        from sge_repro.paths import ProjectPaths
+
+        paths = ProjectPaths(Path("."))
+        source = self.convert_source(backbone)
+        if source == "trained":
+            return ConvertInput(model=backbone, seed=seed, source=source,
+                                path=paths.cls_run_dir(backbone, seed).as_posix(), checkpoint=self.convert.checkpoint)
+        if source == "file":
+            return ConvertInput(model=backbone, seed=seed, source=source, path=self.convert.files[backbone])
+        return ConvertInput(model=backbone, seed=seed, source=source, path=paths.torchvision_weights(backbone).as_posix())
+
+    def convert_inputs(self) -> dict[str, ConvertInput]:
+        return {f"{backbone}-{seed}": self.convert_input(backbone, seed)
+                for backbone in self.detection_backbones for seed in self.seeds}
+
+    def convert_downloads(self) -> dict[str, TorchvisionWeights]:
+        """The torchvision weight files to fetch: one per backbone whose source is torchvision."""
+        from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
+
+        downloads = {}
+        for backbone in self.detection_backbones:
+            if self.convert_source(backbone) == "torchvision":
+                url, sha256 = TORCHVISION_IMAGENET_WEIGHTS[backbone]
+                downloads[backbone] = self.convert.torchvision_weights.get(
+                    backbone, TorchvisionWeights(url=url, sha256=sha256))
+        return downloads
+
+    def _check_convert_sources(self) -> None:
+        from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
+
+        convert = self.convert
+        for name in convert.sources:
+            if name not in self.detection_backbones:
+                raise ValueError(f"convert.sources: {name!r} is not in detection_backbones {self.detection_backbones}")
+        for name in convert.torchvision_weights:
+            if name not in TORCHVISION_IMAGENET_WEIGHTS:
+                raise ValueError(f"convert.torchvision_weights: {name!r}: torchvision weights exist for "
+                                 f"{', '.join(TORCHVISION_IMAGENET_WEIGHTS)} only")
+        for name in self.detection_backbones:
+            source = self.convert_source(name)
+            if source == "trained" and name not in self.models:
+                raise ValueError(
+                    f"detection_backbones: {name!r} is not among models {self.models} (its convert source is "
+                    "trained: a detector backbone starts from a classifier trained here; or set "
+                    f"convert.sources.{name} to file / torchvision)")
+            if source == "file" and not convert.files.get(name):
+                raise ValueError(f"convert.files: no file for {name!r}, whose convert source is file")
+            if source == "torchvision" and name not in TORCHVISION_IMAGENET_WEIGHTS:
+                raise ValueError(f"convert.sources: {name!r} cannot come from torchvision (torchvision's ImageNet "
+                                 f"weights exist for {', '.join(TORCHVISION_IMAGENET_WEIGHTS)} only)")
+        for name in convert.files:
+            if name not in self.detection_backbones or self.convert_source(name) != "file":
+                raise ValueError(f"convert.files: {name!r} is not a detection backbone whose convert source is file "
+                                 "(remove the entry, or set its source to file)")
+
+    def _check_derived(self, key: str, computed: dict) -> None:
+        given = getattr(self.convert, key)
+        if given is None:
+            setattr(self.convert, key, computed)
+        elif given != computed:
+            raise ValueError(f"convert.{key}: out of date with convert / detection_backbones / seeds (sge-repro "
+                             "derives it; `sge-repro run` rewrites it, or delete the key)")
 
 
 def _describe(error: dict[str, Any], source: str) -> str:
@@ -384,9 +483,38 @@ def profile_params(name: str, profiles_dir: Path = PROFILES_DIR) -> Params:
     overlay = read_yaml(path)
     if not isinstance(overlay, dict):
         raise UserError(f"{path}: expected a mapping, got {type(overlay).__name__}")
-    merged = deep_merge(Params().model_dump(mode="json"), overlay)
+    merged = deep_merge(without_derived(Params().model_dump(mode="json")), overlay)
     merged["profile"] = name
     return validate_params(merged, str(path))
+
+
+DERIVED_KEYS = (("convert", "inputs"), ("convert", "downloads"))
+
+
+def without_derived(raw: dict) -> dict:
+    """A copy of raw params without the keys sge-repro derives (they are computed on validation)."""
+    raw = copy.deepcopy(raw)
+    for section, key in DERIVED_KEYS:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
+    return raw
+
+
+def refresh_params_file(path: Path = PARAMS_FILE) -> bool:
+    """Rewrite params.yaml if its derived keys disagree with the rest (a hand edit of convert.sources,
+    detection_backbones, seeds, ...); True if rewritten. Anything else wrong is a UserError."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not raw:
+        return False
+    params = validate_params(without_derived(raw), str(path))
+    fresh = yaml.safe_load(dump_params(params))
+    stale = any(isinstance(raw.get(section), dict) and raw[section].get(key) != fresh[section][key]
+                for section, key in DERIVED_KEYS)
+    if stale:
+        from sge_repro import atomic
+
+        atomic.write_text(path, dump_params(params))
+    return stale
 
 
 def dump_params(params: Params) -> str:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from sge_repro import atomic, run_lock
 from sge_repro.errors import UserError
-from sge_repro.params import PARAMS_FILE, dump_params, load_params, profile_params
+from sge_repro.params import PARAMS_FILE, dump_params, load_params, profile_params, refresh_params_file
 
 LOG_FILE = Path("logs") / "dvc-repro.log"  # opened (truncated) only by the holder of the run lock
 
@@ -54,11 +54,13 @@ def require_dvc_project(root: Path = Path(".")) -> None:
 def apply_profile(name: str | None, params_file: Path = PARAMS_FILE) -> tuple[str, bool]:
     """Rewrite params.yaml as defaults + the profile overlay; returns (profile, changed).
 
-    Without a name, params.yaml is validated and used as it is (the user's edits count).
-    An unchanged file is not rewritten, so DVC sees nothing new.
+    Without a name, params.yaml is validated and used as it is (the user's edits count; only the
+    keys sge-repro derives from them are brought up to date). An unchanged file is not rewritten,
+    so DVC sees nothing new.
     """
     if name is None:
-        return load_params(params_file).profile, False
+        changed = params_file.exists() and refresh_params_file(params_file)
+        return load_params(params_file).profile, changed
     text = dump_params(profile_params(name))
     if params_file.exists() and params_file.read_text(encoding="utf-8") == text:
         return name, False

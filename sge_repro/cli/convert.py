@@ -1,4 +1,5 @@
-"""`sge-repro convert` (the convert stage) and `sge-repro convert-file` (one checkpoint file)."""
+"""`sge-repro convert` (the convert stage), `sge-repro fetch-weights` (the fetch_weights stage) and
+`sge-repro convert-file` (one checkpoint file)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,24 @@ def convert(
     model: str = typer.Option(..., help="A name from params.yaml `detection_backbones`."),
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
-    """The convert stage: runs/cls/<model>-seed<seed> -> detectron2 weights in runs/convert/."""
+    """The convert stage: the backbone's ImageNet weights (params.yaml convert.source / sources: our
+    runs/cls/<model>-seed<seed>, a given file, or torchvision's) -> detectron2 weights in runs/convert/."""
     from sge_repro.params import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.detection import convert as stage
 
     print_result("converted to detectron2 weights", stage(load_params(), ProjectPaths(), model, seed))
+
+
+def fetch_weights(
+    model: str = typer.Option(..., help="A detection backbone whose convert source is torchvision (resnet50, resnet101)."),
+) -> None:
+    """The fetch_weights stage: torchvision's ImageNet weights, checksum-verified, into runs/pretrained/."""
+    from sge_repro.params import load_params
+    from sge_repro.paths import ProjectPaths
+    from sge_repro.stages.detection import fetch_weights as stage
+
+    print_result("torchvision weights", stage(load_params(), ProjectPaths(), model))
 
 
 def convert_file(

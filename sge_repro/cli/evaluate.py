@@ -13,7 +13,7 @@ app = typer.Typer(help="Evaluate a trained classifier or detector (one pipeline 
 
 @app.command("cls")
 def eval_cls(
-    model: str = typer.Option(..., help="A name from params.yaml `models`."),
+    model: str = typer.Option(..., help="A name from params.yaml `models` (or `released`, seed 0)."),
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
     """Top-1 / top-5 of one classifier's best checkpoint on the val split."""
@@ -22,6 +22,16 @@ def eval_cls(
     params = load_params()
     result = stage(params, ProjectPaths(), model, seed)
     print_result(f"{model} (seed {seed}) on {params.data.classification.dataset_name} val", result)
+
+
+def import_cls(
+    model: str = typer.Option(..., help="A name from params.yaml `released`, e.g. sge_resnet50."),
+) -> None:
+    """The import_cls stage: a released checkpoint file (params.yaml `released`) as run seed 0 in
+    runs/cls/, instead of training; `sge-repro eval cls --model M --seed 0` then evaluates it."""
+    from sge_repro.stages.classification import import_cls as stage
+
+    print_result(f"imported {model}", stage(load_params(), ProjectPaths(), model))
 
 
 @app.command("det")

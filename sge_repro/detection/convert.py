@@ -25,7 +25,9 @@ from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
 from sge_repro.models.registry import DEPTHS, format_model_name
 from sge_repro.models.resnet import Bottleneck
-from sge_repro.models.checkpoints import check_state_dict, interpret_checkpoint, load_checkpoint_file
+from sge_repro.models.checkpoints import (
+    infer_model_kwargs, interpret_checkpoint, load_checkpoint_file, load_state_dict_strict,
+)
 
 DETECTRON2_WEIGHTS_FORMAT = "sge-repro/detectron2-weights/v1"
 BACKBONE_PREFIX = "backbone.bottom_up."
@@ -75,17 +77,16 @@ def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None =
     elif model_name is None:
         name, kwargs = _infer_model(state_dict, path)
     else:
-        name, kwargs = model_name, {}
-        if "conv1.weight" in state_dict:
-            kwargs["width"] = int(state_dict["conv1.weight"].shape[0])
-        if "layer1.0.sge.weight" in state_dict:
-            kwargs["groups"] = int(state_dict["layer1.0.sge.weight"].numel())
+        name, kwargs = model_name, infer_model_kwargs(state_dict)
+        kwargs.pop("num_classes", None)
     kwargs.update(model_kwargs or {})
     num_classes = int(state_dict["fc.weight"].shape[0]) if "fc.weight" in state_dict else 1000
     model = create_model(name, num_classes=num_classes, **kwargs)
-    model.load_state_dict(check_state_dict(model, state_dict, path, detected), strict=True)
+    load_state_dict_strict(model, state_dict, path, detected,
+                           authors_computation=bool(header and header["authors_computation"]))
     kwargs = {"groups": int(kwargs.get("groups", DEFAULT_GROUPS)), "width": int(kwargs.get("width", DEFAULT_WIDTH))}
-    return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes}
+    return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes,
+                   "authors_layout": bool(model.authors_computation)}
 
 
 def convert_classifier_to_detectron2(
@@ -93,11 +94,14 @@ def convert_classifier_to_detectron2(
     output_path: str | os.PathLike,
     model_name: str | None = None,
     model_kwargs: dict | None = None,
+    backbone_source: str = "file",
 ) -> dict:
     """Write detectron2 weights for the bottom-up backbone; returns a summary dict.
 
     model_name is needed only for foreign files whose architecture cannot be inferred (e.g. an
     SE-ResNet from torchvision-style names); for our own files it is read from the header.
+    backbone_source ("trained" | "file" | "torchvision": where the ImageNet weights came from) is
+    recorded in the output's header for the report.
     """
     checkpoint_path, output_path = Path(checkpoint_path), Path(output_path)
     model, description = read_classifier(checkpoint_path, model_name, model_kwargs)
@@ -111,6 +115,7 @@ def convert_classifier_to_detectron2(
         "format": DETECTRON2_WEIGHTS_FORMAT,
         **description,
         "source": str(checkpoint_path),
+        "backbone_source": backbone_source,
         "prefix": BACKBONE_PREFIX,
         "input_format": INPUT_FORMAT,
         "pixel_mean": IMAGENET_PIXEL_MEAN,

@@ -10,6 +10,12 @@ Where each module sits (as in the authors' PytorchInsight code):
 A module class says where it sits with a `placement` class attribute; a callable without one is a
 block attention (stored as `block.attn`).
 
+The authors' computation: where the authors' PytorchInsight modules compute something else than
+ours (BAM fuses its two gates by a product; their pooling ops add floats in another order), the
+module has `use_authors_computation()`, which switches it to their exact sequence of ops without
+touching its parameters. Loading one of their release files does it (models/checkpoints.py); our
+own models never compute that way.
+
 Defaults live once: SGE groups in sge.py (DEFAULT_GROUPS), the MLP reduction here (DEFAULT_REDUCTION).
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sge_repro.errors import UserError
@@ -59,11 +66,21 @@ class CBAM(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
         self.spatial_conv = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
         self.spatial_bn = nn.BatchNorm2d(1)
+        self.authors_computation = False
+
+    def use_authors_computation(self) -> None:
+        """Their pooling ops (adaptive avg / max pooling) and their spatial BN momentum (0.01)."""
+        self.authors_computation = True
+        self.spatial_bn.momentum = 0.01
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels = x.shape[:2]
-        pooled_avg = x.mean(dim=(2, 3))
-        pooled_max = x.amax(dim=(2, 3))
+        if self.authors_computation:
+            pooled_avg = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            pooled_max = F.adaptive_max_pool2d(x, 1).flatten(1)
+        else:
+            pooled_avg = x.mean(dim=(2, 3))
+            pooled_max = x.amax(dim=(2, 3))
         channel_gate = torch.sigmoid(self.mlp(pooled_avg) + self.mlp(pooled_max))
         x = x * channel_gate.view(batch, channels, 1, 1)
         compressed = torch.cat((x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)), dim=1)
@@ -101,7 +118,11 @@ class GlobalContext(nn.Module):
 class BottleneckAttention(nn.Module):
     """BAM (Park et al.), between stages: y = x * (1 + sigmoid(channel_gate + spatial_gate)).
     Channel gate: MLP with BN on the pooled vector; spatial gate: 1x1 reduce, two dilated 3x3
-    convs (dilation 4), 1x1 to one map, each hidden conv followed by BN + ReLU."""
+    convs (dilation 4), 1x1 to one map, each hidden conv followed by BN + ReLU.
+
+    The authors' computation (their PytorchInsight resnet_bam.py, as the BAM authors' own code)
+    differs from the BAM paper's sum: y = x * (1 + sigmoid(channel_gate * spatial_gate)), and the
+    channel gate pools with an H x H window of stride H (the global mean on square maps)."""
 
     placement = "stage"
 
@@ -125,9 +146,18 @@ class BottleneckAttention(nn.Module):
         layers.append(nn.Conv2d(hidden, 1, 1))
         self.spatial_gate = nn.Sequential(*layers)
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.authors_computation = False
+
+    def use_authors_computation(self) -> None:
+        """The product of the two gates and the H x H pooling window of the authors' code."""
+        self.authors_computation = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels = x.shape[:2]
+        if self.authors_computation:
+            height = x.shape[2]
+            channel = self.channel_gate(F.avg_pool2d(x, height, stride=height)).view(batch, channels, 1, 1)
+            return x * (1.0 + torch.sigmoid(channel * self.spatial_gate(x)))
         channel = self.channel_gate(self.avg_pool(x)).view(batch, channels, 1, 1)
         spatial = self.spatial_gate(x)
         return x * (1.0 + torch.sigmoid(channel + spatial))
@@ -155,10 +185,18 @@ class SelectiveKernelBranch(nn.Module):
         self.squeeze = nn.Conv2d(planes, hidden, 1, bias=False)
         self.squeeze_bn = nn.BatchNorm2d(hidden)
         self.select = nn.Conv2d(hidden, 2 * planes, 1, bias=False)
+        self.authors_computation = False
+
+    def use_authors_computation(self) -> None:
+        """The authors pool each branch, then add the two pooled vectors (the same sum, another float order)."""
+        self.authors_computation = True
 
     def forward(self, block_input: torch.Tensor, dense_branch: torch.Tensor) -> torch.Tensor:
         grouped_branch = self.relu(self.bn(self.conv(block_input)))
-        summary = (dense_branch + grouped_branch).mean(dim=(2, 3), keepdim=True)
+        if self.authors_computation:
+            summary = F.adaptive_avg_pool2d(dense_branch, 1) + F.adaptive_avg_pool2d(grouped_branch, 1)
+        else:
+            summary = (dense_branch + grouped_branch).mean(dim=(2, 3), keepdim=True)
         squeezed = self.relu(self.squeeze_bn(self.squeeze(summary)))
         batch = summary.shape[0]
         weights = self.select(squeezed).view(batch, 2, self.planes, 1, 1).softmax(dim=1)

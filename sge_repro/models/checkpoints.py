@@ -14,6 +14,13 @@ Also read:
   "best_acc", "optimizer"} with DataParallel `module.`-prefixed names;
 - "state_dict (module. prefix)": a flat state dict saved from a DataParallel/DDP model.
 
+Key layouts. Our plain, SGE and SE models have the authors' names (torchvision's plus `sge.*` /
+`se.fc.*`). The authors' CBAM, BAM and SK* models (PytorchInsight, classification/models/
+imagenet/resnet_{cbam,bam,sk}.py) hold the same tensors under other names (AUTHORS_RENAMES); a
+file in their layout is renamed on load, and the model is switched to the authors' computation
+(`ResNet.use_authors_computation`: BAM's product of gates, their pooling ops), so it gives the
+logits of their model. `to_authors_layout` writes our state dict in their names.
+
 Every file is read with torch.load(weights_only=True); loading is strict (no partial loads).
 """
 
@@ -40,6 +47,9 @@ FORMAT_TORCHVISION = "torchvision"
 FORMAT_OFFICIAL = "official"
 FORMAT_PREFIXED = "state_dict (module. prefix)"
 RESERVED_KEYS = ("format", "model", "model_kwargs", "state_dict")
+# Optional key of our format: True when the weights came from the authors' release of a model whose
+# computation differs from ours (e.g. BAM), so that loading the file switches the model to theirs.
+AUTHORS_COMPUTATION_KEY = "authors_computation"
 _FIRST = 5  # how many keys an error message lists
 
 
@@ -121,7 +131,8 @@ def interpret_checkpoint(obj: Any, path: str | os.PathLike) -> tuple[dict[str, t
         missing = [key for key in RESERVED_KEYS if key not in obj]
         if missing or not _is_state_dict(obj["state_dict"]):
             raise UserError(f"checkpoint {path}: {CLASSIFIER_FORMAT} file lacks {missing or ['a tensor state_dict']}")
-        header = {"model": obj["model"], "model_kwargs": dict(obj["model_kwargs"])}
+        header = {"model": obj["model"], "model_kwargs": dict(obj["model_kwargs"]),
+                  "authors_computation": obj.get(AUTHORS_COMPUTATION_KEY) is True}
         return _strip_prefix(obj["state_dict"]), CLASSIFIER_FORMAT, header
     if isinstance(obj, dict) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
         return _strip_prefix(obj["state_dict"]), FORMAT_OFFICIAL, None
@@ -148,24 +159,99 @@ def read_classifier_header(path: str | os.PathLike) -> dict | None:
     return interpret_checkpoint(load_checkpoint_file(path), path)[2]
 
 
+# Where the authors' names differ from ours: (our name part, theirs), matched at a name boundary
+# inside a block (`layer1.0.`) or a stage attention (`bam1.`). Every other name is the same.
+AUTHORS_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    # CBAM: ChannelGate.mlp = (Flatten, Linear, ReLU, Linear); SpatialGate.spatial = BasicConv(conv, bn)
+    "cbam": (("cbam.mlp.0.", "cbam.ChannelGate.mlp.1."),
+             ("cbam.mlp.2.", "cbam.ChannelGate.mlp.3."),
+             ("cbam.spatial_conv.", "cbam.SpatialGate.spatial.conv."),
+             ("cbam.spatial_bn.", "cbam.SpatialGate.spatial.bn.")),
+    # BAM: channel_att.gate_c = (flatten, fc_0, bn_1, relu_1, fc_final); spatial_att.gate_s =
+    # (conv_reduce0, bn_reduce0, relu, [conv_di_i, bn_di_i, relu] x 2, conv_final)
+    "bam": (("channel_gate.1.", "channel_att.gate_c.gate_c_fc_0."),
+            ("channel_gate.2.", "channel_att.gate_c.gate_c_bn_1."),
+            ("channel_gate.4.", "channel_att.gate_c.gate_c_fc_final."),
+            ("spatial_gate.0.", "spatial_att.gate_s.gate_s_conv_reduce0."),
+            ("spatial_gate.1.", "spatial_att.gate_s.gate_s_bn_reduce0."),
+            ("spatial_gate.3.", "spatial_att.gate_s.gate_s_conv_di_0."),
+            ("spatial_gate.4.", "spatial_att.gate_s.gate_s_bn_di_0."),
+            ("spatial_gate.6.", "spatial_att.gate_s.gate_s_conv_di_1."),
+            ("spatial_gate.7.", "spatial_att.gate_s.gate_s_bn_di_1."),
+            ("spatial_gate.9.", "spatial_att.gate_s.gate_s_conv_final.")),
+    # SK*: the grouped branch and the selection sit directly in their Bottleneck
+    "sk": (("sk.conv.", "conv2g."),
+           ("sk.bn.", "bn2g."),
+           ("sk.squeeze.", "conv_fc1."),
+           ("sk.squeeze_bn.", "bn_fc1."),
+           ("sk.select.", "conv_fc2.")),
+}
+LAYOUT_OURS = "ours"
+LAYOUT_AUTHORS = "authors"
+
+
+def _rename_part(key: str, renames: tuple[tuple[str, str], ...], reverse: bool = False) -> str:
+    for ours, theirs in renames:
+        old, new = (theirs, ours) if reverse else (ours, theirs)
+        renamed, count = re.subn(r"(?:^|(?<=\.))" + re.escape(old), new, key, count=1)
+        if count:
+            return renamed
+    return key
+
+
+def _model_attention(model: nn.Module) -> str | None:
+    attention = getattr(unwrap_model(model), "attention", None)
+    return attention if isinstance(attention, str) else None
+
+
+def to_authors_layout(state_dict: dict[str, torch.Tensor], attention: str) -> dict[str, torch.Tensor]:
+    """Our state dict of a model with `attention` under the authors' names (no `module.` prefix)."""
+    renames = AUTHORS_RENAMES.get(attention, ())
+    return {_rename_part(key, renames): value for key, value in state_dict.items()}
+
+
+def to_model_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict under the model's names, LAYOUT_OURS | LAYOUT_AUTHORS). A file is in the authors'
+    layout when one of its keys is a name only their model has; then every key is renamed."""
+    renames = AUTHORS_RENAMES.get(_model_attention(model) or "", ())
+    ours = unwrap_model(model).state_dict()
+    authors_only = {_rename_part(key, renames) for key in ours} - set(ours)
+    if not any(key in authors_only for key in state_dict):
+        return state_dict, LAYOUT_OURS
+    return {_rename_part(key, renames, reverse=True): value for key, value in state_dict.items()}, LAYOUT_AUTHORS
+
+
 def _first(keys: list[str]) -> str:
     shown = ", ".join(keys[:_FIRST])
     return shown + (f", ... (+{len(keys) - _FIRST})" if len(keys) > _FIRST else "")
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike, detected: str) -> dict:
-    """Raise UserError unless `state_dict` fits `model` exactly; returns the dict to load.
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike, detected: str,
+                     layout: str = LAYOUT_OURS) -> dict:
+    """Raise UserError unless `state_dict` (under the model's names) fits `model` exactly; returns
+    the dict to load. Keys in messages are named as the file names them: the authors' names for a
+    file in their layout or their release format (`detected` official), else ours.
 
     Only BN `num_batches_tracked` counters may be absent (old files); they are taken from the model.
     """
     expected = unwrap_model(model).state_dict()
-    missing = [key for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
-    unexpected = [key for key in state_dict if key not in expected]
+    renames = AUTHORS_RENAMES.get(_model_attention(model) or "", ())
+    authors_names = layout == LAYOUT_AUTHORS or detected == FORMAT_OFFICIAL
+
+    def named(key: str) -> str:  # a model key as the file would name it
+        return _rename_part(key, renames) if authors_names else key
+
+    missing = [named(key) for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
+    # keys of the file: renamed to ours only if the file was in the authors' layout
+    unexpected = [_rename_part(key, renames) if layout == LAYOUT_AUTHORS else key
+                  for key in state_dict if key not in expected]
     wrong_shape = [
-        f"{key} {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        f"{named(key)} {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
         for key in expected
         if key in state_dict and state_dict[key].shape != expected[key].shape
     ]
+    if layout == LAYOUT_AUTHORS:
+        detected = f"{detected}, the authors' {_model_attention(model)} key layout"
     if missing or unexpected or wrong_shape:
         problems = []
         if missing:
@@ -202,6 +288,51 @@ def load_into(
                 raise UserError(
                     f"checkpoint {path}: model_kwargs.{key}={header['model_kwargs'][key]!r}, expected {value!r}"
                 )
-    complete = check_state_dict(model, state_dict, path, detected)
-    unwrap_model(model).load_state_dict(complete, strict=True)
+    return load_state_dict_strict(model, state_dict, path, detected,
+                                  authors_computation=bool(header and header["authors_computation"]))
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                           detected: str, authors_computation: bool = False) -> str:
+    """Load a state dict (ours or in the authors' layout) into `model`, all or nothing; a file in the
+    authors' layout (or one of ours saying so) also switches the model to their computation.
+    Returns the detected format."""
+    state_dict, layout = to_model_layout(model, state_dict)
+    complete = check_state_dict(model, state_dict, path, detected, layout)
+    bare = unwrap_model(model)
+    bare.load_state_dict(complete, strict=True)
+    if layout == LAYOUT_AUTHORS or authors_computation:
+        bare.use_authors_computation()
     return detected
+
+
+def infer_model_kwargs(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """width, SGE groups and classes of a foreign file (a state dict under our or the authors' names)."""
+    kwargs = {}
+    if "conv1.weight" in state_dict:
+        kwargs["width"] = int(state_dict["conv1.weight"].shape[0])
+    if "layer1.0.sge.weight" in state_dict:
+        kwargs["groups"] = int(state_dict["layer1.0.sge.weight"].numel())
+    if "fc.weight" in state_dict:
+        kwargs["num_classes"] = int(state_dict["fc.weight"].shape[0])
+    return kwargs
+
+
+def import_classifier(model_name: str, source: str | os.PathLike, destination: str | os.PathLike, **extra: Any) -> dict:
+    """A given checkpoint file (ours, a torchvision state dict, the authors' release) as one of ours:
+    loaded strictly into `model_name` (width, groups and classes read from the file), written in our
+    format to `destination` (atomically), with `extra` keys. Returns its header."""
+    from sge_repro.atomic import torch_save
+    from sge_repro.models.registry import create_model
+
+    source = Path(source)
+    state_dict, detected, header = interpret_checkpoint(load_checkpoint_file(source), source)
+    kwargs = dict(header["model_kwargs"]) if header else infer_model_kwargs(state_dict)
+    del state_dict
+    model = create_model(model_name, checkpoint=source, **kwargs)
+    kwargs = {"num_classes": model.fc.out_features, **kwargs}
+    checkpoint = make_classifier_checkpoint(model_name, kwargs, model, **extra)
+    checkpoint[AUTHORS_COMPUTATION_KEY] = bool(model.authors_computation)
+    torch_save(checkpoint, destination)
+    return {"model": model_name, "model_kwargs": checkpoint["model_kwargs"], "source_format": detected,
+            AUTHORS_COMPUTATION_KEY: checkpoint[AUTHORS_COMPUTATION_KEY]}

@@ -157,6 +157,7 @@ class ResNet(nn.Module):
                 setattr(self, f"bam{index}", create_attention(attention, channels))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        self.authors_computation = False  # see use_authors_computation
         self._init_weights()
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, block_kwargs: dict) -> nn.Sequential:
@@ -182,6 +183,17 @@ class ResNet(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
+
+    def use_authors_computation(self) -> None:
+        """Compute exactly as the authors' PytorchInsight model of the same name (their release
+        files are loaded this way; parameters and keys stay ours). Only the attention modules and
+        BAM's head differ: their BAM-ResNet pools the 7x7 last map with a fixed 7x7 window."""
+        self.authors_computation = True
+        for module in self.modules():
+            if module is not self and hasattr(module, "use_authors_computation"):
+                module.use_authors_computation()
+        if attention_placement(self.attention) == "stage":
+            self.avgpool = nn.AvgPool2d(7)
 
     def stage_attention(self, index: int) -> nn.Module | None:
         return getattr(self, f"bam{index}", None)

@@ -13,15 +13,36 @@ from sge_repro.stages.runtime import use_cpu_threads
 
 
 def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
-    """A trained classifier's checkpoint -> detectron2 weights in runs/convert/."""
+    """The backbone's ImageNet weights -> detectron2 weights in runs/convert/. They come from our
+    trained classifier, a given file, or torchvision's weights, as params.convert_source says."""
     from sge_repro.detection.convert import convert_classifier_to_detectron2
 
     params.require_listed("detection_backbones", model)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
-    return convert_classifier_to_detectron2(
-        paths.cls_checkpoint(model, seed, params.convert.checkpoint), paths.det_weights(model, seed),
-        model_name=model)
+    source = params.convert_input(model, seed)
+    if source.source == "trained":
+        checkpoint = paths.cls_checkpoint(model, seed, source.checkpoint)
+    else:
+        checkpoint = paths.root / source.path
+        if not checkpoint.is_file():
+            fix = ("run the fetch_weights stage first" if source.source == "torchvision"
+                   else f"params.yaml convert.files.{model} names a missing file")
+            raise UserError(f"{checkpoint}: not found ({fix})")
+    return convert_classifier_to_detectron2(checkpoint, paths.det_weights(model, seed), model_name=model,
+                                            backbone_source=source.source)
+
+
+def fetch_weights(params: Params, paths: ProjectPaths, model: str) -> dict:
+    """torchvision's ImageNet weights of `model`, checksum-verified, into runs/pretrained/."""
+    from sge_repro.models.torchvision_weights import fetch_torchvision_weights
+
+    pinned = params.convert.downloads.get(model)
+    if pinned is None:
+        raise UserError(f"params.yaml: convert: {model!r} does not take torchvision's weights "
+                        f"(those that do: {', '.join(params.convert.downloads) or 'none'})")
+    path = fetch_torchvision_weights(pinned.url, pinned.sha256, paths.torchvision_weights(model))
+    return {"model": model, "url": pinned.url, "sha256": pinned.sha256, "weights": str(path)}
 
 
 def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):

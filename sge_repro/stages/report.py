@@ -14,14 +14,17 @@ if TYPE_CHECKING:
 
 
 def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
-    """SGE attention maps of every trained SGE model of params.yaml on a few val images."""
+    """SGE attention maps of every trained (first seed) or released SGE model of params.yaml on a few val images."""
+    from sge_repro.params import RELEASED_SEED
     from sge_repro.report.visualize import visualize_trained_models
 
     use_cpu_threads(params)
-    seed = params.seeds[0]
-    return visualize_trained_models(
-        params.models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
-        paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
+    written = []
+    for models, seed in ((params.models, params.seeds[0]), (list(params.released), RELEASED_SEED)):
+        written += visualize_trained_models(
+            models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
+            paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
+    return written
 
 
 def report(params: Params, paths: ProjectPaths) -> Report:
