@@ -83,3 +83,13 @@ class ProjectPaths:
     @property
     def summary(self) -> Path:
         return self.reports / "summary.json"
+
+    # views of a run (logs/ is ignored by git and DVC)
+    @property
+    def progress_dir(self) -> Path:
+        """One status file per running or finished stage (sge_repro.stage_status), read by `sge-repro run`."""
+        return self.root / "logs" / "progress"
+
+    def stage_status(self, stage: str) -> Path:
+        """The status file of DVC stage `stage` (e.g. train_cls@sge_resnet18-0)."""
+        return self.progress_dir / f"{stage}.json"

@@ -24,6 +24,7 @@ from sge_repro.atomic import torch_save, write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
+from sge_repro.detection.status_hook import status_hooks, with_status
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
 from sge_repro.models.checkpoints import load_checkpoint_file
@@ -185,7 +186,7 @@ def _last_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def train_detector(cfg: CfgNode, resume: bool = True) -> Path:
+def train_detector(cfg: CfgNode, resume: bool = True, status=None) -> Path:
     """Train the detector of `cfg`; returns OUTPUT_DIR/model_final.pth.
 
     resume=True continues from OUTPUT_DIR/last_checkpoint when present (a finished run returns
@@ -197,6 +198,7 @@ def train_detector(cfg: CfgNode, resume: bool = True) -> Path:
     if comm.is_main_process():
         write_text(Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump())
     trainer = DetectorTrainer(cfg)
+    trainer.register_hooks(status_hooks(status, cfg.SOLVER.IMS_PER_BATCH))  # progress file (stage_status)
     resuming = resume and trainer.checkpointer.has_checkpoint()
     if not resuming:
         if cfg.MODEL.WEIGHTS:
@@ -238,7 +240,7 @@ def _clean_metrics(raw: dict) -> tuple[dict, list[str]]:
 
 
 def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
-                      output_dir: str | os.PathLike | None = None) -> dict | None:
+                      output_dir: str | os.PathLike | None = None, status=None) -> dict | None:
     """COCO metrics of the detector `weights` on registered `dataset`.
 
     Returns (on the main process; None on the others):
@@ -260,7 +262,7 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
         evaluator = COCOEvaluator(dataset, tasks=coco_tasks(cfg), output_dir=str(folder), use_fast_impl=False)
         loader = build_detection_test_loader(cfg, dataset)
-        raw = inference_on_dataset(model, loader, evaluator)
+        raw = inference_on_dataset(model, loader, with_status(evaluator, status, len(loader)))
         if not comm.is_main_process():
             return None
         predictions = folder / "coco_instances_results.json"

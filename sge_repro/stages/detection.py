@@ -8,6 +8,7 @@ from sge_repro.atomic import write_json
 from sge_repro.errors import UserError
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
+from sge_repro.stage_status import stage_name, tracking
 from sge_repro.stages.runtime import use_cpu_threads
 
 
@@ -50,7 +51,9 @@ def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str,
 
     cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)
     started = time.perf_counter()
-    final = train_detector(cfg, resume=True)
+    stage = stage_name("train_det", detector, backbone, seed)
+    with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json
+        final = train_detector(cfg, resume=True, status=status)
     return {
         "weights": str(final),
         "iterations": int(cfg.SOLVER.MAX_ITER),
@@ -71,7 +74,9 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
                         f"--backbone {backbone} --seed {seed}` first")
     started = time.perf_counter()
     # predictions go to a temp folder: the run folder is train_det's output and must not change here
-    result = evaluate_detector(cfg, weights, val_name)
+    stage = stage_name("eval_det", detector, backbone, seed)
+    with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json
+        result = evaluate_detector(cfg, weights, val_name, status=status)
     if result is None:  # a non-main process of a distributed evaluation
         return {}
     metrics = {
