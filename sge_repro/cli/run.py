@@ -174,6 +174,7 @@ def run(
              "Without it, params.yaml is used as it is."),
     force: bool = typer.Option(False, "--force", help="Rerun the stages even if up to date."),
     report: bool = typer.Option(True, "--report/--no-report", help="Print the result tables at the end of `all`."),
+    wide: bool = typer.Option(False, "--wide", help="Print every column of the result tables, not the compact view."),
 ) -> None:
     """Run the pipeline (`dvc repro [STAGE]`) with a live view of the stages."""
     pipeline.require_dvc_project()
@@ -192,7 +193,7 @@ def run(
     if report and target == "all":
         from sge_repro.cli.report import print_saved_report
 
-        print_saved_report(Path("."))
+        print_saved_report(Path("."), wide=wide)
 
 
 def status() -> None:

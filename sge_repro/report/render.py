@@ -49,12 +49,12 @@ def _seeds(seeds: Sequence[int]) -> str:
     return f"{listed} (single run)" if len(seeds) == 1 else listed
 
 
-def _gain(gain: GainInterval | None) -> str:
+def _gain(gain: GainInterval | None, digits: int = 2) -> str:
     if gain is None:
         return DASH
     if gain.low is None or gain.high is None:
-        return f"{gain.estimate:+.2f}"
-    return f"{gain.estimate:+.2f} [{gain.low:+.2f}, {gain.high:+.2f}]"
+        return f"{gain.estimate:+.{digits}f}"
+    return f"{gain.estimate:+.{digits}f} [{gain.low:+.{digits}f}, {gain.high:+.{digits}f}]"
 
 
 def _paper_gain(value: float | None, source: str | None, own_name: str) -> str:
@@ -107,35 +107,81 @@ def detection_table(report: Report) -> list[list[str]]:
     return rows
 
 
+# The compact console view (the default): what a reader scans first, one line per row at 80 columns.
+CLS_COMPACT_HEADERS = ("Model", "Top-1 %", "Gain [95% CI]", "Verdict")
+DET_COMPACT_HEADERS = ("Detector", "Backbone", "AP", "Gain [95% CI]", "Verdict")
+
+
+def compact_classification_tables(report: Report) -> dict[str, list[list[str]]]:
+    """{dataset: rows} of the compact classification view: mean top-1 (2 decimals), the gain
+    with its CI at 1 decimal (the paper's precision), the verdict."""
+    tables: dict[str, list[list[str]]] = {}
+    for row in report.classification:
+        tables.setdefault(row.dataset, []).append([row.model, _number(row.top1), _gain(row.gain, 1), row.verdict])
+    return tables
+
+
+def compact_detection_tables(report: Report) -> dict[str, list[list[str]]]:
+    """{dataset: rows} of the compact detection view: mean bbox AP and gain at 1 decimal (COCO's
+    usual precision), the verdict."""
+    tables: dict[str, list[list[str]]] = {}
+    for row in report.detection:
+        tables.setdefault(row.dataset, []).append(
+            [row.detector, row.backbone, _number(row.bbox["AP"], 1), _gain(row.gain, 1), row.verdict])
+    return tables
+
+
 def _missing_lines(report: Report) -> list[str]:
     return [f"{m.what}: {m.reason} ({m.path})" for m in report.missing]
 
 
 # ---------------------------------------------------------------- console
 
-def render_console(report: Report, console: Console) -> None:
-    """Print the report's tables, notes and what is missing with rich."""
+def render_console(report: Report, console: Console, wide: bool = False) -> None:
+    """Print the report's tables, notes and what is missing with rich.
+
+    By default the compact tables (one per dataset; every row one line at 80 columns); with
+    `wide`, every column of report.md / report.html (cells fold on a narrow terminal)."""
+    from rich import box
     from rich.table import Table
 
-    def table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
+    def full_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
         out = Table(title=title, title_justify="left", header_style="bold")
         for index, header in enumerate(headers):
             out.add_column(header, justify="right" if 3 <= index < len(headers) - 1 else "left", overflow="fold")
         for cells in rows:
-            style = "green" if cells[-1] == "reproduced" else None
-            out.add_row(*cells, style=style)
+            out.add_row(*cells, style="green" if cells[-1] == "reproduced" else None)
+        return out
+
+    def compact_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
+        out = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                    show_edge=False, pad_edge=False, collapse_padding=True)
+        for header in headers:
+            numeric = header in ("Top-1 %", "AP", "Gain [95% CI]")
+            # never wrapped: a cell too long for the terminal ends in an ellipsis (--wide shows all)
+            out.add_column(header, justify="right" if numeric else "left", no_wrap=True, overflow="ellipsis")
+        for cells in rows:
+            out.add_row(*cells, style="green" if cells[-1] == "reproduced" else None)
         return out
 
     console.print(f"[bold]SGE reproduction report[/bold] - profile [cyan]{report.profile}[/cyan], "
                   f"tolerance ±{report.tolerance:g} points")
-    if report.classification:
-        console.print(table("Classification", CLS_HEADERS, classification_table(report)))
-    else:
+    if not report.classification:
         console.print("Classification: no evaluated runs.")
-    if report.detection:
-        console.print(table("Detection (COCO-style bbox AP)", DET_HEADERS, detection_table(report)))
+    elif wide:
+        console.print(full_table("Classification", CLS_HEADERS, classification_table(report)))
     else:
+        for dataset, rows in compact_classification_tables(report).items():
+            console.print(compact_table(f"Classification ({dataset})", CLS_COMPACT_HEADERS, rows))
+    if not report.detection:
         console.print("Detection: no evaluated runs.")
+    elif wide:
+        console.print(full_table("Detection (COCO-style bbox AP)", DET_HEADERS, detection_table(report)))
+    else:
+        for dataset, rows in compact_detection_tables(report).items():
+            console.print(compact_table(f"Detection ({dataset}, bbox AP)", DET_COMPACT_HEADERS, rows))
+    if not wide and (report.classification or report.detection):
+        console.print("[dim]means over seeds; --wide (and reports/report.md, report.html): every column[/dim]")
     for note in report.notes:
         console.print(f"[dim]note:[/dim] {note}", highlight=False)
     if report.missing:
