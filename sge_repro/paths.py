@@ -45,6 +45,10 @@ class ProjectPaths:
     def cls_checkpoint(self, model: str, seed: int, which: str = "best") -> Path:
         return self.cls_run_dir(model, seed) / f"{which}.pt"
 
+    def cls_tensorboard(self, model: str, seed: int) -> Path:
+        """TensorBoard events of one training run (inside its run folder: they travel with its checkpoints)."""
+        return self.cls_run_dir(model, seed) / "tensorboard"
+
     def cls_train_metrics(self, model: str, seed: int) -> Path:
         return self.root / "metrics" / "train_cls" / f"{run_id(model, seed)}.json"
 

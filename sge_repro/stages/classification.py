@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
@@ -16,20 +17,35 @@ def train_cls(params: Params, paths: ProjectPaths, model: str, seed: int,
               progress: StepProgress | None = None) -> dict:
     """Train one classifier on data/cls; resumes from runs/cls/<model>-seed<seed>/last.pt.
 
-    The stage's progress goes to logs/progress/train_cls@<model>-<seed>.json (rank 0), and to
-    `progress` when given."""
+    The stage's progress goes to logs/progress/train_cls@<model>-<seed>.json (rank 0), TensorBoard
+    events to runs/cls/<model>-seed<seed>/tensorboard/, and to `progress` when given."""
     from sge_repro.classification.train import train_classifier
 
     params.require_listed("models", model)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
-    stage = stage_name("train_cls", model, seed)
-    with tracking(paths.stage_status(stage), stage) as status:
+    with training_progress(params, paths, model, seed, progress) as report:
         return train_classifier(
             params.train_cls, params.model, model, seed, paths.cls_data, paths.cls_run_dir(model, seed),
             paths.cls_train_metrics(model, seed), paths.cls_history(model, seed),
             dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
-            progress=_chain(training_status(status, params.train_cls.epochs), progress))
+            progress=report)
+
+
+@contextmanager
+def training_progress(params: Params, paths: ProjectPaths, model: str, seed: int,
+                      progress: StepProgress | None = None) -> Iterator[StepProgress]:
+    """The progress callback of one train_cls run (call it in the process that trains: the
+    engine calls it on rank 0): the status file, TensorBoard events, and `progress`."""
+    from sge_repro.classification.tensorboard import TensorBoardLog
+
+    stage = stage_name("train_cls", model, seed)
+    events = TensorBoardLog(paths.cls_tensorboard(model, seed))
+    with tracking(paths.stage_status(stage), stage) as status:
+        try:
+            yield _chain(training_status(status, params.train_cls.epochs), events, progress)
+        finally:
+            events.close()
 
 
 def eval_cls(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:

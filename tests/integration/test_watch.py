@@ -98,3 +98,23 @@ def test_the_live_view_shows_the_stages_own_progress(smoke):
     assert rows["report"].split()[1] == "done"
     # `run all` printed the same view (captured output is rendered once, at the end)
     assert "100% ep 2/2" in smoke["stdout"]
+
+
+def test_classification_runs_have_tensorboard_events_in_their_run_folder(smoke):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = smoke["root"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for model in params["models"]:
+        folder = root / "runs" / "cls" / f"{model}-seed0" / "tensorboard"
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        tags = set(accumulator.Tags()["scalars"])
+        assert {"train/loss", "train/top1", "train/lr", "train/images_per_s", "epoch/val_top1"} <= tags
+        history = (root / "plots" / "train_cls" / f"{model}-seed0.tsv").read_text().splitlines()
+        epochs = len(history) - 1
+        val = accumulator.Scalars("epoch/val_top1")
+        steps = [event.step for event in val]
+        assert len(steps) == epochs == params["train_cls"]["epochs"] and steps[-1] % epochs == 0
+        column = history[0].split("\t").index("val_top1")
+        assert [round(e.value, 3) for e in val] == [round(float(row.split("\t")[column]), 3) for row in history[1:]]
