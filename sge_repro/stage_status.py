@@ -8,7 +8,8 @@ shares the project folder can read it. Only the main process (RANK 0) writes; wr
 and at most every `min_interval` seconds (plus the first, the last, and phase changes).
 
 `logs/` is ignored by git and DVC: the file is a view of a run, never an input or an output of
-a stage, so it cannot make a stage stale.
+a stage, so it cannot make a stage stale. It stays after the stage ends, as the record of the
+stage's last run (state, wall time, host, processes, devices) that the report's provenance lists.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,8 +102,10 @@ class StageStatus:
             self._write(now)
 
     def finish(self, state: str = "done", error: str | None = None) -> None:
-        """The final write: state done (eta 0) or failed (with the error's first line)."""
+        """The final write: state done (eta 0) or failed (with the error's first line), and the
+        CUDA devices the process used, if any."""
         self._record["state"] = state
+        self._record["devices"] = _cuda_devices()
         if state == "done":
             self._record["eta_s"] = 0.0
         if error:
@@ -134,6 +138,18 @@ class StageStatus:
         self._written_at = now
 
 
+def _cuda_devices() -> str:
+    """"2 x NVIDIA H100 80GB HBM3" when this process initialised CUDA, else "" (torch not imported here)."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_initialized():
+            return ""
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - a view of the run
+        return ""
+    return f"{len(names)} x {names[0]}" if names else ""
+
+
 @contextmanager
 def tracking(path: Path, stage: str, **kwargs: Any) -> Iterator[StageStatus]:
     """A StageStatus whose final state follows the block: done, failed (with the error) or stopped."""
@@ -158,11 +174,3 @@ def read_status(path: Path) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         return None
     return record
-
-
-def remove_status_files(folder: Path) -> None:
-    """Forget the status files of earlier runs (called by `sge-repro run` under its run lock)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for path in folder.glob("*.json"):
-            path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from sge_repro import pipeline, run_lock
 from sge_repro.cli.ui import console, err_console
 from sge_repro.errors import UserError
 from sge_repro.paths import ProjectPaths
-from sge_repro.stage_status import read_status, remove_status_files
+from sge_repro.stage_status import read_status
 
 
 _STYLE = {
@@ -75,6 +75,8 @@ class PipelineView:
     renderable: rebuilt at each refresh, so progress moves between DVC's stage events."""
 
     READ_EVERY_S = 1.0
+    # A status file that started before the stage did (by more than this) is its previous run's.
+    CLOCK_SLACK_S = 2.0
     TIME_WIDTH = 6  # 59.9s, 4m12s, 26h03m
 
     def __init__(self, stages: list[str], progress_dir: Path, clock=time.monotonic, wall_clock=time.time):
@@ -83,12 +85,14 @@ class PipelineView:
         self.states: dict[str, str] = {}
         self.times: dict[str, list[float | None]] = {}  # stage -> [started, ended] (monotonic)
         self.clock, self.wall_clock = clock, wall_clock
+        self.wall_started: dict[str, float] = {}
         self._records: dict[str, tuple[float, dict | None]] = {}
 
     def on_event(self, event: pipeline.StageEvent) -> None:
         self.states[event.stage] = event.state
         if event.state == "running":
             self.times[event.stage] = [event.at, None]
+            self.wall_started[event.stage] = self.wall_clock()
         elif event.stage in self.times:
             self.times[event.stage][1] = event.at
         if event.stage not in self.stages:
@@ -105,6 +109,9 @@ class PipelineView:
             if now - read_at < self.READ_EVERY_S if state == "running" else (ended is not None and read_at >= ended):
                 return record
         record = read_status(self.progress_dir / f"{stage}.json")
+        started = self.wall_started.get(stage)
+        if record is not None and started is not None and float(record.get("started") or 0) < started - self.CLOCK_SLACK_S:
+            record = None  # the file of an earlier run: this one has not written yet
         self._records[stage] = (now, record)
         return record
 
@@ -187,9 +194,7 @@ def run(
         for item in targets:
             pipeline.resolve_target(item, stages)
         console.print(f"profile [bold]{name}[/]" + (" (params.yaml rewritten)" if changed else ""))
-        progress_dir = ProjectPaths().progress_dir
-        remove_status_files(progress_dir)  # what is there now is this run's: stages write as they go
-        _run(targets, force, stages, progress_dir)
+        _run(targets, force, stages, ProjectPaths().progress_dir)
     if report and target == "all":
         from sge_repro.cli.report import print_saved_report
 

@@ -19,9 +19,11 @@ def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
     params.require_listed("detection_backbones", model)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
-    return convert_classifier_to_detectron2(
-        paths.cls_checkpoint(model, seed, params.convert.checkpoint), paths.det_weights(model, seed),
-        model_name=model)
+    stage = stage_name("convert", model, seed)
+    with tracking(paths.stage_status(stage), stage):  # the wall time, for the report's provenance
+        return convert_classifier_to_detectron2(
+            paths.cls_checkpoint(model, seed, params.convert.checkpoint), paths.det_weights(model, seed),
+            model_name=model)
 
 
 def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):

@@ -1,7 +1,10 @@
 """Long runs a person can watch and trust (issue 17), on one real smoke run through DVC:
-the stages' status files and the live view over them."""
+the stages' status files and the live view over them, TensorBoard events, the report's
+provenance, and a second `run all` that stays a no-op."""
 
+import hashlib
 import json
+import os
 import math
 import subprocess
 import sys
@@ -55,7 +58,8 @@ def test_training_and_evaluation_stages_leave_plausible_status_files(smoke):
     params = yaml.safe_load((root / "params.yaml").read_text())
     stages = [s for s in stage_list(root) if s.split("@")[0] in ("train_cls", "eval_cls", "train_det", "eval_det")]
     assert len(stages) == 8
-    assert sorted(p.stem for p in (root / "logs" / "progress").glob("*.json")) == sorted(stages)
+    written = sorted(p.stem for p in (root / "logs" / "progress").glob("*.json"))
+    assert written == sorted(set(stage_list(root)) - {"report"})  # every stage but the report has one
     for stage in stages:
         record = read_status(root / "logs" / "progress" / f"{stage}.json")
         assert record is not None and record["stage"] == stage
@@ -82,7 +86,7 @@ def test_training_and_evaluation_stages_leave_plausible_status_files(smoke):
 def test_the_live_view_shows_the_stages_own_progress(smoke):
     root = smoke["root"]
     stages = stage_list(root)
-    view = PipelineView(list(stages), root / "logs" / "progress")
+    view = PipelineView(list(stages), root / "logs" / "progress", wall_clock=lambda: smoke["started"])
     for stage in stages:
         view.on_event(StageEvent(stage, "running", at=0.0))
         view.on_event(StageEvent(stage, "done", at=1.0))
@@ -118,3 +122,49 @@ def test_classification_runs_have_tensorboard_events_in_their_run_folder(smoke):
         assert len(steps) == epochs == params["train_cls"]["epochs"] and steps[-1] % epochs == 0
         column = history[0].split("\t").index("val_top1")
         assert [round(e.value, 3) for e in val] == [round(float(row.split("\t")[column]), 3) for row in history[1:]]
+
+
+def test_summary_and_html_say_what_made_them(smoke):
+    import torch
+
+    root = smoke["root"]
+    summary = json.loads((root / "reports" / "summary.json").read_text())
+    made = summary["provenance"]
+    assert made["git_commit"] == git(root, "rev-parse", "HEAD").strip()
+    # `run all --profile smoke` rewrote params.yaml and DVC wrote dvc.lock since the commit
+    assert made["git_dirty"] is True and {"params.yaml", "dvc.lock"} <= set(made["git_changed"])
+    assert made["params_sha256"] == hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
+    assert made["profile"] == "smoke" == summary["profile"]
+    assert made["packages"]["torch"] == torch.__version__ and made["packages"]["dvc"] == "3.67.1"
+    assert made["packages"]["detectron2"].startswith("0.6")
+    assert made["hardware"]["cpu_count"] == os.cpu_count() and made["hardware"]["gpu_count"] == len(
+        made["hardware"]["gpus"])
+    runs = {run["stage"]: run for run in made["stages"]}
+    assert set(runs) == set(stage_list(root)) - {"report"}
+    for run in runs.values():
+        assert run["state"] == "done" and run["wall_time_s"] > 0 and run["world_size"] == 1
+    trained = read_status(root / "logs" / "progress" / "train_cls@sge_resnet18-0.json")
+    assert runs["train_cls@sge_resnet18-0"]["wall_time_s"] == round(trained["elapsed_s"], 1)
+
+    html = (root / "reports" / "report.html").read_text()
+    body = html[html.index("<body>"):]
+    assert body.index("<h2>What reproduced</h2>") < body.index("<h2>Classification</h2>")
+    opening = body[body.index("<h2>What reproduced</h2>"):body.index("<h2>Classification</h2>")]
+    assert "sge_resnet18 top-1 gain over resnet18 (embedded)" in opening
+    assert "faster_rcnn sge_resnet18 AP gain over resnet18 (embedded)" in opening
+    verdict = summary["comparison"]["classification"][1]["verdict"]
+    assert verdict in opening and "+1.20 (R50)" in opening  # the paper's gain, from the nearest depth
+    assert made["git_commit"][:12] in html and made["params_sha256"] in html and "train_det@faster_rcnn" in html
+
+
+def test_a_second_run_and_a_rebuilt_report_change_nothing(smoke):
+    root = smoke["root"]
+    files = {name: (root / "reports" / name).read_bytes() for name in ("summary.json", "report.md", "report.html")}
+    status = subprocess.run([*DVC, "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}
+    second = sge_repro(root, "run", "all")
+    assert "0 stage(s) ran" in second.stdout
+    sge_repro(root, "report")  # rebuilt by hand with nothing changed: the same bytes, DVC stays clean
+    assert {name: (root / "reports" / name).read_bytes() for name in files} == files
+    status = subprocess.run([*DVC, "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}

@@ -64,3 +64,21 @@ def test_wide_view_has_every_column(report):
     assert classification_table(report)[1][7] in text  # the gain at 2 decimals
     compact = "\n".join(rendered(report, 300))
     assert "Significance" not in compact and "Top-5 %" not in compact
+
+
+def test_what_reproduced_lists_each_claim_with_ours_the_papers_and_the_verdict(report):
+    from sge_repro.report.render import claim_table, render_html
+
+    claims = {row[0]: row[1:] for row in claim_table(report)}
+    # the paper's dataset: absolute numbers, and the gain beside them
+    assert claims["resnet50 top-1 (imagenet)"] == ["76.50", "76.38", "reproduced"]
+    assert claims["sge_resnet50 top-1 (imagenet)"] == ["77.00, gain +0.50", "77.58, gain +1.20", "-0.58 vs paper"]
+    assert claims["faster_rcnn sge_resnet50 AP (coco)"] == [
+        "38.1, gain +0.60 [+0.60, +0.60]", "38.7, gain +1.20", "-0.60 vs paper"]
+    # data the paper did not use: the gain over the plain ResNet against the paper's gain
+    embedded = claims["sge_resnet18 top-1 gain over resnet18 (embedded)"]
+    assert embedded[1:] == ["+1.20 (R50)", "same sign, 12.5x paper, n.s."] and embedded[0].startswith("+15.00 [")
+    assert "resnet18 top-1 (embedded)" not in claims  # a baseline on other data claims nothing
+    html = render_html(report)
+    assert html.index("<h2>What reproduced</h2>") < html.index("<h2>Classification</h2>")
+    assert "7 result(s) compared with the paper; 3 reproduced within &plusmn;0.3 points" in html
