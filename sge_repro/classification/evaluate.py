@@ -34,7 +34,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int])
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo,
-             collect: bool = False, amp: str = "off", channels_last: bool = False,
+             collect: bool = False, amp: str = "fp32", channels_last: bool = False,
              on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Loss and top-1/top-5 (percent) over the loader, summed over the ranks' shards; with
     collect, per-sample results of this rank too. `on_batch(index, total)` as each batch (1-based) starts."""

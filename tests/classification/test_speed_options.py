@@ -90,10 +90,10 @@ def test_changing_amp_starts_over_instead_of_resuming(bf16_run, data_root, tmp_p
         train(data_root, tmp_path, amp="bf16", epochs=2, progress=stop_at_epoch(2))
     bf16_epoch1 = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["history"][0]
     calls = []
-    train(data_root, tmp_path, amp="off", epochs=2, progress=lambda *a: calls.append(a))
+    train(data_root, tmp_path, amp="fp32", epochs=2, progress=lambda *a: calls.append(a))
     assert min(c[0] for c in calls) == 1
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert state["recipe"]["amp"] == "off"
+    assert state["recipe"]["amp"] == "fp32"
     # Autocast really changed the arithmetic: same data and seed, different first-epoch loss.
     assert state["history"][0]["train_loss"] != bf16_epoch1["train_loss"]
 
