@@ -10,11 +10,13 @@ Any problem (unknown key, wrong type, unknown model) raises `UserError` naming t
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sge_repro.detection.detectors import DETECTORS, PROTOCOLS, REFERENCE_TWO_STAGE_LR, protocol_weights_source
 from sge_repro.errors import UserError
@@ -33,6 +35,20 @@ class Section(BaseModel):
 
 # detectron2 reads a negative seed as "pick one at random": a seed is >= 0.
 Seed = Annotated[int, Field(ge=0)]
+
+
+def _renamed_amp(value: Any) -> Any:
+    """amp was 'off' | bf16 | fp16 until DVC experiments showed the trouble: a YAML writer that
+    drops the quotes (DVC's, on `dvc exp run -S`) turns 'off' into the boolean false."""
+    if value == "off" or value is False:
+        got = "'off'" if value == "off" else "false (an unquoted off, as YAML reads it)"
+        raise ValueError(f"got {got}: 'off' is now called fp32 (a value no YAML writer can turn into a "
+                         "boolean); expected fp32, bf16 or fp16")
+    return value
+
+
+# Mixed precision: fp32 (none), bf16 or fp16 (CUDA, with loss scaling); see classification/precision.py.
+Amp = Annotated[Literal["fp32", "bf16", "fp16"], BeforeValidator(_renamed_amp)]
 
 
 class ClassificationData(Section):
@@ -96,7 +112,7 @@ class TrainClsParams(Section):
     grad_clip_norm: float | None = Field(None, gt=0)
     image_size: int = Field(64, ge=16)
     min_crop_scale: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop scale lower bound")
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Amp = "fp32"
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = Field(False, description=(
@@ -120,7 +136,7 @@ class TrainClsParams(Section):
 class EvalClsParams(Section):
     batch_size: int = Field(128, ge=1)
     image_size: int = Field(64, ge=16)
-    amp: Literal["off", "bf16", "fp16"] = "off"
+    amp: Amp = "fp32"
     channels_last: bool = False
     workers: int = Field(0, ge=0)
     device: str = "cpu"
@@ -433,13 +449,52 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
     return params
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for plain scalars, as DVC reads and writes
+    params.yaml (ruamel.yaml): only true/false are booleans, `1e-05` is a float, `010` is ten, and
+    on / off / yes / no / dates stay strings. So a value DVC writes back without quotes
+    (`dvc exp run -S key=value`) means here what it meant to DVC."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                           "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                   list("-+0123456789"))
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+def _yaml12_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = loader.construct_scalar(node).lower()
+    return {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}.get(text) or float(text)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _yaml12_float)
+
+
 def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=Yaml12Loader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -45,6 +45,10 @@ class ProjectPaths:
     def cls_checkpoint(self, model: str, seed: int, which: str = "best") -> Path:
         return self.cls_run_dir(model, seed) / f"{which}.pt"
 
+    def cls_tensorboard(self, model: str, seed: int) -> Path:
+        """TensorBoard events of one training run (inside its run folder: they travel with its checkpoints)."""
+        return self.cls_run_dir(model, seed) / "tensorboard"
+
     def cls_train_metrics(self, model: str, seed: int) -> Path:
         return self.root / "metrics" / "train_cls" / f"{run_id(model, seed)}.json"
 
@@ -92,3 +96,13 @@ class ProjectPaths:
     def launch_state_dir(self, name: str) -> Path:
         """Where the launcher of stage `name` keeps its own files (worker error files, job ids, logs)."""
         return self.root / "logs" / "launch" / name
+
+    # views of a run (logs/ is ignored by git and DVC)
+    @property
+    def progress_dir(self) -> Path:
+        """One status file per running or finished stage (sge_repro.stage_status), read by `sge-repro run`."""
+        return self.root / "logs" / "progress"
+
+    def stage_status(self, stage: str) -> Path:
+        """The status file of DVC stage `stage` (e.g. train_cls@sge_resnet18-0)."""
+        return self.progress_dir / f"{stage}.json"

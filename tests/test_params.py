@@ -54,8 +54,11 @@ def test_smoke_overlay_changes_only_what_it_names():
         (lambda p: p["train_cls"].update(epochs=0), "train_cls.epochs: input should be greater than or equal to 1"),
         (lambda p: p["train_cls"].update(lr_schedule="linear"), "train_cls.lr_schedule"),
         (lambda p: p["train_cls"].update(milestones=[30, 0]), "train_cls.milestones.1"),
-        (lambda p: p["train_cls"].update(amp="fp32"), "train_cls.amp: input should be 'off', 'bf16' or 'fp16'"),
-        (lambda p: p["eval_cls"].update(amp="fp32"), "eval_cls.amp"),
+        (lambda p: p["train_cls"].update(amp="fp8"), "train_cls.amp: input should be 'fp32', 'bf16' or 'fp16'"),
+        (lambda p: p["eval_cls"].update(amp="fp8"), "eval_cls.amp"),
+        (lambda p: p["train_cls"].update(amp="off"), "train_cls.amp: got 'off': 'off' is now called fp32"),
+        (lambda p: p["eval_cls"].update(amp=False), "eval_cls.amp: got false (an unquoted off, as YAML reads it): "
+                                                     "'off' is now called fp32"),
         (lambda p: p["train_cls"].update(epochs=6, warmup_epochs=7),
          "train_cls: warmup_epochs=7: expected 0 <= warmup_epochs <= epochs (6)"),
     ],

@@ -25,7 +25,7 @@ from sge_repro.params import ModelParams, TrainClsParams
 
 MODEL = ("sge_resnet18", ModelParams(width=32, groups=8))
 OPTION_SETS = [
-    {"amp": "off", "channels_last": False},
+    {"amp": "fp32", "channels_last": False},
     {"amp": "bf16", "channels_last": False},
     {"amp": "bf16", "channels_last": True},
     {"amp": "fp16", "channels_last": True},

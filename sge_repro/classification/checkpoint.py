@@ -52,8 +52,14 @@ def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict,
             "classes": classes, "seed": seed, "world_size": world_size}
 
 
+# Values renamed in params.yaml, hashed under their old spelling so that checkpoints written before
+# the rename keep their fingerprint (and resume): amp 'off' is fp32 since DVC experiments (issue 17).
+FINGERPRINT_SPELLING = {"amp": {"fp32": "off"}}
+
+
 def recipe_fingerprint(recipe: dict) -> str:
-    kept = {key: value for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT}
+    kept = {key: FINGERPRINT_SPELLING.get(key, {}).get(value, value) if isinstance(value, str) else value
+            for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -34,14 +34,17 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int])
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_info: DistInfo,
-             collect: bool = False, amp: str = "off", channels_last: bool = False) -> dict:
+             collect: bool = False, amp: str = "fp32", channels_last: bool = False,
+             on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Loss and top-1/top-5 (percent) over the loader, summed over the ranks' shards; with
-    collect, per-sample results of this rank too."""
+    collect, per-sample results of this rank too. `on_batch(index, total)` as each batch (1-based) starts."""
     model.eval()
     loss_sum, top1_sum, top5_sum, count, skipped = 0.0, 0.0, 0.0, 0, 0
     predictions, correct1, correct5 = [], [], []
-    for images, targets, num_skipped in loader:
+    for batch, (images, targets, num_skipped) in enumerate(loader, start=1):
         skipped += num_skipped
+        if on_batch is not None:
+            on_batch(batch, len(loader))
         if images is None:
             continue
         images = images.to(device, non_blocking=True, memory_format=memory_format(channels_last))
@@ -122,7 +125,9 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
         progress(1, 0, len(loader), {"phase": "eval"})
     with deterministic_mode(device):
         result = validate(model, loader, device, dist_info, collect=True, amp=params.amp,
-                          channels_last=params.channels_last)
+                          channels_last=params.channels_last,
+                          on_batch=None if progress is None else lambda done, total: progress(
+                              1, done - 1, total, {"phase": "eval"}))
     if progress is not None:
         progress(1, len(loader), len(loader), {"phase": "eval", "top1": result["top1"]})
 

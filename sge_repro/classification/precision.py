@@ -1,6 +1,6 @@
 """Mixed precision and memory layout: the autocast of a forward pass, what a device can run.
 
-`amp` is "off" (fp32), "bf16" (autocast; CPU or CUDA; fp32's range, no loss scaling) or "fp16"
+`amp` is "fp32" (no autocast), "bf16" (autocast; CPU or CUDA; fp32's range, no loss scaling) or "fp16"
 (autocast plus a GradScaler; CUDA only). `channels_last` stores weights and inputs NHWC.
 """
 
@@ -14,15 +14,15 @@ from sge_repro.errors import UserError
 
 
 def check_amp_on_device(amp: str, device: torch.device) -> None:
-    """fp16 needs loss scaling, which runs on CUDA only; bf16 and off run anywhere."""
+    """fp16 needs loss scaling, which runs on CUDA only; bf16 and fp32 run anywhere."""
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp='fp16' on device {device}: fp16 autocast with loss scaling needs CUDA; "
-                        "expected amp='bf16' or amp='off' on CPU")
+                        "expected amp='bf16' or amp='fp32' on CPU")
 
 
 def autocast(amp: str, device: torch.device):
-    """The forward-pass autocast context for `amp` (a no-op context when amp is off)."""
-    if amp == "off":
+    """The forward-pass autocast context for `amp` (a no-op context for fp32)."""
+    if amp == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

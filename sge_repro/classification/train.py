@@ -138,11 +138,12 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
             improved = val["top1"] > state.best["top1"]
             if improved:
                 state.best = {"epoch": epoch + 1, "top1": val["top1"], "top5": val["top5"]}
+            if progress is not None and dist_info.is_main:
+                # before the checkpoint: a kill in between resumes this epoch (see tensorboard.py)
+                progress(epoch + 1, steps_per_epoch, steps_per_epoch, {"phase": "epoch", **row})
             if dist_info.is_main:
                 checkpoint.save(state, recipe, dataset_name, run_dir, improved)
                 write_history(history_path, state.history)
-            if progress is not None and dist_info.is_main:
-                progress(epoch + 1, steps_per_epoch, steps_per_epoch, {"phase": "epoch", **row})
             skipped += trained["skipped"]
 
     metrics = final_metrics(model_name, dataset_name, seed, state.history, state.best, len(train_set),

@@ -10,21 +10,22 @@ import typer
 from sge_repro.cli.ui import console
 
 
-def report() -> None:
+def report(wide: bool = typer.Option(False, "--wide", help="Print every column (as report.md / report.html), "
+                                                          "not the compact tables.")) -> None:
     """Collect every metrics file, compare with the paper, write reports/ and print the tables."""
     from sge_repro.params import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.report import render_console
     from sge_repro.stages.report import report as stage
 
-    render_console(stage(load_params(), ProjectPaths()), console)  # lists the files the stage wrote
+    render_console(stage(load_params(), ProjectPaths()), console, wide=wide)  # lists the files the stage wrote
 
 
-def print_saved_report(root: Path) -> None:
+def print_saved_report(root: Path, wide: bool = False) -> None:
     """Print the tables of an existing report (after `run all`) without rewriting any file."""
     from sge_repro.report import load_saved_report, render_console
 
-    render_console(load_saved_report(root), console)
+    render_console(load_saved_report(root), console, wide=wide)
 
 
 def visualize() -> None:

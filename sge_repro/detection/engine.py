@@ -41,6 +41,7 @@ from sge_repro.detection.loader import build_train_loader, check_images, trainin
 from sge_repro.detection.writes import (
     AppendFile, append_log_to, disk_errors, quiet_event_writer_thread, raise_disk_error,
 )
+from sge_repro.detection.status_hook import status_hooks, with_status
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
 
@@ -259,7 +260,8 @@ def _check_seed(cfg: CfgNode) -> None:
         raise UserError(f"SEED={cfg.SEED}: expected a seed >= 0 (detectron2 reads a negative seed as 'random')")
 
 
-def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2, skip_corrupt: bool = False) -> Path:
+def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2, skip_corrupt: bool = False,
+                   status=None) -> Path:
     """Train the detector of `cfg`; returns OUTPUT_DIR/model_final.pth. Call it in every process
     of a distributed run.
 
@@ -298,6 +300,7 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     seed_all_rng(cfg.SEED + rank)
     start_iter = resume_state[1] + 1 if resume_state else 0
     trainer = DetectorTrainer(cfg, records, start_iter, keep_checkpoints, fingerprint)
+    trainer.register_hooks(status_hooks(status, cfg.SOLVER.IMS_PER_BATCH))  # progress file (stage_status)
     if resume_state:
         trainer.resume_from(resume_state[0], resume_state[1])
     elif cfg.MODEL.WEIGHTS:
@@ -352,7 +355,8 @@ class _SubsetCOCOEvaluator(COCOEvaluator):
 
 
 def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
-                      output_dir: str | os.PathLike | None = None, skip_corrupt: bool = False) -> dict | None:
+                      output_dir: str | os.PathLike | None = None, skip_corrupt: bool = False,
+                      status=None) -> dict | None:
     """COCO metrics of the detector `weights` on registered `dataset`.
 
     Returns (on the main process; None on the others):
@@ -385,7 +389,7 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
             image_ids=[record["image_id"] for record in kept] if corrupt else None)
         loader = build_detection_test_loader(dataset=kept, mapper=DatasetMapper(cfg, False),
                                              num_workers=cfg.DATALOADER.NUM_WORKERS)
-        raw = inference_on_dataset(model, loader, evaluator)
+        raw = inference_on_dataset(model, loader, with_status(evaluator, status, len(loader)))
         if not comm.is_main_process():
             return None
         predictions = folder / "coco_instances_results.json"

@@ -49,12 +49,12 @@ def _seeds(seeds: Sequence[int]) -> str:
     return f"{listed} (single run)" if len(seeds) == 1 else listed
 
 
-def _gain(gain: GainInterval | None) -> str:
+def _gain(gain: GainInterval | None, digits: int = 2) -> str:
     if gain is None:
         return DASH
     if gain.low is None or gain.high is None:
-        return f"{gain.estimate:+.2f}"
-    return f"{gain.estimate:+.2f} [{gain.low:+.2f}, {gain.high:+.2f}]"
+        return f"{gain.estimate:+.{digits}f}"
+    return f"{gain.estimate:+.{digits}f} [{gain.low:+.{digits}f}, {gain.high:+.{digits}f}]"
 
 
 def _paper_gain(value: float | None, source: str | None, own_name: str) -> str:
@@ -115,35 +115,151 @@ def detection_table(report: Report) -> list[list[str]]:
     return rows
 
 
+# The compact console view (the default): what a reader scans first, one line per row at 80 columns.
+CLS_COMPACT_HEADERS = ("Model", "Top-1 %", "Gain [95% CI]", "Verdict")
+DET_COMPACT_HEADERS = ("Detector", "Backbone", "AP", "Gain [95% CI]", "Verdict")
+
+
+def compact_classification_tables(report: Report) -> dict[str, list[list[str]]]:
+    """{dataset: rows} of the compact classification view: mean top-1 (2 decimals), the gain
+    with its CI at 1 decimal (the paper's precision), the verdict."""
+    tables: dict[str, list[list[str]]] = {}
+    for row in report.classification:
+        tables.setdefault(row.dataset, []).append([row.model, _number(row.top1), _gain(row.gain, 1), row.verdict])
+    return tables
+
+
+def compact_detection_tables(report: Report) -> dict[str, list[list[str]]]:
+    """{dataset: rows} of the compact detection view: mean bbox AP and gain at 1 decimal (COCO's
+    usual precision), the verdict."""
+    tables: dict[str, list[list[str]]] = {}
+    for row in report.detection:
+        tables.setdefault(row.dataset, []).append(
+            [row.detector, row.backbone, _number(row.bbox["AP"], 1), _gain(row.gain, 1), row.verdict])
+    return tables
+
+
+CLAIM_HEADERS = ("Claim of the paper", "Ours", "Paper", "Verdict")
+
+
+def claim_table(report: Report) -> list[list[str]]:
+    """One row per result the paper has a figure for (its top-1 / AP, or the gain of an attention
+    model over its plain ResNet): what it is, ours, the paper's, the verdict."""
+    rows = []
+    for row in report.classification:
+        if row.paper_top1 is None and row.paper_gain is None:
+            continue
+        paper_gain = _paper_gain(row.paper_gain, row.paper_gain_model, row.model)
+        rows.append(_claim(f"{row.model} top-1", row.baseline, row.dataset, row.comparable, f"{row.top1:.2f}",
+                           row.gain, _number(row.paper_top1, 2), paper_gain, row.verdict))
+    for row in report.detection:
+        if row.paper_ap is None and row.paper_gain is None:
+            continue
+        paper_gain = _paper_gain(row.paper_gain, row.paper_gain_backbone, row.backbone)
+        ours = DASH if row.bbox["AP"] is None else f"{row.bbox['AP']:.1f}"
+        rows.append(_claim(f"{row.detector} {row.backbone} AP", row.baseline, row.dataset, row.comparable, ours,
+                           row.gain, _number(row.paper_ap, 1), paper_gain, row.verdict))
+    return rows
+
+
+def _claim(what: str, baseline: str | None, dataset: str, comparable: bool, ours: str, gain: GainInterval | None,
+           paper: str, paper_gain: str, verdict: str) -> list[str]:
+    """Absolute numbers where they compare (the paper's dataset), else the gain over the baseline."""
+    claim = f"{what} gain over {baseline} ({dataset})" if baseline and not comparable else f"{what} ({dataset})"
+    if comparable:
+        ours_text = ours + (f", gain {_gain(gain)}" if gain is not None else "")
+        paper_text = paper + (f", gain {paper_gain}" if baseline and paper_gain != DASH else "")
+        return [claim, ours_text, paper_text, verdict]
+    return [claim, _gain(gain), paper_gain, verdict]
+
+
+def provenance_lines(report: Report) -> list[tuple[str, str]]:
+    """(what, value) pairs of summary.json's provenance, for md / html; [] when absent."""
+    made = report.summary.provenance
+    if made is None:
+        return []
+    if made.git_commit is None:
+        code = "not a git work tree"
+    else:
+        code = made.git_commit[:12] + (" (dirty: " + ", ".join(made.git_changed) + ")" if made.git_dirty else " (clean)")
+    hw = made.hardware
+    gpus = f"{hw.gpu_count} x {hw.gpus[0]}" if hw.gpus else "none"
+    return [
+        ("code (git)", code),
+        ("params.yaml sha256", made.params_sha256 or "absent"),
+        ("profile", made.profile),
+        ("packages", ", ".join(f"{k} {v}" for k, v in made.packages.items())),
+        ("report built on", f"{hw.cpu} ({hw.cpu_count} CPUs), GPUs: {gpus}; {hw.platform}"),
+    ]
+
+
+def stage_run_rows(report: Report) -> list[list[str]]:
+    made = report.summary.provenance
+    if made is None:
+        return []
+    return [[r.stage, r.state, f"{r.wall_time_s:.1f}", r.finished, r.host, str(r.world_size), r.devices or "cpu"]
+            for r in made.stages]
+
+
+STAGE_RUN_HEADERS = ("Stage", "State", "Wall time (s)", "Finished (UTC)", "Host", "Processes", "Devices")
+
+
 def _missing_lines(report: Report) -> list[str]:
     return [f"{m.what}: {m.reason} ({m.path})" for m in report.missing]
 
 
 # ---------------------------------------------------------------- console
 
-def render_console(report: Report, console: Console) -> None:
-    """Print the report's tables, notes and what is missing with rich."""
+def render_console(report: Report, console: Console, wide: bool = False) -> None:
+    """Print the report's tables, notes and what is missing with rich.
+
+    By default the compact tables (one per dataset; every row one line at 80 columns); with
+    `wide`, every column of report.md / report.html (cells fold on a narrow terminal)."""
+    from rich import box
     from rich.table import Table
 
-    def table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
+    def full_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
         out = Table(title=title, title_justify="left", header_style="bold")
         for index, header in enumerate(headers):
             out.add_column(header, justify="right" if 3 <= index < len(headers) - 1 else "left", overflow="fold")
         for cells in rows:
-            style = "green" if is_reproduced(cells[-1]) else None
-            out.add_row(*cells, style=style)
+            out.add_row(*cells, style="green" if is_reproduced(cells[-1]) else None)
+        return out
+
+    def compact_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
+        out = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                    show_edge=False, pad_edge=False, collapse_padding=True)
+        for header in headers:
+            numeric = header in ("Top-1 %", "AP", "Gain [95% CI]")
+            # never wrapped: a cell too long for the terminal ends in an ellipsis (--wide shows all)
+            out.add_column(header, justify="right" if numeric else "left", no_wrap=True, overflow="ellipsis")
+        for cells in rows:
+            out.add_row(*cells, style="green" if is_reproduced(cells[-1]) else None)
         return out
 
     console.print(f"[bold]SGE reproduction report[/bold] - profile [cyan]{report.profile}[/cyan], "
                   f"tolerance ±{report.tolerance:g} points")
-    if report.classification:
-        console.print(table("Classification", CLS_HEADERS, classification_table(report)))
-    else:
+    if not report.classification:
         console.print("Classification: no evaluated runs.")
-    if report.detection:
-        console.print(table("Detection (COCO-style bbox AP)", DET_HEADERS, detection_table(report)))
+    elif wide:
+        console.print(full_table("Classification", CLS_HEADERS, classification_table(report)))
     else:
+        for dataset, rows in compact_classification_tables(report).items():
+            console.print(compact_table(f"Classification ({dataset})", CLS_COMPACT_HEADERS, rows))
+    if not report.detection:
         console.print("Detection: no evaluated runs.")
+    elif wide:
+        console.print(full_table("Detection (COCO-style bbox AP)", DET_HEADERS, detection_table(report)))
+    else:
+        for dataset, rows in compact_detection_tables(report).items():
+            console.print(compact_table(f"Detection ({dataset}, bbox AP)", DET_COMPACT_HEADERS, rows))
+    if not wide and (report.classification or report.detection):
+        console.print("[dim]means over seeds; --wide (and reports/report.md, report.html): every column[/dim]")
+    made = report.summary.provenance
+    if made is not None:
+        code = "no git" if made.git_commit is None else made.git_commit[:10] + (" dirty" if made.git_dirty else "")
+        console.print(f"[dim]made by: code {code}, params.yaml sha256 {(made.params_sha256 or '-')[:12]}, "
+                      f"{len(made.stages)} stage runs (summary.json: provenance)[/dim]", highlight=False)
     for note in report.notes:
         console.print(f"[dim]note:[/dim] {note}", highlight=False)
     if report.missing:
@@ -162,7 +278,8 @@ def _md_cell(text: str) -> str:
 
 def _md_table(headers: Sequence[str], rows: list[list[str]]) -> str:
     text_columns = {"Model", "Dataset", "Seeds", "Detector", "Backbone", "Protocol", "Backbone weights",
-                    "Significance", "Verdict"}
+                    "Significance", "Verdict", "Stage", "State", "Finished (UTC)", "Host", "Devices",
+                    "Claim of the paper", "Ours", "Paper"}
     align = ["--:" if h not in text_columns else ":--" for h in headers]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in rows]
@@ -193,6 +310,10 @@ def render_markdown(report: Report) -> str:
         parts += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
     parts += ["## Missing", ""]
     parts += [f"- {_md_cell(line)}" for line in _missing_lines(report)] or ["Nothing missing."]
+    if report.summary.provenance is not None:
+        parts += ["", "## Provenance", ""] + [f"- {what}: {_md_cell(value)}" for what, value in provenance_lines(report)]
+        if stage_run_rows(report):
+            parts += ["", _md_table(STAGE_RUN_HEADERS, stage_run_rows(report))]
     parts += ["", "Plots (training curves, gains with CIs): see `report.html`.", ""]
     return "\n".join(parts)
 
@@ -320,6 +441,22 @@ def _figure_html(title: str, png: bytes) -> str:
     return f'<figure><img alt="{html.escape(title)}" src="{_data_uri(png)}"><figcaption>{html.escape(title)}</figcaption></figure>'
 
 
+def _what_reproduced_html(report: Report) -> list[str]:
+    """The page's opening: each claim of the paper with ours, the paper's and the verdict."""
+    claims = claim_table(report)
+    if not claims:
+        return ["<h2>What reproduced</h2><p>No result here has a figure in the paper to compare with.</p>"]
+    rows = [*report.classification, *report.detection]
+    lead = f"{len(claims)} result(s) compared with the paper"
+    if any(row.comparable for row in rows):
+        reproduced = sum(1 for claim in claims if claim[-1] == "reproduced")
+        lead += f"; {reproduced} reproduced within &plusmn;{report.tolerance:g} points on the paper's datasets"
+    if not all(row.comparable for row in rows):
+        lead += ("; on data the paper did not use, the verdict compares the sign and size of the gain "
+                 "over the plain ResNet with the paper's gain")
+    return ["<h2>What reproduced</h2>", f"<p>{lead}.</p>", _html_table(CLAIM_HEADERS, claims)]
+
+
 def render_html(report: Report) -> str:
     """A self-contained page: the tables and every plot inline (no external file or server)."""
     escape = html.escape
@@ -329,6 +466,7 @@ def render_html(report: Report) -> str:
         f"<title>SGE reproduction report ({escape(report.profile)})</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>SGE reproduction report <small>(profile {escape(report.profile)})</small></h1>",
+        *_what_reproduced_html(report),
         f'<p class="note">Paper figures: {escape(report.summary.paper.source)}. Verdict on the paper\'s datasets: '
         f"&ldquo;reproduced&rdquo; when |ours &minus; paper| &le; {report.tolerance:g} points, else the signed gap; "
         "COCO detectors trained with another engine or protocol than the authors' are judged on their gain "
@@ -345,6 +483,13 @@ def render_html(report: Report) -> str:
     parts.append("<h2>Missing</h2>")
     lines = _missing_lines(report)
     parts.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul>" if lines else "<p>Nothing missing.</p>")
+    if report.summary.provenance is not None:
+        parts.append("<h2>Provenance</h2><table><tbody>" + "".join(
+            f"<tr><th>{escape(what)}</th><td>{escape(value)}</td></tr>" for what, value in provenance_lines(report))
+            + "</tbody></table>")
+        if stage_run_rows(report):
+            parts += ["<h3>Stage runs (their last run, from logs/progress)</h3>",
+                      _html_table(STAGE_RUN_HEADERS, stage_run_rows(report))]
     gains = gains_figure(report)
     if gains is not None:
         parts += ["<h2>Gains over the plain baseline</h2>", _figure_html("Gains with 95% bootstrap CIs", gains)]

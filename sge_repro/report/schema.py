@@ -156,8 +156,45 @@ class PaperSource(_Record):
     source: str
 
 
+class StageRun(_Record):
+    """A stage's last recorded run (its status file, sge_repro.stage_status)."""
+
+    stage: str
+    state: str  # done | failed | stopped | running (a run killed without a word)
+    wall_time_s: float
+    finished: str  # UTC, ISO 8601, of the status file's last write
+    host: str
+    world_size: int
+    devices: str = ""  # "N x GPU model" when the stage used CUDA
+
+
+class Hardware(_Record):
+    """The machine that built the report (each stage's own host is in its StageRun)."""
+
+    cpu: str
+    cpu_count: int
+    gpus: list[str]
+    gpu_count: int
+    platform: str
+
+
+class Provenance(_Record):
+    """What made the report (sge_repro.provenance): code, params, packages, hardware, stage runs."""
+
+    git_commit: str | None
+    git_dirty: bool | None
+    git_changed: list[str] = []  # the files that differ from the commit (at most 20)
+    params_sha256: str | None
+    profile: str
+    packages: dict[str, str]
+    hardware: Hardware
+    stages: list[StageRun] = []
+
+
 class Summary(_Record):
     """reports/summary.json."""
+
+    omit_when_none: ClassVar[tuple[str, ...]] = ("provenance",)
 
     profile: str
     classification: list[ClsEntry]
@@ -166,6 +203,7 @@ class Summary(_Record):
     missing: list[Missing] = []
     notes: list[str] = []
     paper: PaperSource
+    provenance: Provenance | None = None
 
 
 @dataclass

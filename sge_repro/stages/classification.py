@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from sge_repro.launch import launch, runs_in_process
 from sge_repro.params import RELEASED_SEED, Params
 from sge_repro.paths import ProjectPaths
+from sge_repro.stage_status import StageStatus, stage_name, tracking
 from sge_repro.stages.runtime import use_cpu_threads
 
 StepProgress = Callable[[int, int, int, dict], None]
@@ -15,6 +17,9 @@ StepProgress = Callable[[int, int, int, dict], None]
 def train_cls(params: Params, paths: ProjectPaths, model: str, seed: int,
               progress: StepProgress | None = None) -> dict:
     """Train one classifier on data/cls; resumes from runs/cls/<model>-seed<seed>/last.pt.
+
+    The stage's progress goes to logs/progress/train_cls@<model>-<seed>.json (rank 0), TensorBoard
+    events to runs/cls/<model>-seed<seed>/tensorboard/, and to `progress` when given.
 
     Runs on the processes params.launch asks for (sge_repro.launch); `progress` is called in
     this process only when it trains here, otherwise rank 0 prints one line per epoch."""
@@ -33,11 +38,28 @@ def train_cls_worker(params: Params, paths: ProjectPaths, model: str, seed: int,
     from sge_repro.classification.train import train_classifier
 
     use_cpu_threads(params)
-    return train_classifier(
-        params.train_cls, params.model, model, seed, paths.cls_data, paths.cls_run_dir(model, seed),
-        paths.cls_train_metrics(model, seed), paths.cls_history(model, seed),
-        dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
-        progress=progress)
+    with training_progress(params, paths, model, seed, progress) as report:
+        return train_classifier(
+            params.train_cls, params.model, model, seed, paths.cls_data, paths.cls_run_dir(model, seed),
+            paths.cls_train_metrics(model, seed), paths.cls_history(model, seed),
+            dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
+            progress=report)
+
+
+@contextmanager
+def training_progress(params: Params, paths: ProjectPaths, model: str, seed: int,
+                      progress: StepProgress | None = None) -> Iterator[StepProgress]:
+    """The progress callback of one train_cls run (call it in the process that trains: the
+    engine calls it on rank 0): the status file, TensorBoard events, and `progress`."""
+    from sge_repro.classification.tensorboard import TensorBoardLog
+
+    stage = stage_name("train_cls", model, seed)
+    events = TensorBoardLog(paths.cls_tensorboard(model, seed))
+    with tracking(paths.stage_status(stage), stage) as status:
+        try:
+            yield _chain(training_status(status, params.train_cls.epochs), events, progress)
+        finally:
+            events.close()
 
 
 class EpochLines:
@@ -97,7 +119,48 @@ def eval_cls(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict
         params.require_listed("models", model)
         params.require_listed("seeds", seed)
     use_cpu_threads(params)
-    return evaluate_classifier(
-        params.eval_cls, paths.cls_checkpoint(model, seed, "best"), paths.cls_data, paths.cls_metrics(model, seed),
-        paths.cls_predictions(model, seed), model_name=model, seed=seed,
-        dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt)
+    stage = stage_name("eval_cls", model, seed)
+    with tracking(paths.stage_status(stage), stage) as status:
+        return evaluate_classifier(
+            params.eval_cls, paths.cls_checkpoint(model, seed, "best"), paths.cls_data,
+            paths.cls_metrics(model, seed), paths.cls_predictions(model, seed), model_name=model, seed=seed,
+            dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
+            progress=evaluation_status(status, params.eval_cls.batch_size))
+
+
+def training_status(status: StageStatus, epochs: int) -> StepProgress:
+    """The classifier engine's progress (epoch, step, steps, info) as status-file updates:
+    steps of all epochs, the running loss / top-1 / lr / images/s, val top-1 after each epoch."""
+
+    def update(epoch: int, step: int, steps: int, info: dict) -> None:
+        done, total = (epoch - 1) * steps + step, epochs * steps
+        if info.get("phase") == "epoch":
+            status.update(done, total, unit="step", phase="train", force=True, epoch=epoch, epochs=epochs,
+                          loss=info["train_loss"], top1=info["train_top1"], val_top1=info["val_top1"],
+                          lr=info["lr"], images_per_s=info["images_per_s"])
+        else:
+            status.update(done, total, unit="step", phase="train", epoch=epoch, epochs=epochs,
+                          loss=info.get("loss"), top1=info.get("top1"), lr=info.get("lr"),
+                          images_per_s=info.get("images_per_s"))
+
+    return update
+
+
+def evaluation_status(status: StageStatus, batch_size: int) -> StepProgress:
+    """evaluate_classifier's progress (1, batch, batches, info) as status-file updates."""
+
+    def update(_epoch: int, done: int, total: int, info: dict) -> None:
+        status.update(done, total, unit="batch", phase="eval", images_per_unit=batch_size,
+                      **({"top1": info["top1"]} if "top1" in info else {}))
+
+    return update
+
+
+def _chain(*callbacks: StepProgress | None) -> StepProgress:
+    present = [callback for callback in callbacks if callback is not None]
+
+    def call(*args) -> None:
+        for callback in present:
+            callback(*args)
+
+    return call

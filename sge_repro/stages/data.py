@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
+from sge_repro.stage_status import tracking
 
 if TYPE_CHECKING:
     from sge_repro.data.prepare import Progress
@@ -15,4 +16,10 @@ def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) 
     """Build data/cls (ImageFolder) and data/det (COCO JSON) as params.yaml says; returns the manifest."""
     from sge_repro.data.prepare import prepare_data
 
-    return prepare_data(params.data, paths, progress=progress)
+    with tracking(paths.stage_status("data"), "data") as status:  # logs/progress/data.json
+        def report(name: str, done: int, total: int | None) -> None:
+            status.update(done, total, unit="file", phase=name)
+            if progress is not None:
+                progress(name, done, total)
+
+        return prepare_data(params.data, paths, progress=report)

@@ -9,6 +9,7 @@ from sge_repro.errors import UserError
 from sge_repro.launch import launch
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
+from sge_repro.stage_status import stage_name, tracking
 from sge_repro.stages.runtime import use_cpu_threads
 
 
@@ -29,8 +30,10 @@ def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
             fix = ("run the fetch_weights stage first" if source.source == "torchvision"
                    else f"params.yaml convert.files.{model} names a missing file")
             raise UserError(f"{checkpoint}: not found ({fix})")
-    return convert_classifier_to_detectron2(checkpoint, paths.det_weights(model, seed), model_name=model,
-                                            backbone_source=source.source)
+    stage = stage_name("convert", model, seed)
+    with tracking(paths.stage_status(stage), stage):  # the wall time, for the report's provenance
+        return convert_classifier_to_detectron2(checkpoint, paths.det_weights(model, seed), model_name=model,
+                                                backbone_source=source.source)
 
 
 def fetch_weights(params: Params, paths: ProjectPaths, model: str) -> dict:
@@ -84,8 +87,10 @@ def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbon
 
     cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)
     started = time.perf_counter()
-    final = train_detector(cfg, resume=True, keep_checkpoints=params.train_det.keep_checkpoints,
-                           skip_corrupt=params.data.skip_corrupt)
+    stage = stage_name("train_det", detector, backbone, seed)
+    with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json (rank 0 writes)
+        final = train_detector(cfg, resume=True, keep_checkpoints=params.train_det.keep_checkpoints,
+                               skip_corrupt=params.data.skip_corrupt, status=status)
     return {
         "weights": str(final),
         "protocol": params.train_det.protocol,
@@ -107,7 +112,9 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
                         f"--backbone {backbone} --seed {seed}` first")
     started = time.perf_counter()
     # predictions go to a temp folder: the run folder is train_det's output and must not change here
-    result = evaluate_detector(cfg, weights, val_name, skip_corrupt=params.data.skip_corrupt)
+    stage = stage_name("eval_det", detector, backbone, seed)
+    with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json
+        result = evaluate_detector(cfg, weights, val_name, skip_corrupt=params.data.skip_corrupt, status=status)
     if result is None:  # a non-main process of a distributed evaluation
         return {}
     metrics = {

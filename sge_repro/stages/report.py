@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sge_repro.params import Params
+from sge_repro.params import PARAMS_FILE, Params
 from sge_repro.paths import ProjectPaths
+from sge_repro.stage_status import stage_name, tracking
 from sge_repro.stages.runtime import use_cpu_threads
 
 if TYPE_CHECKING:
@@ -20,10 +21,11 @@ def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
 
     use_cpu_threads(params)
     written = []
-    for models, seed in ((params.models, params.seeds[0]), (list(params.released), RELEASED_SEED)):
-        written += visualize_trained_models(
-            models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
-            paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
+    with tracking(paths.stage_status("visualize"), "visualize"):  # the wall time, for the report's provenance
+        for models, seed in ((params.models, params.seeds[0]), (list(params.released), RELEASED_SEED)):
+            written += visualize_trained_models(
+                models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
+                paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
     return written
 
 
@@ -34,7 +36,9 @@ def report(params: Params, paths: ProjectPaths) -> Report:
     expected: any without a metrics file is listed as missing in the report.
     """
     from sge_repro.models.complexity import model_complexity
+    from sge_repro.provenance import collect as collect_provenance
     from sge_repro.report import build_report, write_report_files
+    from sge_repro.report.schema import Provenance
 
     use_cpu_threads(params)
 
@@ -49,5 +53,19 @@ def report(params: Params, paths: ProjectPaths) -> Report:
         seed=p.seed, complexity=complexity, expected_models=params.models,
         expected_detection=[(d, b) for d in params.detectors for b in params.detection_backbones],
         seeds=params.seeds)
+    made_by = collect_provenance(paths.root, paths.root / PARAMS_FILE, params.profile, paths.progress_dir,
+                                 pipeline_stages(params))
+    result.summary = result.summary.model_copy(update={"provenance": Provenance.model_validate(made_by)})
     write_report_files(result, paths.reports)
     return result
+
+
+def pipeline_stages(params: Params) -> list[str]:
+    """dvc.yaml's stages before the report, as DVC names them, in its order."""
+    seeds = params.seeds
+    names = ["data"]
+    names += [stage_name(group, m, s) for group in ("train_cls", "eval_cls") for m in params.models for s in seeds]
+    names += [stage_name("convert", m, s) for m in params.detection_backbones for s in seeds]
+    names += [stage_name(group, d, b, s) for group in ("train_det", "eval_det") for d in params.detectors
+              for b in params.detection_backbones for s in seeds]
+    return names + ["visualize"]

@@ -99,10 +99,10 @@ def test_changing_amp_is_refused_and_a_moved_run_starts_over(bf16_run, data_root
     assert last.read_bytes() == bf16_bytes
     (tmp_path / "ckpt").rename(tmp_path / "bf16-ckpt")  # the way out the message names
     calls = []
-    train(data_root, tmp_path, amp="off", epochs=2, progress=lambda *a: calls.append(a))
+    train(data_root, tmp_path, amp="fp32", epochs=2, progress=lambda *a: calls.append(a))
     assert min(c[0] for c in calls) == 1
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert state["recipe"]["amp"] == "off"
+    assert state["recipe"]["amp"] == "fp32"
     # Autocast really changed the arithmetic: same data and seed, different first-epoch loss.
     assert state["history"][0]["train_loss"] != bf16_epoch1["train_loss"]
 

@@ -206,7 +206,7 @@ def test_training_curves_overlay_the_authors_log_only_on_imagenet(report):
 
 def test_console_output_and_saved_report_round_trip(report, results_root):
     console = Console(record=True, width=260)
-    render_console(report, console)
+    render_console(report, console, wide=True)
     text = console.export_text()
     assert "reproduced" in text and classification_table(report)[1][7] in text
     assert "Missing (4)" in text

@@ -1,0 +1,80 @@
+"""TensorBoard events of a classification run: loss, top-1, lr and images/s over training steps.
+
+`TensorBoardLog(log_dir)` is a progress consumer of the training engine (train.py's
+`progress(epoch, step, steps_per_epoch, info)`, called on rank 0 only). It writes, against the
+global step (epochs x steps_per_epoch + step, 1-based):
+
+- every ~1/20 epoch and at its last step: `train/loss` and `train/top1` (means over the steps
+  since the last point, on rank 0's share of the batches), `train/lr`, `train/images_per_s`;
+- at the end of each epoch (all ranks): `epoch/train_loss`, `epoch/train_top1`, `epoch/val_loss`,
+  `epoch/val_top1`, `epoch/val_top5`, `epoch/lr`, `epoch/images_per_s`, `epoch/epoch_time_s`,
+  flushed to disk at once.
+
+The writer opens at the first call, so a finished run that is rerun writes nothing. A run that
+starts from step 1 removes event files left in log_dir (they belong to a run that was started
+over); a resumed run (first step g > 1) opens a new file with TensorBoard's purge_step = g, so
+TensorBoard drops what the interrupted epoch had logged past the checkpoint, and nothing is
+logged twice. One step axis for every tag, so the purge means the same for all of them. The
+engine reports an epoch before it writes that epoch's checkpoint: a kill in between resumes at
+that epoch, and the purge drops its events with the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+POINTS_PER_EPOCH = 20
+EVENTS_GLOB = "events.out.tfevents.*"
+
+
+class TensorBoardLog:
+    """Consumes the engine's progress calls; see the module docstring for what it writes."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir = Path(log_dir)
+        self.writer = None
+        self._last = (0, 0.0, 0.0)  # (step in the epoch, running loss mean, running top-1 mean) at the last point
+
+    def __call__(self, epoch: int, step: int, steps: int, info: dict) -> None:
+        global_step = (epoch - 1) * steps + step
+        if self.writer is None:
+            self._open(global_step)
+        if info.get("phase") == "epoch":
+            for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "images_per_s",
+                        "epoch_time_s"):
+                if key in info:
+                    self.writer.add_scalar(f"epoch/{key}", float(info[key]), global_step)
+            self.writer.flush()
+            return
+        if info.get("phase") != "train":
+            return
+        if step == 1:
+            self._last = (0, 0.0, 0.0)
+        interval = max(1, steps // POINTS_PER_EPOCH)
+        if step % interval and step != steps:
+            return
+        last_step, last_loss, last_top1 = self._last
+        # The engine reports running means over the epoch: the mean since the last point is
+        # the difference of sums (batches of one epoch have the same size).
+        count = step - last_step
+        loss = (info["loss"] * step - last_loss * last_step) / count
+        top1 = (info["top1"] * step - last_top1 * last_step) / count
+        self._last = (step, info["loss"], info["top1"])
+        self.writer.add_scalar("train/loss", loss, global_step)
+        self.writer.add_scalar("train/top1", top1, global_step)
+        self.writer.add_scalar("train/lr", float(info["lr"]), global_step)
+        self.writer.add_scalar("train/images_per_s", float(info["images_per_s"]), global_step)
+
+    def _open(self, first_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if first_step <= 1:
+            for old in self.log_dir.glob(EVENTS_GLOB):
+                old.unlink()
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=first_step if first_step > 1 else None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,170 @@
+"""Long runs a person can watch and trust (issue 17), on one real smoke run through DVC:
+the stages' status files and the live view over them, TensorBoard events, the report's
+provenance, and a second `run all` that stays a no-op."""
+
+import hashlib
+import json
+import os
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from integration.conftest import copy_project
+from sge_repro.cli.run import PipelineView
+from sge_repro.pipeline import StageEvent
+from sge_repro.stage_status import read_status
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def sge_repro(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "sge-repro"), *args], cwd=cwd, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"sge-repro {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """A committed copy of the project after `sge-repro run all --profile smoke`."""
+    project = copy_project(tmp_path_factory.mktemp("watch") / "project")
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "copy")
+    started = time.time()
+    result = sge_repro(project, "run", "all", "--profile", "smoke")
+    return {"root": project, "started": started, "ended": time.time(), "stdout": result.stdout}
+
+
+def stage_list(root: Path) -> list[str]:
+    return subprocess.run([*DVC, "stage", "list", "--name-only"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_training_and_evaluation_stages_leave_plausible_status_files(smoke):
+    root = smoke["root"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    stages = [s for s in stage_list(root) if s.split("@")[0] in ("train_cls", "eval_cls", "train_det", "eval_det")]
+    assert len(stages) == 8
+    written = sorted(p.stem for p in (root / "logs" / "progress").glob("*.json"))
+    assert written == sorted(set(stage_list(root)) - {"report"})  # every stage but the report has one
+    for stage in stages:
+        record = read_status(root / "logs" / "progress" / f"{stage}.json")
+        assert record is not None and record["stage"] == stage
+        assert record["state"] == "done" and record["done"] == record["total"] > 0 and record["eta_s"] == 0
+        assert smoke["started"] <= record["started"] <= record["updated"] <= smoke["ended"]
+        assert record["world_size"] == 1 and record["images_per_s"] > 0
+        group = stage.split("@")[0]
+        if group == "train_cls":
+            epochs = params["train_cls"]["epochs"]
+            assert (record["unit"], record["epoch"], record["epochs"]) == ("step", epochs, epochs)
+            assert record["total"] % epochs == 0
+            assert 0 < record["loss"] < 10 and math.isfinite(record["loss"])
+            assert 0 <= record["top1"] <= 100 and 0 <= record["val_top1"] <= 100 and record["lr"] >= 0
+        elif group == "train_det":
+            assert (record["unit"], record["total"]) == ("iter", params["train_det"]["max_iter"])
+            assert 0 < record["loss"] < 100 and record["lr"] > 0
+        else:
+            assert record["unit"] == "batch" and record["phase"] == "eval"
+    # the classifier's eval status carries the top-1 its metrics file holds
+    metrics = json.loads((root / "metrics" / "eval_cls" / "sge_resnet18-seed0.json").read_text())
+    assert read_status(root / "logs" / "progress" / "eval_cls@sge_resnet18-0.json")["top1"] == metrics["top1"]
+
+
+def test_the_live_view_shows_the_stages_own_progress(smoke):
+    root = smoke["root"]
+    stages = stage_list(root)
+    view = PipelineView(list(stages), root / "logs" / "progress", wall_clock=lambda: smoke["started"])
+    for stage in stages:
+        view.on_event(StageEvent(stage, "running", at=0.0))
+        view.on_event(StageEvent(stage, "done", at=1.0))
+    console = Console(record=True, width=100)
+    console.print(view)
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 100 for line in lines)
+    rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in stages}
+    assert set(rows) == set(stages)  # every stage on one line
+    assert "done · 100% ep 2/2 loss" in rows["train_cls@sge_resnet18-0"]
+    assert "done · 100% it 6/6 loss" in rows["train_det@faster_rcnn-sge_resnet18-0"]
+    assert "done · 100% batch" in rows["eval_det@faster_rcnn-resnet18-0"]
+    assert rows["report"].split()[1] == "done"
+    # `run all` printed the same view (captured output is rendered once, at the end)
+    assert "100% ep 2/2" in smoke["stdout"]
+
+
+def test_classification_runs_have_tensorboard_events_in_their_run_folder(smoke):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = smoke["root"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for model in params["models"]:
+        folder = root / "runs" / "cls" / f"{model}-seed0" / "tensorboard"
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        tags = set(accumulator.Tags()["scalars"])
+        assert {"train/loss", "train/top1", "train/lr", "train/images_per_s", "epoch/val_top1"} <= tags
+        history = (root / "plots" / "train_cls" / f"{model}-seed0.tsv").read_text().splitlines()
+        epochs = len(history) - 1
+        val = accumulator.Scalars("epoch/val_top1")
+        steps = [event.step for event in val]
+        assert len(steps) == epochs == params["train_cls"]["epochs"] and steps[-1] % epochs == 0
+        column = history[0].split("\t").index("val_top1")
+        assert [round(e.value, 3) for e in val] == [round(float(row.split("\t")[column]), 3) for row in history[1:]]
+
+
+def test_summary_and_html_say_what_made_them(smoke):
+    import torch
+
+    root = smoke["root"]
+    summary = json.loads((root / "reports" / "summary.json").read_text())
+    made = summary["provenance"]
+    assert made["git_commit"] == git(root, "rev-parse", "HEAD").strip()
+    # `run all --profile smoke` rewrote params.yaml and DVC wrote dvc.lock since the commit
+    assert made["git_dirty"] is True and {"params.yaml", "dvc.lock"} <= set(made["git_changed"])
+    assert made["params_sha256"] == hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
+    assert made["profile"] == "smoke" == summary["profile"]
+    assert made["packages"]["torch"] == torch.__version__ and made["packages"]["dvc"] == "3.67.1"
+    assert made["packages"]["detectron2"].startswith("0.6")
+    assert made["hardware"]["cpu_count"] == os.cpu_count() and made["hardware"]["gpu_count"] == len(
+        made["hardware"]["gpus"])
+    runs = {run["stage"]: run for run in made["stages"]}
+    assert set(runs) == set(stage_list(root)) - {"report"}
+    for run in runs.values():
+        assert run["state"] == "done" and run["wall_time_s"] > 0 and run["world_size"] == 1
+    trained = read_status(root / "logs" / "progress" / "train_cls@sge_resnet18-0.json")
+    assert runs["train_cls@sge_resnet18-0"]["wall_time_s"] == round(trained["elapsed_s"], 1)
+
+    html = (root / "reports" / "report.html").read_text()
+    body = html[html.index("<body>"):]
+    assert body.index("<h2>What reproduced</h2>") < body.index("<h2>Classification</h2>")
+    opening = body[body.index("<h2>What reproduced</h2>"):body.index("<h2>Classification</h2>")]
+    assert "sge_resnet18 top-1 gain over resnet18 (embedded)" in opening
+    assert "faster_rcnn sge_resnet18 AP gain over resnet18 (embedded)" in opening
+    verdict = summary["comparison"]["classification"][1]["verdict"]
+    assert verdict in opening and "+1.20 (R50)" in opening  # the paper's gain, from the nearest depth
+    assert made["git_commit"][:12] in html and made["params_sha256"] in html and "train_det@faster_rcnn" in html
+
+
+def test_a_second_run_and_a_rebuilt_report_change_nothing(smoke):
+    root = smoke["root"]
+    files = {name: (root / "reports" / name).read_bytes() for name in ("summary.json", "report.md", "report.html")}
+    status = subprocess.run([*DVC, "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}
+    second = sge_repro(root, "run", "all")
+    assert "0 stage(s) ran" in second.stdout
+    sge_repro(root, "report")  # rebuilt by hand with nothing changed: the same bytes, DVC stays clean
+    assert {name: (root / "reports" / name).read_bytes() for name in files} == files
+    status = subprocess.run([*DVC, "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout or "{}") == {}
