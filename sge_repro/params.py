@@ -32,6 +32,12 @@ class Section(BaseModel):
 
 # detectron2 reads a negative seed as "pick one at random": a seed is >= 0.
 Seed = Annotated[int, Field(ge=0)]
+# Data-loader worker processes of a classification stage: a count, or "auto" (from the cores this
+# process may use and the processes on this node: sge_repro.classification.sampling.resolve_workers).
+Workers = Annotated[int, Field(ge=0)] | Literal["auto"]
+# How images become pixels (sge_repro/classification/transforms.py): torchvision's libjpeg-turbo decode and
+# uint8 tensor resize (faster), or PIL's decode and resize (bit for bit what runs before this option did).
+Decoder = Literal["torchvision", "pil"]
 
 
 class ClassificationData(Section):
@@ -102,7 +108,8 @@ class TrainClsParams(Section):
         "BatchNorm statistics over the global batch of all processes (torch SyncBatchNorm on CUDA, "
         "GlobalBatchNorm2d on CPU/gloo): N processes then train what one process trains on the same "
         "batch_size. No effect in a single process"))
-    workers: int = Field(0, ge=0)
+    workers: Workers = 0
+    decoder: Decoder = "torchvision"
     device: str = "cpu"
 
     @model_validator(mode="after")
@@ -118,7 +125,8 @@ class EvalClsParams(Section):
     image_size: int = Field(64, ge=16)
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
-    workers: int = Field(0, ge=0)
+    workers: Workers = 0
+    decoder: Decoder = "torchvision"
     device: str = "cpu"
 
 

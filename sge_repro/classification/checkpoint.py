@@ -25,6 +25,10 @@ from sge_repro.params import TrainClsParams
 log = logging.getLogger(__name__)
 
 NOT_IN_FINGERPRINT = ("workers", "device")  # train_cls params that leave the trained weights unchanged
+# train_cls params added after runs existed, with the value those runs had: left out of the fingerprint
+# when they hold it, so a run started before the key existed resumes. decoder "pil" is the input
+# pipeline of those runs bit for bit; "torchvision" (the default now) resizes slightly differently.
+FINGERPRINT_IF_NOT = {"decoder": "pil"}
 
 
 def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict, classes: list[str],
@@ -35,7 +39,8 @@ def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict,
 
 
 def recipe_fingerprint(recipe: dict) -> str:
-    kept = {key: value for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT}
+    kept = {key: value for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT
+            and not (key in FINGERPRINT_IF_NOT and value == FINGERPRINT_IF_NOT[key])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
