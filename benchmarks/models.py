@@ -90,7 +90,8 @@ def benchmark_sge(
 ) -> dict:
     """Forward (eval, no_grad) and training-step times of torchvision's ResNet50, ours, and SGE-ResNet50
     with the reference and the fast module; their ratios to our plain model (`*_ratio`) and to
-    torchvision's (`*_vs_torchvision`), saved-activation memory, and the module alone with GB/s.
+    torchvision's (`*_vs_torchvision`; `*_vs_torchvision_paired`: the median of the per-round ratios),
+    saved-activation memory, and the module alone with GB/s.
 
     dtype: "float32" or (autocast) "bfloat16" / "float16". Returns a JSON-ready dict.
     """
@@ -147,6 +148,13 @@ def benchmark_sge(
             row[f"forward_{suffix}"] = row["forward_ms"] / baseline["forward_ms"]
             row[f"train_step_{suffix}"] = row["train_step_ms"] / baseline["train_step_ms"]
             row[f"memory_{suffix}"] = row["saved_activation_mb"] / baseline["saved_activation_mb"]
+    # On a loaded machine the ratio of medians drifts with the load; the median of each round's own
+    # ratio (both measured seconds apart) is steadier.
+    baseline_samples = samples["torchvision_resnet50"]
+    for label in results:
+        for what in ("forward", "train_step"):
+            rounds = zip(samples[label][f"{what}_ms"], baseline_samples[f"{what}_ms"])
+            results[label][f"{what}_vs_torchvision_paired"] = statistics.median(mine / theirs for mine, theirs in rounds)
 
     return {
         "device": str(target), "dtype": dtype, "batch": batch, "image_size": image_size, "repeats": repeats,

@@ -51,6 +51,7 @@ def test_bench_sge_json_schema(sge_repro_bin):
     row = {key: NUMBER for key in ("forward_ms", "train_step_ms", "saved_activation_mb")}
     row |= {f"{what}_{suffix}": NUMBER for what in ("forward", "train_step", "memory")
             for suffix in ("ratio", "vs_torchvision")}
+    row |= {"forward_vs_torchvision_paired": NUMBER, "train_step_vs_torchvision_paired": NUMBER}
     implementation = {key: NUMBER for key in ("forward_ms", "forward_backward_ms", "forward_gb_s",
                                               "forward_backward_gb_s")}
     assert_schema(result, {
