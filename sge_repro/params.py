@@ -35,6 +35,12 @@ class Section(BaseModel):
 
 # detectron2 reads a negative seed as "pick one at random": a seed is >= 0.
 Seed = Annotated[int, Field(ge=0)]
+# Data-loader worker processes of a classification stage: a count, or "auto" (from the cores this
+# process may use and the processes on this node: sge_repro.classification.sampling.resolve_workers).
+Workers = Annotated[int, Field(ge=0)] | Literal["auto"]
+# How images become pixels (sge_repro/classification/transforms.py): torchvision's libjpeg-turbo decode and
+# uint8 tensor resize (faster), or PIL's decode and resize (bit for bit what runs before this option did).
+Decoder = Literal["torchvision", "pil"]
 
 
 def _renamed_amp(value: Any) -> Any:
@@ -122,7 +128,8 @@ class TrainClsParams(Section):
     deterministic: bool = Field(True, description=(
         "deterministic kernels, no cudnn autotuning: reruns repeat bit for bit; false = cudnn.benchmark "
         "(faster on GPU). Not part of the resume recipe: it changes float rounding, not what is trained"))
-    workers: int = Field(0, ge=0)
+    workers: Workers = 0
+    decoder: Decoder = "torchvision"
     device: str = "cpu"
 
     @model_validator(mode="after")
@@ -138,7 +145,8 @@ class EvalClsParams(Section):
     image_size: int = Field(64, ge=16)
     amp: Amp = "fp32"
     channels_last: bool = False
-    workers: int = Field(0, ge=0)
+    workers: Workers = 0
+    decoder: Decoder = "torchvision"
     device: str = "cpu"
 
 

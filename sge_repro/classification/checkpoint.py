@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 # Recipe keys that are not the recipe: they leave what is trained unchanged (see above).
 NOT_IN_FINGERPRINT = ("workers", "device", "deterministic", "world_size")
+# train_cls params added after runs existed, with the value those runs had: left out of the fingerprint
+# when they hold it, so a run started before the key existed resumes. decoder "pil" is the input
+# pipeline of those runs bit for bit; "torchvision" (the default now) resizes slightly differently.
+FINGERPRINT_IF_NOT = {"decoder": "pil"}
 
 
 def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict, classes: list[str],
@@ -59,7 +63,8 @@ FINGERPRINT_SPELLING = {"amp": {"fp32": "off"}}
 
 def recipe_fingerprint(recipe: dict) -> str:
     kept = {key: FINGERPRINT_SPELLING.get(key, {}).get(value, value) if isinstance(value, str) else value
-            for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT}
+            for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT
+            and not (key in FINGERPRINT_IF_NOT and value == FINGERPRINT_IF_NOT[key])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ from sge_repro import atomic
 from sge_repro.classification.determinism import deterministic_mode
 from sge_repro.classification.precision import autocast, check_amp_on_device, memory_format
 from sge_repro.classification.sampling import val_loader
-from sge_repro.classification.transforms import eval_transform
+from sge_repro.classification.transforms import eval_transform, to_model_input
 from sge_repro.data.imagefolder import build_imagefolder
 from sge_repro.distributed import DistInfo, all_reduce_sum, rank_device
 from sge_repro.errors import UserError
@@ -47,7 +47,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
             on_batch(batch, len(loader))
         if images is None:
             continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format(channels_last))
+        images = to_model_input(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast(amp, device):
             logits = model(images)
@@ -112,7 +112,8 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
     dist_info = DistInfo()
     device = rank_device(params.device, dist_info)
     check_amp_on_device(params.amp, device)
-    dataset = build_imagefolder(data_root, "val", eval_transform(params.image_size), expected_classes=expected_classes,
+    dataset = build_imagefolder(data_root, "val", eval_transform(params.image_size, decoder=params.decoder),
+                                expected_classes=expected_classes,
                                 skip_corrupt=skip_corrupt, verify_images=verify_images)
     kwargs.setdefault("num_classes", len(dataset.classes))
     if kwargs["num_classes"] != len(dataset.classes):

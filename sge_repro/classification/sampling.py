@@ -7,6 +7,8 @@ so the train loader is built once and its workers persist across epochs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
@@ -78,13 +80,31 @@ class PerSampleSeededDataset(torch.utils.data.Dataset):
             generator.set_state(saved)
 
 
-def train_loader(dataset: ImageFolderDataset, global_batch: int, workers: int, dist_info: DistInfo,
+def resolve_workers(workers: int | str) -> int:
+    """Loader worker processes for this process: `workers` as given, or for "auto" the CPU cores
+    this process may run on (its affinity mask: taskset, SLURM's cpuset) shared among the
+    training processes of this node (torchrun's LOCAL_WORLD_SIZE), less one core per process
+    for its own training loop; 0 (load in the process) when that leaves none."""
+    if workers != "auto":
+        return int(workers)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        cores = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, cores // local_processes - 1)
+
+
+def train_loader(dataset: ImageFolderDataset, global_batch: int, workers: int | str, dist_info: DistInfo,
                  seed: int, pin_memory: bool) -> DataLoader:
     """One loader for the whole run; call set_train_epoch(loader, epoch) before iterating it.
 
     With workers, they persist across epochs (no re-spawn and dataset copy per epoch). The loader
     draws its workers' base seed from a generator of its own, never from the global RNG, so the
-    global RNG of epoch k is the same whether the run started at epoch 0 or resumed at k."""
+    global RNG of epoch k is the same whether the run started at epoch 0 or resumed at k.
+    Batches are what the dataset's transform gives, collated: uint8 images with our transforms
+    (transforms.to_model_input normalises them on the device)."""
+    workers = resolve_workers(workers)
     seeded = PerSampleSeededDataset(dataset, seed)
     batches = GlobalBatchSampler(len(seeded), global_batch, dist_info.rank, dist_info.world_size, seed)
     return DataLoader(seeded, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping_none,
@@ -97,10 +117,11 @@ def set_train_epoch(loader: DataLoader, epoch: int) -> None:
     loader.batch_sampler.set_epoch(epoch)
 
 
-def val_loader(dataset: ImageFolderDataset, batch_size: int, workers: int, dist_info: DistInfo,
+def val_loader(dataset: ImageFolderDataset, batch_size: int, workers: int | str, dist_info: DistInfo,
                pin_memory: bool) -> DataLoader:
     """This rank's shard of the val set, in order, without padding (DistributedSampler would repeat
     images)."""
+    workers = resolve_workers(workers)
     indices = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     shard = Subset(dataset, indices) if dist_info.enabled else dataset
     return DataLoader(shard, batch_size=batch_size, sampler=SequentialSampler(shard), num_workers=workers,

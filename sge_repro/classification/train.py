@@ -38,7 +38,7 @@ from sge_repro.classification.precision import autocast, check_amp_on_device, gr
 from sge_repro.classification.sampling import set_train_epoch, train_loader, val_loader
 from sge_repro.classification.schedule import lr_factor, lr_scheduler
 from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
-from sge_repro.classification.transforms import eval_transform, train_transform
+from sge_repro.classification.transforms import eval_transform, to_model_input, train_transform
 from sge_repro.data.imagefolder import build_imagefolder
 from sge_repro.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, join_process_group,
                                    min_over_ranks, rank_device)
@@ -84,9 +84,10 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     run_dir, metrics_path, history_path = Path(run_dir), Path(metrics_path), Path(history_path)
     dataset_name = dataset_name or Path(data_root).name
 
-    train_set = build_imagefolder(data_root, "train", train_transform(params.image_size, params.min_crop_scale),
+    train_set = build_imagefolder(data_root, "train",
+                                  train_transform(params.image_size, params.min_crop_scale, decoder=params.decoder),
                                   skip_corrupt=skip_corrupt, verify_images=verify_images)
-    val_set = build_imagefolder(data_root, "val", eval_transform(params.image_size),
+    val_set = build_imagefolder(data_root, "val", eval_transform(params.image_size, decoder=params.decoder),
                                 expected_classes=train_set.classes, skip_corrupt=skip_corrupt,
                                 verify_images=verify_images)
     if params.batch_size % dist_info.world_size:
@@ -216,7 +217,7 @@ def train_epoch(run: Run, state: TrainingState, forward: nn.Module, criterion: n
     for step, (images, targets, num_skipped) in enumerate(loader, start=1):
         skipped += num_skipped
         if images is not None:
-            images = images.to(run.device, non_blocking=True, memory_format=memory_format(run.params.channels_last))
+            images = to_model_input(images, run.device, run.params.channels_last)
             targets = targets.to(run.device, non_blocking=True)
             loss, logits = train_step(run, state, forward, criterion, images, targets)
             loss = loss.detach()

@@ -1,5 +1,5 @@
-"""`sge-repro bench sge|train`: overhead and throughput measurements (the developer tools in the
-top-level `benchmarks` package)."""
+"""`sge-repro bench sge|train|loader`: overhead and throughput measurements (the developer tools in
+the top-level `benchmarks` package)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.table import Table
 
 from sge_repro.cli.ui import console
 
-app = typer.Typer(help="Benchmarks: SGE overhead, training throughput.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: SGE overhead, training throughput, loader images per core.", no_args_is_help=True)
 
 
 @app.command("sge")
@@ -24,7 +24,8 @@ def bench_sge(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """ResNet50 vs SGE-ResNet50 (reference, fast and, on CUDA, Triton module): eval forward and a training step."""
+    """torchvision's ResNet50 and ours vs SGE-ResNet50 (reference, fast and, on CUDA, Triton module): eval
+    forward and a training step, with ratios to torchvision's ResNet50 ("x tv") and to our plain one."""
     import torch
 
     from benchmarks.models import benchmark_sge
@@ -38,12 +39,14 @@ def bench_sge(
         return
     table = Table(title=f"SGE overhead: batch {batch}, {image_size}px, {device}, {dtype}, "
                         f"{result['threads']} threads, median of {repeats}")
-    for column in ("model", "forward ms", "x plain", "train step ms", "x plain", "saved act. MB", "x plain"):
+    for column in ("model", "forward ms", "x tv", "x plain", "train step ms", "x tv", "x plain", "saved act. MB",
+                   "x tv"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for label, row in result["models"].items():
-        table.add_row(label, f"{row['forward_ms']:.1f}", f"{row['forward_ratio']:.3f}",
-                      f"{row['train_step_ms']:.1f}", f"{row['train_step_ratio']:.3f}",
-                      f"{row['saved_activation_mb']:.0f}", f"{row['memory_ratio']:.3f}")
+        table.add_row(label, f"{row['forward_ms']:.1f}", f"{row['forward_vs_torchvision']:.3f}",
+                      f"{row['forward_ratio']:.3f}", f"{row['train_step_ms']:.1f}",
+                      f"{row['train_step_vs_torchvision']:.3f}", f"{row['train_step_ratio']:.3f}",
+                      f"{row['saved_activation_mb']:.0f}", f"{row['memory_vs_torchvision']:.3f}")
     console.print(table)
     module = result["module"]
     shape = "x".join(str(n) for n in module["shape"])
@@ -81,3 +84,36 @@ def bench_train(
     for row in rows:
         table.add_row(row["name"], f"{row['images_per_s']:.1f}", f"{row['ratio']:.3f}")
     console.print(table)
+
+
+@app.command("loader")
+def bench_loader(
+    images: int = typer.Option(256, min=1, help="Generated JPEGs (500x375, quality 90) to load each round."),
+    image_size: int = typer.Option(224, min=16, help="Training crop size."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved rounds (median reported)."),
+    batch: int = typer.Option(32, min=1, help="Collated batch size."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (schema: benchmarks/loader.py)."),
+) -> None:
+    """Training-pipeline images per core-second: our loader (decoder torchvision / pil, uint8) vs
+    torchvision's reference recipe (PIL, RandomResizedCrop, flip, ToTensor, Normalize), one thread."""
+    from benchmarks.loader import benchmark_loader
+
+    with console.status(f"writing {images} JPEGs and loading them (interleaved rounds)"):
+        result = benchmark_loader(images=images, image_size=image_size, rounds=rounds, batch=batch)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    source = result["source"]
+    table = Table(title=f"loader, one core: {images} JPEGs {source['width']}x{source['height']} "
+                        f"(q{source['quality']}, {source['mean_kb']:.0f} KB) -> {image_size}, median of {rounds}")
+    for column in ("pipeline", "images / core-s", "x reference", "images / s (wall)"):
+        table.add_column(column, justify="left" if column == "pipeline" else "right")
+    reference = result["pipelines"]["reference"]["images_per_core_s"]
+    for name, row in result["pipelines"].items():
+        table.add_row(name, f"{row['images_per_core_s']:.0f}", f"{row['images_per_core_s'] / reference:.2f}",
+                      f"{row['images_per_s']:.0f}")
+    console.print(table)
+    machine = result["machine"]
+    console.print(f"normalisation on a CPU device: {result['to_model_input_cpu_ms_per_image']:.3f} ms/image; "
+                  f"{machine['cpu']}, {machine['cores']} cores, load average {machine['load_average_before'][0]:.1f} "
+                  f"-> {machine['load_average_after'][0]:.1f}")

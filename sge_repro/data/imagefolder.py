@@ -145,7 +145,8 @@ class ImageFolderDataset:
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            image = decode_rgb(path)
+            # A transform that decodes for itself (classification/transforms.py: uint8 tensors) says how.
+            image = getattr(self.transform, "decode", decode_rgb)(path)
         except UserError:
             if self.skip_corrupt:
                 return None

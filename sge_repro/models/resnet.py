@@ -77,7 +77,8 @@ class BasicBlock(nn.Module):
         out = _last_bn_and_attention(self, self.conv2(out), self.bn2)
         if self.downsample is not None:
             identity = self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: a fresh tensor per block costs ~5 % of ResNet50's time
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -115,7 +116,8 @@ class Bottleneck(nn.Module):
         out = _last_bn_and_attention(self, self.conv3(out), self.bn3)
         if self.downsample is not None:
             identity = self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: a fresh tensor per block costs ~5 % of ResNet50's time
+        return self.relu(out)
 
 
 class ResNet(nn.Module):

@@ -223,7 +223,8 @@ class _BatchNormSGEFunction(torch.autograd.Function):
         batch, channels, height, width = x.shape
         x3 = x.view(batch * groups, channels // groups, height * width)
         gate, pooled = _sge_gate_c(x3, weight, bias, batch, groups)
-        y = x3.mul_(gate.to(x3.dtype)).view(batch, channels, height, width)  # x is ours and unsaved
+        x3.mul_(gate.to(x3.dtype))  # x is ours and unsaved: y is written into it
+        y = x  # the base tensor, not a view of it: callers may add to it in place (the residual sum)
         ctx.save_for_backward(z, bn_weight, bn_bias, weight, bias, running_mean, running_var, save_mean, save_invstd, pooled)
         ctx.use_batch_stats, ctx.eps, ctx.groups = use_batch_stats, eps, groups
         return y

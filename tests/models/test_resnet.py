@@ -31,6 +31,29 @@ def test_plain_resnet_names_and_shapes_equal_torchvision(depth):
     assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in theirs.items()]
 
 
+def _aten_op_counts(model: torch.nn.Module, train: bool) -> dict[str, int]:
+    """How many times each aten op runs in one eval forward / one training step."""
+    from torch.profiler import profile
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.train(train)
+    with profile() as prof, torch.set_grad_enabled(train):
+        out = model(x)
+        if train:
+            out.logsumexp(dim=1).sum().backward()
+    return {event.key: event.count for event in prof.key_averages() if event.key.startswith("aten::")}
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_plain_resnet_runs_torchvision_ops(depth, train):
+    # The speed contract (README "SGE overhead"): the plain model does exactly torchvision's work.
+    # An out-of-place residual sum (aten::add instead of aten::add_) once cost ~5 % of ResNet50.
+    ours = _aten_op_counts(create_model(f"resnet{depth}", num_classes=10, seed=0), train)
+    theirs = _aten_op_counts(getattr(torchvision.models, f"resnet{depth}")(num_classes=10), train)
+    assert ours == theirs
+
+
 def test_sge_resnet50_keys_are_plain_plus_official_sge_keys():
     plain = set(create_model("resnet50").state_dict())
     sge = create_model("sge_resnet50").state_dict()
