@@ -17,11 +17,14 @@ def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
     """SGE attention maps of every trained SGE model of params.yaml on a few val images."""
     from sge_repro.report.visualize import visualize_trained_models
 
+    from sge_repro.data.manifest import imagefolder_samples, read_manifest
+
     use_cpu_threads(params)
     seed = params.seeds[0]
+    _, _, val_samples, _ = imagefolder_samples(read_manifest(paths.cls_manifest, "classification"), "val")
     return visualize_trained_models(
         params.models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
-        paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
+        val_samples, paths.attention_maps, image_size=params.eval_cls.image_size)
 
 
 def report(params: Params, paths: ProjectPaths) -> Report:
