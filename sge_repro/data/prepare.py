@@ -22,7 +22,7 @@ from typing import Any, Callable
 from sge_repro.data import manifest as fmt
 from sge_repro.data.coco_json import coco_split_paths, load_coco_document, validate_coco_document
 from sge_repro.data.imagefolder import IMAGE_EXTENSIONS, SPLITS, check_same_classes, list_classes
-from sge_repro.data.verify import FolderResult, VerifyCache, available_cpus, lookup, scan, verify
+from sge_repro.data.verify import FolderResult, VerifyCache, available_cpus, listing_digest, lookup, scan, verify
 from sge_repro.errors import UserError, preview
 from sge_repro.paths import ProjectPaths
 
@@ -64,24 +64,74 @@ def write_manifests(sources: list[Source], paths: ProjectPaths, skip_corrupt: bo
     """Scan and verify each source, then write their manifests (all or none: a corrupt file in
     any of them, without skip_corrupt, fails before anything is written)."""
     workers = workers or available_cpus()
-    manifests = []
+    manifests, summary = [], {}
     for source in sources:
-        cache = VerifyCache(paths.verify_cache(source.name), source.root)
         scans = scan(source.root, source.folders, IMAGE_EXTENSIONS, progress, f"scan {source.name}")
         _require_files(source, scans)
+        key = _listing_key(source, scans)
+        state = _unchanged_state(paths, source.name, key)
+        if state is not None and (skip_corrupt or not state["counts"]["corrupt"]):
+            # the same listing as when this manifest was written, and the manifest untouched since
+            summary[source.kind] = _summary(source, state["counts"], 0, "unchanged")
+            continue
+        cache = VerifyCache(paths.verify_cache(source.name), source.root)
         results, decoded = verify(source.root, scans, cache, workers, progress, f"verify {source.name}")
-        manifests.append((source, build_manifest(source, results, paths), decoded))
+        manifests.append((source, build_manifest(source, results, paths), decoded, key))
     corrupt = [f"{source.root / item['file']} ({item['error']})"
-               for source, manifest, _ in manifests for item in manifest["corrupt"]]
+               for source, manifest, _, _ in manifests for item in manifest["corrupt"]]
     if corrupt and not skip_corrupt:
         raise UserError(f"{len(corrupt)} corrupt image(s): {preview(corrupt, CORRUPT_SHOWN)}; expected decodable "
                         "images (replace them, or set data.skip_corrupt: true to leave them out)")
-    summary = {}
-    for source, manifest, decoded in manifests:
+    for source, manifest, decoded, key in manifests:
         written = fmt.write_manifest(paths.manifest(source.name), manifest)
-        summary[source.kind] = {"source": source.source, "root": str(source.root), **manifest["counts"],
-                                "decoded": decoded, "manifest": "written" if written else "unchanged"}
-    return summary
+        _save_state(paths, source.name, key, manifest["counts"])
+        summary[source.kind] = _summary(source, manifest["counts"], decoded, "written" if written else "unchanged")
+    return {kind: summary[kind] for kind in ("classification", "detection") if kind in summary}
+
+
+def _summary(source: Source, counts: dict, decoded: int, manifest: str) -> dict:
+    return {"source": source.source, "root": str(source.root), **counts, "decoded": decoded, "manifest": manifest}
+
+
+# The no-op fast path: after writing a manifest, the stage records the listing it came from (every
+# file's name, size, mtime_ns, plus root / classes / annotation hashes) and the manifest's stat. A
+# later run with the same listing and an untouched manifest skips loading the verification cache
+# and rebuilding the manifest (seconds at ImageNet scale).
+
+
+def _listing_key(source: Source, scans) -> str:
+    return listing_digest(scans, str(fmt.FORMAT), source.name, source.kind, source.source, source.layout,
+                          str(source.root), json.dumps(source.classes), json.dumps(source.annotations, sort_keys=True))
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def _state_path(paths: ProjectPaths, name: str) -> Path:
+    return paths.verify_cache(name).with_name(f"indexed-{name}.json")
+
+
+def _unchanged_state(paths: ProjectPaths, name: str, key: str) -> dict | None:
+    try:
+        state = json.loads(_state_path(paths, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    stamp = _stamp(paths.manifest(name))
+    if isinstance(state, dict) and state.get("key") == key and stamp is not None and state.get("manifest") == stamp:
+        return state
+    return None
+
+
+def _save_state(paths: ProjectPaths, name: str, key: str, counts: dict) -> None:
+    from sge_repro import atomic
+
+    atomic.write_json(_state_path(paths, name), {"key": key, "manifest": _stamp(paths.manifest(name)),
+                                                 "counts": counts})
 
 
 def pending_changes(data, paths: ProjectPaths) -> dict[str, str | None]:
@@ -94,13 +144,16 @@ def pending_changes(data, paths: ProjectPaths) -> dict[str, str | None]:
         except _NeedsGeneration as reason:
             changes[name] = str(reason)
             continue
-        cache = VerifyCache(paths.verify_cache(name), source.root)
         scans = scan(source.root, source.folders, IMAGE_EXTENSIONS)
         missing = _missing_files(source, scans)
         if missing:
             changes[name] = f"listed files missing: {preview(missing)}"
             continue
-        results, todo = lookup(scans, cache)
+        state = _unchanged_state(paths, name, _listing_key(source, scans))
+        if state is not None and (data.skip_corrupt or not state["counts"]["corrupt"]):
+            changes[name] = None
+            continue
+        results, todo = lookup(scans, VerifyCache(paths.verify_cache(name), source.root))
         if todo:
             changes[name] = f"{len(todo)} new or changed file(s) to verify"
             continue

@@ -61,11 +61,11 @@ def scan_folder(folder: Path, wanted: set[str] | None, extensions: tuple[str, ..
         for entry in entries:
             name = entry.name
             if wanted is None:
-                if name.startswith(".") or os.path.splitext(name)[1].lower() not in extensions:
+                if name[0] == "." or not name.lower().endswith(extensions):
                     continue
             elif name not in wanted:
                 continue
-            info = entry.stat()
+            info = entry.stat()   # the one syscall per file (1.33M for ImageNet)
             if stat.S_ISREG(info.st_mode):
                 rows.append((name, info.st_size, info.st_mtime_ns))
     rows.sort()
@@ -74,14 +74,31 @@ def scan_folder(folder: Path, wanted: set[str] | None, extensions: tuple[str, ..
 
 def scan(root: Path, folders: dict[str, set[str] | None], extensions: tuple[str, ...],
          progress: Progress | None = None, label: str = "scan") -> dict[str, FolderScan]:
-    """`scan_folder` of every folder (relative to root), in sorted order."""
-    result = {}
+    """`scan_folder` of every folder (relative to root), in sorted order; a few threads overlap the
+    stat calls (they release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     names = sorted(folders)
-    for done, rel in enumerate(names, start=1):
-        result[rel] = scan_folder(root / rel, folders[rel], extensions)
-        if progress is not None and (done % 50 == 0 or done == len(names)):
-            progress(label, done, len(names))
+    result = {}
+    with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as threads:
+        scans = threads.map(lambda rel: scan_folder(root / rel, folders[rel], extensions), names)
+        for done, (rel, found) in enumerate(zip(names, scans), start=1):
+            result[rel] = found
+            if progress is not None and (done % 50 == 0 or done == len(names)):
+                progress(label, done, len(names))
     return result
+
+
+def listing_digest(scans: dict[str, FolderScan], *context: str) -> str:
+    """sha256 of every folder's (names, sizes, mtimes) and `context`: equal digests, same listing."""
+    digest = hashlib.sha256()
+    for item in context:
+        digest.update(item.encode() + b"\0")
+    for rel in sorted(scans):
+        found = scans[rel]
+        digest.update(rel.encode() + b"\0" + "\0".join(found.names).encode() + b"\0")
+        digest.update(repr(found.sizes).encode() + repr(found.mtimes).encode())
+    return digest.hexdigest()
 
 
 @dataclass

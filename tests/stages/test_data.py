@@ -70,6 +70,11 @@ def test_a_rerun_decodes_nothing_and_leaves_the_manifests_untouched(project):
     assert summary["classification"]["manifest"] == "unchanged"
     assert state(project) == before
     assert pending_changes(small_params().data, project) == {"cls": None, "det": None}
+    # a manifest edited behind the stage's back is rebuilt, even though no image changed
+    project.cls_manifest.write_text(project.cls_manifest.read_text().replace('"val": 6', '"val": 7'))
+    assert pending_changes(small_params().data, project) == {"cls": "manifest content changed", "det": None}
+    prepare_data(small_params().data, project, workers=1)
+    assert project.cls_manifest.read_bytes() == before["cls"][0]
 
 
 def test_the_same_content_gives_the_same_bytes_anywhere(project, tmp_path):
@@ -140,6 +145,8 @@ def test_skip_corrupt_leaves_the_file_out_and_lists_it(project):
     assert manifest["counts"]["train"] == 11
     dataset = imagefolder_from_manifest(project.cls_manifest, "train")
     assert len(dataset) == 11 and dataset.skipped == [bad] and bad not in [p for p, _ in dataset.samples]
+    with pytest.raises(UserError, match=bad.name):   # skip_corrupt off again: named again
+        prepare_data(small_params().data, project, workers=1)
 
 
 def test_params_change_regenerates_only_that_set(project):
