@@ -25,17 +25,34 @@ class ProjectPaths:
 
     @property
     def cls_data(self) -> Path:
-        """ImageFolder tree: train/<class>/*.jpg, val/<class>/*.jpg."""
+        """The generated ImageFolder tree (source: synthetic): train/<class>/*.jpg, val/<class>/*.jpg."""
         return self.data / "cls"
 
     @property
     def det_data(self) -> Path:
-        """COCO layout: train/, val/, annotations/instances_{train,val}.json."""
+        """The generated COCO-format set (source: synthetic): train/, val/, annotations/instances_{train,val}.json."""
         return self.data / "det"
 
     @property
-    def data_manifest(self) -> Path:
-        return self.data / "manifest.json"
+    def manifests(self) -> Path:
+        """The dataset manifests (DVC outs of the data stage; what the other stages depend on)."""
+        return self.data / "manifests"
+
+    def manifest(self, dataset: str) -> Path:
+        """data/manifests/cls.json or det.json: files, sizes, labels, fingerprint of one dataset."""
+        return self.manifests / f"{dataset}.json"
+
+    @property
+    def cls_manifest(self) -> Path:
+        return self.manifest("cls")
+
+    @property
+    def det_manifest(self) -> Path:
+        return self.manifest("det")
+
+    def verify_cache(self, dataset: str) -> Path:
+        """Which files of a dataset were decoded at which (size, mtime_ns): not a DVC out."""
+        return self.data / ".cache" / f"verified-{dataset}.json"
 
     # classification
     def cls_run_dir(self, model: str, seed: int) -> Path:

@@ -93,6 +93,19 @@ def list_stages() -> list[str]:
     return [n for n in names if n]
 
 
+def manifest_dependents(dvc_file: Path = Path("dvc.yaml")) -> dict[str, set[str]]:
+    """{dataset ("cls", "det"): the stage groups of dvc.yaml that depend on its manifest}."""
+    import yaml
+
+    from sge_repro.paths import ProjectPaths
+
+    stages = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+    manifests = ProjectPaths(Path("."))
+    return {name: {group for group, stage in stages.items()
+                   if manifests.manifest(name).as_posix() in [str(dep) for dep in stage.get("deps", [])]}
+            for name in ("cls", "det")}
+
+
 def stage_groups(stages: list[str]) -> list[str]:
     return sorted({s.split("@", 1)[0] for s in stages})
 

@@ -16,7 +16,7 @@ from sge_repro.classification.determinism import deterministic_mode
 from sge_repro.classification.precision import autocast, check_amp_on_device, memory_format
 from sge_repro.classification.sampling import val_loader
 from sge_repro.classification.transforms import eval_transform, to_model_input
-from sge_repro.data.imagefolder import build_imagefolder
+from sge_repro.data.imagefolder import open_imagefolder
 from sge_repro.distributed import DistInfo, all_reduce_sum, rank_device
 from sge_repro.errors import UserError
 from sge_repro.params import EvalClsParams
@@ -76,8 +76,9 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
                         metrics_path: str | os.PathLike, predictions_path: str | os.PathLike, *,
                         model_name: str | None = None, model_kwargs: dict | None = None,
                         dataset_name: str | None = None, seed: int | None = None, skip_corrupt: bool = False,
-                        verify_images: bool = True, progress: Progress | None = None) -> dict:
-    """Top-1/top-5/loss on data_root/val of a checkpoint; writes metrics and per-image predictions.
+                        progress: Progress | None = None) -> dict:
+    """Top-1/top-5/loss on the val split of `data_root` (the data stage's manifest, or an ImageFolder
+    folder) of a checkpoint; writes metrics and per-image predictions.
 
     The checkpoint may be ours (model and classes read from it; `model_name`, if given, must
     match) or a foreign file (torchvision / official release), which needs `model_name` (and
@@ -112,13 +113,12 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
     dist_info = DistInfo()
     device = rank_device(params.device, dist_info)
     check_amp_on_device(params.amp, device)
-    dataset = build_imagefolder(data_root, "val", eval_transform(params.image_size, decoder=params.decoder),
-                                expected_classes=expected_classes,
-                                skip_corrupt=skip_corrupt, verify_images=verify_images)
+    dataset = open_imagefolder(data_root, "val", eval_transform(params.image_size, decoder=params.decoder), expected_classes=expected_classes,
+                               skip_corrupt=skip_corrupt)
     kwargs.setdefault("num_classes", len(dataset.classes))
     if kwargs["num_classes"] != len(dataset.classes):
         raise UserError(f"checkpoint {checkpoint_path}: has {kwargs['num_classes']} classes but "
-                        f"{Path(data_root) / 'val'} has {len(dataset.classes)}; expected the same number")
+                        f"{dataset.root / 'val'} has {len(dataset.classes)}; expected the same number")
     model = create_model(model_name, checkpoint=checkpoint_path, **kwargs).to(
         device, memory_format=memory_format(params.channels_last))
     loader = val_loader(dataset, params.batch_size, params.workers, dist_info, device.type == "cuda")

@@ -39,7 +39,7 @@ from sge_repro.classification.sampling import set_train_epoch, train_loader, val
 from sge_repro.classification.schedule import lr_factor, lr_scheduler
 from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
 from sge_repro.classification.transforms import eval_transform, to_model_input, train_transform
-from sge_repro.data.imagefolder import build_imagefolder
+from sge_repro.data.imagefolder import open_imagefolder
 from sge_repro.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, join_process_group,
                                    min_over_ranks, rank_device)
 from sge_repro.errors import UserError
@@ -65,9 +65,9 @@ class Run:
 def train_classifier(params: TrainClsParams, model_params: ModelParams, model_name: str, seed: int,
                      data_root: str | os.PathLike, run_dir: str | os.PathLike, metrics_path: str | os.PathLike,
                      history_path: str | os.PathLike, *, dataset_name: str | None = None,
-                     skip_corrupt: bool = False, verify_images: bool = True,
-                     progress: Progress | None = None) -> dict:
-    """Train `model_name` on the ImageFolder tree `data_root`; returns the final metrics dict.
+                     skip_corrupt: bool = False, progress: Progress | None = None) -> dict:
+    """Train `model_name` on `data_root`: the data stage's manifest (data/manifests/cls.json) or an
+    ImageFolder folder; returns the final metrics dict. Images are not re-verified here.
 
     `params.batch_size` is the global batch (split over ranks); `params.lr` applies to it as
     given. Writes run_dir/last.pt every epoch and run_dir/best.pt when val top-1 improves
@@ -84,19 +84,17 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     run_dir, metrics_path, history_path = Path(run_dir), Path(metrics_path), Path(history_path)
     dataset_name = dataset_name or Path(data_root).name
 
-    train_set = build_imagefolder(data_root, "train",
-                                  train_transform(params.image_size, params.min_crop_scale, decoder=params.decoder),
-                                  skip_corrupt=skip_corrupt, verify_images=verify_images)
-    val_set = build_imagefolder(data_root, "val", eval_transform(params.image_size, decoder=params.decoder),
-                                expected_classes=train_set.classes, skip_corrupt=skip_corrupt,
-                                verify_images=verify_images)
+    train_set = open_imagefolder(data_root, "train", train_transform(params.image_size, params.min_crop_scale, decoder=params.decoder),
+                                 skip_corrupt=skip_corrupt)
+    val_set = open_imagefolder(data_root, "val", eval_transform(params.image_size, decoder=params.decoder),
+                               expected_classes=train_set.classes, skip_corrupt=skip_corrupt)
     if params.batch_size % dist_info.world_size:
         raise UserError(f"train_cls.batch_size={params.batch_size}: expected a multiple of the world size "
                         f"{dist_info.world_size}")
     steps_per_epoch = len(train_set) // params.batch_size
     if steps_per_epoch < 1:
         raise UserError(f"batch_size={params.batch_size}: larger than the {len(train_set)} training images in "
-                        f"{Path(data_root) / 'train'}; expected at most that many")
+                        f"{train_set.root / 'train'}; expected at most that many")
     model_kwargs = model_params.model_kwargs()
     recipe = checkpoint.training_recipe(params, model_name, model_kwargs, train_set.classes, seed,
                                         dist_info.world_size)

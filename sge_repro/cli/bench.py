@@ -4,6 +4,7 @@ the top-level `benchmarks` package)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from sge_repro.cli.ui import console
 
-app = typer.Typer(help="Benchmarks: SGE overhead, training throughput, loader images per core.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: SGE overhead, training throughput, loader images per core, dataset scale.", no_args_is_help=True)
 
 
 @app.command("sge")
@@ -117,3 +118,39 @@ def bench_loader(
     console.print(f"normalisation on a CPU device: {result['to_model_input_cpu_ms_per_image']:.3f} ms/image; "
                   f"{machine['cpu']}, {machine['cores']} cores, load average {machine['load_average_before'][0]:.1f} "
                   f"-> {machine['load_average_after'][0]:.1f}")
+
+
+@app.command("data")
+def bench_data(
+    work: Path = typer.Option(..., help="A new folder (same disk: hard links) for the trees and a project copy."),
+    scale: float = typer.Option(1.0, help="Fraction of ImageNet's 1.33M and COCO's 123k files (1.0: full size)."),
+    repeats: int = typer.Option(3, min=1, help="Rounds of status / no-op run / rescan (median reported)."),
+    verify_images: int = typer.Option(300, min=1, help="Full-size JPEGs (500x375, q90) for the decode speed."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (schema: benchmarks/data.py)."),
+) -> None:
+    """`sge-repro status` and a no-op `run all` on ImageNet- and COCO-shaped trees, the data stage's
+    rescan, and verification images/s per core (benchmarks/data.py)."""
+    from benchmarks.data import TARGET_S, benchmark_data
+
+    result = benchmark_data(work, scale=scale, repeats=repeats, verify_images=verify_images,
+                            log=(lambda message: None) if as_json else (lambda message: console.print(message)))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    files = result["files"]
+    table = Table(title=f"datasets at scale {scale}: {sum(files.values()):,} files "
+                        f"({result['machine']['cores']} cores, load {result['machine']['load_before']:.1f})")
+    table.add_column("what")
+    table.add_column("seconds", justify="right")
+    table.add_column("note")
+    table.add_row("sge-repro status", f"{result['status_median_s']:.1f}", f"target <= {TARGET_S:.0f} s, median")
+    table.add_row("no-op sge-repro run all", f"{result['noop_run_median_s']:.1f}", f"target <= {TARGET_S:.0f} s, median")
+    table.add_row("data stage rescan (in process)", f"{result['rescan_median_s']:.1f}", "median")
+    table.add_row("first indexing", f"{result['first_index_s']:.1f}",
+                  f"{result['first_index_images_per_s']:.0f} tiny files/s (hard links)")
+    verify = result["verify"]
+    table.add_row("verify full-size JPEGs, 1 core", f"{verify['one_core_s']:.1f}",
+                  f"{verify['one_core_images_per_s']:.0f} images/s per core")
+    table.add_row(f"verify full-size JPEGs, {verify['all_cores']} cores", f"{verify['all_cores_s']:.1f}",
+                  f"{verify['all_cores_images_per_s']:.0f} images/s")
+    console.print(table)

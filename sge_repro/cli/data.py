@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from sge_repro.cli.ui import console, named_tasks, progress_bar
+from sge_repro.cli.ui import console, named_tasks, progress_bar, progress_lines
 
 app = typer.Typer(help="Prepare the datasets the pipeline trains on.", no_args_is_help=True)
 
@@ -18,7 +18,8 @@ app.add_typer(prepare_app, name="prepare")
 
 @prepare_app.callback(invoke_without_command=True)
 def prepare(context: typer.Context) -> None:
-    """The `data` stage: build data/cls (ImageFolder) and data/det (COCO JSON) as params.yaml says."""
+    """The `data` stage: index both datasets into data/manifests/{cls,det}.json, decoding only new or
+    changed images (all cores); generates the embedded sets first."""
     if context.invoked_subcommand is not None:
         return
     from sge_repro.params import load_params
@@ -26,17 +27,20 @@ def prepare(context: typer.Context) -> None:
     from sge_repro.stages.data import data as stage
 
     with progress_bar() as progress:
-        manifest = stage(load_params(), ProjectPaths(), progress=named_tasks(progress))
-    for name, counts in manifest["datasets"].items():
-        console.print(f"[bold]{name}[/]: " + ", ".join(f"{k} {v}" for k, v in counts.items()
-                                                     if isinstance(v, (int, float, str))))
+        callback = named_tasks(progress) if console.is_terminal else progress_lines()
+        summary = stage(load_params(), ProjectPaths(), progress=callback)
+    for kind, info in summary.items():
+        console.print(f"[bold]{kind}[/] ({info['source']}, {info['root']}): {info['train']} train / {info['val']} val "
+                      f"images, {info['corrupt']} corrupt left out, {info['decoded']} decoded now; "
+                      f"manifest {info['manifest']}", highlight=False)
 
 
 @prepare_app.command("imagenet")
 def prepare_imagenet(
     source: Path = typer.Option(
         ..., help="An ImageFolder tree (train/, val/) or a folder with the three official archives."),
-    destination: Path = typer.Option(Path("data/cls"), help="Where the ImageFolder tree goes."),
+    destination: Path = typer.Option(
+        ..., help="Where the ImageFolder tree goes (outside the project; then set data.classification.source_path to it)."),
     subset: Optional[List[str]] = typer.Option(None, help="Synsets to keep (repeatable); default all 1000."),
 ) -> None:
     """ImageNet-1k from the official archives (MD5-checked) or an ImageFolder tree, into an ImageFolder tree."""
@@ -47,6 +51,7 @@ def prepare_imagenet(
         counts = prepare(source, destination, subset_classes=subset or None,
                          progress=lambda done, total: progress.update(task, completed=done, total=total))
     console.print(", ".join(f"{k} {v}" for k, v in counts.items()))
+    console.print(f"set data.classification.source_path: {destination.resolve()} (and source: imagenet) in params.yaml")
 
 
 @app.command("fetch")

@@ -22,11 +22,21 @@ from sge_repro.stage_status import read_status
 
 _STYLE = {
     "pending": "dim", "running": "bold yellow", "done": "green", "skipped": "cyan",
-    "restored": "cyan", "failed": "bold red",
+    "restored": "cyan", "rescanned": "cyan", "failed": "bold red",
 }
-_LABEL = {"skipped": "up to date", "restored": "restored from cache"}
+_LABEL = {"skipped": "up to date", "restored": "restored from cache", "rescanned": "up to date (rescanned)"}
 QUIET_AFTER_S = 120.0  # a running stage whose status file is older than this is flagged
 _UNIT = {"step": "step", "iter": "it", "batch": "batch"}
+DATA_STAGE = "data"  # always_changed in dvc.yaml: it rescans the datasets on every run
+
+
+def _manifest_stamps() -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of the dataset manifests: the data stage leaves an unchanged one untouched."""
+    from sge_repro.paths import ProjectPaths
+
+    folder = ProjectPaths().manifests
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("*.json"))} \
+        if folder.is_dir() else {}
 
 
 def duration(seconds: float) -> str:
@@ -151,9 +161,12 @@ def _run(targets: list[str], force: bool, stages: list[str], progress_dir: Path)
         tail.append(line)
         del tail[:-30]
 
+    manifests_before = _manifest_stamps()
     with Live(view, console=console, refresh_per_second=2, transient=False) as live:
         def refresh(event: pipeline.StageEvent) -> None:
             view.on_event(event)
+            if event.stage == DATA_STAGE and event.state == "done" and _manifest_stamps() == manifests_before:
+                view.states[DATA_STAGE] = "rescanned"  # no dataset changed: not a stage that "ran"
             live.refresh()
 
         code = pipeline.repro(targets, force=force, on_event=refresh, on_line=on_line)
@@ -205,17 +218,44 @@ def status() -> None:
     pipeline.apply_profile(None)  # validate params.yaml first: a typo should be named here
     stages = pipeline.list_stages()
     stale = pipeline.stale_stages()
+    data_note = _data_status(stale, stages)
     table = Table(title="pipeline status")
     table.add_column("stage")
     table.add_column("state")
     table.add_column("why")
     for stage in stages:
-        if stage in stale:
+        if stage in data_note:
+            table.add_row(stage, *data_note[stage])
+        elif stage in stale:
             why = "; ".join(_reason(item) for item in stale[stage])
             table.add_row(stage, "[yellow]will run[/]", why)
         else:
             table.add_row(stage, "[green]up to date[/]", "")
     console.print(table)
+
+
+def _data_status(stale: dict, stages: list[str]) -> dict[str, tuple[str, str]]:
+    """(state, why) of the data stage and of the stages a dataset change would rerun.
+
+    DVC reports the data stage as "always changed" (it rescans the datasets on every run); a
+    dry rescan (sizes + mtimes against the verification cache, nothing decoded or written) tells
+    whether it would change a manifest."""
+    if stale.get(DATA_STAGE) != ["always changed"]:
+        return {}
+    from sge_repro.params import load_params
+    from sge_repro.paths import ProjectPaths
+    from sge_repro.stages.data import data_changes
+
+    changes = {name: why for name, why in data_changes(load_params(), ProjectPaths()).items() if why}
+    if not changes:
+        return {DATA_STAGE: ("[green]up to date[/]", "rescanned: no dataset changed")}
+    notes = {DATA_STAGE: ("[yellow]will run[/]", "; ".join(f"{name}: {why}" for name, why in changes.items()))}
+    dependents = pipeline.manifest_dependents()
+    for stage in stages:
+        hit = [name for name in changes if stage.split("@", 1)[0] in dependents.get(name, ())]
+        if hit and stage not in stale:
+            notes[stage] = ("[yellow]may run[/]", f"if data/manifests/{hit[0]}.json changes (after the data stage)")
+    return notes
 
 
 def _reason(item) -> str:

@@ -60,6 +60,32 @@ def named_tasks(progress: Progress):
     return update
 
 
+def progress_lines(every_s: float = 15.0):
+    """The non-terminal counterpart of `named_tasks` (DVC stage logs, CI): a plain line per name
+    every `every_s` seconds and at completion, with the rate and the time left."""
+    import time
+
+    started: dict[str, float] = {}
+    shown: dict[str, float] = {}
+
+    def update(name: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        first = started.setdefault(name, now)
+        finished = total is not None and done >= total
+        if not finished and now - shown.get(name, first) < every_s:
+            return
+        shown[name] = now
+        rate = done / (now - first) if now > first else 0.0
+        line = f"{name}: {done}" + (f"/{total} ({100 * done / total:.1f}%)" if total else "")
+        if rate > 0:
+            line += f", {rate:.0f}/s"
+            if total and not finished:
+                line += f", about {(total - done) / rate / 60:.1f} min left"
+        console.print(line, highlight=False)
+
+    return update
+
+
 def print_result(title: str, result: dict) -> None:
     """A stage's summary as a two-column table (scalars only)."""
     from rich.table import Table

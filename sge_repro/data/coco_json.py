@@ -68,6 +68,25 @@ def check_records(json_path: Path, document: dict, section: str) -> list[dict]:
     return records
 
 
+LAYOUTS = ("coco2017", "embedded")
+SPLITS = ("train", "val")
+
+
+def coco_split_paths(root: str | os.PathLike, split: str, layout: str = "embedded") -> tuple[Path, Path]:
+    """(annotation json, image folder) of `split` under `root` in one of LAYOUTS:
+
+    coco2017:  root/train2017/, root/val2017/, root/annotations/instances_{train,val}2017.json
+    embedded:  root/train/,     root/val/,     root/annotations/instances_{train,val}.json
+    """
+    if layout not in LAYOUTS:
+        raise UserError(f"dataset layout {layout!r}: expected one of {list(LAYOUTS)}")
+    if split not in SPLITS:
+        raise UserError(f"dataset split {split!r}: expected one of {list(SPLITS)}")
+    root = Path(root)
+    suffix = "2017" if layout == "coco2017" else ""
+    return root / "annotations" / f"instances_{split}{suffix}.json", root / f"{split}{suffix}"
+
+
 def validate_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLike,
                        check_files: bool = True) -> dict:
     """Validate a COCO instances file against its image folder; returns counts.
@@ -75,8 +94,14 @@ def validate_coco_json(json_path: str | os.PathLike, image_root: str | os.PathLi
     Returns {"images", "annotations", "categories", "crowd", "images_without_annotations",
     "annotations_per_category": {name: count}, "small", "medium", "large"} (COCO area ranges).
     """
-    json_path, image_root = Path(json_path), Path(image_root)
-    document = load_coco_document(json_path)
+    json_path = Path(json_path)
+    return validate_coco_document(json_path, load_coco_document(json_path), image_root, check_files)
+
+
+def validate_coco_document(json_path: Path, document: dict, image_root: str | os.PathLike,
+                           check_files: bool = True) -> dict:
+    """`validate_coco_json` of an already parsed document (`json_path` names it in errors)."""
+    image_root = Path(image_root)
     images = check_records(json_path, document, "images")
     annotations = check_records(json_path, document, "annotations")
     categories = check_records(json_path, document, "categories")

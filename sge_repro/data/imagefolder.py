@@ -3,7 +3,8 @@
 Layout: root/train/<class>/<image>, root/val/<class>/<image>, the same class folders in both.
 Every image decodes to RGB (grayscale, CMYK, palette, 16-bit, PNG bytes in a .JPEG file);
 a corrupt or truncated image raises UserError naming the file, or, with skip_corrupt, is
-skipped and counted.
+skipped and counted. The pipeline builds datasets from the data stage's manifest
+(`open_imagefolder(data/manifests/cls.json, ...)`); a folder works too, for one-off use.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def check_layout(root: str | os.PathLike, expected_classes: Sequence[str] | None
 class ImageFolderDataset:
     """(image tensor, class index) pairs of one split, in a fixed sorted order.
 
-    `skipped` lists the files found corrupt while verifying (skip_corrupt=True). A file that
+    `skipped` lists the files the data stage found corrupt and left out. A file that
     fails later, at load time, raises UserError, or with skip_corrupt yields None, which
     `collate_skipping_none` drops and counts.
     """
@@ -165,36 +166,51 @@ class ImageFolderDataset:
         return [f"{path.parent.name}/{path.name}" for path, _ in self.samples]
 
 
-def build_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,
-                      expected_classes: Sequence[str] | None = None, skip_corrupt: bool = False,
-                      verify_images: bool = True) -> ImageFolderDataset:
-    """The dataset of root/<split>/ after validating the layout of both splits.
+def open_imagefolder(data: str | os.PathLike, split: str, transform: Callable | None = None,
+                     expected_classes: Sequence[str] | None = None, skip_corrupt: bool = False) -> ImageFolderDataset:
+    """The dataset of one split from `data`: a dataset manifest (data/manifests/cls.json, what the
+    pipeline passes: no directory walk) or an ImageFolder folder (walked; for one-off use)."""
+    from sge_repro.data.manifest import is_manifest
 
-    With verify_images every file is decoded once up front, so a corrupt one fails now (naming
-    the file) rather than mid-epoch; with skip_corrupt it is dropped and listed in `.skipped`.
-    Turn verification off for very large sets (ImageNet): load-time errors still name the file.
+    if is_manifest(data):
+        return imagefolder_from_manifest(data, split, transform, expected_classes, skip_corrupt)
+    return build_imagefolder(data, split, transform, expected_classes, skip_corrupt)
+
+
+def imagefolder_from_manifest(manifest_path: str | os.PathLike, split: str, transform: Callable | None = None,
+                              expected_classes: Sequence[str] | None = None,
+                              skip_corrupt: bool = False) -> ImageFolderDataset:
+    """The dataset of one split as the data stage indexed it: the files of the manifest, nothing
+    re-verified (the data stage decoded each once); its corrupt files are in `.skipped`."""
+    from sge_repro.data.manifest import imagefolder_samples, read_manifest
+
+    manifest = read_manifest(manifest_path, "classification")
+    root, classes, samples, corrupt = imagefolder_samples(manifest, split)
+    if expected_classes is not None and classes != sorted(expected_classes):
+        expected = sorted(expected_classes)
+        raise UserError(f"{manifest_path}: classes do not match the expected {len(expected)} classes "
+                        f"(missing: {preview(sorted(set(expected) - set(classes)))}; "
+                        f"extra: {preview(sorted(set(classes) - set(expected)))})")
+    return ImageFolderDataset(root=root, split=split, classes=classes, samples=samples, transform=transform,
+                              skip_corrupt=skip_corrupt, skipped=corrupt)
+
+
+def build_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,
+                      expected_classes: Sequence[str] | None = None, skip_corrupt: bool = False) -> ImageFolderDataset:
+    """The dataset of root/<split>/ after validating the layout of both splits (a directory walk).
+
+    No file is decoded here: the pipeline's data stage verifies each image once
+    (`sge_repro.data.verify`); a file that fails at load time raises UserError naming it, or with
+    skip_corrupt yields None (dropped and counted by `collate_skipping_none`).
     """
     if split not in SPLITS:
         raise UserError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root)
     classes = check_layout(root, expected_classes)
-    samples: list[tuple[Path, int]] = []
-    skipped: list[Path] = []
-    for class_index, name in enumerate(classes):
-        for path in _list_images(root / split / name):
-            if verify_images:
-                try:
-                    decode_rgb(path)
-                except UserError:
-                    if not skip_corrupt:
-                        raise
-                    skipped.append(path)
-                    continue
-            samples.append((path, class_index))
-    if not samples:
-        raise UserError(f"{root / split}: no readable images left; expected at least one")
+    samples = [(path, class_index) for class_index, name in enumerate(classes)
+               for path in _list_images(root / split / name)]
     return ImageFolderDataset(root=root, split=split, classes=classes, samples=samples, transform=transform,
-                              skip_corrupt=skip_corrupt, skipped=skipped)
+                              skip_corrupt=skip_corrupt)
 
 
 def collate_skipping_none(batch):

@@ -166,11 +166,19 @@ def _check_classes(where: Path, found: Sequence[str], expected: Sequence[str] | 
 # ---------------------------------------------------------------- an existing ImageFolder tree
 
 
-def _link_imagefolder(source: Path, tmp: Path, subset: list[str] | None, progress: Progress | None) -> dict:
+def imagenet_classes(source: str | os.PathLike, subset_classes: Sequence[str] | None = None) -> list[str]:
+    """The classes to use of the ImageNet ImageFolder tree `source`: every subset class (all of
+    them present), or the 1000 ILSVRC2012 synsets (compared with the devkit's meta.mat when
+    ILSVRC2012_devkit_t12.tar.gz lies in `source`, else 1000 WordNet-id folders)."""
+    source = Path(source)
     devkit = read_devkit(source / DEVKIT_ARCHIVE, None) if (source / DEVKIT_ARCHIVE).is_file() else None
     train, val = (list_classes(source / split) for split in SPLITS)
     check_same_classes(source, train, val)
-    keep = _check_classes(source, train, devkit.wnids if devkit else None, subset)
+    return _check_classes(source, train, devkit.wnids if devkit else None, _normalise_subset(subset_classes))
+
+
+def _link_imagefolder(source: Path, tmp: Path, subset: list[str] | None, progress: Progress | None) -> dict:
+    keep = imagenet_classes(source, subset)
     counts = {split: 0 for split in SPLITS}
     for done, name in enumerate(keep, start=1):
         for split in SPLITS:

@@ -12,51 +12,50 @@ from __future__ import annotations
 from pathlib import Path
 
 # One COCO validator for the whole project: the data stage and detection use the same checks.
-from sge_repro.data.coco_json import check_records, load_coco_document, validate_coco_json
+from sge_repro.data.coco_json import (LAYOUTS, SPLITS, check_records, coco_split_paths,  # noqa: F401 (re-exported)
+                                      load_coco_document, validate_coco_json)
 from sge_repro.detection.compat import import_detectron2
-from sge_repro.errors import UserError
-
-LAYOUTS = ("coco2017", "embedded")
-SPLITS = ("train", "val")
 
 
-def coco_split_paths(root: str | Path, split: str, layout: str = "embedded") -> tuple[Path, Path]:
-    """(annotation json, image folder) of `split` under `root` in the given layout."""
-    if layout not in LAYOUTS:
-        raise UserError(f"dataset layout {layout!r}: expected one of {list(LAYOUTS)}")
-    if split not in SPLITS:
-        raise UserError(f"dataset split {split!r}: expected one of {list(SPLITS)}")
-    root = Path(root)
-    suffix = "2017" if layout == "coco2017" else ""
-    return root / "annotations" / f"instances_{split}{suffix}.json", root / f"{split}{suffix}"
-
-
-def register_coco_dataset(name: str, json_file: str | Path, image_root: str | Path, validate: bool = True) -> dict:
+def register_coco_dataset(name: str, json_file: str | Path, image_root: str | Path, validate: bool = True,
+                          exclude: frozenset[str] = frozenset()) -> dict:
     """Validate and register a COCO instances dataset in detectron2's catalogs under `name`.
 
     Re-registering the same name with the same files is a no-op; with other files it replaces
-    the old entry. Returns the counts from validation (empty when validate=False).
+    the old entry. Returns the counts from validation (empty when validate=False). `exclude`:
+    image files (absolute paths) left out of the dataset, e.g. those the data stage found corrupt
+    with data.skip_corrupt (COCO AP still counts their ground truth, as missed objects).
     """
     import_detectron2()
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
+    from detectron2.data.datasets import load_coco_json
 
     json_file, image_root = Path(json_file).resolve(), Path(image_root).resolve()
     counts = validate_coco_json(json_file, image_root) if validate else {}
     if name in DatasetCatalog.list():
         metadata = MetadataCatalog.get(name)
-        if metadata.get("json_file") == str(json_file) and metadata.get("image_root") == str(image_root):
+        if metadata.get("json_file") == str(json_file) and metadata.get("image_root") == str(image_root) \
+                and metadata.get("excluded", frozenset()) == exclude:
             return counts
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, str(json_file), str(image_root))
+
+    def load() -> list[dict]:
+        records = load_coco_json(str(json_file), str(image_root), name)
+        return [record for record in records if record["file_name"] not in exclude] if exclude else records
+
+    # what detectron2's register_coco_instances does, with the exclusion
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco",
+                                  excluded=exclude)
     return counts
 
 
-def register_split(name: str, root: str | Path, split: str, layout: str = "embedded", validate: bool = True) -> dict:
+def register_split(name: str, root: str | Path, split: str, layout: str = "embedded", validate: bool = True,
+                   exclude: frozenset[str] = frozenset()) -> dict:
     """`register_coco_dataset` for `split` of a dataset folder in one of LAYOUTS."""
     json_file, image_root = coco_split_paths(root, split, layout)
-    return register_coco_dataset(name, json_file, image_root, validate=validate)
+    return register_coco_dataset(name, json_file, image_root, validate=validate, exclude=exclude)
 
 
 def dataset_num_classes(json_file: str | Path) -> int:

@@ -30,6 +30,8 @@ class DetectionDataset:
     root: str
     layout: str      # "coco2017" (train2017/, val2017/) or "embedded" (train/, val/)
     config_set: str  # "paper" or "embedded" YAMLs
+    verified: bool = False                   # checked by the data stage: not validated again here
+    exclude: frozenset[str] = frozenset()    # image files (absolute) left out (corrupt, data.skip_corrupt)
 
 
 def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_batch: int, base_lr: float,
@@ -67,8 +69,9 @@ def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDatase
                weights: Path, run_dir: Path, device: str, sge_impl: str):
     """(cfg, val dataset name) of one train_det / eval_det run."""
     train_name, val_name = f"sge_{dataset.kind}_train", f"sge_{dataset.kind}_val"
-    register_split(train_name, dataset.root, "train", dataset.layout)
-    register_split(val_name, dataset.root, "val", dataset.layout)
+    for name, split in ((train_name, "train"), (val_name, "val")):
+        register_split(name, dataset.root, split, dataset.layout, validate=not dataset.verified,
+                       exclude=dataset.exclude)
     overrides = schedule_overrides(
         detector, dataset.config_set, train.max_iter, train.ims_per_batch, train.base_lr, train.warmup_iters,
         train.min_size, train.max_size, train.checkpoint_period, train.workers, protocol=train.protocol,

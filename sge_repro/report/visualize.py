@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -179,21 +179,22 @@ def visualize_trained_models(
     models: list[str],
     seed: int,
     checkpoint_for: Callable[[str, int], Path],
-    val_root: str | os.PathLike,
+    val_samples: Sequence[tuple[Path, int]],
     out_dir: str | os.PathLike,
     image_size: int | None = None,
     num_images: int = 2,
 ) -> list[Path]:
     """The `visualize` stage: attention PNGs of every trained SGE model (one seed) on the first
-    val image of the first `num_images` classes, into out_dir/<model>-seed<seed>/."""
+    val image of the first `num_images` classes of `val_samples` ((path, class index), in dataset
+    order), into out_dir/<model>-seed<seed>/."""
     from sge_repro.models.registry import parse_model_name
 
-    val_root = Path(val_root)
-    classes = sorted(p for p in val_root.iterdir() if p.is_dir()) if val_root.is_dir() else []
-    images = [min(p for p in folder.iterdir() if p.is_file()) for folder in classes[:num_images]
-              if any(p.is_file() for p in folder.iterdir())]
+    first_of_class: dict[int, Path] = {}
+    for path, label in val_samples:
+        first_of_class.setdefault(label, Path(path))
+    images = [first_of_class[label] for label in sorted(first_of_class)[:num_images]]
     if not images:
-        raise UserError(f"{val_root}: no validation images to visualize (expected <class>/<image> folders)")
+        raise UserError("no validation images to visualize; expected at least one indexed val image")
     written: list[Path] = []
     for name in models:
         if parse_model_name(name).attention != "sge":

@@ -16,7 +16,7 @@ StepProgress = Callable[[int, int, int, dict], None]
 
 def train_cls(params: Params, paths: ProjectPaths, model: str, seed: int,
               progress: StepProgress | None = None) -> dict:
-    """Train one classifier on data/cls; resumes from runs/cls/<model>-seed<seed>/last.pt.
+    """Train one classifier on the files of data/manifests/cls.json; resumes from runs/cls/<model>-seed<seed>/last.pt.
 
     The stage's progress goes to logs/progress/train_cls@<model>-<seed>.json (rank 0), TensorBoard
     events to runs/cls/<model>-seed<seed>/tensorboard/, and to `progress` when given.
@@ -40,7 +40,7 @@ def train_cls_worker(params: Params, paths: ProjectPaths, model: str, seed: int,
     use_cpu_threads(params)
     with training_progress(params, paths, model, seed, progress) as report:
         return train_classifier(
-            params.train_cls, params.model, model, seed, paths.cls_data, paths.cls_run_dir(model, seed),
+            params.train_cls, params.model, model, seed, paths.cls_manifest, paths.cls_run_dir(model, seed),
             paths.cls_train_metrics(model, seed), paths.cls_history(model, seed),
             dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
             progress=report)
@@ -122,7 +122,7 @@ def eval_cls(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict
     stage = stage_name("eval_cls", model, seed)
     with tracking(paths.stage_status(stage), stage) as status:
         return evaluate_classifier(
-            params.eval_cls, paths.cls_checkpoint(model, seed, "best"), paths.cls_data,
+            params.eval_cls, paths.cls_checkpoint(model, seed, "best"), paths.cls_manifest,
             paths.cls_metrics(model, seed), paths.cls_predictions(model, seed), model_name=model, seed=seed,
             dataset_name=params.data.classification.dataset_name, skip_corrupt=params.data.skip_corrupt,
             progress=evaluation_status(status, params.eval_cls.batch_size))

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) -> dict[str, Any]:
-    """Build data/cls (ImageFolder) and data/det (COCO JSON) as params.yaml says; returns the manifest."""
+    """Index both datasets as params.yaml says into data/manifests/{cls,det}.json (generating the
+    embedded sets first); returns a summary per dataset."""
     from sge_repro.data.prepare import prepare_data
 
     with tracking(paths.stage_status("data"), "data") as status:  # logs/progress/data.json
@@ -23,3 +24,10 @@ def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) 
                 progress(name, done, total)
 
         return prepare_data(params.data, paths, progress=report)
+
+
+def data_changes(params: Params, paths: ProjectPaths) -> dict[str, str | None]:
+    """What the data stage would change now ({dataset: None or why}); reads, writes nothing."""
+    from sge_repro.data.prepare import pending_changes
+
+    return pending_changes(params.data, paths)

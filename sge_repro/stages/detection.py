@@ -48,21 +48,30 @@ def fetch_weights(params: Params, paths: ProjectPaths, model: str) -> dict:
     return {"model": model, "url": pinned.url, "sha256": pinned.sha256, "weights": str(path)}
 
 
+def detection_dataset(paths: ProjectPaths):
+    """The detection set as the data stage indexed it (data/manifests/det.json): its root and
+    layout, its corrupt images left out; the annotation files must be the ones it checked."""
+    from sge_repro.data.manifest import check_annotation_files, manifest_root, read_manifest
+    from sge_repro.detection.setup import DetectionDataset
+
+    manifest = read_manifest(paths.det_manifest, "detection")
+    root = manifest_root(manifest)
+    check_annotation_files(manifest)
+    exclude = frozenset(str(root / item["file"]) for item in manifest["corrupt"])
+    if manifest["source"] == "coco":
+        return DetectionDataset("coco", str(root), manifest["layout"], "paper", verified=True, exclude=exclude)
+    return DetectionDataset("embedded", str(root), manifest["layout"], "embedded", verified=True, exclude=exclude)
+
+
 def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):
     """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
-    from sge_repro.detection.setup import DetectionDataset, run_config
+    from sge_repro.detection.setup import run_config
 
     params.require_listed("detectors", detector)
     params.require_listed("detection_backbones", backbone)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
-    data = params.data.detection
-    if data.source == "coco":
-        if not data.source_path:
-            raise UserError("params.yaml: data.detection.source_path: required when data.detection.source is coco")
-        dataset = DetectionDataset("coco", data.source_path, "coco2017", "paper")
-    else:
-        dataset = DetectionDataset("embedded", str(paths.det_data), "embedded", "embedded")
+    dataset = detection_dataset(paths)
     cfg, val_name = run_config(
         detector, backbone, seed, dataset, params.train_det, weights=paths.det_weights(backbone, seed),
         run_dir=paths.det_run_dir(detector, backbone, seed), device=device, sge_impl=params.model.sge_impl)

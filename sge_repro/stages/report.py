@@ -19,13 +19,16 @@ def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
     from sge_repro.params import RELEASED_SEED
     from sge_repro.report.visualize import visualize_trained_models
 
+    from sge_repro.data.manifest import imagefolder_samples, read_manifest
+
     use_cpu_threads(params)
     written = []
+    _, _, val_samples, _ = imagefolder_samples(read_manifest(paths.cls_manifest, "classification"), "val")
     with tracking(paths.stage_status("visualize"), "visualize"):  # the wall time, for the report's provenance
         for models, seed in ((params.models, params.seeds[0]), (list(params.released), RELEASED_SEED)):
             written += visualize_trained_models(
                 models, seed, lambda name, s: paths.cls_checkpoint(name, s, "best"),
-                paths.cls_data / "val", paths.attention_maps, image_size=params.eval_cls.image_size)
+                val_samples, paths.attention_maps, image_size=params.eval_cls.image_size)
     return written
 
 

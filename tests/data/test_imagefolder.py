@@ -76,39 +76,28 @@ def truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_truncated_jpeg_names_the_file(tree):
+def test_a_folder_walk_decodes_nothing_and_load_time_corruption_is_named(tree):
+    """Verification is the data stage's job: building a dataset never decodes; a file corrupted
+    later fails at load time naming it (or is skipped and counted with skip_corrupt)."""
     bad = first_image(tree)
     truncate(bad)
-    with pytest.raises(UserError) as error:
-        build_imagefolder(tree, "train")
-    assert str(bad) in str(error.value) and "corrupt" in str(error.value)
-    assert "\n" not in str(error.value)
-
-
-def test_garbage_file_names_the_file(tree):
-    bad = first_image(tree, "val")
-    bad.write_bytes(b"not an image at all")
-    with pytest.raises(UserError, match=str(bad.name)):
-        build_imagefolder(tree, "val")
-
-
-def test_skip_corrupt_counts_and_drops(tree):
-    truncate(first_image(tree))
-    dataset = build_imagefolder(tree, "train", skip_corrupt=True)
-    assert len(dataset) == 11 and len(dataset.skipped) == 1
-
-
-def test_load_time_corruption_without_verification(tree):
-    bad = first_image(tree)
-    truncate(bad)
-    strict = build_imagefolder(tree, "train", eval_transform(32), verify_images=False)
-    assert len(strict) == 12
+    strict = build_imagefolder(tree, "train", eval_transform(32))
+    assert len(strict) == 12 and strict.skipped == []
     with pytest.raises(UserError, match=bad.name):
         strict[0]
-    lenient = build_imagefolder(tree, "train", eval_transform(32), skip_corrupt=True, verify_images=False)
+    lenient = build_imagefolder(tree, "train", eval_transform(32), skip_corrupt=True)
     assert lenient[0] is None
     images, targets, skipped = collate_skipping_none([lenient[i] for i in range(4)])
     assert images.shape == (3, 3, 32, 32) and skipped == 1 and targets.tolist() == [0, 0, 0]
+
+
+def test_garbage_file_is_named_at_load_time(tree):
+    bad = first_image(tree, "val")
+    bad.write_bytes(b"not an image at all")
+    dataset = build_imagefolder(tree, "val", eval_transform(32))
+    with pytest.raises(UserError, match=str(bad.name)) as error:
+        dataset[0]
+    assert "corrupt" in str(error.value) and "\n" not in str(error.value)
 
 
 def save(image, path, format):

@@ -43,6 +43,19 @@ def test_official_coco_layout_registers_through_the_same_function(coco_set, tmp_
     assert len(DatasetCatalog.get("test_coco2017_val")) == 8
 
 
+def test_excluded_images_are_left_out_of_the_registered_dataset(coco_set):
+    """data.skip_corrupt: the files the data stage found corrupt never reach detectron2."""
+    image_root = (coco_set / "val").resolve()
+    names = sorted(p.name for p in image_root.iterdir())
+    register_split("test_excluded_val", coco_set, "val", "embedded", validate=False)
+    assert len(DatasetCatalog.get("test_excluded_val")) == len(names)
+    excluded = frozenset({str(image_root / names[1])})
+    register_split("test_excluded_val", coco_set, "val", "embedded", validate=False, exclude=excluded)
+    records = DatasetCatalog.get("test_excluded_val")
+    assert len(records) == len(names) - 1 and str(image_root / names[1]) not in {r["file_name"] for r in records}
+    assert MetadataCatalog.get("test_excluded_val").evaluator_type == "coco"
+
+
 def _broken_copy(coco_set, tmp_path, edit):
     root = tmp_path / "broken"
     shutil.copytree(coco_set, root)

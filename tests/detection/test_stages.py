@@ -5,6 +5,7 @@ import shutil
 
 import torch
 
+from sge_repro.data.prepare import coco_source, write_manifests
 from sge_repro.detection.detectors import REFERENCE_TWO_STAGE_LR, detector_base_lr
 from sge_repro.detection.engine import DetectorTrainer
 from sge_repro.detection.setup import schedule_overrides
@@ -35,6 +36,7 @@ def test_base_lr_is_the_two_stage_rate_scaled_by_the_yaml():
 def _project(tmp_path, coco_set, detectron2_weights) -> ProjectPaths:
     paths = ProjectPaths(tmp_path)
     shutil.copytree(coco_set, paths.det_data)
+    write_manifests([coco_source(paths, "synthetic", paths.det_data, "embedded")], paths)  # the data stage's index
     paths.det_weights("sge_resnet18", 0).parent.mkdir(parents=True)
     shutil.copy(detectron2_weights, paths.det_weights("sge_resnet18", 0))
     return paths

@@ -1,16 +1,180 @@
-"""The `data` stage on real-format sources: an ImageNet ImageFolder tree and a COCO 2017 root."""
+"""The `data` stage: manifests of the embedded sets and of real-format sources read in place,
+verification once (only new / changed files decoded), corrupt files named or skipped."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from sge_repro.data.prepare import prepare_data
+from sge_repro.data.imagefolder import build_imagefolder, imagefolder_from_manifest
+from sge_repro.data.manifest import read_manifest, serialize
+from sge_repro.data.prepare import pending_changes, prepare_data
 from sge_repro.data.synthetic import generate_classification_set, generate_detection_set
+from sge_repro.data.verify import IN_PROCESS_BELOW, VerifyCache, scan, verify
 from sge_repro.errors import UserError
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
+
+
+def small_params(**data_changes) -> Params:
+    raw = Params().model_dump(mode="json")
+    raw["data"]["classification"].update(num_classes=3, image_size=32, train_per_class=4, val_per_class=2)
+    raw["data"]["detection"].update(num_train=3, num_val=2, image_size=64, num_categories=2)
+    for key, value in data_changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            raw["data"][section][name] = value
+        else:
+            raw["data"][key] = value
+    return Params.model_validate(raw)
+
+
+@pytest.fixture
+def project(tmp_path):
+    paths = ProjectPaths(tmp_path / "project")
+    prepare_data(small_params().data, paths, workers=1)
+    return paths
+
+
+def state(paths: ProjectPaths) -> dict:
+    """(bytes, mtime_ns) of both manifests."""
+    return {name: (paths.manifest(name).read_bytes(), paths.manifest(name).stat().st_mtime_ns)
+            for name in ("cls", "det")}
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_manifests_index_the_generated_sets(project):
+    cls = read_manifest(project.cls_manifest, "classification")
+    assert cls["classes"] == ["n00000000", "n00000001", "n00000002"]
+    assert cls["counts"]["train"] == 12 and cls["counts"]["val"] == 6 and cls["corrupt"] == []
+    assert cls["root"] == "../cls"   # relative: the project can move
+    det = read_manifest(project.det_manifest, "detection")
+    assert det["counts"]["train"] == 3 and det["counts"]["val"] == 2
+    assert set(det["annotations"]) == {"train", "val"} and len(det["annotations"]["val"]["sha256"]) == 64
+    # the loader's file list is the manifest's, in the order of a sorted folder walk
+    from_manifest = imagefolder_from_manifest(project.cls_manifest, "train")
+    walked = build_imagefolder(project.cls_data, "train")
+    assert from_manifest.samples == walked.samples and from_manifest.classes == walked.classes
+
+
+def test_a_rerun_decodes_nothing_and_leaves_the_manifests_untouched(project):
+    before = state(project)
+    summary = prepare_data(small_params().data, project, workers=1)
+    assert summary["classification"]["decoded"] == 0 and summary["detection"]["decoded"] == 0
+    assert summary["classification"]["manifest"] == "unchanged"
+    assert state(project) == before
+    assert pending_changes(small_params().data, project) == {"cls": None, "det": None}
+    # a manifest edited behind the stage's back is rebuilt, even though no image changed
+    project.cls_manifest.write_text(project.cls_manifest.read_text().replace('"val": 6', '"val": 7'))
+    assert pending_changes(small_params().data, project) == {"cls": "manifest content changed", "det": None}
+    prepare_data(small_params().data, project, workers=1)
+    assert project.cls_manifest.read_bytes() == before["cls"][0]
+
+
+def test_the_same_content_gives_the_same_bytes_anywhere(project, tmp_path):
+    """Another project generating the same set, verified without the cache: identical bytes."""
+    other = ProjectPaths(tmp_path / "other")
+    prepare_data(small_params().data, other, workers=1)
+    assert other.cls_manifest.read_bytes() == project.cls_manifest.read_bytes()
+    assert other.det_manifest.read_bytes() == project.det_manifest.read_bytes()
+
+
+def test_changed_added_removed_image_change_only_their_manifest(project):
+    params = small_params().data
+    images = sorted((project.cls_data / "train" / "n00000001").iterdir())
+    fingerprints = [read_manifest(project.cls_manifest)["fingerprint"]]
+    det_before = state(project)["det"]
+
+    images[0].write_bytes(images[1].read_bytes())                       # changed content
+    assert pending_changes(params, project) == {"cls": "1 new or changed file(s) to verify", "det": None}
+    summary = prepare_data(params, project, workers=1)
+    assert summary["classification"]["decoded"] == 1 and summary["classification"]["manifest"] == "written"
+    fingerprints.append(read_manifest(project.cls_manifest)["fingerprint"])
+
+    shutil.copy(images[2], images[2].with_name("added.jpg"))            # added
+    summary = prepare_data(params, project, workers=1)
+    assert summary["classification"]["decoded"] == 1 and summary["classification"]["train"] == 13
+    fingerprints.append(read_manifest(project.cls_manifest)["fingerprint"])
+
+    images[3].unlink()                                                  # removed
+    summary = prepare_data(params, project, workers=1)
+    assert summary["classification"]["decoded"] == 0 and summary["classification"]["train"] == 12
+    fingerprints.append(read_manifest(project.cls_manifest)["fingerprint"])
+
+    assert len(set(fingerprints)) == 4
+    assert state(project)["det"] == det_before                          # the other dataset: untouched
+
+
+def test_a_touched_but_unchanged_file_is_decoded_again_without_changing_the_manifest(project):
+    before = state(project)
+    image = sorted((project.det_data / "val").iterdir())[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    summary = prepare_data(small_params().data, project, workers=1)
+    assert summary["detection"]["decoded"] == 1
+    assert state(project) == before
+
+
+def test_a_corrupt_image_is_named_and_nothing_written(project):
+    before = state(project)
+    bad = sorted((project.cls_data / "val" / "n00000002").iterdir())[0]
+    truncate(bad)
+    with pytest.raises(UserError) as error:
+        prepare_data(small_params().data, project, workers=1)
+    message = str(error.value)
+    assert "1 corrupt image(s)" in message and str(bad) in message and "data.skip_corrupt" in message
+    assert "\n" not in message
+    assert state(project) == before
+
+
+def test_skip_corrupt_leaves_the_file_out_and_lists_it(project):
+    bad = sorted((project.cls_data / "train" / "n00000000").iterdir())[1]
+    truncate(bad)
+    with pytest.raises(UserError):
+        prepare_data(small_params().data, project, workers=1)
+    # the failed run's decode is cached: the rerun with skip_corrupt decodes nothing again
+    summary = prepare_data(small_params(skip_corrupt=True).data, project, workers=1)
+    assert summary["classification"]["decoded"] == 0 and summary["classification"]["corrupt"] == 1
+    manifest = read_manifest(project.cls_manifest)
+    assert [item["file"] for item in manifest["corrupt"]] == [f"train/n00000000/{bad.name}"]
+    assert manifest["counts"]["train"] == 11
+    dataset = imagefolder_from_manifest(project.cls_manifest, "train")
+    assert len(dataset) == 11 and dataset.skipped == [bad] and bad not in [p for p, _ in dataset.samples]
+    with pytest.raises(UserError, match=bad.name):   # skip_corrupt off again: named again
+        prepare_data(small_params().data, project, workers=1)
+
+
+def test_params_change_regenerates_only_that_set(project):
+    cls_before = state(project)["cls"]
+    summary = prepare_data(small_params(detection__num_train=4).data, project, workers=1)
+    assert summary["detection"]["train"] == 4
+    assert state(project)["cls"] == cls_before
+
+
+def test_pool_verification_names_corrupt_files(tmp_path):
+    """More files than IN_PROCESS_BELOW: decoded in a 2-process pool, each once."""
+    root = tmp_path / "cls"
+    per_class = IN_PROCESS_BELOW // 2 + 1
+    generate_classification_set(root, num_classes=2, image_size=16, train_per_class=per_class, val_per_class=1, seed=3)
+    bad = root / "train" / "n00000001" / "train_0001_000004.jpg"
+    bad.write_bytes(b"GIF89a not really")
+    folders = {f"{split}/n0000000{k}": None for split in ("train", "val") for k in (0, 1)}
+    cache = VerifyCache(tmp_path / "cache.json", root)
+    results, decoded = verify(root, scan(root, folders, (".jpg",)), cache, workers=2)
+    assert decoded == 2 * per_class + 2
+    assert set(results["train/n00000001"].errors) == {bad.name}
+    assert all(d and len(d) == 32 for r in results.values() for d in r.digests)
+    again = VerifyCache(tmp_path / "cache.json", root)   # from disk
+    _, decoded = verify(root, scan(root, folders, (".jpg",)), again, workers=2)
+    assert decoded == 0
+
+
+# ------------------------------------------------------------------ real-format sources, in place
 
 
 def imagenet_like_tree(root: Path) -> list[str]:
@@ -36,20 +200,32 @@ def real_params(imagenet: Path, coco: Path, subset: list[str] | None) -> Params:
     return Params.model_validate(raw)
 
 
-def test_data_stage_prepares_imagenet_subset_and_validates_coco(tmp_path):
+def test_data_stage_indexes_imagenet_and_coco_in_place(tmp_path):
     classes = imagenet_like_tree(tmp_path / "imagenet")
     coco = coco2017_like_root(tmp_path / "coco")
     paths = ProjectPaths(tmp_path / "project")
-    manifest = prepare_data(real_params(tmp_path / "imagenet", coco, classes).data, paths)
+    summary = prepare_data(real_params(tmp_path / "imagenet", coco, classes[:2]).data, paths, workers=1)
 
-    assert manifest["classification_source"] == "imagenet"
-    assert manifest["datasets"]["classification"]["train_images"] == 6
-    assert manifest["datasets"]["classification"]["val_images"] == 3
-    assert sorted(p.name for p in (paths.cls_data / "train").iterdir()) == classes
-    assert manifest["datasets"]["detection"]["val2017"]["images"] == 2
-    record = json.loads((paths.det_data / "coco_root.json").read_text())
-    assert record["root"] == str(coco.resolve())
-    assert json.loads(paths.data_manifest.read_text()) == manifest
+    assert summary["classification"]["source"] == "imagenet"
+    assert summary["classification"]["train"] == 4 and summary["classification"]["val"] == 2
+    cls = read_manifest(paths.cls_manifest)
+    assert cls["root"] == str((tmp_path / "imagenet").resolve()) and cls["classes"] == classes[:2]
+    assert not paths.cls_data.exists()   # nothing copied or linked into the project
+    det = read_manifest(paths.det_manifest)
+    assert det["layout"] == "coco2017" and det["counts"]["val"] == 2
+    assert det["annotations"]["val"]["file"] == "annotations/instances_val2017.json"
+    assert sorted(det["folders"]) == ["train2017", "val2017"]
+    assert json.loads(serialize({k: v for k, v in det.items() if k != "_path"})) == \
+        {k: v for k, v in det.items() if k != "_path"}
+
+
+def test_archives_as_source_path_point_at_data_prepare_imagenet(tmp_path):
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives" / "ILSVRC2012_img_train.tar").write_bytes(b"")
+    coco = coco2017_like_root(tmp_path / "coco")
+    with pytest.raises(UserError, match=r"holds the ImageNet archives; unpack them once with "
+                                        r"`sge-repro data prepare imagenet --source .*archives --destination DIR`"):
+        prepare_data(real_params(tmp_path / "archives", coco, None).data, ProjectPaths(tmp_path / "project"))
 
 
 def test_data_stage_refuses_a_broken_coco_root(tmp_path):
@@ -58,11 +234,27 @@ def test_data_stage_refuses_a_broken_coco_root(tmp_path):
     (coco / "annotations" / "instances_val2017.json").write_text("{not json")
     paths = ProjectPaths(tmp_path / "project")
     with pytest.raises(UserError, match="instances_val2017.json"):
-        prepare_data(real_params(tmp_path / "imagenet", coco, classes).data, paths)
-    assert not paths.data_manifest.exists()
+        prepare_data(real_params(tmp_path / "imagenet", coco, classes).data, paths, workers=1)
+    assert not paths.manifests.exists()
+
+
+def test_a_listed_coco_image_missing_is_named(tmp_path):
+    classes = imagenet_like_tree(tmp_path / "imagenet")
+    coco = coco2017_like_root(tmp_path / "coco")
+    (coco / "val2017" / "val_000001.jpg").unlink()
+    with pytest.raises(UserError, match=r"1 image\(s\) listed in the annotations are missing \(val2017/val_000001.jpg\)"):
+        prepare_data(real_params(tmp_path / "imagenet", coco, classes).data, ProjectPaths(tmp_path / "p"), workers=1)
 
 
 def test_data_stage_names_a_missing_source_path(tmp_path):
     params = real_params(tmp_path / "nowhere", tmp_path / "coco", None)
     with pytest.raises(UserError, match=r"data.classification.source_path: .*nowhere does not exist"):
         prepare_data(params.data, ProjectPaths(tmp_path / "project"))
+
+
+def test_a_missing_or_foreign_manifest_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"cls.json: missing; run the data stage first"):
+        imagefolder_from_manifest(tmp_path / "cls.json", "train")
+    (tmp_path / "cls.json").write_text('{"format": 1}')
+    with pytest.raises(UserError, match=r"cls.json: not a dataset manifest \(lacks kind, root"):
+        imagefolder_from_manifest(tmp_path / "cls.json", "train")

@@ -1,0 +1,265 @@
+"""Which image files of a dataset are new or changed since the last check, and decoding only those.
+
+The data stage calls `scan` (one `os.scandir` + `stat` per file: sizes and mtimes, no reads),
+then `verify`, which looks every file up in a `VerifyCache` keyed by (path, size, mtime_ns) and
+decodes only the misses, on every core this process may use, each file read once: its bytes are
+hashed (BLAKE2b-128, the content digest the manifest's fingerprint is built from) and decoded with
+the loader's own decoder (`imagefolder.decode_rgb`), so a file that passes here loads in training.
+
+The cache lives outside DVC's outputs (data/.cache/, see `ProjectPaths.verify_cache`): it is only
+an accelerator. Deleting it costs one full verification; a stale entry cannot be trusted by
+mistake because any rewrite of a file changes its size or mtime_ns. It is saved every
+`SAVE_EVERY_S` seconds during a long verification, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sge_repro import atomic
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+SAVE_EVERY_S = 60.0
+IN_PROCESS_BELOW = 64   # fewer files than this are decoded in this process (no pool start-up)
+
+Progress = Callable[[str, int, int | None], None]
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (cgroup / taskset aware), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class FolderScan:
+    """The files of one folder (relative to the dataset root), sorted by name."""
+
+    names: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+
+
+def scan_folder(folder: Path, wanted: set[str] | None, extensions: tuple[str, ...]) -> FolderScan:
+    """Regular files in `folder`: those named in `wanted`, or (wanted=None) every visible file
+    with one of `extensions`. Symlinks are followed (a linked tree scans like a real one)."""
+    rows = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if wanted is None:
+                if name[0] == "." or not name.lower().endswith(extensions):
+                    continue
+            elif name not in wanted:
+                continue
+            info = entry.stat()   # the one syscall per file (1.33M for ImageNet)
+            if stat.S_ISREG(info.st_mode):
+                rows.append((name, info.st_size, info.st_mtime_ns))
+    rows.sort()
+    return FolderScan([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+
+def scan(root: Path, folders: dict[str, set[str] | None], extensions: tuple[str, ...],
+         progress: Progress | None = None, label: str = "scan") -> dict[str, FolderScan]:
+    """`scan_folder` of every folder (relative to root), in sorted order; a few threads overlap the
+    stat calls (they release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(folders)
+    result = {}
+    with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as threads:
+        scans = threads.map(lambda rel: scan_folder(root / rel, folders[rel], extensions), names)
+        for done, (rel, found) in enumerate(zip(names, scans), start=1):
+            result[rel] = found
+            if progress is not None and (done % 50 == 0 or done == len(names)):
+                progress(label, done, len(names))
+    return result
+
+
+def listing_digest(scans: dict[str, FolderScan], *context: str) -> str:
+    """sha256 of every folder's (names, sizes, mtimes) and `context`: equal digests, same listing."""
+    digest = hashlib.sha256()
+    for item in context:
+        digest.update(item.encode() + b"\0")
+    for rel in sorted(scans):
+        found = scans[rel]
+        digest.update(rel.encode() + b"\0" + "\0".join(found.names).encode() + b"\0")
+        digest.update(repr(found.sizes).encode() + repr(found.mtimes).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class FolderResult:
+    """A scanned folder with each file's content digest and, for corrupt files, the reason."""
+
+    names: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    digests: list[str | None]          # None: not verified yet (a dry run)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def as_cache(self) -> dict:
+        return {"names": self.names, "sizes": self.sizes, "mtimes": self.mtimes,
+                "digests": self.digests, "errors": self.errors}
+
+
+class VerifyCache:
+    """Per-folder results of earlier verifications of the dataset at `root` (JSON on disk).
+
+    A cache written for another root, in another format, or unreadable is ignored (and replaced
+    on the next save): it only ever saves work.
+    """
+
+    def __init__(self, path: Path, root: Path):
+        self.path = Path(path)
+        self.root = str(root)
+        self.folders: dict[str, dict] = {}
+        self.extra: dict[str, dict] = {}   # e.g. validated COCO JSON files, keyed by relative path
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as error:
+            log.warning("%s: unreadable verification cache (%s); verifying again", self.path, error)
+            return
+        if isinstance(raw, dict) and raw.get("format") == CACHE_FORMAT and raw.get("root") == self.root:
+            self.folders = raw.get("folders", {})
+            self.extra = raw.get("extra", {})
+
+    def save(self) -> None:
+        atomic.write_text(self.path, json.dumps(
+            {"format": CACHE_FORMAT, "root": self.root, "extra": self.extra, "folders": self.folders},
+            separators=(",", ":")))
+
+
+def lookup(scans: dict[str, FolderScan], cache: VerifyCache) -> tuple[dict[str, FolderResult], list[tuple[str, int]]]:
+    """Reuse the cache for every file whose (size, mtime_ns) did not change; returns the results
+    (digest None where unknown) and the (folder, index) of the files to decode."""
+    results: dict[str, FolderResult] = {}
+    todo: list[tuple[str, int]] = []
+    for rel, found in scans.items():
+        cached = cache.folders.get(rel)
+        if cached and cached["names"] == found.names and cached["sizes"] == found.sizes \
+                and cached["mtimes"] == found.mtimes and None not in cached["digests"]:
+            results[rel] = FolderResult(found.names, found.sizes, found.mtimes, list(cached["digests"]),
+                                        dict(cached["errors"]))
+            continue
+        known = {}
+        if cached:
+            known = {name: (size, mtime, digest) for name, size, mtime, digest
+                     in zip(cached["names"], cached["sizes"], cached["mtimes"], cached["digests"])}
+        result = FolderResult(found.names, found.sizes, found.mtimes, [None] * len(found.names))
+        for index, (name, size, mtime) in enumerate(zip(found.names, found.sizes, found.mtimes)):
+            hit = known.get(name)
+            if hit is not None and hit[0] == size and hit[1] == mtime and hit[2] is not None:
+                result.digests[index] = hit[2]
+                if name in cached["errors"]:
+                    result.errors[name] = cached["errors"][name]
+            else:
+                todo.append((rel, index))
+        results[rel] = result
+    return results, todo
+
+
+def check_file(path: str) -> tuple[str, str | None]:
+    """(content digest, None) for a decodable image, (digest, reason) for a corrupt one.
+
+    Runs in the pool's worker processes. The decoder is the training loader's, so "verified"
+    means "the loader can decode it"."""
+    from sge_repro.data.imagefolder import decode_rgb
+    from sge_repro.errors import UserError
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        return "", f"unreadable ({' '.join(str(error).split())})"
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    try:
+        decode_rgb(path)
+    except UserError as error:
+        cause = error.__cause__ or error
+        return digest, " ".join(str(cause).split()) or type(cause).__name__
+    return digest, None
+
+
+def _check_indexed(item: tuple[int, str]) -> tuple[int, str, str | None]:
+    index, path = item
+    return (index, *check_file(path))
+
+
+def verify(root: Path, scans: dict[str, FolderScan], cache: VerifyCache, workers: int | None = None,
+           progress: Progress | None = None, label: str = "verify") -> tuple[dict[str, FolderResult], int]:
+    """Decode every file the cache does not vouch for (in `workers` processes; default: every
+    core this process may use); updates and saves the cache. Returns (results, files decoded)."""
+    results, todo = lookup(scans, cache)
+    if not todo:
+        return results, 0
+    workers = workers or available_cpus()
+    pending = {rel: 0 for rel in results}
+    for rel, _ in todo:
+        pending[rel] += 1
+    paths = [str(root / rel / results[rel].names[index]) for rel, index in todo]
+    last_save = time.monotonic()
+    if progress is not None:
+        progress(label, 0, len(todo))
+
+    def record(position: int, digest: str, error: str | None) -> None:
+        nonlocal last_save
+        rel, index = todo[position]
+        result = results[rel]
+        result.digests[index] = digest
+        if error is None:
+            result.errors.pop(result.names[index], None)
+        else:
+            result.errors[result.names[index]] = error
+        pending[rel] -= 1
+        if pending[rel] == 0:
+            cache.folders[rel] = result.as_cache()
+        if time.monotonic() - last_save > SAVE_EVERY_S:
+            cache.save()
+            last_save = time.monotonic()
+
+    items: Iterable[tuple[int, str]] = enumerate(paths)
+    try:
+        _decode_all(items, len(todo), workers, record, progress, label)
+    except BaseException:
+        cache.save()  # the folders finished so far are not decoded again
+        raise
+    for rel, result in results.items():
+        cache.folders[rel] = result.as_cache()
+    cache.save()
+    return results, len(todo)
+
+
+def _decode_all(items: Iterable[tuple[int, str]], total: int, workers: int,
+                record: Callable[[int, str, str | None], None], progress: Progress | None, label: str) -> None:
+    if total < IN_PROCESS_BELOW or workers == 1:
+        for done, (position, path) in enumerate(items, start=1):
+            record(position, *check_file(path))
+            if progress is not None:
+                progress(label, done, total)
+        return
+    # fork (as torch's DataLoader workers): no re-import of the caller's __main__; this stage's
+    # process has no threads of its own (no torch import) that a fork could copy mid-lock
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    chunk = max(1, min(256, total // (workers * 16)))
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        for done, (position, digest, error) in enumerate(
+                pool.imap_unordered(_check_indexed, items, chunksize=chunk), start=1):
+            record(position, digest, error)
+            if progress is not None and (done % 64 == 0 or done == total):
+                progress(label, done, total)
