@@ -331,12 +331,12 @@ class Params(Section):
         for name in self.detectors:
             if name not in DETECTORS:
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")
+        self._check_protocol_sources()  # first: under a protocol its message is the one that helps
         self._check_convert_sources()
         for key in ("seeds", "models", "detectors", "detection_backbones"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"{key}: duplicate entries in {values}")
-        self._check_protocol_sources()
         self._check_derived("inputs", self.convert_inputs())
         self._check_derived("downloads", self.convert_downloads())
         return self

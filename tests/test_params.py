@@ -141,9 +141,12 @@ def test_params_yaml_must_be_complete(tmp_path):
         load_params(path)
 
 
-def _with_protocol(protocol: str, **convert) -> dict:
+def _with_protocol(protocol: str, backbones: tuple[str, str] = ("resnet18", "sge_resnet18"), **convert) -> dict:
     raw = Params().model_dump(mode="json")
+    raw["models"] = raw["detection_backbones"] = list(backbones)
     raw["train_det"]["protocol"] = protocol
+    for derived in ("inputs", "downloads"):  # sge-repro derives them from the keys above
+        raw["convert"].pop(derived)
     raw["convert"].update(convert)
     return raw
 
@@ -158,18 +161,20 @@ def test_protocol_is_named_and_defaults_to_detectron2():
 
 
 def test_authors_protocol_needs_torchvision_plain_and_file_attention_backbones():
+    paper_backbones = ("resnet50", "sge_resnet50")  # torchvision has ImageNet weights for these
     with pytest.raises(UserError) as error:
-        validate_params(_with_protocol("authors"))
+        validate_params(_with_protocol("authors", paper_backbones))
     message = str(error.value)
     assert "\n" not in message
     assert message == ("params.yaml: train_det.protocol authors starts plain backbones from torchvision's weights, "
-                       "attention backbones from the authors' checkpoint file: convert source of 'resnet18' is "
-                       "'trained', expected 'torchvision' (set convert.sources: {resnet18: torchvision})")
-    with pytest.raises(UserError, match="convert source of 'sge_resnet18' is 'torchvision', expected 'file'"):
-        validate_params(_with_protocol("authors", source="torchvision"))
+                       "attention backbones from the authors' checkpoint file: convert source of 'resnet50' is "
+                       "'trained', expected 'torchvision' (set convert.sources: {resnet50: torchvision})")
+    with pytest.raises(UserError, match="convert source of 'sge_resnet50' is 'torchvision', expected 'file'"):
+        validate_params(_with_protocol("authors", paper_backbones, source="torchvision"))
     params = validate_params(_with_protocol(
-        "authors", sources={"resnet18": "torchvision", "sge_resnet18": "file"}, files={"sge_resnet18": "sge.pth.tar"}))
-    assert params.convert_source("resnet18") == "torchvision" and params.convert_source("sge_resnet18") == "file"
+        "authors", paper_backbones, sources={"resnet50": "torchvision", "sge_resnet50": "file"},
+        files={"sge_resnet50": "sge.pth.tar"}))
+    assert params.convert_source("resnet50") == "torchvision" and params.convert_source("sge_resnet50") == "file"
 
 
 def test_controlled_protocol_needs_both_backbones_trained():
@@ -178,5 +183,5 @@ def test_controlled_protocol_needs_both_backbones_trained():
                                         r"source of 'resnet18' is 'torchvision', expected 'trained'"):
         validate_params(_with_protocol("controlled", sources={"resnet18": "torchvision"}))
     # detectron2 takes any source
-    assert validate_params(_with_protocol("detectron2", sources={"resnet18": "torchvision"})).convert_source(
-        "resnet18") == "torchvision"
+    assert validate_params(_with_protocol("detectron2", ("resnet50", "sge_resnet50"),
+                                          sources={"resnet50": "torchvision"})).convert_source("resnet50") == "torchvision"
