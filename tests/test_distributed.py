@@ -22,3 +22,12 @@ def test_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device='cuda': CUDA is not available here"):
             rank_device("cuda", DistInfo())
+
+
+@pytest.mark.gpu
+def test_each_rank_takes_its_local_gpu_and_a_named_gpu_is_refused_for_several():
+    two_ranks = DistInfo(rank=1, world_size=2, local_rank=1)
+    assert rank_device("cuda", two_ranks) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match=r"device='cuda:0': with 2 processes each uses cuda:LOCAL_RANK; "
+                                        r"expected 'cuda'"):
+        rank_device("cuda:0", two_ranks)
