@@ -242,7 +242,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
         return _rename_part(key, renames) if authors_names else key
 
     missing = [named(key) for key in expected if key not in state_dict and not key.endswith("num_batches_tracked")]
-    # keys of the file: renamed to ours only if the file was in the authors' layout
+    # keys of the file under its own names (those of a file in the authors' layout renamed back to theirs)
     unexpected = [_rename_part(key, renames) if layout == LAYOUT_AUTHORS else key
                   for key in state_dict if key not in expected]
     wrong_shape = [
