@@ -48,7 +48,7 @@ class TensorBoardLog:
             return
         if info.get("phase") != "train":
             return
-        if step == 1:
+        if step <= self._last[0]:  # a new epoch (the engine reports every LOG_EVERY steps, not every step)
             self._last = (0, 0.0, 0.0)
         interval = max(1, steps // POINTS_PER_EPOCH)
         if step % interval and step != steps:

@@ -93,9 +93,9 @@ def test_changing_amp_is_refused_and_a_moved_run_starts_over(bf16_run, data_root
     bf16_epoch1 = torch.load(last, weights_only=True)["history"][0]
     # amp changes the arithmetic: resuming would mix two recipes, starting over would throw the
     # epoch away. Refused, naming the key, the checkpoint left as it was.
-    with pytest.raises(UserError, match=r"last.pt: epoch 1 checkpoint of another recipe: train_cls.amp bf16 -> off\. "
+    with pytest.raises(UserError, match=r"last.pt: epoch 1 checkpoint of another recipe: train_cls.amp bf16 -> fp32\. "
                                         r"To resume it, restore those values in params.yaml; to start over, move"):
-        train(data_root, tmp_path, amp="off", epochs=2)
+        train(data_root, tmp_path, amp="fp32", epochs=2)
     assert last.read_bytes() == bf16_bytes
     (tmp_path / "ckpt").rename(tmp_path / "bf16-ckpt")  # the way out the message names
     calls = []
