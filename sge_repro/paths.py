@@ -88,6 +88,11 @@ class ProjectPaths:
     def summary(self) -> Path:
         return self.reports / "summary.json"
 
+    @property
+    def report_metrics(self) -> Path:
+        """The report's headline numbers as DVC metrics (what `dvc exp show` compares across experiments)."""
+        return self.root / "metrics" / "report.json"
+
     # views of a run (logs/ is ignored by git and DVC)
     @property
     def progress_dir(self) -> Path:

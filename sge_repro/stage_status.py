@@ -132,7 +132,10 @@ class StageStatus:
         self._record["updated"] = now
         self._record["elapsed_s"] = round(now - self._started, 3)
         try:
-            atomic.write_text(self.path, json.dumps(self._record, allow_nan=False, default=str) + "\n")
+            # no fsync: a view rewritten every few seconds (a slow fsync on a shared filesystem would
+            # stall training); readers still see a whole file, old or new
+            atomic.write_text(self.path, json.dumps(self._record, allow_nan=False, default=str) + "\n",
+                              durable=False)
         except (OSError, ValueError):
             pass  # a view of the run: never fail the stage because the status could not be written
         self._written_at = now
