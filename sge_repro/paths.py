@@ -85,13 +85,13 @@ class ProjectPaths:
         return self.root / "reports"
 
     @property
-    def summary(self) -> Path:
-        return self.reports / "summary.json"
-
-    @property
     def report_metrics(self) -> Path:
         """The report's headline numbers as DVC metrics (what `dvc exp show` compares across experiments)."""
         return self.root / "metrics" / "report.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.reports / "summary.json"
 
     # views of a run (logs/ is ignored by git and DVC)
     @property
