@@ -73,14 +73,15 @@ def _claimed_temp(target: Path) -> Iterator[Path]:
         _IN_USE.discard(os.path.abspath(tmp))
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def _atomic(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> Path:
     path = Path(path)
     with _claimed_temp(path) as tmp:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask applies)
             write(str(tmp))
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
+            if durable:  # on disk before the rename: a power cut leaves the old file or the new one
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -88,12 +89,14 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
+def write_text(path: str | os.PathLike, text: str, durable: bool = True) -> Path:
+    """`durable=False` skips the fsync (readers still see the old or the new file, never a mix):
+    for files rewritten every few seconds that only describe a run (sge_repro.stage_status)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    return _atomic(path, write)
+    return _atomic(path, write, durable)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -106,6 +106,11 @@ class ProjectPaths:
         return self.root / "reports"
 
     @property
+    def report_metrics(self) -> Path:
+        """The report's headline numbers as DVC metrics (what `dvc exp show` compares across experiments)."""
+        return self.root / "metrics" / "report.json"
+
+    @property
     def summary(self) -> Path:
         return self.reports / "summary.json"
 

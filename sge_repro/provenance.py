@@ -21,11 +21,15 @@ from sge_repro.stage_status import read_status
 
 PACKAGES = ("dvc", "numpy", "pycocotools", "fvcore", "tensorboard")
 MAX_CHANGED_FILES = 20
+# What `dvc repro` itself writes into the git tree (committed with the results, DVC's way): a
+# change there is a result, not a change of code or params, so it does not make the tree dirty.
+PIPELINE_PRODUCTS = ("dvc.lock", "metrics/", "plots/")
 
 
 def git_state(root: Path) -> dict[str, Any]:
-    """{"commit", "dirty", "changed"}: HEAD, whether tracked or new (not ignored) files differ from
-    it, and which (at most MAX_CHANGED_FILES); None values outside a git work tree."""
+    """{"commit", "dirty", "changed"}: HEAD, whether tracked or new (not ignored) files other than
+    the PIPELINE_PRODUCTS differ from it, and which (at most MAX_CHANGED_FILES); None values
+    outside a git work tree."""
     def git(*args: str) -> str | None:
         try:
             result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
@@ -35,7 +39,8 @@ def git_state(root: Path) -> dict[str, Any]:
 
     commit = git("rev-parse", "--verify", "-q", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=all")
-    changed = [line[3:] for line in (status or "").splitlines() if len(line) > 3]
+    changed = [line[3:] for line in (status or "").splitlines()
+               if len(line) > 3 and not line[3:].startswith(PIPELINE_PRODUCTS)]
     return {"commit": commit.strip() if commit else None,
             "dirty": None if status is None else bool(changed),
             "changed": sorted(changed)[:MAX_CHANGED_FILES]}

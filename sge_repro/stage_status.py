@@ -90,9 +90,11 @@ class StageStatus:
         record = self._record
         record.update(phase=phase, unit=unit, done=int(done), total=None if total is None else int(total))
         for key in METRIC_FIELDS:
-            if key in metrics:
-                value = metrics[key]
-                record[key] = float(value) if isinstance(value, float) else value
+            value = metrics.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                continue  # not known yet (NaN until the engine's first log point): keep the last value
+            if value is not None:
+                record[key] = value
         record["eta_s"] = self._eta(done, total, now)
         if images_per_unit is not None and "images_per_s" not in metrics:
             units_per_s = self._pace(done, now)
@@ -132,7 +134,10 @@ class StageStatus:
         self._record["updated"] = now
         self._record["elapsed_s"] = round(now - self._started, 3)
         try:
-            atomic.write_text(self.path, json.dumps(self._record, allow_nan=False, default=str) + "\n")
+            # no fsync: a view rewritten every few seconds (a slow fsync on a shared filesystem would
+            # stall training); readers still see a whole file, old or new
+            atomic.write_text(self.path, json.dumps(self._record, allow_nan=False, default=str) + "\n",
+                              durable=False)
         except (OSError, ValueError):
             pass  # a view of the run: never fail the stage because the status could not be written
         self._written_at = now

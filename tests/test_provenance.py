@@ -39,3 +39,16 @@ def test_stage_runs_come_from_the_status_files(tmp_path):
     assert runs == [{"stage": "train_cls@m-0", "state": "done", "wall_time_s": 125.0,
                      "finished": "2023-11-14T22:15:25+00:00", "host": runs[0]["host"], "world_size": 1,
                      "devices": ""}]
+
+
+def test_what_the_pipeline_writes_into_the_tree_is_not_dirt(tmp_path):
+    git(tmp_path, "init", "-q")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "x")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (tmp_path / "metrics" / "eval_cls").mkdir(parents=True)
+    (tmp_path / "metrics" / "eval_cls" / "m-seed0.json").write_text("{}")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "h.tsv").write_text("epoch\n")
+    assert git_state(tmp_path)["dirty"] is False

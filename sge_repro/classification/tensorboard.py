@@ -4,8 +4,9 @@
 `progress(epoch, step, steps_per_epoch, info)`, called on rank 0 only). It writes, against the
 global step (epochs x steps_per_epoch + step, 1-based):
 
-- every ~1/20 epoch and at its last step: `train/loss` and `train/top1` (means over the steps
-  since the last point, on rank 0's share of the batches), `train/lr`, `train/images_per_s`;
+- every ~1/20 epoch (at the first fresh report after that: an engine that reads its running
+  means at log points only repeats them in between, which is skipped) and at an epoch's last step: `train/loss` and `train/top1` (means over the steps since the last point, on rank 0's
+  share of the batches), `train/lr`, `train/images_per_s`;
 - at the end of each epoch (all ranks): `epoch/train_loss`, `epoch/train_top1`, `epoch/val_loss`,
   `epoch/val_top1`, `epoch/val_top5`, `epoch/lr`, `epoch/images_per_s`, `epoch/epoch_time_s`,
   flushed to disk at once.
@@ -21,6 +22,7 @@ that epoch, and the purge drops its events with the rest.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 POINTS_PER_EPOCH = 20
@@ -34,6 +36,7 @@ class TensorBoardLog:
         self.log_dir = Path(log_dir)
         self.writer = None
         self._last = (0, 0.0, 0.0)  # (step in the epoch, running loss mean, running top-1 mean) at the last point
+        self._reported: tuple = ()  # (loss, top1) of the engine's previous train report
 
     def __call__(self, epoch: int, step: int, steps: int, info: dict) -> None:
         global_step = (epoch - 1) * steps + step
@@ -50,9 +53,14 @@ class TensorBoardLog:
             return
         if step <= self._last[0]:  # a new epoch (the engine reports every LOG_EVERY steps, not every step)
             self._last = (0, 0.0, 0.0)
+        reported, self._reported = self._reported, (info.get("loss"), info.get("top1"))
+        if not all(isinstance(v, float) and math.isfinite(v) for v in self._reported):
+            return  # no running mean yet (the engine reads its device sums at log points only)
+        if self._reported == reported and step != steps:
+            return  # the engine repeats its last running means between log points: nothing new
         interval = max(1, steps // POINTS_PER_EPOCH)
-        if step % interval and step != steps:
-            return
+        if step - self._last[0] < interval and step != steps:
+            return  # a point at least every `interval` steps, whatever steps the engine reports at
         last_step, last_loss, last_top1 = self._last
         # The engine reports running means over the epoch: the mean since the last point is
         # the difference of sums (batches of one epoch have the same size).

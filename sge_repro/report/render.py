@@ -173,6 +173,29 @@ def _claim(what: str, baseline: str | None, dataset: str, comparable: bool, ours
     return [claim, _gain(gain), paper_gain, verdict]
 
 
+def headline_metrics(report: Report) -> dict[str, dict[str, float]]:
+    """metrics/report.json: mean top-1 and bbox AP per model / detector + backbone, and each gain
+    over the plain baseline (2 decimals; the key gains `@dataset` when a name is on several)."""
+    def key(name: str, dataset: str, names: list[str]) -> str:
+        return name if names.count(name) == 1 else f"{name}@{dataset}"
+
+    models = [row.model for row in report.classification]
+    detectors = [f"{row.detector}-{row.backbone}" for row in report.detection]
+    out: dict[str, dict[str, float]] = {"top1": {}, "gain_top1": {}, "AP": {}, "gain_AP": {}}
+    for row in report.classification:
+        name = key(row.model, row.dataset, models)
+        out["top1"][name] = round(row.top1, 2)
+        if row.gain is not None:
+            out["gain_top1"][name] = round(row.gain.estimate, 2)
+    for row in report.detection:
+        name = key(f"{row.detector}-{row.backbone}", row.dataset, detectors)
+        if row.bbox.get("AP") is not None:
+            out["AP"][name] = round(row.bbox["AP"], 2)
+        if row.gain is not None:
+            out["gain_AP"][name] = round(row.gain.estimate, 2)
+    return {group: values for group, values in out.items() if values}
+
+
 def provenance_lines(report: Report) -> list[tuple[str, str]]:
     """(what, value) pairs of summary.json's provenance, for md / html; [] when absent."""
     made = report.summary.provenance

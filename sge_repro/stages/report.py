@@ -41,6 +41,8 @@ def report(params: Params, paths: ProjectPaths) -> Report:
     from sge_repro.models.complexity import model_complexity
     from sge_repro.provenance import collect as collect_provenance
     from sge_repro.report import build_report, write_report_files
+    from sge_repro.atomic import write_json
+    from sge_repro.report.render import headline_metrics
     from sge_repro.report.schema import Provenance
 
     use_cpu_threads(params)
@@ -60,6 +62,7 @@ def report(params: Params, paths: ProjectPaths) -> Report:
                                  pipeline_stages(params))
     result.summary = result.summary.model_copy(update={"provenance": Provenance.model_validate(made_by)})
     write_report_files(result, paths.reports)
+    write_json(paths.report_metrics, headline_metrics(result))  # for `dvc exp show`
     return result
 
 

@@ -1,6 +1,6 @@
 """Long runs a person can watch and trust (issue 17), on one real smoke run through DVC:
 the stages' status files and the live view over them, TensorBoard events, the report's
-provenance, and a second `run all` that stays a no-op."""
+provenance, a second `run all` that stays a no-op, and a DVC experiment on top of it."""
 
 import hashlib
 import json
@@ -131,8 +131,9 @@ def test_summary_and_html_say_what_made_them(smoke):
     summary = json.loads((root / "reports" / "summary.json").read_text())
     made = summary["provenance"]
     assert made["git_commit"] == git(root, "rev-parse", "HEAD").strip()
-    # `run all --profile smoke` rewrote params.yaml and DVC wrote dvc.lock since the commit
-    assert made["git_dirty"] is True and {"params.yaml", "dvc.lock"} <= set(made["git_changed"])
+    # `run all --profile smoke` rewrote params.yaml since the commit (dvc.lock, metrics/, plots/ are
+    # results, not code: they do not count)
+    assert made["git_dirty"] is True and made["git_changed"] == ["params.yaml"]
     assert made["params_sha256"] == hashlib.sha256((root / "params.yaml").read_bytes()).hexdigest()
     assert made["profile"] == "smoke" == summary["profile"]
     assert made["packages"]["torch"] == torch.__version__ and made["packages"]["dvc"] == "3.67.1"
@@ -168,3 +169,36 @@ def test_a_second_run_and_a_rebuilt_report_change_nothing(smoke):
     assert {name: (root / "reports" / name).read_bytes() for name in files} == files
     status = subprocess.run([*DVC, "status", "--json"], cwd=root, capture_output=True, text=True, check=True)
     assert json.loads(status.stdout or "{}") == {}
+
+
+EXP_SHOW_KEEP = r"Experiment|model\.groups|train_cls\.epochs|top1|gain"  # README: Experiments
+
+
+def test_a_dvc_experiment_runs_and_dvc_exp_show_has_its_metric(smoke):
+    root = smoke["root"]
+    git(root, "add", "-A")  # the smoke results (params.yaml, dvc.lock, metrics/, plots/) as the baseline
+    git(root, "commit", "-qm", "smoke results")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([*DVC, "exp", "run", "-S", "train_cls.epochs=3", "eval_cls"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    written = yaml.safe_load((root / "params.yaml").read_text())  # rewritten by DVC (ruamel, no quotes)
+    assert written["train_cls"]["epochs"] == 3 and written["train_cls"]["amp"] == "fp32"
+    workspace_top1 = json.loads((root / "metrics" / "eval_cls" / "sge_resnet18-seed0.json").read_text())["top1"]
+
+    shown = json.loads(subprocess.run([*DVC, "exp", "show", "--json"], cwd=root, env=env, capture_output=True,
+                                      text=True, check=True).stdout)
+    experiments = [exp for entry in shown for exp in (entry.get("experiments") or [])]
+    assert len(experiments) == 1
+    data = experiments[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train_cls"]["epochs"] == 3
+    assert data["metrics"]["metrics/train_cls/sge_resnet18-seed0.json"]["data"]["epochs"] == 3
+    assert data["metrics"]["metrics/eval_cls/sge_resnet18-seed0.json"]["data"]["top1"] == workspace_top1
+    baseline = next(entry for entry in shown if entry.get("experiments"))["data"]
+    assert baseline["metrics"]["metrics/train_cls/sge_resnet18-seed0.json"]["data"]["epochs"] == 2
+
+    # the readable view of README: a handful of named columns, the report's headline numbers among them
+    header = subprocess.run([*DVC, "exp", "show", "--csv", "--drop", ".*", "--keep", EXP_SHOW_KEEP], cwd=root,
+                            env=env, capture_output=True, text=True, check=True).stdout.splitlines()[0].split(",")
+    assert header == ["Experiment", "top1.resnet18", "top1.sge_resnet18", "gain_top1.sge_resnet18",
+                      "gain_AP.faster_rcnn-sge_resnet18", "model.groups", "train_cls.epochs"], header
