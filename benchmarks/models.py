@@ -2,8 +2,9 @@
 module), side by side. torchvision's ResNet50 is what a user compares with; our plain ResNet50
 runs the same aten ops (tests/models/test_resnet.py), so the two differ only by noise.
 
-All variants run interleaved in the same rounds (machine-load drift hits them alike); each figure
-is the median over `repeats` rounds after warm-up. Memory of a training step is measured as the
+All variants run interleaved in the same rounds (machine-load drift hits them alike), in an order
+rotated every round (a model run right after another's training step finds the allocator in
+another state); each figure is the median over `repeats` rounds after warm-up. Memory of a training step is measured as the
 bytes autograd saves for backward (distinct storages), the part of peak memory the module changes.
 """
 
@@ -128,7 +129,8 @@ def benchmark_sge(
 
     samples: dict[str, dict[str, list[float]]] = {label: {"forward_ms": [], "train_step_ms": []} for label, _, _ in variants}
     for round_index in range(warmup + repeats):
-        for label, _, _ in variants:
+        shift = round_index % len(variants)  # rotate who goes first: no model always follows the same one
+        for label, _, _ in variants[shift:] + variants[:shift]:
             forward_ms = _timed(lambda: forward(label), target)
             train_ms = _timed(lambda: train_step(label), target)
             if round_index >= warmup:
