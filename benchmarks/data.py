@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ import yaml
 from PIL import Image
 
 from sge_repro.errors import UserError
+from sge_repro.provenance import cpu_model
 
 IMAGENET = {"classes": 1000, "train": 1_281_167, "val": 50_000}
 COCO = {"train": 118_287, "val": 5_000}
@@ -141,16 +141,6 @@ def _copy_project(repo: Path, destination: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def benchmark_data(work: Path, scale: float = 1.0, repeats: int = 3, verify_images: int = 300,
                    repo: Path | None = None, log=print) -> dict:
     """See the module docstring; `work` (an empty or missing folder) holds the trees and the project."""
@@ -170,7 +160,7 @@ def benchmark_data(work: Path, scale: float = 1.0, repeats: int = 3, verify_imag
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
     sge_repro = [str(bin_dir / "sge-repro")]
-    result: dict = {"machine": {"cpu": _cpu_name(), "cores": available_cpus(), "load_before": os.getloadavg()[0]},
+    result: dict = {"machine": {"cpu": cpu_model(), "cores": available_cpus(), "load_before": os.getloadavg()[0]},
                     "scale": scale, "targets": {"status_s": TARGET_S, "noop_run_s": TARGET_S}}
 
     started = time.perf_counter()

@@ -33,7 +33,6 @@ with NAME in ("reference", "ours_torchvision", "ours_pil"); figures are medians 
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from torchvision import transforms as T
 from sge_repro.classification.transforms import (DEFAULT_MIN_SCALE, IMAGENET_MEAN, IMAGENET_STD, TrainTransform,
                                                  to_model_input)
 from sge_repro.errors import UserError
+from sge_repro.provenance import cpu_model
 
 SOURCE_WIDTH, SOURCE_HEIGHT, SOURCE_QUALITY = 500, 375, 90
 PIPELINES = ("reference", "ours_torchvision", "ours_pil")
@@ -118,16 +118,6 @@ def _run(pipeline: Callable[[Path], torch.Tensor], paths: list[Path], batch: int
     return cpu * 1e3 / len(paths), wall * 1e3 / len(paths)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def benchmark_loader(images: int = 256, image_size: int = 224, rounds: int = 5, batch: int = 32,
                      seed: int = 0, workdir: str | os.PathLike | None = None) -> dict:
     """Images per core-second of each pipeline on `images` generated JPEGs (see module docstring)."""
@@ -168,7 +158,7 @@ def benchmark_loader(images: int = 256, image_size: int = 224, rounds: int = 5, 
     return {
         "image_size": image_size, "images": images, "rounds": rounds, "batch": batch, "threads": 1,
         "source": {"width": SOURCE_WIDTH, "height": SOURCE_HEIGHT, "quality": SOURCE_QUALITY, "mean_kb": mean_kb},
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count() or 1, "load_average_before": load_before,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count() or 1, "load_average_before": load_before,
                     "load_average_after": load_after},
         "pipelines": results,
         "speedup_per_core": results["ours_torchvision"]["images_per_core_s"] / reference,
