@@ -41,6 +41,7 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
     """Run `target(*args)` in `nproc_per_node` local processes; rank 0's return value."""
     import torch.distributed.elastic.multiprocessing.errors as elastic_errors
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from sge_repro.launch import resolve_nproc_per_node
@@ -66,6 +67,9 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
             results = elastic_launch(config, _worker)(target, args)
     except elastic_errors.ChildFailedError as exc:
         raise LaunchError(describe_failure(name, exc)) from None
+    except SignalException as exc:  # Ctrl-C / SIGTERM of this process: the agent stopped the workers
+        raise LaunchError(f"{name}: interrupted by {exc.sigval.name}; the workers were stopped "
+                          "(rerun to resume from the last checkpoint)") from None
     shutil.rmtree(log_dir, ignore_errors=True)
     return results[0]
 

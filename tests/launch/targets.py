@@ -42,3 +42,9 @@ def rank_one_crashes(folder: str) -> None:
     if dist.get_rank() == 1:
         {}["missing"]
     time.sleep(60)
+
+
+def sleep_and_record(folder: str) -> None:
+    join_process_group(cuda=False)
+    Path(folder, f"pid{dist.get_rank()}").write_text(str(os.getpid()))
+    time.sleep(120)

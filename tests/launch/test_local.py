@@ -3,6 +3,11 @@ failures. Real processes, a real gloo group on 127.0.0.1."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from sge_repro.launch import LaunchError, launch, resolve_nproc_per_node, runs_i
 from sge_repro.params import LaunchParams, Params, validate_params
 
 from . import targets
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_one_process_runs_in_this_process(tmp_path, monkeypatch):
@@ -90,3 +97,43 @@ def test_launch_settings_are_validated(launch_section, expected):
     raw["launch"].update(launch_section)
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         validate_params(raw)
+
+
+INTERRUPTED_LAUNCH = """
+import sys
+from pathlib import Path
+from sge_repro.errors import UserError
+from sge_repro.launch import launch
+from sge_repro.params import LaunchParams
+from launch import targets
+try:
+    launch(targets.sleep_and_record, (sys.argv[1],), LaunchParams(nproc_per_node=2), name="t",
+           state_dir=Path(sys.argv[1]) / "state")
+except UserError as exc:
+    print(type(exc).__name__, exc, file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_ctrl_c_stops_the_workers_and_says_so_in_one_line(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "WORLD_SIZE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
+    process = subprocess.Popen([sys.executable, "-c", INTERRUPTED_LAUNCH, str(tmp_path)], env=env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((tmp_path / "pid0").exists() and (tmp_path / "pid1").exists()):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        workers = [int((tmp_path / f"pid{rank}").read_text()) for rank in (0, 1)]
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2
+    assert stderr.strip().splitlines()[-1] == (
+        "LaunchError t: interrupted by SIGINT; the workers were stopped (rerun to resume from the last checkpoint)")
+    time.sleep(1)
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
