@@ -586,7 +586,13 @@ def dump_params(params: Params) -> str:
         "# the schema defaults (sge_repro/params.py) plus pipelines/profiles/NAME.yaml.\n"
         "# Edit freely: `dvc repro` reruns only the stages whose params changed.\n"
     )
-    return header + yaml.dump(params.model_dump(mode="json"), Dumper=_ParamsDumper, sort_keys=False, width=100)
+    data = params.model_dump(mode="json")
+    # derived keys are written as derived from the rest, also for params changed with model_copy
+    # (which does not validate again)
+    data["convert"]["inputs"] = {key: value.model_dump(mode="json") for key, value in params.convert_inputs().items()}
+    data["convert"]["downloads"] = {key: value.model_dump(mode="json")
+                                    for key, value in params.convert_downloads().items()}
+    return header + yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, width=100)
 
 
 class _ParamsDumper(yaml.SafeDumper):

@@ -14,6 +14,18 @@ def run_id(name: str, seed: int) -> str:
     return f"{name}-seed{seed}"
 
 
+def superseded_run_dir(run_dir: Path, fingerprint: str) -> Path:
+    """Where a run folder trained under other params goes (sge_repro.superseded): runs/<kind>/<run>
+    -> runs/superseded/<kind>/<run>-<fingerprint>, with -2, -3, ... when that name is taken."""
+    run_dir = Path(run_dir)
+    base = run_dir.parent.parent / "superseded" / run_dir.parent.name / f"{run_dir.name}-{fingerprint}"
+    candidate, number = base, 1
+    while candidate.exists():
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
 @dataclass(frozen=True)
 class ProjectPaths:
     root: Path = Path(".")

@@ -10,7 +10,8 @@ changes float rounding, not what is computed) and world_size (`batch_size` is th
 split over the ranks: the same global batches, the same lr, whatever the process count).
 
 A resume never starts over silently: a last.pt whose recipe differs from the params is a
-UserError naming each differing key (old -> new) and the two ways out.
+superseded.RunOfOtherParams naming each differing key (old -> new); train_classifier then moves
+the run folder aside (sge_repro.superseded, one warning line) and trains from scratch.
 
 Resuming with another process count (same global batch) continues the same training; where it
 is not exactly the run that would have been:
@@ -121,17 +122,15 @@ def _short(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
-    """Load `path` (last.pt) into `state`; False when there is none (a fresh run).
-
-    Raises UserError for a file this engine did not write, and for a checkpoint trained with
-    another recipe (naming each differing key, old -> new): resuming it would mix two recipes,
-    starting over would throw its epochs away; the user chooses.
-    """
+def check_resumable(path: Path, recipe: dict) -> dict | None:
+    """The training checkpoint at `path` (last.pt) if it can be resumed under `recipe`; None when
+    there is none. UserError for a file this engine did not write; RunOfOtherParams for a checkpoint
+    trained with another recipe (naming each differing key, old -> new)."""
     from sge_repro.models.checkpoints import load_checkpoint_file
+    from sge_repro.superseded import RunOfOtherParams
 
     if not path.is_file():
-        return False
+        return None
     saved = load_checkpoint_file(path)
     if not isinstance(saved, dict) or "recipe_fingerprint" not in saved or "optimizer" not in saved:
         raise UserError(f"checkpoint {path}: not a training checkpoint of this engine; "
@@ -142,9 +141,20 @@ def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
     else:  # written before recipes were stored: only the fingerprint can tell
         differences = [] if saved["recipe_fingerprint"] == recipe_fingerprint(recipe) else ["(recipe not stored)"]
     if differences:
-        raise UserError(
+        raise RunOfOtherParams(
             f"{path}: epoch {saved.get('epoch', '?')} checkpoint of another recipe: {'; '.join(differences)}. "
-            f"To resume it, restore those values in params.yaml; to start over, move or delete {path.parent}")
+            f"To resume it, restore those values in params.yaml; to start over, move or delete {path.parent}",
+            differences, str(saved["recipe_fingerprint"]))
+    return saved
+
+
+def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
+    """Load `path` (last.pt) into `state`; False when there is none (a fresh run). Raises what
+    check_resumable raises (a checkpoint of another recipe is never loaded)."""
+    saved = check_resumable(path, recipe)
+    if saved is None:
+        return False
+    saved_recipe = saved.get("recipe")
     saved_world = saved_recipe.get("world_size") if isinstance(saved_recipe, dict) else None
     if saved_world is not None and saved_world != recipe["world_size"] and not recipe.get("sync_bn"):
         log.warning("%s: trained on %s processes, resuming on %s without sync_bn: BatchNorm now normalises "

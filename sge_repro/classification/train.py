@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -44,6 +45,7 @@ from sge_repro.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, 
                                    min_over_ranks, rank_device)
 from sge_repro.errors import UserError
 from sge_repro.params import ModelParams, TrainClsParams
+from sge_repro.superseded import supersede_changed_run
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     given. Writes run_dir/last.pt every epoch and run_dir/best.pt when val top-1 improves
     (atomic), `history_path` (TSV, one row per epoch) every epoch, and `metrics_path` (JSON) once
     training is complete. Rerunning resumes from run_dir/last.pt when it was written with the same
-    recipe (else a UserError names what differs); a finished run only rewrites the metrics.
+    recipe; a run of another recipe is moved aside (sge_repro.superseded) and training starts over;
+    a finished run only rewrites the metrics.
     `progress(epoch, step, total_steps, info)` is called after each training step (info:
     phase="train", loss, top1, lr, images_per_s) and once per epoch with phase="epoch" and that
     epoch's history row. Epochs and steps are 1-based.
@@ -107,6 +110,8 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
                                     lr=params.lr, momentum=params.momentum)
         state = TrainingState(model, optimizer, lr_scheduler(optimizer, steps_per_epoch, params),
                               grad_scaler(params.amp, device))
+        supersede_changed_run(lambda: checkpoint.check_resumable(run_dir / "last.pt", recipe), run_dir,
+                              dist_info.is_main, lambda: dist.barrier() if dist_info.enabled else None)
         if checkpoint.resume(run_dir / "last.pt", state, recipe):
             log.info("resuming %s from %s (epoch %d of %d)", model_name, run_dir / "last.pt", state.epoch,
                      params.epochs)

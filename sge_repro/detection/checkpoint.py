@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.writes import disk_errors
 from sge_repro.errors import UserError, preview
 from sge_repro.models.checkpoints import load_checkpoint_file
+from sge_repro.superseded import RunOfOtherParams
 
 import_detectron2()
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
@@ -206,8 +208,9 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 def read_resume_state(output_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> tuple[Path, int, dict] | None:
     """(checkpoint, its iteration, its sge_repro metadata) to resume from, None for a fresh run.
 
-    UserError, before anything is written, when the checkpoint was trained under another config
-    (naming each differing key, old -> new) or by a version that stored no fingerprint.
+    Before anything is written: RunOfOtherParams (sge_repro.superseded) when the checkpoint was
+    trained under another config (naming each differing key, old -> new), UserError when a version
+    that stored no fingerprint wrote it.
     """
     path = last_checkpoint(output_dir)
     if path is None:
@@ -220,8 +223,9 @@ def read_resume_state(output_dir: str | os.PathLike, fingerprint: dict[str, Any]
                         f"sge-repro or another tool), so resuming could mix two configs; {way_out}")
     differences = fingerprint_differences(metadata["fingerprint"], fingerprint)
     if differences:
-        raise UserError(f"{path}: trained with another config ({preview(differences, 4)}); resuming would mix "
-                        f"the two: {way_out}, or restore the old values")
+        old_id = hashlib.sha256(json.dumps(metadata["fingerprint"], sort_keys=True, default=str).encode()).hexdigest()
+        raise RunOfOtherParams(f"{path}: trained with another config ({preview(differences, 4)}); resuming would "
+                               f"mix the two: {way_out}, or restore the old values", differences, old_id[:16])
     return path, int(saved["iteration"]), metadata
 
 

@@ -44,6 +44,7 @@ from sge_repro.detection.writes import (
 from sge_repro.detection.status_hook import status_hooks, with_status
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
+from sge_repro.superseded import supersede_changed_run
 
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
@@ -267,10 +268,10 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
 
     resume=True continues from OUTPUT_DIR/last_checkpoint when present (a finished run returns
     at once), exactly where an uninterrupted run would be (model, optimizer, scheduler,
-    iteration, data stream and RNG states); a checkpoint written under another config is
-    refused (UserError naming the differing keys). Otherwise starts from cfg.MODEL.WEIGHTS,
-    whose backbone tensors must ALL be present (UserError otherwise). Keeps the newest
-    `keep_checkpoints` periodic checkpoints. A corrupt training image is a UserError naming it,
+    iteration, data stream and RNG states); a run written under another config is moved aside
+    (sge_repro.superseded: one warning line naming the differing keys) and training starts over.
+    Otherwise starts from cfg.MODEL.WEIGHTS, whose backbone tensors must ALL be present
+    (UserError otherwise). Keeps the newest `keep_checkpoints` periodic checkpoints. A corrupt training image is a UserError naming it,
     or left out with `skip_corrupt`; either way nothing is written before these checks. A NaN /
     infinite loss stops with a UserError naming the iteration and the last good checkpoint.
     """
@@ -284,6 +285,9 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     corrupt = check_images(records, skip_corrupt, f"the training set {', '.join(cfg.DATASETS.TRAIN)}")
     records = [record for record in records if record["file_name"] not in corrupt]
     fingerprint = config_fingerprint(cfg, num_images=len(records))
+    if resume:  # a run of another config is moved aside, not resumed (sge_repro.superseded)
+        supersede_changed_run(lambda: read_resume_state(cfg.OUTPUT_DIR, fingerprint), cfg.OUTPUT_DIR, rank == 0,
+                              comm.synchronize)
     resume_state = read_resume_state(cfg.OUTPUT_DIR, fingerprint) if resume else None
     final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
     if resume_state and resume_state[1] >= cfg.SOLVER.MAX_ITER - 1 and final.is_file():

@@ -36,10 +36,12 @@ def classifier_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
     model = create_model("sge_resnet18", num_classes=5, groups=GROUPS, width=WIDTH, seed=1)
     # non-trivial BN statistics and SGE parameters, so a dropped or misnamed tensor shows up
+    # (from a generator of their own: the same values whichever tests ran before)
+    generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if name.endswith(("running_mean", "running_var")) or ".sge." in name:
-                tensor.copy_(torch.rand_like(tensor) + 0.5)
+                tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) + 0.5)
     path = tmp_path_factory.mktemp("cls") / "sge_resnet18.pt"
     torch_save(make_classifier_checkpoint("sge_resnet18", {"num_classes": 5, "groups": GROUPS, "width": WIDTH}, model), path)
     return path, model

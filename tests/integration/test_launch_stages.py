@@ -59,11 +59,14 @@ def stale(project: Path) -> set[str]:
     return {name.split(":", 1)[-1] for name in json.loads(out or "{}")}
 
 
-def run_files(project: Path, model: str) -> set[str]:
+def run_files(project: Path, model: str) -> list[str]:
+    """The files a training run wrote, sorted; a TensorBoard events file (its name holds the time,
+    host and pid) as `events.out.tfevents.*`, so two of them (one per rank) would show as two."""
     folders = [project / "runs" / "cls" / f"{model}-seed0", project / "metrics" / "train_cls",
                project / "plots" / "train_cls"]
-    return {str(p.relative_to(project)) for folder in folders for p in folder.rglob("*")
-            if p.is_file() and model + "-seed0" in str(p)}
+    names = [str(p.relative_to(project)) for folder in folders for p in folder.rglob("*")
+             if p.is_file() and model + "-seed0" in str(p)]
+    return sorted(re.sub(r"events\.out\.tfevents\..*$", "events.out.tfevents.*", name) for name in names)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +99,9 @@ def test_two_processes_train_what_one_trains_and_write_only_its_files(smoke_proj
     two = torch.load(project / "runs/cls/resnet18-seed0/last.pt", weights_only=True)
     assert two["recipe"]["world_size"] == 2 and two["recipe"]["sync_bn"] is True
     launched_files = run_files(project, "resnet18")
-    assert launched_files == {"runs/cls/resnet18-seed0/last.pt", "runs/cls/resnet18-seed0/best.pt",
-                              "metrics/train_cls/resnet18-seed0.json", "plots/train_cls/resnet18-seed0.tsv"}
+    assert launched_files == sorted(["runs/cls/resnet18-seed0/last.pt", "runs/cls/resnet18-seed0/best.pt",
+                                     "runs/cls/resnet18-seed0/tensorboard/events.out.tfevents.*",
+                                     "metrics/train_cls/resnet18-seed0.json", "plots/train_cls/resnet18-seed0.tsv"])
     assert [p.name for p in (project / "logs" / "launch" / "train_cls@resnet18-0").iterdir()] == []
 
     # How the stage was launched is not a dependency: nothing to redo, in either layout.
