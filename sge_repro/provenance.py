@@ -111,7 +111,7 @@ def stage_runs(progress_dir: Path, stages: Iterable[str]) -> list[dict[str, Any]
         runs.append({
             "stage": stage,
             "state": str(record.get("state")),
-            "wall_time_s": round(float(record.get("elapsed_s") or 0.0), 1),
+            "wall_time_s": round(float(record.get("elapsed_s") or 0.0), 3),
             "finished": datetime.fromtimestamp(float(record.get("updated") or 0.0), timezone.utc)
                                 .isoformat(timespec="seconds"),
             "host": str(record.get("host", "")),

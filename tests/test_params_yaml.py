@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from sge_repro.errors import UserError
-from sge_repro.params import Params, available_profiles, profile_params, read_yaml, validate_params
+from sge_repro.params import Params, available_profiles, profile_params, read_yaml, validate_params, without_derived
 
 
 def dvc_dump(data: dict) -> str:
@@ -47,19 +47,43 @@ def test_every_profile_survives_dvcs_writer(tmp_path, profile):
     assert reread(tmp_path, params) == params
 
 
+def with_choice(key: str, choice: str) -> dict:
+    """Default params with `key` set to `choice`, plus what the choice needs to be valid (weight
+    sources name backbones that can have them: resnet50 has torchvision weights, sge_resnet50 none).
+    A Literal inside a mapping (convert.sources) is set for one backbone."""
+    data = Params().model_dump(mode="json")
+    data.update(models=["resnet50", "sge_resnet50"], detection_backbones=["resnet50", "sge_resnet50"])
+    files = {"resnet50": "weights/resnet50.pth", "sge_resnet50": "weights/sge_resnet50.pth"}
+    convert = data["convert"]
+    if key == "convert.sources":
+        convert["sources"] = {"resnet50": choice}
+        if choice == "file":
+            convert["files"] = {"resnet50": files["resnet50"]}
+    elif key == "convert.source":
+        convert["source"] = choice
+        if choice == "file":
+            convert["files"] = files
+        if choice == "torchvision":
+            convert["sources"] = {"sge_resnet50": "trained"}
+    elif key == "train_det.protocol" and choice == "authors":
+        data["train_det"]["protocol"] = choice
+        convert.update(sources={"resnet50": "torchvision", "sge_resnet50": "file"},
+                       files={"sge_resnet50": files["sge_resnet50"]})
+    else:
+        target = data
+        for part in key.split(".")[:-1]:
+            target = target[part]
+        target[key.split(".")[-1]] = choice
+    return without_derived(data)  # derived keys follow the choice
+
+
 def test_every_choice_of_every_literal_param_survives_dvcs_writer(tmp_path):
     fields = literal_fields(Params)
     assert ("train_cls.amp", ("fp32", "bf16", "fp16")) in fields and len(fields) >= 7
     base = Params().model_dump(mode="json")
     for key, choices in fields:
         for choice in choices:
-            data = Params().model_dump(mode="json")
-            section, *rest = key.split(".")
-            target = data
-            for part in [section, *rest][:-1]:
-                target = target[part]
-            target[key.split(".")[-1]] = choice
-            params = validate_params(data)
+            params = validate_params(with_choice(key, choice))
             assert reread(tmp_path, params) == params, (key, choice)
     assert base == Params().model_dump(mode="json")
 

@@ -85,23 +85,23 @@ def test_bf16_resume_matches_an_uninterrupted_run(bf16_run, data_root, tmp_path)
     assert resumed["loss"] == bf16_run[1]["loss"]
 
 
-def test_changing_amp_is_refused_and_a_moved_run_starts_over(bf16_run, data_root, tmp_path):
+def test_changing_amp_moves_the_run_aside_and_starts_over(bf16_run, data_root, tmp_path, caplog):
+    run = tmp_path / "cls"
     with pytest.raises(Interrupt):
-        train(data_root, tmp_path, amp="bf16", epochs=2, progress=stop_at_epoch(2))
-    last = tmp_path / "ckpt" / "last.pt"
+        train(data_root, run, amp="bf16", epochs=2, progress=stop_at_epoch(2))
+    last = run / "ckpt" / "last.pt"
     bf16_bytes = last.read_bytes()
     bf16_epoch1 = torch.load(last, weights_only=True)["history"][0]
-    # amp changes the arithmetic: resuming would mix two recipes, starting over would throw the
-    # epoch away. Refused, naming the key, the checkpoint left as it was.
-    with pytest.raises(UserError, match=r"last.pt: epoch 1 checkpoint of another recipe: train_cls.amp bf16 -> fp32\. "
-                                        r"To resume it, restore those values in params.yaml; to start over, move"):
-        train(data_root, tmp_path, amp="fp32", epochs=2)
-    assert last.read_bytes() == bf16_bytes
-    (tmp_path / "ckpt").rename(tmp_path / "bf16-ckpt")  # the way out the message names
+    # amp changes the arithmetic: resuming would mix two recipes, deleting would throw the epoch
+    # away. The run is moved aside (one warning naming the key) and training starts over.
     calls = []
-    train(data_root, tmp_path, amp="fp32", epochs=2, progress=lambda *a: calls.append(a))
+    with caplog.at_level("WARNING", logger="sge_repro.superseded"):
+        train(data_root, run, amp="fp32", epochs=2, progress=lambda *a: calls.append(a))
+    [moved] = (tmp_path / "superseded" / "cls").glob("ckpt-*")
+    assert (moved / "last.pt").read_bytes() == bf16_bytes
+    assert f"train_cls.amp bf16 -> fp32); moved to {moved}" in caplog.text
     assert min(c[0] for c in calls) == 1
-    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
     assert state["recipe"]["amp"] == "fp32"
     # Autocast really changed the arithmetic: same data and seed, different first-epoch loss.
     assert state["history"][0]["train_loss"] != bf16_epoch1["train_loss"]

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sge_repro.data.prepare import coco_source, write_manifests
 from sge_repro.params import dump_params, profile_params
+from sge_repro.paths import ProjectPaths
 
 from .conftest import NUM_CATEGORIES
 
@@ -40,7 +42,9 @@ def project(tmp_path, coco_set, detectron2_weights) -> Path:
     """A project folder at the train_det stage: params.yaml (smoke, one detector), data/det and the
     converted backbone weights in place."""
     project = tmp_path / "project"
-    shutil.copytree(coco_set, project / "data" / "det")
+    paths = ProjectPaths(project)
+    shutil.copytree(coco_set, paths.det_data)
+    write_manifests([coco_source(paths, "synthetic", paths.det_data, "embedded")], paths)  # the data stage's index
     (project / "runs" / "convert").mkdir(parents=True)
     shutil.copy(detectron2_weights, project / "runs" / "convert" / "sge_resnet18-seed0.pth")
     write_params(project)
