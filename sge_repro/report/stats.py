@@ -143,7 +143,9 @@ def gain_verdict(gain: GainInterval | None, paper_gain: float | None) -> str:
         return "no baseline run"
     if paper_gain is None or math.isclose(paper_gain, 0.0, abs_tol=1e-12):
         return "no paper gain to compare"
-    if (gain.estimate > 0) == (paper_gain > 0) and gain.estimate != 0:
+    if math.isclose(gain.estimate, 0.0, abs_tol=1e-9):  # the tolerance of paper_verdict's rounding
+        text = "no gain"
+    elif (gain.estimate > 0) == (paper_gain > 0):
         text = f"same sign, {gain.estimate / paper_gain:.1f}x paper"
     else:
         text = "opposite sign"
