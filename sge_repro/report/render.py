@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from sge_repro.atomic import write_json, write_text
 from sge_repro.report.reference import is_paper_dataset, official_log, split_model_name
-from sge_repro.report.schema import CurveSet, GainInterval, Report
-from sge_repro.report.stats import is_reproduced, significance_label
+from sge_repro.report.schema import CurveSet, DetRow, GainInterval, Report
+from sge_repro.report.stats import detection_gain_verdict, is_reproduced, significance_label
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,13 +129,23 @@ def compact_classification_tables(report: Report) -> dict[str, list[list[str]]]:
     return tables
 
 
+def _compact_detection_verdict(row: DetRow) -> str:
+    """A row judged on the gain (schema.DetRow.judged_on) has its verdict without the CI, which the
+    Gain column shows: the full one ("gain below paper's +1.20: 95% CI [+0.40, +0.80]") does not
+    fit 80 columns beside it. Other verdicts are short already."""
+    if row.judged_on != "gain":
+        return row.verdict
+    return detection_gain_verdict(row.baseline is None, row.gain, row.paper_gain, row.bbox["AP"], row.paper_ap,
+                                  compact=True)
+
+
 def compact_detection_tables(report: Report) -> dict[str, list[list[str]]]:
     """{dataset: rows} of the compact detection view: mean bbox AP and gain at 1 decimal (COCO's
-    usual precision), the verdict."""
+    usual precision), the verdict (in short where it is judged on the gain)."""
     tables: dict[str, list[list[str]]] = {}
     for row in report.detection:
         tables.setdefault(row.dataset, []).append(
-            [row.detector, row.backbone, _number(row.bbox["AP"], 1), _gain(row.gain, 1), row.verdict])
+            [row.detector, row.backbone, _number(row.bbox["AP"], 1), _gain(row.gain, 1), _compact_detection_verdict(row)])
     return tables
 
 

@@ -7,6 +7,7 @@ from sge_repro.report import build_report, render_console
 from sge_repro.report.render import (CLS_HEADERS, compact_classification_tables, compact_detection_tables,
                                      classification_table)
 from sge_repro.report.schema import GainInterval
+from sge_repro.report.stats import gain_vs_paper_verdict
 
 from .conftest import fixture_complexity
 
@@ -48,14 +49,26 @@ def test_compact_tables_fit_80_and_100_columns(report):
 
 
 def test_longest_names_and_verdicts_still_fit_100_columns(report):
-    row = report.detection[1]
-    long = row.model_copy(update={"detector": "cascade_rcnn", "backbone": "sge_resnet101",
-                                  "gain": GainInterval(gain=-12.34, ci_low=-15.67, ci_high=-10.01, method="m",
-                                                       units=3, samples=100),
-                                  "verdict": "same sign, 10.3x paper, n.s."})
-    report.summary.comparison.detection.append(long)
+    # the longest detector and backbone, a two-digit negative gain with its CI, and the longest
+    # verdicts: of a gain on data the paper did not use, and of a COCO gain (judged on the gain, its
+    # compact verdict leaves the CI to the Gain column)
+    gain = GainInterval(gain=-12.34, ci_low=-15.67, ci_high=-10.01, method="m", units=3, samples=100)
+    wide_gain = GainInterval(gain=-12.34, ci_low=-15.67, ci_high=10.01, method="m", units=3, samples=100)
+    coco, embedded = report.detection[1], report.detection[3]
+    assert (coco.dataset, coco.judged_on, embedded.dataset) == ("coco", "gain", "embedded")
+    added = [
+        coco.model_copy(update={"detector": "cascade_rcnn", "backbone": "sge_resnet101", "gain": gain,
+                                "paper_gain": 1.8, "verdict": gain_vs_paper_verdict(gain, 1.8)}),
+        coco.model_copy(update={"detector": "cascade_rcnn", "backbone": "se_resnet101", "gain": wide_gain,
+                                "paper_gain": -1.8, "verdict": gain_vs_paper_verdict(wide_gain, -1.8)}),
+        embedded.model_copy(update={"detector": "cascade_rcnn", "backbone": "sge_resnet101", "gain": gain,
+                                    "verdict": "same sign, 10.3x paper, n.s."}),
+    ]
+    report.summary.comparison.detection.extend(added)
     lines = rendered(report, 100)
-    one_line_each(lines, [["cascade_rcnn", "sge_resnet101", "-12.3 [-15.7, -10.0]", "same sign, 10.3x paper, n.s."]])
+    one_line_each(lines, [["cascade_rcnn", "sge_resnet101", "-12.3 [-15.7, -10.0]", "opposite to paper's +1.80"],
+                          ["cascade_rcnn", "se_resnet101", "-12.3 [-15.7, +10.0]", "gain reproduced: paper -1.80"],
+                          ["cascade_rcnn", "sge_resnet101", "-12.3 [-15.7, -10.0]", "same sign, 10.3x paper, n.s."]])
 
 
 def test_wide_view_has_every_column(report):
