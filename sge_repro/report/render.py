@@ -484,6 +484,12 @@ def _what_reproduced_html(report: Report) -> list[str]:
     if any(row.comparable for row in rows):
         reproduced = sum(1 for claim in claims if claim[-1] == "reproduced")
         lead += f"; {reproduced} reproduced within &plusmn;{report.tolerance:g} points on the paper's datasets"
+    judged_on_gain = [row for row in report.detection
+                      if row.judged_on == "gain" and row.baseline is not None and row.paper_gain is not None]
+    if judged_on_gain:
+        gains = sum(1 for row in judged_on_gain if is_reproduced(row.verdict))
+        lead += (f"; COCO detectors judged on the gain: {gains} of {len(judged_on_gain)} gains reproduced "
+                 "(the paper's gain inside our 95% CI; their plain detectors are not judged)")
     if not all(row.comparable for row in rows):
         lead += ("; on data the paper did not use, the verdict compares the sign and size of the gain "
                  "over the plain ResNet with the paper's gain")

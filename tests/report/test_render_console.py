@@ -86,12 +86,15 @@ def test_what_reproduced_lists_each_claim_with_ours_the_papers_and_the_verdict(r
     # the paper's dataset: absolute numbers, and the gain beside them
     assert claims["resnet50 top-1 (imagenet)"] == ["76.50", "76.38", "reproduced"]
     assert claims["sge_resnet50 top-1 (imagenet)"] == ["77.00, gain +0.50", "77.58, gain +1.20", "-0.58 vs paper"]
+    # COCO from detectron2 under protocol controlled: judged on the gain's CI, the plain detector not judged
     assert claims["faster_rcnn sge_resnet50 AP (coco)"] == [
-        "38.1, gain +0.60 [+0.60, +0.60]", "38.7, gain +1.20", "-0.60 vs paper"]
+        "38.1, gain +0.60 [+0.60, +0.60]", "38.7, gain +1.20", "gain below paper's +1.20: 95% CI [+0.60, +0.60]"]
+    assert claims["faster_rcnn resnet50 AP (coco)"] == ["37.5", "37.5", "baseline; AP +0.00 vs paper, not judged"]
     # data the paper did not use: the gain over the plain ResNet against the paper's gain
     embedded = claims["sge_resnet18 top-1 gain over resnet18 (embedded)"]
     assert embedded[1:] == ["+1.20 (R50)", "same sign, 12.5x paper, n.s."] and embedded[0].startswith("+15.00 [")
     assert "resnet18 top-1 (embedded)" not in claims  # a baseline on other data claims nothing
     html = render_html(report)
     assert html.index("<h2>What reproduced</h2>") < html.index("<h2>Classification</h2>")
-    assert "7 result(s) compared with the paper; 3 reproduced within &plusmn;0.3 points" in html
+    assert "7 result(s) compared with the paper; 2 reproduced within &plusmn;0.3 points" in html
+    assert "COCO detectors judged on the gain: 0 of 1 gains reproduced" in html
