@@ -144,8 +144,8 @@ def compact_detection_tables(report: Report) -> dict[str, list[list[str]]]:
     usual precision), the verdict (in short where it is judged on the gain)."""
     tables: dict[str, list[list[str]]] = {}
     for row in report.detection:
-        tables.setdefault(row.dataset, []).append(
-            [row.detector, row.backbone, _number(row.bbox["AP"], 1), _gain(row.gain, 1), _compact_detection_verdict(row)])
+        tables.setdefault(row.dataset, []).append([row.detector, row.backbone, _number(row.bbox["AP"], 1),
+                                                   _gain(row.gain, 1), _compact_detection_verdict(row)])
     return tables
 
 
