@@ -43,8 +43,8 @@ from sge_repro.report.schema import (
     Summary,
 )
 from sge_repro.report.stats import (
+    detection_gain_verdict,
     gain_verdict,
-    gain_vs_paper_verdict,
     mean_std,
     paired_image_bootstrap,
     paper_verdict,
@@ -266,12 +266,7 @@ def _detection_rows(
                 judged_on = "gain"
                 if differences is not None and difference not in differences:
                     differences.append(difference)
-                if baseline is not None:
-                    verdict = gain_vs_paper_verdict(gain, paper_gain)
-                elif paper_ap is None:
-                    verdict = "baseline"
-                else:
-                    verdict = f"baseline; AP {bbox['AP'] - paper_ap:+.2f} vs paper, not judged"  # type: ignore[operator]
+                verdict = detection_gain_verdict(baseline is None, gain, paper_gain, bbox["AP"], paper_ap)
         else:
             paper_ap = None
             nearest = paper.nearest_det_gain(detector, backbone)

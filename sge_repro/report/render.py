@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from sge_repro.atomic import write_json, write_text
 from sge_repro.report.reference import is_paper_dataset, official_log, split_model_name
-from sge_repro.report.schema import CurveSet, GainInterval, Report
-from sge_repro.report.stats import is_reproduced, significance_label
+from sge_repro.report.schema import CurveSet, DetRow, GainInterval, Report
+from sge_repro.report.stats import detection_gain_verdict, is_reproduced, significance_label
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -129,13 +129,23 @@ def compact_classification_tables(report: Report) -> dict[str, list[list[str]]]:
     return tables
 
 
+def _compact_detection_verdict(row: DetRow) -> str:
+    """A row judged on the gain (schema.DetRow.judged_on) has its verdict without the CI, which the
+    Gain column shows: the full one ("gain below paper's +1.20: 95% CI [+0.40, +0.80]") does not
+    fit 80 columns beside it. Other verdicts are short already."""
+    if row.judged_on != "gain":
+        return row.verdict
+    return detection_gain_verdict(row.baseline is None, row.gain, row.paper_gain, row.bbox["AP"], row.paper_ap,
+                                  compact=True)
+
+
 def compact_detection_tables(report: Report) -> dict[str, list[list[str]]]:
     """{dataset: rows} of the compact detection view: mean bbox AP and gain at 1 decimal (COCO's
-    usual precision), the verdict."""
+    usual precision), the verdict (in short where it is judged on the gain)."""
     tables: dict[str, list[list[str]]] = {}
     for row in report.detection:
-        tables.setdefault(row.dataset, []).append(
-            [row.detector, row.backbone, _number(row.bbox["AP"], 1), _gain(row.gain, 1), row.verdict])
+        tables.setdefault(row.dataset, []).append([row.detector, row.backbone, _number(row.bbox["AP"], 1),
+                                                   _gain(row.gain, 1), _compact_detection_verdict(row)])
     return tables
 
 
@@ -474,6 +484,12 @@ def _what_reproduced_html(report: Report) -> list[str]:
     if any(row.comparable for row in rows):
         reproduced = sum(1 for claim in claims if claim[-1] == "reproduced")
         lead += f"; {reproduced} reproduced within &plusmn;{report.tolerance:g} points on the paper's datasets"
+    judged_on_gain = [row for row in report.detection
+                      if row.judged_on == "gain" and row.baseline is not None and row.paper_gain is not None]
+    if judged_on_gain:
+        gains = sum(1 for row in judged_on_gain if is_reproduced(row.verdict))
+        lead += (f"; COCO detectors judged on the gain: {gains} of {len(judged_on_gain)} gains reproduced "
+                 "(the paper's gain inside our 95% CI; their plain detectors are not judged)")
     if not all(row.comparable for row in rows):
         lead += ("; on data the paper did not use, the verdict compares the sign and size of the gain "
                  "over the plain ResNet with the paper's gain")

@@ -143,7 +143,9 @@ def gain_verdict(gain: GainInterval | None, paper_gain: float | None) -> str:
         return "no baseline run"
     if paper_gain is None or math.isclose(paper_gain, 0.0, abs_tol=1e-12):
         return "no paper gain to compare"
-    if (gain.estimate > 0) == (paper_gain > 0) and gain.estimate != 0:
+    if math.isclose(gain.estimate, 0.0, abs_tol=1e-9):  # the tolerance of paper_verdict's rounding
+        text = "no gain"
+    elif (gain.estimate > 0) == (paper_gain > 0):
         text = f"same sign, {gain.estimate / paper_gain:.1f}x paper"
     else:
         text = "opposite sign"
@@ -154,28 +156,56 @@ def gain_verdict(gain: GainInterval | None, paper_gain: float | None) -> str:
     return text
 
 
-def gain_vs_paper_verdict(gain: GainInterval | None, paper_gain: float | None) -> str:
+def gain_vs_paper_verdict(gain: GainInterval | None, paper_gain: float | None, compact: bool = False) -> str:
     """On the paper's dataset but another engine / protocol: is the paper's gain inside our gain's CI?
 
     "gain reproduced" when the paper's gain lies in the 95% CI of ours; otherwise where the CI lies
     relative to the paper's gain and to 0. A single run (no CI) is not judged.
+
+    compact: the same judgement without the CI and our gain, for a table that shows them in a
+    column of their own (the console's compact view; every form at most 28 characters).
     """
     if gain is None:
         return "no baseline run"
     if paper_gain is None:
         return "no paper gain to compare"
+    paper = f"{paper_gain:+.2f}"
     if gain.low is None or gain.high is None:
-        return f"gain {gain.estimate:+.2f} vs paper {paper_gain:+.2f}, single run: not judged"
+        not_judged = "single run: not judged"
+        return not_judged if compact else f"gain {gain.estimate:+.2f} vs paper {paper}, {not_judged}"
     ci = f"95% CI [{gain.low:+.2f}, {gain.high:+.2f}]"
     if gain.low <= paper_gain <= gain.high:
-        return f"gain reproduced: paper {paper_gain:+.2f} within {ci}"
+        judgement = f"gain reproduced: paper {paper}"
+        return judgement if compact else f"{judgement} within {ci}"
     if gain.high < 0.0 < paper_gain or gain.low > 0.0 > paper_gain:
-        return f"opposite sign to paper's {paper_gain:+.2f}: {ci}"
+        return f"opposite to paper's {paper}" if compact else f"opposite sign to paper's {paper}: {ci}"
     if gain.low > paper_gain:
-        return f"gain above paper's {paper_gain:+.2f}: {ci}"
-    if gain.low <= 0.0 <= gain.high:
-        return f"gain not significant, below paper's {paper_gain:+.2f}: {ci}"
-    return f"gain below paper's {paper_gain:+.2f}: {ci}"
+        judgement = f"gain above paper's {paper}"
+    elif gain.low <= 0.0 <= gain.high:
+        return f"below paper's {paper}, n.s." if compact else f"gain not significant, below paper's {paper}: {ci}"
+    else:
+        judgement = f"gain below paper's {paper}"
+    return judgement if compact else f"{judgement}: {ci}"
+
+
+def plain_detector_verdict(ap: float | None, paper_ap: float | None, compact: bool = False) -> str:
+    """A plain detector (the baseline) of a row judged on the gain: not judged itself, its AP beside
+    the paper's for orientation. compact: without "not judged" (the console's compact view)."""
+    if ap is None or paper_ap is None:
+        return "baseline"
+    text = f"baseline; AP {ap - paper_ap:+.2f} vs paper"
+    return text if compact else f"{text}, not judged"
+
+
+def detection_gain_verdict(plain: bool, gain: GainInterval | None, paper_gain: float | None, ap: float | None,
+                           paper_ap: float | None, compact: bool = False) -> str:
+    """The verdict of a COCO row judged on the gain (trained with another engine or protocol than the
+    authors'): a plain backbone's row by plain_detector_verdict, an attention backbone's by
+    gain_vs_paper_verdict. The report builds it in full; the compact console view asks again with
+    `compact` (its Gain column shows the CI)."""
+    if plain:
+        return plain_detector_verdict(ap, paper_ap, compact)
+    return gain_vs_paper_verdict(gain, paper_gain, compact)
 
 
 def is_reproduced(verdict: str) -> bool:

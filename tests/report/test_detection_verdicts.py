@@ -14,7 +14,7 @@ from sge_repro.report.reference import (
 )
 from sge_repro.report.render import detection_table
 from sge_repro.report.schema import GainInterval
-from sge_repro.report.stats import gain_vs_paper_verdict, is_reproduced
+from sge_repro.report.stats import detection_gain_verdict, gain_vs_paper_verdict, is_reproduced
 
 from .conftest import write_det
 
@@ -25,20 +25,35 @@ def _gain(estimate, low, high):
     return GainInterval(estimate=estimate, low=low, high=high, method="test", units=3, samples=100)
 
 
-@pytest.mark.parametrize("gain, expected", [
-    (_gain(1.0, 0.5, 1.5), "gain reproduced: paper +1.20 within 95% CI [+0.50, +1.50]"),
-    (_gain(1.2, 1.2, 1.2), "gain reproduced: paper +1.20 within 95% CI [+1.20, +1.20]"),  # edges count
-    (_gain(2.0, 1.5, 2.5), "gain above paper's +1.20: 95% CI [+1.50, +2.50]"),
-    (_gain(0.6, 0.4, 0.8), "gain below paper's +1.20: 95% CI [+0.40, +0.80]"),
-    (_gain(0.3, -0.2, 0.8), "gain not significant, below paper's +1.20: 95% CI [-0.20, +0.80]"),
-    (_gain(-0.8, -1.0, -0.5), "opposite sign to paper's +1.20: 95% CI [-1.00, -0.50]"),
-    (_gain(1.1, None, None), "gain +1.10 vs paper +1.20, single run: not judged"),
-    (None, "no baseline run"),
+@pytest.mark.parametrize("gain, expected, compact", [
+    (_gain(1.0, 0.5, 1.5), "gain reproduced: paper +1.20 within 95% CI [+0.50, +1.50]", "gain reproduced: paper +1.20"),
+    (_gain(1.2, 1.2, 1.2), "gain reproduced: paper +1.20 within 95% CI [+1.20, +1.20]",  # edges count
+     "gain reproduced: paper +1.20"),
+    (_gain(2.0, 1.5, 2.5), "gain above paper's +1.20: 95% CI [+1.50, +2.50]", "gain above paper's +1.20"),
+    (_gain(0.6, 0.4, 0.8), "gain below paper's +1.20: 95% CI [+0.40, +0.80]", "gain below paper's +1.20"),
+    (_gain(0.3, -0.2, 0.8), "gain not significant, below paper's +1.20: 95% CI [-0.20, +0.80]",
+     "below paper's +1.20, n.s."),
+    (_gain(-0.8, -1.0, -0.5), "opposite sign to paper's +1.20: 95% CI [-1.00, -0.50]", "opposite to paper's +1.20"),
+    (_gain(1.1, None, None), "gain +1.10 vs paper +1.20, single run: not judged", "single run: not judged"),
+    (None, "no baseline run", "no baseline run"),
 ])
-def test_gain_verdict_against_the_papers_gain(gain, expected):
+def test_gain_verdict_against_the_papers_gain(gain, expected, compact):
     verdict = gain_vs_paper_verdict(gain, 1.2)
     assert verdict == expected
     assert is_reproduced(verdict) == expected.startswith("gain reproduced")
+    # the console's compact view: the same judgement without the CI (its Gain column shows it), in
+    # at most 28 characters so that a row fits 80 columns
+    short = gain_vs_paper_verdict(gain, 1.2, compact=True)
+    assert short == compact and len(short) <= 28
+    assert is_reproduced(short) == is_reproduced(verdict)
+
+
+def test_plain_detector_of_a_row_judged_on_the_gain_is_not_judged():
+    assert detection_gain_verdict(True, None, None, 36.5, 37.5) == "baseline; AP -1.00 vs paper, not judged"
+    assert detection_gain_verdict(True, None, None, 36.5, 37.5, compact=True) == "baseline; AP -1.00 vs paper"
+    assert detection_gain_verdict(True, None, None, 36.5, None) == "baseline"
+    assert detection_gain_verdict(False, _gain(1.0, 0.5, 1.5), 1.2, 38.0, 38.7) == gain_vs_paper_verdict(
+        _gain(1.0, 0.5, 1.5), 1.2)
 
 
 def test_no_paper_gain_and_setup_differences():

@@ -7,6 +7,7 @@ from sge_repro.report import build_report, render_console
 from sge_repro.report.render import (CLS_HEADERS, compact_classification_tables, compact_detection_tables,
                                      classification_table)
 from sge_repro.report.schema import GainInterval
+from sge_repro.report.stats import gain_vs_paper_verdict
 
 from .conftest import fixture_complexity
 
@@ -48,14 +49,26 @@ def test_compact_tables_fit_80_and_100_columns(report):
 
 
 def test_longest_names_and_verdicts_still_fit_100_columns(report):
-    row = report.detection[1]
-    long = row.model_copy(update={"detector": "cascade_rcnn", "backbone": "sge_resnet101",
-                                  "gain": GainInterval(gain=-12.34, ci_low=-15.67, ci_high=-10.01, method="m",
-                                                       units=3, samples=100),
-                                  "verdict": "same sign, 10.3x paper, n.s."})
-    report.summary.comparison.detection.append(long)
+    # the longest detector and backbone, a two-digit negative gain with its CI, and the longest
+    # verdicts: of a gain on data the paper did not use, and of a COCO gain (judged on the gain, its
+    # compact verdict leaves the CI to the Gain column)
+    gain = GainInterval(gain=-12.34, ci_low=-15.67, ci_high=-10.01, method="m", units=3, samples=100)
+    wide_gain = GainInterval(gain=-12.34, ci_low=-15.67, ci_high=10.01, method="m", units=3, samples=100)
+    coco, embedded = report.detection[1], report.detection[3]
+    assert (coco.dataset, coco.judged_on, embedded.dataset) == ("coco", "gain", "embedded")
+    added = [
+        coco.model_copy(update={"detector": "cascade_rcnn", "backbone": "sge_resnet101", "gain": gain,
+                                "paper_gain": 1.8, "verdict": gain_vs_paper_verdict(gain, 1.8)}),
+        coco.model_copy(update={"detector": "cascade_rcnn", "backbone": "se_resnet101", "gain": wide_gain,
+                                "paper_gain": -1.8, "verdict": gain_vs_paper_verdict(wide_gain, -1.8)}),
+        embedded.model_copy(update={"detector": "cascade_rcnn", "backbone": "sge_resnet101", "gain": gain,
+                                    "verdict": "same sign, 10.3x paper, n.s."}),
+    ]
+    report.summary.comparison.detection.extend(added)
     lines = rendered(report, 100)
-    one_line_each(lines, [["cascade_rcnn", "sge_resnet101", "-12.3 [-15.7, -10.0]", "same sign, 10.3x paper, n.s."]])
+    one_line_each(lines, [["cascade_rcnn", "sge_resnet101", "-12.3 [-15.7, -10.0]", "opposite to paper's +1.80"],
+                          ["cascade_rcnn", "se_resnet101", "-12.3 [-15.7, +10.0]", "gain reproduced: paper -1.80"],
+                          ["cascade_rcnn", "sge_resnet101", "-12.3 [-15.7, -10.0]", "same sign, 10.3x paper, n.s."]])
 
 
 def test_wide_view_has_every_column(report):
@@ -73,12 +86,15 @@ def test_what_reproduced_lists_each_claim_with_ours_the_papers_and_the_verdict(r
     # the paper's dataset: absolute numbers, and the gain beside them
     assert claims["resnet50 top-1 (imagenet)"] == ["76.50", "76.38", "reproduced"]
     assert claims["sge_resnet50 top-1 (imagenet)"] == ["77.00, gain +0.50", "77.58, gain +1.20", "-0.58 vs paper"]
+    # COCO from detectron2 under protocol controlled: judged on the gain's CI, the plain detector not judged
     assert claims["faster_rcnn sge_resnet50 AP (coco)"] == [
-        "38.1, gain +0.60 [+0.60, +0.60]", "38.7, gain +1.20", "-0.60 vs paper"]
+        "38.1, gain +0.60 [+0.60, +0.60]", "38.7, gain +1.20", "gain below paper's +1.20: 95% CI [+0.60, +0.60]"]
+    assert claims["faster_rcnn resnet50 AP (coco)"] == ["37.5", "37.5", "baseline; AP +0.00 vs paper, not judged"]
     # data the paper did not use: the gain over the plain ResNet against the paper's gain
     embedded = claims["sge_resnet18 top-1 gain over resnet18 (embedded)"]
     assert embedded[1:] == ["+1.20 (R50)", "same sign, 12.5x paper, n.s."] and embedded[0].startswith("+15.00 [")
     assert "resnet18 top-1 (embedded)" not in claims  # a baseline on other data claims nothing
     html = render_html(report)
     assert html.index("<h2>What reproduced</h2>") < html.index("<h2>Classification</h2>")
-    assert "7 result(s) compared with the paper; 3 reproduced within &plusmn;0.3 points" in html
+    assert "7 result(s) compared with the paper; 2 reproduced within &plusmn;0.3 points" in html
+    assert "COCO detectors judged on the gain: 0 of 1 gains reproduced" in html

@@ -97,3 +97,12 @@ def test_gain_verdict_compares_sign_and_size():
     assert gain_verdict(negative, 1.2) == "opposite sign, single run"
     assert gain_verdict(None, 1.2) == "no baseline run"
     assert gain_verdict(positive, None) == "no paper gain to compare"
+
+
+def test_a_zero_gain_is_no_gain_not_an_opposite_sign():
+    zero = seed_bootstrap({0: 10.0, 1: 11.0}, {0: 10.0, 1: 11.0}, samples=100, seed=0)
+    assert zero.estimate == 0.0
+    assert gain_verdict(zero, 1.2) == "no gain, n.s."
+    assert gain_verdict(zero, -0.5) == "no gain, n.s."
+    single = seed_bootstrap({0: 10.0}, {0: 10.0}, samples=100, seed=0)
+    assert gain_verdict(single, 1.2) == "no gain, single run"
