@@ -99,7 +99,7 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
                 out[key] = value
         return out
 
-    old, new = flat(saved), flat(recipe)
+    old, new = flat(_current_spelling(saved)), flat(recipe)
     differences = []
     for key in [*old, *(k for k in new if k not in old)]:
         before, after = old.get(key, "(not set)"), new.get(key, "(not set)")
@@ -108,6 +108,15 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
                 before, after = f"{len(before)} classes", f"{len(after)} classes ({_changed_classes(before, after)})"
             differences.append(f"{key} {_short(before)} -> {_short(after)}")
     return differences
+
+
+def _current_spelling(saved: dict) -> dict:
+    """A saved recipe as the params spell it now: renamed values in their new spelling (amp 'off'
+    -> 'fp32'), keys added since with the value older runs had (decoder 'pil')."""
+    renamed = {key: {old: new for new, old in spellings.items()} for key, spellings in FINGERPRINT_SPELLING.items()}
+    current = {key: renamed.get(key, {}).get(value, value) if isinstance(value, str) else value
+               for key, value in saved.items()}
+    return {**FINGERPRINT_IF_NOT, **current}
 
 
 def _changed_classes(before: list, after: list) -> str:

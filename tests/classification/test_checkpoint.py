@@ -87,3 +87,15 @@ def test_resume_rejects_a_file_this_engine_did_not_write(tmp_path):
     torch_save({"state_dict": model.state_dict()}, tmp_path / "last.pt")
     with pytest.raises(UserError, match=r"last.pt: not a training checkpoint of this engine"):
         resume(tmp_path / "last.pt", state, recipe)
+
+
+def test_a_checkpoint_from_before_the_amp_rename_and_the_decoder_key_resumes(tmp_path):
+    # written when amp 'off' was fp32's name and before train_cls.decoder existed (their input
+    # pipeline was the PIL one): the same recipe as fp32 + pil today, another one with torchvision
+    current = training_recipe(TrainClsParams(amp="fp32", decoder="pil"), "resnet18", {"width": 8}, ["a", "b"], 0, 1)
+    old = {key: value for key, value in current.items() if key != "decoder"} | {"amp": "off"}
+    write_training_checkpoint(tmp_path / "last.pt", old, epoch=2)
+    state = new_state()
+    assert resume(tmp_path / "last.pt", state, current) and state.epoch == 2
+    with pytest.raises(UserError, match=r"epoch 2 checkpoint of another recipe: train_cls.decoder pil -> torchvision\."):
+        resume(tmp_path / "last.pt", new_state(), {**current, "decoder": "torchvision"})

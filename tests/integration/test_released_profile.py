@@ -21,7 +21,7 @@ import torchvision
 import yaml
 
 from authors_reference import AuthorsResNet, randomize, release_file
-from sge_repro.classification.transforms import eval_transform
+from sge_repro.classification.transforms import eval_transform, to_model_input
 from sge_repro.data.imagefolder import decode_rgb
 
 from .conftest import REPO
@@ -68,7 +68,8 @@ def _predictions_of(model: torch.nn.Module, project: Path, name: str) -> tuple[l
     """(predictions the pipeline wrote, argmax of `model` on the same val images)."""
     written = json.loads((project / "runs" / "eval_cls" / f"{name}-seed0.json").read_text())
     transform = eval_transform(IMAGE_SIZE)
-    images = torch.stack([transform(decode_rgb(project / "data" / "cls" / "val" / file)) for file in written["files"]])
+    images = to_model_input(torch.stack([transform(decode_rgb(project / "data" / "cls" / "val" / file))
+                                         for file in written["files"]]), torch.device("cpu"))
     with torch.no_grad():
         return written["predictions"], model.eval()(images).argmax(dim=1).tolist()
 
