@@ -170,6 +170,11 @@ def tracking(path: Path, stage: str, **kwargs: Any) -> Iterator[StageStatus]:
     status.finish("done")
 
 
+def restore_status(path: Path, record: dict[str, Any]) -> None:
+    """Put back an earlier record of the stage (one read_status returned), atomically."""
+    atomic.write_text(path, json.dumps(record, allow_nan=False, default=str) + "\n", durable=False)
+
+
 def read_status(path: Path) -> dict[str, Any] | None:
     """A status file's record, or None when absent or unreadable (never raises: it is a view)."""
     try:

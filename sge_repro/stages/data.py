@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
-from sge_repro.stage_status import tracking
+from sge_repro.stage_status import read_status, restore_status, tracking
 
 if TYPE_CHECKING:
     from sge_repro.data.prepare import Progress
@@ -17,13 +17,21 @@ def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) 
     embedded sets first); returns a summary per dataset."""
     from sge_repro.data.prepare import prepare_data
 
-    with tracking(paths.stage_status("data"), "data") as status:  # logs/progress/data.json
+    status_file = paths.stage_status("data")  # logs/progress/data.json
+    made_them = read_status(status_file)
+    with tracking(status_file, "data") as status:
         def report(name: str, done: int, total: int | None) -> None:
             status.update(done, total, unit="file", phase=name)
             if progress is not None:
                 progress(name, done, total)
 
-        return prepare_data(params.data, paths, progress=report)
+        summary = prepare_data(params.data, paths, progress=report)
+    if made_them is not None and made_them.get("state") == "done" and all(
+            item["manifest"] == "unchanged" for item in summary.values()):
+        # DVC runs this stage on every repro (always_changed): a rescan that changed nothing keeps
+        # the record of the run that wrote the manifests, which the report's provenance lists
+        restore_status(status_file, made_them)
+    return summary
 
 
 def data_changes(params: Params, paths: ProjectPaths) -> dict[str, str | None]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sge_repro.params import dump_params, validate_params, without_derived
+
 pytestmark = pytest.mark.slow
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -33,7 +35,9 @@ def set_param(cwd: Path, section: str, key: str, value) -> None:
     path = cwd / "params.yaml"
     params = yaml.safe_load(path.read_text())
     params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    # written as sge-repro writes it: setting a value back gives back the same bytes (the report
+    # stage depends on params.yaml's bytes, whose sha256 its provenance records)
+    path.write_text(dump_params(validate_params(without_derived(params))))
 
 
 def test_smoke_pipeline_end_to_end(project, sge_repro_bin):

@@ -129,5 +129,6 @@ def test_released_profile_end_to_end(project, weights_server, sge_repro_bin):
     release_file(randomize(AuthorsResNet("cbam", 50, width=WIDTH, num_classes=CLASSES), seed=4),
                  released_dir / "cbam_resnet50.pth.tar")
     status = subprocess.run([*DVC, "status", "--json"], cwd=project, capture_output=True, text=True, check=True)
-    stale = {name.split(":", 1)[-1] for name in json.loads(status.stdout or "{}")}
+    stale = {name.split(":", 1)[-1] for name, why in json.loads(status.stdout or "{}").items()
+             if why != ["always changed"]}  # the data stage rescans on every repro (dvc.yaml)
     assert stale == {"import_cls@cbam_resnet50"}
