@@ -258,3 +258,19 @@ def test_a_missing_or_foreign_manifest_is_named(tmp_path):
     (tmp_path / "cls.json").write_text('{"format": 1}')
     with pytest.raises(UserError, match=r"cls.json: not a dataset manifest \(lacks kind, root"):
         imagefolder_from_manifest(tmp_path / "cls.json", "train")
+
+
+def test_a_rescan_that_changes_nothing_keeps_the_status_record_of_the_run_that_wrote_the_manifests(tmp_path):
+    from sge_repro.stage_status import read_status
+    from sge_repro.stages.data import data
+
+    paths = ProjectPaths(tmp_path / "project")
+    data(small_params(), paths)
+    record = paths.stage_status("data").read_bytes()
+    assert read_status(paths.stage_status("data"))["state"] == "done"
+    data(small_params(), paths)  # what every `dvc repro` does (always_changed): nothing new
+    assert paths.stage_status("data").read_bytes() == record
+    truncate(next(iter(sorted((paths.cls_data / "train").rglob("*.jpg")))))
+    data(small_params(skip_corrupt=True), paths)  # a manifest rewritten: this run's record
+    assert paths.stage_status("data").read_bytes() != record
+    assert read_status(paths.stage_status("data"))["state"] == "done"
