@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterator
 
 from sge_repro.launch import launch, runs_in_process
 from sge_repro.params import RELEASED_SEED, Params
@@ -62,13 +63,19 @@ def training_progress(params: Params, paths: ProjectPaths, model: str, seed: int
             events.close()
 
 
+@dataclass(frozen=True)
 class EpochLines:
-    """The progress of a launched training: one printed line per epoch (called on rank 0 only)."""
+    """The progress of a launched training: one printed line per epoch (called on rank 0 only).
 
-    KEYS = ("train_loss", "train_top1", "val_loss", "val_top1", "images_per_s", "epoch_time_s")
+    A dataclass for its repr (`EpochLines(name='...')`): it is an argument of the launched call, and
+    the SLURM launcher fingerprints the arguments (their repr for objects like this) to find the job
+    of the same computation when the stage is rerun; the default repr holds a memory address, which
+    differs in every process, so a rerun would not recognise its own job."""
 
-    def __init__(self, name: str):
-        self.name = name
+    KEYS: ClassVar[tuple[str, ...]] = ("train_loss", "train_top1", "val_loss", "val_top1", "images_per_s",
+                                       "epoch_time_s")
+
+    name: str
 
     def __call__(self, epoch: int, step: int, total_steps: int, info: dict) -> None:
         if info.get("phase") == "epoch":
