@@ -47,6 +47,8 @@ def _sbin(name: str) -> str | None:
 class SlurmCluster:
     """One node (this host) in partition `debug`; start() waits until the node is idle."""
 
+    partition = "debug"
+
     def __init__(self, root: Path):
         self.root = root
         self.node = socket.gethostname().split(".")[0]
@@ -96,7 +98,7 @@ SchedulerType=sched/backfill
 MinJobAge=600
 KillWait=5
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb() - 512} State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def start(self, timeout_s: float = 60) -> None:
