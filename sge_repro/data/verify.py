@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import stat
 import time
 from dataclasses import dataclass, field
@@ -245,6 +246,13 @@ def verify(root: Path, scans: dict[str, FolderScan], cache: VerifyCache, workers
     return results, len(todo)
 
 
+def _dies_of_sigterm() -> None:
+    """In a pool worker: SIGTERM's default action. The pool ends its workers with SIGTERM on exit; a
+    handler inherited through fork (torch elastic leaves one that raises, others may only log)
+    could leave a worker waiting on the task queue and the pool's exit joining it forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _decode_all(items: Iterable[tuple[int, str]], total: int, workers: int,
                 record: Callable[[int, str, str | None], None], progress: Progress | None, label: str) -> None:
     if total < IN_PROCESS_BELOW or workers == 1:
@@ -257,7 +265,7 @@ def _decode_all(items: Iterable[tuple[int, str]], total: int, workers: int,
     # process has no threads of its own (no torch import) that a fork could copy mid-lock
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     chunk = max(1, min(256, total // (workers * 16)))
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    with multiprocessing.get_context(method).Pool(workers, initializer=_dies_of_sigterm) as pool:
         for done, (position, digest, error) in enumerate(
                 pool.imap_unordered(_check_indexed, items, chunksize=chunk), start=1):
             record(position, digest, error)

@@ -15,9 +15,11 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -62,6 +64,11 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
         max_restarts=0, start_method="spawn", local_addr="127.0.0.1",
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.NONE, tee=Std.NONE))
     quiet = _QuietElasticLogs()
+    # torch elastic installs handlers for these that raise SignalException and leaves them in place:
+    # put back this process's own after the launch (Ctrl-C is KeyboardInterrupt again; a process
+    # forked later, such as a multiprocessing pool worker, dies of SIGTERM instead of catching it)
+    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
+    before = {sig: signal.getsignal(sig) for sig in handled} if threading.current_thread() is threading.main_thread() else {}
     try:
         with quiet:
             results = elastic_launch(config, _worker)(target, args)
@@ -70,6 +77,9 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
     except SignalException as exc:  # Ctrl-C / SIGTERM of this process: the agent stopped the workers
         raise LaunchError(f"{name}: interrupted by {exc.sigval.name}; the workers were stopped "
                           "(rerun to resume from the last checkpoint)") from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     shutil.rmtree(log_dir, ignore_errors=True)
     return results[0]
 

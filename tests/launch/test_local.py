@@ -137,3 +137,13 @@ def test_ctrl_c_stops_the_workers_and_says_so_in_one_line(tmp_path):
     time.sleep(1)
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_launch_leaves_this_processs_signal_handlers_as_they_were(tmp_path, monkeypatch):
+    # torch elastic replaces them with handlers that raise SignalException; left in place, Ctrl-C
+    # would no longer be KeyboardInterrupt and a pool worker forked later would catch SIGTERM
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    launch(targets.report_and_sum, (str(tmp_path), 1.0), LaunchParams(nproc_per_node=2), name="t",
+           state_dir=tmp_path / "state")
+    assert {sig: signal.getsignal(sig) for sig in before} == before
