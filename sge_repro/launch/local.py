@@ -4,13 +4,18 @@ The workers are spawned processes of this one; their stdout / stderr are this pr
 console, or DVC's log). The rendezvous is static on a free port of 127.0.0.1: one node, no
 elastic restarts (a rerun resumes from the stage's checkpoints instead). A worker that fails
 (an exception, a signal, an exit code) ends the launch: the other workers are stopped and
-`LaunchError` names the rank that failed first and its own error, read from torch elastic's
-error file of that rank (its traceback stays in that file under `state_dir`).
+`LaunchError` names the rank whose failure caused the others' and its own error, read from torch
+elastic's error file of that rank (its traceback stays in that file under `state_dir`). Torch
+elastic reports one failed worker, the first it finds exited (in rank order when several have:
+often a rank that only lost its peer in a collective); so each worker also records its exception
+with its time (`failure-<rank>.json` in the launch's folder) and `describe_failure` picks the root
+cause among them (`sge_repro.launch.errors.root_cause`).
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import pickle
@@ -20,11 +25,13 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from sge_repro.launch.errors import LaunchError
+from sge_repro import atomic
+from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
 from sge_repro.params import LaunchParams
 
 T = TypeVar("T")
@@ -71,9 +78,9 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
     before = {sig: signal.getsignal(sig) for sig in handled} if threading.current_thread() is threading.main_thread() else {}
     try:
         with quiet:
-            results = elastic_launch(config, _worker)(target, args)
+            results = elastic_launch(config, _worker)(target, args, str(log_dir))
     except elastic_errors.ChildFailedError as exc:
-        raise LaunchError(describe_failure(name, exc)) from None
+        raise LaunchError(describe_failure(name, exc, recorded_failures(log_dir))) from None
     except SignalException as exc:  # Ctrl-C / SIGTERM of this process: the agent stopped the workers
         raise LaunchError(f"{name}: interrupted by {exc.sigval.name}; the workers were stopped "
                           "(rerun to resume from the last checkpoint)") from None
@@ -84,16 +91,44 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
     return results[0]
 
 
-def _worker(target: Callable[..., Any], args: tuple) -> Any:
+def _worker(target: Callable[..., Any], args: tuple, log_dir: str) -> Any:
     """What each spawned process runs (module level: pickled by name)."""
     _die_with_parent()
     # A single node talks over loopback only: gloo would otherwise pick the interface of the
     # machine's hostname, which in containers may not be reachable from itself.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    result = target(*args)
-    pickle.dumps(result)  # fails here, as this rank's error, if rank 0's answer cannot travel
+    try:
+        result = target(*args)
+        pickle.dumps(result)  # fails here, as this rank's error, if rank 0's answer cannot travel
+    except Exception as exc:
+        _record_failure(Path(log_dir), exc)
+        raise
     atexit.register(_exit_now)  # runs first at exit: the worker has handed its result over by then
     return result
+
+
+def _record_failure(log_dir: Path, exc: Exception) -> None:
+    """This rank's exception, when it was raised, and torch elastic's error file that will hold its
+    traceback: `failure-<rank>.json` in the launch's folder, for `describe_failure`."""
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"rank": rank, "time": time.time(), "message": f"{type(exc).__name__}: {exc}",
+              "error_file": os.environ.get("TORCHELASTIC_ERROR_FILE", "")}
+    try:
+        atomic.write_text(log_dir / f"failure-{rank}.json", json.dumps(record), durable=False)
+    except OSError:
+        pass  # the launch then names the rank torch elastic reports
+
+
+def recorded_failures(log_dir: Path) -> dict[int, dict]:
+    """The failure records the workers of one launch wrote, by rank."""
+    records = {}
+    for path in log_dir.glob("failure-*.json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            records[int(record["rank"])] = record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return records
 
 
 def _exit_now() -> None:
@@ -129,21 +164,37 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def describe_failure(name: str, exc: Any) -> str:
-    """One line: the stage, the rank that failed first, and its own error (or the signal)."""
-    rank, failure = exc.get_first_failure()
-    if failure.exitcode < 0:
+def describe_failure(name: str, exc: Any, records: dict[int, dict] | None = None) -> str:
+    """One line: the stage, the rank whose failure caused the others', and its own error (or the
+    signal). `records`: the workers' own failure records (`recorded_failures`), by rank."""
+    records = records or {}
+    candidates = {rank: RankFailure(rank, str(record.get("message", "")), record.get("time"))
+                  for rank, record in records.items()}
+    for rank, failure in exc.failures.items():
+        if rank not in candidates:  # no exception: a signal, or an exit code
+            candidates[rank] = RankFailure(rank, _message(failure), failure.timestamp)
+    root = root_cause(candidates.values())
+    failure = exc.failures.get(root.rank)  # None when torch elastic reported another rank
+    what = _one_line(root.message) if root.message else ""
+    if not what and failure is not None and failure.exitcode < 0:
         what = f"killed by signal {-failure.exitcode} ({failure.signal_name()})"
-    else:
-        message = failure.message
-        if isinstance(message, dict):
-            message = message.get("message", "")
-        what = _one_line(str(message)) if failure.error_file_data.get("message") else ""
-        what = what or f"exited with code {failure.exitcode} without an error message"
-    others = sorted(set(exc.failures) - {rank})
+    what = what or f"exited with code {failure.exitcode if failure is not None else 1} without an error message"
+    # Other ranks that failed of their own accord (not those that lost their peer in a collective).
+    others = sorted(rank for rank, other in candidates.items() if rank != root.rank and not other.lost_a_peer)
     also = f" (rank(s) {', '.join(map(str, others))} failed too)" if others else ""
-    where = f"; traceback: {failure.error_file}" if os.path.isfile(str(failure.error_file)) else ""
-    return f"{name}: rank {rank} failed: {what}{also}{where}"
+    error_file = failure.error_file if failure is not None else records[root.rank].get("error_file", "")
+    where = f"; traceback: {error_file}" if os.path.isfile(str(error_file)) else ""
+    return f"{name}: rank {root.rank} failed: {what}{also}{where}"
+
+
+def _message(failure: Any) -> str:
+    """A torch elastic ProcessFailure's error message ("" for a signal, or without an error file)."""
+    if failure.exitcode < 0 or not failure.error_file_data.get("message"):
+        return ""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message)
 
 
 def _one_line(message: str) -> str:

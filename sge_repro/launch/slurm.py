@@ -3,7 +3,8 @@
 The head process (the one `sge-repro` / `dvc repro` runs) submits the job with submitit, records
 its id, streams the tasks' logs to the console and returns rank 0's result. Every task exports
 the env:// variables from SLURM's (submitit's TorchDistributedEnvironment) and then calls the
-target, which joins the process group itself (`sge_repro.distributed.join_process_group`).
+target, which joins the process group itself (`sge_repro.distributed.join_process_group`); once
+the target has returned, the task destroys that group (an exiting gloo group may abort the task).
 
 Assumption: the repository, its data and `state_dir` are on a filesystem shared by the head and
 the nodes (the job runs in the head's working directory, with its Python and environment).
@@ -21,7 +22,8 @@ target, its arguments, the working directory), not how it is launched, so a reru
     the same outputs. `scancel` it, or wait for it.
 Ctrl-C in the head cancels the job (scancel) and re-raises. A task that fails ends the job
 (`srun --kill-on-bad-exit`) and the head raises LaunchError naming the job, the rank and the
-task's own error line.
+task's own error line; of several failed tasks, the one whose error caused the others' (not a
+task that only lost its peer in a collective: `sge_repro.launch.errors.root_cause`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, Callable, TextIO
 
 from sge_repro import atomic
 from sge_repro.errors import UserError
-from sge_repro.launch.errors import LaunchError
+from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
 from sge_repro.params import LaunchParams
 
 RECORD_FILE = "slurm_job.json"
@@ -190,7 +192,23 @@ def task_main(payload: bytes) -> Any:
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     target, args = pickle.loads(payload)
-    return target(*args)
+    result = target(*args)
+    _leave_process_group()
+    return result
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the target joined, once it has returned.
+
+    Left to the interpreter's finalization, gloo's worker threads are torn down in no particular
+    order and the task may abort after its result was written ("terminate called without an
+    active exception", SIGABRT: measured in 1 of 20 two-task jobs on the 2-core test machine,
+    pytorch/pytorch#190489); srun then ends the job FAILED. Not after a failure: a peer may be
+    gone, and the task exits non-zero anyway."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- attaching to a recorded job ---------------------------------------------------------------
@@ -329,13 +347,21 @@ def _follow(record: dict, name: str) -> Any:
         tails += [LogTail(paths.stdout, sys.stdout, prefix), LogTail(paths.stderr, sys.stderr, prefix)]
     state, state_poll, next_state_check, completed_at = UNKNOWN, STATE_POLL_S[0], 0.0, None
     outcomes: list = [None] * ntasks
+    failed_at = None
     while True:
         for tail in tails:
             tail.pump()
         outcomes = _outcomes(folder, job_id, ntasks, outcomes)
-        failed = next((task for task, outcome in enumerate(outcomes) if outcome and outcome[0] == "error"), None)
-        if failed is not None or all(outcomes):
+        failures = _failures(folder, job_id, outcomes)
+        if all(outcomes) or any(not failure.lost_a_peer for failure in failures):
             break
+        if failures:
+            # Only ranks that lost a peer so far: the peer's own error follows (its result file), or
+            # the job ends without it (killed, say). Watched at every poll from now on.
+            failed_at = failed_at or time.monotonic()
+            if time.monotonic() - failed_at > RESULT_GRACE_S:
+                break
+            next_state_check = 0.0
         if time.monotonic() >= next_state_check:
             next_state_check = time.monotonic() + state_poll
             state_poll = min(state_poll * 1.5, STATE_POLL_S[1])
@@ -352,18 +378,22 @@ def _follow(record: dict, name: str) -> Any:
                         break
                 elif state not in LIVE_STATES:
                     outcomes = _outcomes(folder, job_id, ntasks, outcomes)
-                    failed = next((task for task, outcome in enumerate(outcomes)
-                                   if outcome and outcome[0] == "error"), None)
                     break
         time.sleep(LOG_POLL_S)
-    if failed is not None and state in LIVE_STATES | {UNKNOWN}:
+    failures = _failures(folder, job_id, outcomes)
+    if failures and state in LIVE_STATES | {UNKNOWN}:
         _cancel(job_id, None, quiet=True)  # its peers may be waiting for it in a collective
     for tail in tails:
         tail.pump(final=True)
-    if failed is not None:
-        raise LaunchError(f"{name}: SLURM job {job_id} failed on rank {failed}: {_last_line(outcomes[failed][1])} "
-                          f"(log: {_task_paths(folder, job_id, failed).stderr})")
     missing = [task for task, outcome in enumerate(outcomes) if outcome is None]
+    if failures:
+        failed = root_cause(failures)
+        message = (f"{name}: SLURM job {job_id} failed on rank {failed.rank}: {_last_line(failed.message)} "
+                   f"(log: {_task_paths(folder, job_id, failed.rank).stderr})")
+        if failed.lost_a_peer and missing:
+            # The peer it lost died without an error of its own (a signal, the OOM killer).
+            message += f"; no result from rank(s) {', '.join(map(str, missing))} (logs in {folder})"
+        raise LaunchError(message)
     if missing:
         # Ended without a result: cancelled, timed out, out of memory, node failure.
         task = missing[0]
@@ -374,6 +404,20 @@ def _follow(record: dict, name: str) -> Any:
     if state in LIVE_STATES | {UNKNOWN}:
         _wait_until_ended(job_id)  # the tasks are exiting: the stage ends with its job (and its allocation)
     return outcomes[0][1]
+
+
+def _failures(folder: Path, job_id: str, outcomes: list) -> list[RankFailure]:
+    """The tasks that failed: their tracebacks, timed by their result files (written when the
+    exception reached submitit; on a shared filesystem the server's clock times them all)."""
+    failures = []
+    for task, outcome in enumerate(outcomes):
+        if outcome is not None and outcome[0] == "error":
+            try:
+                written = _task_paths(folder, job_id, task).result.stat().st_mtime
+            except OSError:
+                written = None
+            failures.append(RankFailure(task, str(outcome[1]), written))
+    return failures
 
 
 def _wait_until_ended(job_id: str, timeout_s: float = 120) -> None:

@@ -1,5 +1,6 @@
 """Module-level targets for the launcher tests (spawned workers import them by name)."""
 
+import atexit
 import json
 import os
 import signal
@@ -48,3 +49,14 @@ def sleep_and_record(folder: str) -> None:
     join_process_group(cuda=False)
     Path(folder, f"pid{dist.get_rank()}").write_text(str(os.getpid()))
     time.sleep(120)
+
+
+def rank_one_raises_and_exits_last(folder: str) -> None:
+    """Rank 1 raises; rank 0, in a barrier with it, fails on the closed connection and exits first,
+    so torch elastic reports rank 0 (the order the launcher must see through)."""
+    join_process_group(cuda=False)
+    if dist.get_rank() == 1:
+        dist.destroy_process_group()  # closes its connections: rank 0's barrier fails now
+        atexit.register(time.sleep, 60)  # stopped by the launcher once rank 0 has exited
+        raise ValueError("the data is not there")
+    dist.barrier()

@@ -3,6 +3,7 @@ failures. Real processes, a real gloo group on 127.0.0.1."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,19 @@ def test_any_other_exception_keeps_its_type(tmp_path, monkeypatch):
     with pytest.raises(LaunchError, match=r"^t: rank 1 failed: KeyError: 'missing'; traceback: "):
         launch(targets.rank_one_crashes, (str(tmp_path),), LaunchParams(nproc_per_node=2), name="t",
                state_dir=tmp_path / "state")
+
+
+def test_the_rank_whose_error_caused_the_others_is_named(tmp_path, monkeypatch):
+    # Rank 0 fails on the connection rank 1 closed and exits first: torch elastic reports rank 0.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(LaunchError) as caught:
+        launch(targets.rank_one_raises_and_exits_last, (str(tmp_path),), LaunchParams(nproc_per_node=2), name="t",
+               state_dir=tmp_path / "state")
+    message = str(caught.value)
+    assert re.match(r"t: rank 1 failed: ValueError: the data is not there; traceback: ", message), message
+    error_file = Path(message.rsplit("traceback: ", 1)[1])
+    traceback = json.loads(error_file.read_text())["message"]["extraInfo"]["py_callstack"]
+    assert "rank_one_raises_and_exits_last" in traceback
 
 
 def test_a_killed_worker_fails_the_launch_instead_of_hanging_it(tmp_path, monkeypatch):
