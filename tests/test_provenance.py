@@ -36,7 +36,7 @@ def test_stage_runs_come_from_the_status_files(tmp_path):
     clock[0] += 125.04
     status.finish()
     runs = stage_runs(tmp_path, ["data", "train_cls@m-0"])  # data wrote no file: not listed
-    assert runs == [{"stage": "train_cls@m-0", "state": "done", "wall_time_s": 125.0,
+    assert runs == [{"stage": "train_cls@m-0", "state": "done", "wall_time_s": 125.04,
                      "finished": "2023-11-14T22:15:25+00:00", "host": runs[0]["host"], "world_size": 1,
                      "devices": ""}]
 
