@@ -116,6 +116,12 @@ def test_two_processes_train_what_one_trains_and_write_only_its_files(smoke_proj
     ok(cli(bin_path, project, "run", "train_cls@resnet18-0", "--force"))
     one = torch.load(project / "runs/cls/resnet18-seed0/last.pt", weights_only=True)
     assert one["recipe"]["world_size"] == 1 and run_files(project, "resnet18") == launched_files
+    assert_trained_the_same(two, one)
+
+
+def assert_trained_the_same(two: dict, one: dict) -> None:
+    """Two processes (sync_bn) trained what one trains: weights and SGD momentum within
+    SYNC_BN_TOLERANCE, losses within LOSS_TOLERANCE, the same top-1 every epoch."""
     error, name = largest_relative_error(two["state_dict"], one["state_dict"])
     assert error <= SYNC_BN_TOLERANCE, (name, error)
     momentum = {key: state["momentum_buffer"] for key, state in one["optimizer"]["state"].items()}

@@ -17,15 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from classification.test_distributed import LOSS_TOLERANCE, SYNC_BN_TOLERANCE
-from float_compare import largest_relative_error
 from sge_repro import run_lock
 from sge_repro.launch.slurm import RECORD_FILE
 
 # The data, recipe and equivalence conditions of the local 2-process test (justified there), and
 # its module-scoped smoke project with that data prepared.
-from .test_launch_stages import (EQUIVALENCE, cli, ok, run_files, set_params, sge_repro_bin_path,  # noqa: F401
-                                 smoke_project, stale)
+from .test_launch_stages import (EQUIVALENCE, assert_trained_the_same, cli, ok, run_files,  # noqa: F401
+                                 set_params, sge_repro_bin_path, smoke_project, stale)
 
 # Each test takes 1-3 minutes on 2 busy cores; the limit only ends a hang (a job that never starts).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -107,17 +105,7 @@ def test_a_slurm_job_of_two_tasks_trains_what_one_process_trains_and_writes_only
     ok(cli(bin_path, project, "run", STAGE, "--force"))
     one = torch.load(project / RUN_DIR / "last.pt", weights_only=True)
     assert one["recipe"]["world_size"] == 1 and run_files(project, "resnet18") == OUTPUTS
-    error, name = largest_relative_error(two["state_dict"], one["state_dict"])
-    assert error <= SYNC_BN_TOLERANCE, (name, error)
-    momentum = {key: state["momentum_buffer"] for key, state in one["optimizer"]["state"].items()}
-    error, key = largest_relative_error(
-        {key: state["momentum_buffer"] for key, state in two["optimizer"]["state"].items()}, momentum)
-    assert error <= SYNC_BN_TOLERANCE, (key, error)
-    for row_one, row_two in zip(one["history"], two["history"], strict=True):
-        for key in ("train_loss", "val_loss"):
-            assert row_two[key] == pytest.approx(row_one[key], rel=LOSS_TOLERANCE)
-        for key in ("train_top1", "val_top1"):
-            assert row_two[key] == row_one[key]
+    assert_trained_the_same(two, one)
 
 
 def kill_process_group(process: subprocess.Popen) -> None:

@@ -1,8 +1,6 @@
 """The SLURM backend against a real single-host cluster (tests/slurm_cluster.py): CPU, gloo, nothing mocked."""
 
 import json
-import os
-import pickle
 import re
 import signal
 import subprocess
@@ -13,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from sge_repro.errors import UserError
-from sge_repro.launch import slurm
 from sge_repro.launch.errors import LaunchError
 from sge_repro.launch.slurm import RECORD_FILE, run, sbatch_parameters
 from sge_repro.params import LaunchParams, SlurmParams
@@ -107,78 +104,6 @@ def test_a_failing_task_fails_the_launch_with_the_job_and_its_error(slurm_cluste
         run(fail_on_rank, (1, "the data is not there"), TWO_TASKS, name="failing", state_dir=tmp_path / "state")
     assert f"the earlier SLURM job {job_id} ended" in capsys.readouterr().err
     assert recorded_job(tmp_path / "state")["job_id"] != job_id
-
-
-PEER_ERROR = ("Traceback (most recent call last):\n  File \"slurm_targets.py\", line 37, in fail_on_rank\n"
-              "    dist.barrier()\nRuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer "
-              "[127.0.0.1]:49384. This is typically caused by a remote worker crashing. Check the logs of the remote "
-              "worker before reporting an error.\n")
-OWN_ERROR = ("Traceback (most recent call last):\n  File \"slurm_targets.py\", line 36, in fail_on_rank\n"
-             "    raise ValueError(message)\nValueError: the data is not there\n")
-
-
-def write_result(folder: Path, job_id: str, task: int, outcome: tuple, written: float) -> None:
-    """A task's result file as submitit leaves it, with the time it was written."""
-    path = folder / f"{job_id}_{task}_result.pkl"
-    path.write_bytes(pickle.dumps(outcome))
-    os.utime(path, (written, written))
-
-
-def follow_job(tmp_path: Path, monkeypatch, job_state) -> str:
-    """The LaunchError _follow raises for job 7 of two tasks whose files are in tmp_path;
-    `job_state()` is SLURM's answer at each poll."""
-    monkeypatch.setattr(slurm, "job_state", lambda job_id: job_state())
-    monkeypatch.setattr(slurm, "_cancel", lambda *args, **kwargs: None)
-    monkeypatch.setattr(slurm, "LOG_POLL_S", 0.01)
-    with pytest.raises(LaunchError) as raised:
-        slurm._follow({"job_id": "7", "ntasks": 2, "folder": str(tmp_path)}, "failing")
-    return str(raised.value)
-
-
-def states(*answers: str):
-    """SLURM's answers in turn, the last one from then on."""
-    answers = list(answers)
-    return lambda: answers.pop(0) if len(answers) > 1 else answers[0]
-
-
-def test_of_failed_tasks_the_one_whose_error_the_others_followed_is_named(tmp_path, monkeypatch):
-    # Both results are there at one poll (0.6 s apart, measured): rank 0 only lost its peer, rank 1.
-    write_result(tmp_path, "7", 0, ("error", PEER_ERROR), 1000.6)
-    write_result(tmp_path, "7", 1, ("error", OWN_ERROR), 1000.0)
-    message = follow_job(tmp_path, monkeypatch, states("RUNNING"))
-    assert re.match(r"failing: SLURM job 7 failed on rank 1: ValueError: the data is not there "
-                    r"\(log: \S+/7_1_log.err\)$", message), message
-
-
-def test_of_two_own_errors_the_earlier_is_named(tmp_path, monkeypatch):
-    write_result(tmp_path, "7", 0, ("error", OWN_ERROR.replace("the data", "rank 0's data")), 1000.6)
-    write_result(tmp_path, "7", 1, ("error", OWN_ERROR), 1000.0)
-    assert "failed on rank 1: ValueError: the data is not there" in follow_job(tmp_path, monkeypatch, states("RUNNING"))
-
-
-def test_a_lost_peer_waits_for_the_peer_s_own_error(tmp_path, monkeypatch):
-    # Rank 0's result is seen first (a shared filesystem may show rank 1's later): the head keeps
-    # watching the job until rank 1's own error arrives.
-    write_result(tmp_path, "7", 0, ("error", PEER_ERROR), 1000.6)
-    polls = []
-
-    def running():
-        polls.append(1)
-        if len(polls) == 3:
-            write_result(tmp_path, "7", 1, ("error", OWN_ERROR), 1000.0)
-        return "RUNNING"
-
-    message = follow_job(tmp_path, monkeypatch, running)
-    assert "failed on rank 1: ValueError: the data is not there (log: " in message, message
-    assert len(polls) == 3
-
-
-def test_a_lost_peer_is_named_when_the_peer_died_without_an_error(tmp_path, monkeypatch):
-    # Rank 1 was killed (a signal, the OOM killer): no result of its own, and the job ended.
-    write_result(tmp_path, "7", 0, ("error", PEER_ERROR), 1000.6)
-    message = follow_job(tmp_path, monkeypatch, states("RUNNING", "FAILED"))
-    assert re.match(r"failing: SLURM job 7 failed on rank 0: RuntimeError: .*Connection closed by peer.* \(log: "
-                    r"\S+/7_0_log.err\); no result from rank\(s\) 1 \(logs in ", message), message
 
 
 def test_rerun_after_the_head_is_killed_reattaches_to_the_running_job(slurm_cluster, tmp_path):
