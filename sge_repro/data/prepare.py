@@ -66,7 +66,7 @@ def write_manifests(sources: list[Source], paths: ProjectPaths, skip_corrupt: bo
     workers = workers or available_cpus()
     manifests, summary = [], {}
     for source in sources:
-        scans = scan(source.root, source.folders, IMAGE_EXTENSIONS, progress, f"scan {source.name}")
+        scans = scan(source.root, source.folders, IMAGE_EXTENSIONS, progress, f"scan {source.name}", workers)
         _require_files(source, scans)
         key = _listing_key(source, scans)
         state = _unchanged_state(paths, source.name, key)

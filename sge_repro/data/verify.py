@@ -1,6 +1,6 @@
 """Which image files of a dataset are new or changed since the last check, and decoding only those.
 
-The data stage calls `scan` (one `os.scandir` + `stat` per file: sizes and mtimes, no reads),
+The data stage calls `scan` (a listing and one `stat` per file: sizes and mtimes, no reads),
 then `verify`, which looks every file up in a `VerifyCache` keyed by (path, size, mtime_ns) and
 decodes only the misses, on every core this process may use, each file read once: its bytes are
 hashed (BLAKE2b-128, the content digest the manifest's fingerprint is built from) and decoded with
@@ -22,9 +22,10 @@ import os
 import signal
 import stat
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from sge_repro import atomic
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 SAVE_EVERY_S = 60.0
 IN_PROCESS_BELOW = 64   # fewer files than this are decoded in this process (no pool start-up)
+SCAN_IN_PROCESS_BELOW = 16   # fewer folders than this are scanned in this process
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -58,35 +60,48 @@ def scan_folder(folder: Path, wanted: set[str] | None, extensions: tuple[str, ..
     """Regular files in `folder`: those named in `wanted`, or (wanted=None) every visible file
     with one of `extensions`. Symlinks are followed (a linked tree scans like a real one)."""
     rows = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            name = entry.name
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(descriptor):
             if wanted is None:
                 if name[0] == "." or not name.lower().endswith(extensions):
                     continue
             elif name not in wanted:
                 continue
-            info = entry.stat()   # the one syscall per file (1.33M for ImageNet)
+            try:
+                # the one syscall per file (1.33M for ImageNet); relative to the open folder, which
+                # spares the kernel the path walk (a fifth faster than os.scandir + entry.stat here)
+                info = os.stat(name, dir_fd=descriptor)
+            except FileNotFoundError:   # removed since the listing: absent
+                continue
             if stat.S_ISREG(info.st_mode):
                 rows.append((name, info.st_size, info.st_mtime_ns))
+    finally:
+        os.close(descriptor)
     rows.sort()
     return FolderScan([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
-def scan(root: Path, folders: dict[str, set[str] | None], extensions: tuple[str, ...],
-         progress: Progress | None = None, label: str = "scan") -> dict[str, FolderScan]:
-    """`scan_folder` of every folder (relative to root), in sorted order; a few threads overlap the
-    stat calls (they release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _scan_job(job: tuple[Path, set[str] | None, tuple[str, ...]]) -> FolderScan:
+    return scan_folder(*job)
 
+
+def scan(root: Path, folders: dict[str, set[str] | None], extensions: tuple[str, ...],
+         progress: Progress | None = None, label: str = "scan", workers: int | None = None) -> dict[str, FolderScan]:
+    """`scan_folder` of every folder (relative to root), in sorted order. Many folders (ImageNet's
+    1,000 classes) are scanned in `workers` processes (default: every core this process may use):
+    the stat calls are cheap enough that threads only fight over the GIL (measured slower than one
+    thread), while 2 processes scan ImageNet's 1.28M files in 2.0 s against 3.3 s."""
     names = sorted(folders)
+    jobs = [(root / rel, folders[rel], extensions) for rel in names]
+    workers = min(workers or available_cpus(), len(jobs))
     result = {}
-    with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as threads:
-        scans = threads.map(lambda rel: scan_folder(root / rel, folders[rel], extensions), names)
-        for done, (rel, found) in enumerate(zip(names, scans), start=1):
-            result[rel] = found
-            if progress is not None and (done % 50 == 0 or done == len(names)):
-                progress(label, done, len(names))
+    found = _run_all(_scan_job, jobs, workers, in_process=len(jobs) < SCAN_IN_PROCESS_BELOW, ordered=True,
+                     chunksize=max(1, min(16, len(jobs) // (workers * 8))))
+    for done, (rel, folder_scan) in enumerate(zip(names, found), start=1):
+        result[rel] = folder_scan
+        if progress is not None and (done % 50 == 0 or done == len(names)):
+            progress(label, done, len(names))
     return result
 
 
@@ -98,7 +113,7 @@ def listing_digest(scans: dict[str, FolderScan], *context: str) -> str:
     for rel in sorted(scans):
         found = scans[rel]
         digest.update(rel.encode() + b"\0" + "\0".join(found.names).encode() + b"\0")
-        digest.update(repr(found.sizes).encode() + repr(found.mtimes).encode())
+        digest.update(array("q", found.sizes).tobytes() + array("q", found.mtimes).tobytes())
     return digest.hexdigest()
 
 
@@ -255,19 +270,25 @@ def _dies_of_sigterm() -> None:
 
 def _decode_all(items: Iterable[tuple[int, str]], total: int, workers: int,
                 record: Callable[[int, str, str | None], None], progress: Progress | None, label: str) -> None:
-    if total < IN_PROCESS_BELOW or workers == 1:
-        for done, (position, path) in enumerate(items, start=1):
-            record(position, *check_file(path))
-            if progress is not None:
-                progress(label, done, total)
+    chunk = max(1, min(256, total // (workers * 16)))
+    checked = _run_all(_check_indexed, items, workers, in_process=total < IN_PROCESS_BELOW, ordered=False,
+                       chunksize=chunk)
+    for done, (position, digest, error) in enumerate(checked, start=1):
+        record(position, digest, error)
+        if progress is not None and (done % 64 == 0 or done == total):
+            progress(label, done, total)
+
+
+def _run_all(function: Callable, items: Iterable, workers: int, in_process: bool, ordered: bool,
+             chunksize: int) -> Iterator:
+    """`function` over `items`: in this process, or in a pool of `workers` processes (results in
+    order, or as they come). Closing the generator early (an error in the caller) ends the pool."""
+    if in_process or workers == 1:
+        yield from map(function, items)
         return
     # fork (as torch's DataLoader workers): no re-import of the caller's __main__; this stage's
     # process has no threads of its own (no torch import) that a fork could copy mid-lock
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    chunk = max(1, min(256, total // (workers * 16)))
     with multiprocessing.get_context(method).Pool(workers, initializer=_dies_of_sigterm) as pool:
-        for done, (position, digest, error) in enumerate(
-                pool.imap_unordered(_check_indexed, items, chunksize=chunk), start=1):
-            record(position, digest, error)
-            if progress is not None and (done % 64 == 0 or done == total):
-                progress(label, done, total)
+        mapped = pool.imap if ordered else pool.imap_unordered
+        yield from mapped(function, items, chunksize=chunksize)

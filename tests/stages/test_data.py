@@ -12,7 +12,7 @@ from sge_repro.data.imagefolder import build_imagefolder, imagefolder_from_manif
 from sge_repro.data.manifest import read_manifest, serialize
 from sge_repro.data.prepare import pending_changes, prepare_data
 from sge_repro.data.synthetic import generate_classification_set, generate_detection_set
-from sge_repro.data.verify import IN_PROCESS_BELOW, VerifyCache, scan, verify
+from sge_repro.data.verify import IN_PROCESS_BELOW, SCAN_IN_PROCESS_BELOW, VerifyCache, scan, verify
 from sge_repro.errors import UserError
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
@@ -172,6 +172,33 @@ def test_pool_verification_names_corrupt_files(tmp_path):
     again = VerifyCache(tmp_path / "cache.json", root)   # from disk
     _, decoded = verify(root, scan(root, folders, (".jpg",)), again, workers=2)
     assert decoded == 0
+
+
+def test_a_pool_scan_lists_what_an_in_process_scan_lists(tmp_path):
+    """Enough folders for the process pool: the same names, sizes and mtimes in the same order as
+    one process; hidden files, other extensions and folders named like images are left out,
+    symlinked files are followed, a `wanted` set keeps only its names."""
+    root = tmp_path / "tree"
+    folders: dict[str, set[str] | None] = {}
+    for k in range(SCAN_IN_PROCESS_BELOW + 3):
+        folder = root / f"c{k:03d}"
+        folder.mkdir(parents=True)
+        for i in range(k % 4 + 1):
+            (folder / f"img{i}.JPG").write_bytes(b"x" * (k * 10 + i))
+        (folder / ".hidden.jpg").write_bytes(b"h")
+        (folder / "notes.txt").write_bytes(b"t")
+        (folder / "dir.jpg").mkdir()
+        folders[folder.name] = None
+    (root / "c000" / "linked.jpg").symlink_to(root / "c001" / "img0.JPG")
+    folders["c002"] = {"img1.JPG", "img9.JPG"}
+    pooled = scan(root, folders, (".jpg",), workers=2)
+    alone = scan(root, folders, (".jpg",), workers=1)
+    assert list(pooled) == sorted(folders) == list(alone)
+    assert {rel: vars(found) for rel, found in pooled.items()} == {rel: vars(found) for rel, found in alone.items()}
+    assert pooled["c000"].names == ["img0.JPG", "linked.jpg"]
+    assert pooled["c000"].sizes == [0, 10]
+    assert pooled["c002"].names == ["img1.JPG"] and pooled["c003"].names == [f"img{i}.JPG" for i in range(4)]
+    assert pooled["c005"].mtimes == [(root / "c005" / f"img{i}.JPG").stat().st_mtime_ns for i in range(2)]
 
 
 # ------------------------------------------------------------------ real-format sources, in place
