@@ -15,6 +15,7 @@ cause among them (`sge_repro.launch.errors.root_cause`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from sge_repro import atomic
 from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
@@ -71,24 +72,32 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
         max_restarts=0, start_method="spawn", local_addr="127.0.0.1",
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.NONE, tee=Std.NONE))
     quiet = _QuietElasticLogs()
-    # torch elastic installs handlers for these that raise SignalException and leaves them in place:
-    # put back this process's own after the launch (Ctrl-C is KeyboardInterrupt again; a process
-    # forked later, such as a multiprocessing pool worker, dies of SIGTERM instead of catching it)
-    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
-    before = {sig: signal.getsignal(sig) for sig in handled} if threading.current_thread() is threading.main_thread() else {}
     try:
-        with quiet:
+        with quiet, own_signal_handlers():
             results = elastic_launch(config, _worker)(target, args, str(log_dir))
     except elastic_errors.ChildFailedError as exc:
         raise LaunchError(describe_failure(name, exc, recorded_failures(log_dir))) from None
     except SignalException as exc:  # Ctrl-C / SIGTERM of this process: the agent stopped the workers
         raise LaunchError(f"{name}: interrupted by {exc.sigval.name}; the workers were stopped "
                           "(rerun to resume from the last checkpoint)") from None
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return results[0]
+
+
+@contextlib.contextmanager
+def own_signal_handlers() -> Iterator[None]:
+    """Put back this process's SIGTERM / INT / HUP / QUIT handlers on leaving. Torch elastic installs
+    handlers that raise SignalException and leaves them in place: without this, Ctrl-C after a
+    launch is no KeyboardInterrupt, and a process forked later (a multiprocessing pool worker)
+    catches SIGTERM instead of dying of it."""
+    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name)]
+    main = threading.current_thread() is threading.main_thread()   # handlers are only set there
+    before = {sig: signal.getsignal(sig) for sig in handled} if main else {}
+    try:
+        yield
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    shutil.rmtree(log_dir, ignore_errors=True)
-    return results[0]
 
 
 def _worker(target: Callable[..., Any], args: tuple, log_dir: str) -> Any:

@@ -97,7 +97,10 @@ def _canonical(value: Any) -> Any:
     from pydantic import BaseModel
 
     if isinstance(value, BaseModel):
-        return {"model": f"{type(value).__module__}.{type(value).__qualname__}", **value.model_dump(mode="json")}
+        # how the job is launched (params.launch: nodes, tasks, time limit, partition) is not what it computes
+        launch = {name for name in type(value).model_fields if isinstance(getattr(value, name), LaunchParams)}
+        return {"model": f"{type(value).__module__}.{type(value).__qualname__}",
+                **value.model_dump(mode="json", exclude=launch)}
     if isinstance(value, os.PathLike):
         return {"path": os.fspath(value)}
     if isinstance(value, (list, tuple)):
@@ -106,11 +109,16 @@ def _canonical(value: Any) -> Any:
         return {str(key): _canonical(item) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return {"repr": repr(value)}
+    described = repr(value)
+    if " at 0x" in described:   # object.__repr__: a memory address, different in every process
+        raise TypeError(f"{type(value).__qualname__}: its repr names a memory address ({described}); a launch "
+                        "argument needs a repr that is equal for equal values (e.g. a frozen dataclass)")
+    return {"repr": described}
 
 
 def submission_fingerprint(target: Callable[..., Any], args: tuple) -> str:
-    """sha256 of what the job computes: the target, its arguments and the working directory."""
+    """sha256 of what the job computes: the target, its arguments (launch settings left out) and
+    the working directory."""
     described = {"target": f"{target.__module__}.{target.__qualname__}", "args": _canonical(list(args)),
                  "cwd": os.getcwd()}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()

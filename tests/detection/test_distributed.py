@@ -44,6 +44,8 @@ def written_files(run_dir: Path) -> list[str]:
 def test_two_gloo_workers_train_and_write_what_one_process_writes(coco_set, detectron2_weights, tmp_path, monkeypatch):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from sge_repro.launch.local import own_signal_handlers
+
     # one process, in this process
     torch.set_num_threads(1)
     train_in_worker(str(coco_set), str(detectron2_weights), str(tmp_path / "one"))
@@ -52,7 +54,8 @@ def test_two_gloo_workers_train_and_write_what_one_process_writes(coco_set, dete
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=0.1, start_method="spawn")
-    results = elastic_launch(config, train_in_worker)(str(coco_set), str(detectron2_weights), str(tmp_path / "two"))
+    with own_signal_handlers():   # torch elastic would leave its handlers in pytest's process
+        results = elastic_launch(config, train_in_worker)(str(coco_set), str(detectron2_weights), str(tmp_path / "two"))
 
     assert sorted(results) == [0, 1]
     for rank, result in results.items():

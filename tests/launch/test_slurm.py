@@ -12,7 +12,7 @@ import pytest
 
 from sge_repro.errors import UserError
 from sge_repro.launch.errors import LaunchError
-from sge_repro.launch.slurm import RECORD_FILE, run, sbatch_parameters
+from sge_repro.launch.slurm import RECORD_FILE, run, sbatch_parameters, submission_fingerprint
 from sge_repro.params import LaunchParams, SlurmParams
 
 from .slurm_targets import all_reduce_ranks, fail_on_rank
@@ -224,6 +224,30 @@ def test_sbatch_parameters_from_params():
     assert parameters["partition"] == "gpu" and parameters["account"] == "vision"
     assert parameters["additional_parameters"] == {"time": "2-00:00:00", "qos": "high", "exclusive": True}
     assert "gpus_per_node" not in sbatch_parameters(settings, 8, cuda=False, job_name="sge-x")
+
+
+def test_the_job_fingerprint_covers_what_is_computed_not_how_it_is_launched():
+    """README: changing launch settings (time limit, partition) while a job runs re-attaches to it;
+    changing what the stage computes does not."""
+    from sge_repro.params import Params
+
+    base = Params()
+    fingerprint = submission_fingerprint(all_reduce_ranks, (base, "resnet18"))
+    relaunched = base.model_copy(update={"launch": LaunchParams(launcher="slurm", nproc_per_node=4, slurm=SlurmParams(
+        time_limit="1-00:00:00", partition="long"))})
+    assert submission_fingerprint(all_reduce_ranks, (relaunched, "resnet18")) == fingerprint
+    retrained = base.model_copy(update={"cpu_threads": base.cpu_threads + 1})
+    assert submission_fingerprint(all_reduce_ranks, (retrained, "resnet18")) != fingerprint
+    assert submission_fingerprint(all_reduce_ranks, (base, "resnet50")) != fingerprint
+    assert submission_fingerprint(fail_on_rank, (base, "resnet18")) != fingerprint
+
+
+def test_an_argument_whose_repr_is_a_memory_address_is_refused():
+    class Plain:
+        pass
+
+    with pytest.raises(TypeError, match="Plain: its repr names a memory address"):
+        submission_fingerprint(all_reduce_ranks, (Plain(),))
 
 
 def test_nproc_per_node_auto_is_refused_for_slurm(tmp_path):
