@@ -31,10 +31,10 @@ def stale_stages(cwd: Path) -> set[str]:
     return {name for name, why in status.items() if not (name == "data" and why == ["always changed"])}
 
 
-def set_param(cwd: Path, section: str, key: str, value) -> None:
+def set_param(cwd: Path, section: str | None, key: str, value) -> None:
     path = cwd / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params[section][key] = value
+    (params[section] if section else params)[key] = value
     # written as sge-repro writes it: setting a value back gives back the same bytes (the report
     # stage depends on params.yaml's bytes, whose sha256 its provenance records)
     path.write_text(dump_params(validate_params(without_derived(params))))
@@ -83,6 +83,14 @@ def test_smoke_pipeline_end_to_end(project, sge_repro_bin):
     assert "Running stage" not in second.stdout
 
     check_dataset_changes_rerun_exactly_their_stages(project, sge_repro_bin, params)
+
+    # another seed: its stages are new, seed 0's stay up to date
+    set_param(project, None, "seeds", [0, 1])
+    stale = stale_stages(project)
+    assert {"visualize", "report", "train_cls@resnet18-1", "eval_det@faster_rcnn-resnet18-1"} <= stale
+    assert not [name for name in stale if name.endswith("-0")]
+    set_param(project, None, "seeds", [0])
+    assert stale_stages(project) == set()
 
     # one param changed: only the stages that read it are stale
     set_param(project, "report", "tolerance", 0.5)
