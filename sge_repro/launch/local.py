@@ -187,7 +187,9 @@ def describe_failure(name: str, exc: Any, records: dict[int, dict] | None = None
     what = _one_line(root.message) if root.message else ""
     if not what and failure is not None and failure.exitcode < 0:
         what = f"killed by signal {-failure.exitcode} ({failure.signal_name()})"
-    what = what or f"exited with code {failure.exitcode if failure is not None else 1} without an error message"
+    what = what or (f"exited with code {failure.exitcode if failure is not None else 1} without recording an "
+                    "error: it failed outside the stage's code (e.g. while starting: importing or unpickling "
+                    "the target); its traceback is in the output above")
     # Other ranks that failed of their own accord (not those that lost their peer in a collective).
     others = sorted(rank for rank, other in candidates.items() if rank != root.rank and not other.lost_a_peer)
     also = f" (rank(s) {', '.join(map(str, others))} failed too)" if others else ""
@@ -197,8 +199,9 @@ def describe_failure(name: str, exc: Any, records: dict[int, dict] | None = None
 
 
 def _message(failure: Any) -> str:
-    """A torch elastic ProcessFailure's error message ("" for a signal, or without an error file)."""
-    if failure.exitcode < 0 or not failure.error_file_data.get("message"):
+    """A torch elastic ProcessFailure's error message ("" for a signal, or without an error file:
+    torch then makes up "To enable traceback see: <url>", which says nothing of this failure)."""
+    if failure.exitcode < 0 or not os.path.isfile(str(failure.error_file)):
         return ""
     message = failure.message
     if isinstance(message, dict):

@@ -4,6 +4,7 @@ failures. Real processes, a real gloo group on 127.0.0.1."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,28 @@ def test_a_killed_worker_fails_the_launch_instead_of_hanging_it(tmp_path, monkey
     with pytest.raises(LaunchError, match=r"^t: rank 1 failed: killed by signal 9 \(SIGKILL\)$"):
         launch(targets.rank_one_is_killed, (str(tmp_path),), LaunchParams(nproc_per_node=2), name="t",
                state_dir=tmp_path / "state")
+
+
+def test_a_worker_that_fails_before_the_target_runs_is_named_with_where_to_look(tmp_path, monkeypatch, capfd):
+    """The target's module exists here but not for the spawned workers: they fail while unpickling
+    it, before any error file is written; the line says so instead of torch's placeholder."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    module = tmp_path / "vanishing_target.py"
+    module.write_text("def target():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_target
+
+    monkeypatch.setitem(sys.modules, "vanishing_target", vanishing_target)   # removed again after the test
+    module.unlink()
+    shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+    with pytest.raises(LaunchError) as caught:
+        launch(vanishing_target.target, (), LaunchParams(nproc_per_node=2), name="t", state_dir=tmp_path / "state")
+    message = str(caught.value)
+    assert re.fullmatch(r"t: rank [01] failed: exited with code 1 without recording an error: it failed outside "
+                        r"the stage's code \(e\.g\. while starting: importing or unpickling the target\); its "
+                        r"traceback is in the output above", message), message
+    assert "To enable traceback" not in message
+    assert "No module named 'vanishing_target'" in capfd.readouterr().err   # the traceback is there
 
 
 @pytest.mark.parametrize("launch_section, expected", [
