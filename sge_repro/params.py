@@ -563,6 +563,29 @@ def without_derived(raw: dict) -> dict:
     return raw
 
 
+def set_values(raw: dict, assignments: list[str]) -> dict:
+    """A copy of raw params with each `KEY=VALUE` applied, as DVC's `-S` spells them: a dotted key
+    (`train_cls.lr`, `seeds`) and a YAML value (`[0, 1]`, `0.1`, `fp32`), read as params.yaml is."""
+    raw = copy.deepcopy(raw)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        names = key.strip().split(".")
+        if not sep or not all(names):
+            raise UserError(f"-S {assignment!r}: expected KEY=VALUE with a dotted params.yaml key, e.g. "
+                            "train_cls.lr=0.1 or 'seeds=[0, 1]'")
+        try:
+            value = yaml.load(text, Loader=Yaml12Loader)
+        except yaml.YAMLError as exc:
+            raise UserError(f"-S {assignment!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        section = raw
+        for depth, name in enumerate(names[:-1]):
+            section = section.setdefault(name, {})
+            if not isinstance(section, dict):
+                raise UserError(f"-S {assignment!r}: {'.'.join(names[:depth + 1])} is a value, not a section")
+        section[names[-1]] = value
+    return raw
+
+
 def refresh_params_file(path: Path = PARAMS_FILE) -> bool:
     """Rewrite params.yaml if its derived keys disagree with the rest (a hand edit of convert.sources,
     detection_backbones, seeds, ...); True if rewritten. Anything else wrong is a UserError."""

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 
 from sge_repro import atomic, run_lock
 from sge_repro.errors import UserError
-from sge_repro.params import PARAMS_FILE, dump_params, load_params, profile_params, refresh_params_file
+from sge_repro.params import (PARAMS_FILE, dump_params, load_params, profile_params, read_yaml, refresh_params_file,
+                              set_values, validate_params, without_derived)
 
 LOG_FILE = Path("logs") / "dvc-repro.log"  # opened (truncated) only by the holder of the run lock
 
@@ -85,6 +86,32 @@ def prepare_run(profile: str | None, targets: list[str], params_file: Path = PAR
             atomic.write_text(params_file, before)
         raise
     return name, changed, stages
+
+
+def run_experiment(assignments: list[str], targets: list[str], queue: bool = False, name: str | None = None,
+                   params_file: Path = PARAMS_FILE) -> int:
+    """`dvc exp run [--queue] [--name NAME] [TARGETS]` with params.yaml set by `assignments` (KEY=VALUE)
+    and the keys sge-repro derives brought up to date; returns DVC's exit code.
+
+    DVC's own `-S` writes only the keys it is given: a change of seeds, detection_backbones or
+    convert.* then leaves convert.inputs stale and the experiment fails at its first stage. Here
+    the file is validated and written whole before DVC starts (bad input: UserError, file untouched).
+    A queued experiment takes the workspace's params.yaml with it; the file is put back afterwards,
+    so the next `exp run --queue` starts from the same baseline. Without --queue, as `dvc exp run
+    -S`, the workspace keeps the experiment's params and results."""
+    require_dvc_project()
+    run_lock.refuse_if_busy()
+    before = params_file.read_text(encoding="utf-8")
+    params = validate_params(without_derived(set_values(read_yaml(params_file), assignments)),
+                             f"{params_file} (with -S)" if assignments else str(params_file))
+    atomic.write_text(params_file, dump_params(params))
+    command = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if queue else []),
+               *(["--name", name] if name else []), *targets]
+    try:
+        return subprocess.run(command, env=stage_env()).returncode
+    finally:
+        if queue:
+            atomic.write_text(params_file, before)
 
 
 def list_stages() -> list[str]:

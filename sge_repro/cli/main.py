@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from sge_repro.cli import bench, convert, data, env, evaluate, models, report, run, train
+from sge_repro.cli import bench, convert, data, env, evaluate, exp, models, report, run, train
 from sge_repro.cli.ui import err_console
 from sge_repro.errors import UserError
 
@@ -31,6 +31,7 @@ def _root(
 
 app.command("run")(run.run)
 app.command("status")(run.status)
+app.add_typer(exp.app, name="exp")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.add_typer(evaluate.app, name="eval")

@@ -207,3 +207,38 @@ def test_a_dvc_experiment_runs_and_dvc_exp_show_has_its_metric(smoke):
                             env=env, capture_output=True, text=True, check=True).stdout.splitlines()[0].split(",")
     assert header == ["Experiment", "top1.resnet18", "top1.sge_resnet18", "gain_top1.sge_resnet18",
                       "gain_AP.faster_rcnn-sge_resnet18", "model.groups", "train_cls.epochs"], header
+
+
+def test_a_queued_experiment_changing_derived_params_runs_through_sge_repro_exp_run(smoke):
+    """DVC's own -S cannot change `models` / `detection_backbones` / `seeds`: params.yaml's derived
+    convert.inputs would be stale and the experiment fail. `sge-repro exp run` writes the file
+    whole first; the queued experiment takes it along and the workspace file is put back."""
+    root = smoke["root"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "baseline for the queue")
+    before = (root / "params.yaml").read_bytes()
+    sge_repro(root, "exp", "run", "--queue", "-n", "g2-sge-only", "-S", "model.groups=2",
+              "-S", "models=[sge_resnet18]", "-S", "detection_backbones=[sge_resnet18]", "eval_cls")
+    assert (root / "params.yaml").read_bytes() == before
+    subprocess.run([*DVC, "queue", "start", "-j", "1"], cwd=root, env=env, check=True, capture_output=True)
+    deadline, state = time.monotonic() + 900, ""
+    while time.monotonic() < deadline:
+        listed = subprocess.run([*DVC, "queue", "status"], cwd=root, env=env, capture_output=True, text=True).stdout
+        state = next((line for line in listed.splitlines() if "g2-sge-only" in line), "")
+        if "Success" in state or "Failed" in state:
+            break
+        time.sleep(2)
+    assert "Success" in state, listed + subprocess.run([*DVC, "queue", "logs", "g2-sge-only"], cwd=root, env=env,
+                                                       capture_output=True, text=True).stdout[-3000:]
+
+    shown = json.loads(subprocess.run([*DVC, "exp", "show", "--json"], cwd=root, env=env, capture_output=True,
+                                      text=True, check=True).stdout)
+    experiment = next(exp for entry in shown for exp in (entry.get("experiments") or []) if exp.get("name") == "g2-sge-only")
+    data = experiment["revs"][0]["data"]
+    params = data["params"]["params.yaml"]["data"]
+    assert params["model"]["groups"] == 2 and params["models"] == ["sge_resnet18"]
+    assert list(params["convert"]["inputs"]) == ["sge_resnet18-0"]   # derived from the new lists
+    top1 = data["metrics"]["metrics/eval_cls/sge_resnet18-seed0.json"]["data"]["top1"]
+    assert 0 <= top1 <= 100
+    assert "metrics/eval_cls/resnet18-seed0.json" not in data["metrics"]
