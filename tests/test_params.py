@@ -13,7 +13,9 @@ from sge_repro.params import (
     dump_params,
     load_params,
     profile_params,
+    set_values,
     validate_params,
+    without_derived,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +187,25 @@ def test_controlled_protocol_needs_both_backbones_trained():
     # detectron2 takes any source
     assert validate_params(_with_protocol("detectron2", ("resnet50", "sge_resnet50"),
                                           sources={"resnet50": "torchvision"})).convert_source("resnet50") == "torchvision"
+
+
+def test_set_values_reads_dvc_style_assignments_as_params_yaml_does():
+    raw = yaml.safe_load(dump_params(Params()))
+    changed = set_values(raw, ["model.groups=2", "seeds=[0, 1]", "train_cls.amp=fp32", "train_cls.lr=1e-05",
+                               "detection_backbones=[sge_resnet18]", "models=[sge_resnet18]"])
+    params = validate_params(without_derived(changed))
+    assert params.model.groups == 2 and params.seeds == [0, 1] and params.train_cls.lr == 1e-05
+    assert sorted(params.convert_inputs()) == ["sge_resnet18-0", "sge_resnet18-1"]   # derived again
+    assert raw["model"]["groups"] == Params().model.groups   # the input is left as it was
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("model.groups", "expected KEY=VALUE"),
+    ("=3", "expected KEY=VALUE"),
+    ("model..groups=3", "expected KEY=VALUE"),
+    ("seeds=[0, 1", "the value is not valid YAML"),
+    ("model.groups.x=1", "model.groups is a value, not a section"),
+])
+def test_set_values_names_a_malformed_assignment(assignment, message):
+    with pytest.raises(UserError, match=message):
+        set_values(yaml.safe_load(dump_params(Params())), [assignment])
