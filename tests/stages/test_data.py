@@ -199,6 +199,7 @@ def test_a_pool_scan_lists_what_an_in_process_scan_lists(tmp_path):
     assert pooled["c000"].sizes == [0, 10]
     assert pooled["c002"].names == ["img1.JPG"] and pooled["c003"].names == [f"img{i}.JPG" for i in range(4)]
     assert pooled["c005"].mtimes == [(root / "c005" / f"img{i}.JPG").stat().st_mtime_ns for i in range(2)]
+    assert scan(root, {}, (".jpg",)) == {}   # no folders: nothing to divide among workers
 
 
 # ------------------------------------------------------------------ real-format sources, in place
