@@ -12,6 +12,19 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, *args):
+        # torch's DataLoader re-raises a loader worker's exception in the main process as
+        # type(error)("Caught <type> in DataLoader worker process N.\nOriginal Traceback ...\n
+        # <module>.<type>: <message>\n"): keep the one-line message, the traceback says nothing
+        # the message does not.
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and " in DataLoader worker process " in args[0].partition("\n")[0]:
+            marker = f"\n{type(self).__module__}.{type(self).__qualname__}: "
+            head, found, message = args[0].rstrip("\n").rpartition(marker)
+            if found:
+                args = (message,)
+        super().__init__(*args)
+
 
 def preview(names: Sequence[str], limit: int = 5) -> str:
     """The first `limit` names and how many more, for a one-line message: "a, b and 3 more"."""

@@ -31,16 +31,32 @@ def decode_rgb(path: str | os.PathLike) -> Image.Image:
     decodes fine. `load()` forces the full decode so truncation is caught here, not later.
     """
     try:
-        with warnings.catch_warnings():
-            # A truncated file must fail, not decode half grey.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return _to_rgb(image)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
+        return _decode_rgb(path)
+    except _DECODE_ERRORS as error:
         raise UserError(f"{path}: corrupt or unreadable image ({_one_line(error)}); "
                         "expected a decodable image file (or set data.skip_corrupt)") from error
+
+
+def decode_error(path: str | os.PathLike) -> str | None:
+    """Why `path` does not decode as `decode_rgb` decodes it (one line), or None when it does."""
+    try:
+        _decode_rgb(path)
+    except _DECODE_ERRORS as error:
+        return _one_line(error)
+    return None
+
+
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
+
+
+def _decode_rgb(path: str | os.PathLike) -> Image.Image:
+    with warnings.catch_warnings():
+        # A truncated file must fail, not decode half grey.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
 
 
 def _one_line(error: BaseException) -> str:

@@ -24,7 +24,8 @@ def register_coco_dataset(name: str, json_file: str | Path, image_root: str | Pa
     Re-registering the same name with the same files is a no-op; with other files it replaces
     the old entry. Returns the counts from validation (empty when validate=False). `exclude`:
     image files (absolute paths) left out of the dataset, e.g. those the data stage found corrupt
-    with data.skip_corrupt (COCO AP still counts their ground truth, as missed objects).
+    with data.skip_corrupt (recorded in the metadata as `excluded`; evaluation lists them and
+    computes AP over the rest, see sge_repro.detection.engine.evaluate_detector).
     """
     import_detectron2()
     from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -10,9 +10,9 @@ the group (NCCL on GPU, gloo on CPU) and makes detectron2's per-machine group, s
 `launch` requires CUDA. SOLVER.IMS_PER_BATCH is the global batch (each rank loads its share);
 only rank 0 writes files.
 
-Before anything is written in OUTPUT_DIR, training decodes every training image once (a corrupt
-one: UserError naming it, or left out with skip_corrupt) and compares the config fingerprint of
-the checkpoint it would resume from (sge_repro.detection.checkpoint).
+Before anything is written in OUTPUT_DIR, training compares the config fingerprint of the
+checkpoint it would resume from (sge_repro.detection.checkpoint). Images are not decoded to
+check them: the data stage verified each one once (sge_repro.data.verify).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from sge_repro.detection.checkpoint import (
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
 from sge_repro.detection.mmdetection import build_optimizer  # also registers the authors' Cascade heads
-from sge_repro.detection.loader import build_train_loader, check_images, training_records
+from sge_repro.detection.loader import NamedImageErrors, build_train_loader, training_records
 from sge_repro.detection.writes import (
     AppendFile, append_log_to, disk_errors, quiet_event_writer_thread, raise_disk_error,
 )
@@ -48,7 +48,7 @@ from sge_repro.superseded import supersede_changed_run
 
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader  # noqa: E402
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks  # noqa: E402
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
@@ -261,8 +261,7 @@ def _check_seed(cfg: CfgNode) -> None:
         raise UserError(f"SEED={cfg.SEED}: expected a seed >= 0 (detectron2 reads a negative seed as 'random')")
 
 
-def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2, skip_corrupt: bool = False,
-                   status=None) -> Path:
+def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2, status=None) -> Path:
     """Train the detector of `cfg`; returns OUTPUT_DIR/model_final.pth. Call it in every process
     of a distributed run.
 
@@ -271,9 +270,11 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     iteration, data stream and RNG states); a run written under another config is moved aside
     (sge_repro.superseded: one warning line naming the differing keys) and training starts over.
     Otherwise starts from cfg.MODEL.WEIGHTS, whose backbone tensors must ALL be present
-    (UserError otherwise). Keeps the newest `keep_checkpoints` periodic checkpoints. A corrupt training image is a UserError naming it,
-    or left out with `skip_corrupt`; either way nothing is written before these checks. A NaN /
-    infinite loss stops with a UserError naming the iteration and the last good checkpoint.
+    (UserError otherwise). Keeps the newest `keep_checkpoints` periodic checkpoints. Images are not verified here (the
+    data stage did, and the registered dataset leaves its corrupt files out): one that fails to
+    decode when its batch is loaded is a UserError naming it, the checkpoints written so far
+    kept. A NaN / infinite loss stops with a UserError naming the iteration and the last good
+    checkpoint.
     """
     _check_seed(cfg)
     if keep_checkpoints < 1:
@@ -282,8 +283,6 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     rank = comm.get_rank()
     _apply_determinism(cfg)
     records = training_records(cfg)
-    corrupt = check_images(records, skip_corrupt, f"the training set {', '.join(cfg.DATASETS.TRAIN)}")
-    records = [record for record in records if record["file_name"] not in corrupt]
     fingerprint = config_fingerprint(cfg, num_images=len(records))
     if resume:  # a run of another config is moved aside, not resumed (sge_repro.superseded)
         supersede_changed_run(lambda: read_resume_state(cfg.OUTPUT_DIR, fingerprint), cfg.OUTPUT_DIR, rank == 0,
@@ -347,7 +346,7 @@ def _clean_metrics(raw: dict) -> tuple[dict, list[str]]:
 
 
 class _SubsetCOCOEvaluator(COCOEvaluator):
-    """COCOEvaluator over the images that were evaluated (all of them unless some were skipped
+    """COCOEvaluator over the images that were evaluated (all of them unless some were left out
     as corrupt: then AP is over the rest, not counting the skipped images' objects as missed)."""
 
     def __init__(self, *args, image_ids: list[int] | None = None, **kwargs):
@@ -359,8 +358,7 @@ class _SubsetCOCOEvaluator(COCOEvaluator):
 
 
 def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
-                      output_dir: str | os.PathLike | None = None, skip_corrupt: bool = False,
-                      status=None) -> dict | None:
+                      output_dir: str | os.PathLike | None = None, status=None) -> dict | None:
     """COCO metrics of the detector `weights` on registered `dataset`.
 
     Returns (on the main process; None on the others):
@@ -369,13 +367,14 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
        "no_detections": bool, "num_detections": int, "num_images": int, "skipped_images": [files],
        "dataset", "weights"}
     APs are in percent. NaN (zero detections, or no objects of a size) is reported as 0.0 and
-    flagged in nan_metrics. Every image is decoded first: a corrupt one is a UserError naming
-    it, or with `skip_corrupt` left out of the evaluation (listed in skipped_images).
+    flagged in nan_metrics. The images the registration left out (found corrupt by the data stage,
+    data.skip_corrupt) are listed in skipped_images and AP is over the rest: their objects do
+    not count as missed. Images are not verified here: one that fails to decode when loaded is a
+    UserError naming it.
     """
     init_distributed_from_env(cuda=_on_cuda(cfg))
-    records = DatasetCatalog.get(dataset)
-    corrupt = check_images(records, skip_corrupt, f"the dataset {dataset}")
-    kept = [record for record in records if record["file_name"] not in corrupt]
+    kept = DatasetCatalog.get(dataset)
+    skipped = sorted(MetadataCatalog.get(dataset).get("excluded", ()))
     weights = Path(weights)
     model = _build_model(cfg)
     # evaluation needs the whole detector from the file, not only its backbone
@@ -390,8 +389,8 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
         evaluator = _SubsetCOCOEvaluator(
             dataset, tasks=coco_tasks(cfg), output_dir=str(folder), use_fast_impl=False,
-            image_ids=[record["image_id"] for record in kept] if corrupt else None)
-        loader = build_detection_test_loader(dataset=kept, mapper=DatasetMapper(cfg, False),
+            image_ids=[record["image_id"] for record in kept] if skipped else None)
+        loader = build_detection_test_loader(dataset=kept, mapper=NamedImageErrors(DatasetMapper(cfg, False)),
                                              num_workers=cfg.DATALOADER.NUM_WORKERS)
         raw = inference_on_dataset(model, loader, with_status(evaluator, status, len(loader)))
         if not comm.is_main_process():
@@ -413,7 +412,7 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
         "no_detections": num_detections == 0,
         "num_detections": num_detections,
         "num_images": len(kept),
-        "skipped_images": sorted(corrupt),
+        "skipped_images": skipped,
         "dataset": dataset,
         "weights": str(weights),
     })

@@ -1,4 +1,4 @@
-"""The detector's training data stream, resumable at any iteration, and the image check.
+"""The detector's training data stream, resumable at any iteration, and named image failures.
 
 detectron2's training loader is an infinite seeded stream: position p of the stream is image
 `perm_e[p % N]` of epoch e = p // N (a torch.randperm per epoch from one generator seeded with
@@ -12,14 +12,15 @@ cfg.SEED); rank r of W takes positions r, r + W, ...; each rank groups its image
   numpy / python RNGs seeded with (SEED, p) for that image alone, so they do not depend on the
   number of loader workers, on where a run was resumed, or on anything else drawn before.
 
-`check_images` decodes every image of a split once, before a run writes anything.
+Images are not decoded to check them here: the data stage verified each one and left the corrupt
+ones out of the manifest (`sge_repro.data.verify`). `NamedImageErrors` wraps a mapper so that a
+file broken since then fails where it is read, in one line naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import operator
 import random
 from typing import Any, Callable, Iterator
@@ -30,7 +31,7 @@ from torch.utils import data as torchdata
 
 from sge_repro.classification.determinism import derived_seed
 from sge_repro.detection.compat import import_detectron2
-from sge_repro.errors import UserError, preview
+from sge_repro.errors import UserError
 
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
@@ -38,7 +39,6 @@ from detectron2.data import DatasetFromList, DatasetMapper, get_detection_datase
 from detectron2.data.common import ToIterableDataset  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-logger = logging.getLogger("sge_repro.detection")
 Key = tuple[int, int]  # (stream position, dataset index)
 
 
@@ -170,7 +170,8 @@ def build_train_loader(cfg: CfgNode, records: list[dict], start_iter: int):
     groups = [aspect_group(record, grouping) for record in records]
     start, waiting = resume_point(groups, cfg.SEED, rank, world_size, batch_size, start_iter)
     sampler = ResumedStreamSampler(len(records), cfg.SEED, rank, world_size, start, waiting)
-    dataset = ToIterableDataset(PositionedDataset(records, DatasetMapper(cfg, True), cfg.SEED), sampler)
+    dataset = ToIterableDataset(PositionedDataset(records, NamedImageErrors(DatasetMapper(cfg, True)), cfg.SEED),
+                                sampler)
     # the loader's own generator: starting its iterator (lazily, at the first batch) must not
     # draw from the global torch RNG, whose state a resume restores before that first batch
     generator = torch.Generator()
@@ -180,29 +181,29 @@ def build_train_loader(cfg: CfgNode, records: list[dict], start_iter: int):
     return GroupedBatches(items, batch_size, grouping)
 
 
-# --------------------------------------------------------------------------- image check
-def check_images(records: list[dict], skip_corrupt: bool, what: str) -> set[str]:
-    """Decode every image of `records` once (each rank a share); returns the corrupt files.
+# --------------------------------------------------------------------------- image failures
+class NamedImageErrors:
+    """mapper(record), where a record whose image cannot be decoded raises the one-line UserError
+    naming the file (also from a loader worker: UserError survives torch's re-raise).
 
-    A corrupt or truncated file raises the one-line UserError naming it, unless `skip_corrupt`
-    (then the files are returned, to be left out, and logged). All ranks raise or return alike.
+    The data stage decoded every image once; a file that fails here changed since. Not skipped
+    even with data.skip_corrupt: a training stream with a hole would not be the one a resume
+    replays, and an evaluation would not be over the images the manifest lists. Rerunning the
+    data stage names it again, or with data.skip_corrupt leaves it out of the manifest.
     """
-    from sge_repro.data.imagefolder import decode_rgb
 
-    rank, world_size = comm.get_rank(), comm.get_world_size()
-    bad: list[tuple[str, str]] = []
-    for record in records[rank::world_size]:
+    def __init__(self, mapper: Callable[[dict], Any]):
+        self.mapper = mapper
+
+    def __call__(self, record: dict):
         try:
-            decode_rgb(record["file_name"])
-        except UserError as error:
-            bad.append((record["file_name"], str(error)))
-    bad = sorted(itertools.chain.from_iterable(comm.all_gather(bad)))
-    if bad and not skip_corrupt:
-        raise UserError(bad[0][1] if len(bad) == 1 else f"{bad[0][1]} ({len(bad) - 1} more corrupt images in {what}: "
-                        f"{preview([name for name, _ in bad[1:]], 3)})")
-    if bad:
-        logger.warning("data.skip_corrupt: leaving out %d corrupt image(s) of %s: %s", len(bad), what,
-                       preview([name for name, _ in bad]))
-        if len(bad) == len(records):
-            raise UserError(f"{what}: every image is corrupt; expected at least one readable image")
-    return {name for name, _ in bad}
+            return self.mapper(record)
+        except Exception as error:
+            from sge_repro.data.imagefolder import decode_error
+
+            reason = decode_error(record["file_name"])  # the image, decoded as the data stage did
+            if reason is None:
+                raise  # not the image's fault
+            raise UserError(f"{record['file_name']}: corrupt or unreadable image ({reason}); it changed after the "
+                            "data stage verified it: rerun the data stage (`sge-repro run data`), which names it "
+                            "or, with data.skip_corrupt, leaves it out") from error

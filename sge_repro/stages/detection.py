@@ -98,8 +98,7 @@ def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbon
     started = time.perf_counter()
     stage = stage_name("train_det", detector, backbone, seed)
     with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json (rank 0 writes)
-        final = train_detector(cfg, resume=True, keep_checkpoints=params.train_det.keep_checkpoints,
-                               skip_corrupt=params.data.skip_corrupt, status=status)
+        final = train_detector(cfg, resume=True, keep_checkpoints=params.train_det.keep_checkpoints, status=status)
     return {
         "weights": str(final),
         "protocol": params.train_det.protocol,
@@ -123,7 +122,7 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
     # predictions go to a temp folder: the run folder is train_det's output and must not change here
     stage = stage_name("eval_det", detector, backbone, seed)
     with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json
-        result = evaluate_detector(cfg, weights, val_name, skip_corrupt=params.data.skip_corrupt, status=status)
+        result = evaluate_detector(cfg, weights, val_name, status=status)
     if result is None:  # a non-main process of a distributed evaluation
         return {}
     metrics = {

@@ -1,6 +1,6 @@
 """Faults met by `sge-repro train det` / `eval det` (issue 16 items 5, 6, 9), through the real CLI in
-a project folder: a truncated image, a full disk, wrong weights. One line, exit 2, nothing half
-written; a rerun after the fault is fixed resumes."""
+a project folder: an image broken after the data stage verified it, a full disk, wrong weights.
+One line, exit 2, nothing half written; a rerun after the fault is fixed resumes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sge_repro.data.prepare import coco_source, write_manifests
+from sge_repro.errors import UserError
 from sge_repro.params import dump_params, profile_params
 from sge_repro.paths import ProjectPaths
 
@@ -31,7 +32,8 @@ def write_params(project: Path, **changes) -> None:
     params = profile_params("smoke", REPO / "pipelines" / "profiles")
     params = params.model_copy(update={"detection_backbones": ["sge_resnet18"], "detectors": ["faster_rcnn"],
                                        "cpu_threads": 1})
-    params = params.model_copy(update={"train_det": params.train_det.model_copy(update={"max_iter": 4, "checkpoint_period": 2})})
+    train_det = {"max_iter": 4, "checkpoint_period": 2, **({"workers": changes["workers"]} if "workers" in changes else {})}
+    params = params.model_copy(update={"train_det": params.train_det.model_copy(update=train_det)})
     if "skip_corrupt" in changes:
         params = params.model_copy(update={"data": params.data.model_copy(update={"skip_corrupt": changes["skip_corrupt"]})})
     (project / "params.yaml").write_text(dump_params(params))
@@ -44,11 +46,17 @@ def project(tmp_path, coco_set, detectron2_weights) -> Path:
     project = tmp_path / "project"
     paths = ProjectPaths(project)
     shutil.copytree(coco_set, paths.det_data)
-    write_manifests([coco_source(paths, "synthetic", paths.det_data, "embedded")], paths)  # the data stage's index
+    data_stage(project)
     (project / "runs" / "convert").mkdir(parents=True)
     shutil.copy(detectron2_weights, project / "runs" / "convert" / "sge_resnet18-seed0.pth")
     write_params(project)
     return project
+
+
+def data_stage(project: Path, skip_corrupt: bool = False) -> None:
+    """What the data stage does for the detection set: scan, verify, write data/manifests/det.json."""
+    paths = ProjectPaths(project)
+    write_manifests([coco_source(paths, "synthetic", paths.det_data, "embedded")], paths, skip_corrupt=skip_corrupt)
 
 
 def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -78,41 +86,43 @@ def run_files(project: Path) -> list[str]:
     return sorted(str(path.relative_to(run)) for path in run.rglob("*")) if run.exists() else []
 
 
-# --------------------------------------------------------------------------- issue 16 item 5
-def test_truncated_training_image_is_one_line_and_nothing_is_written(project):
+# --------------------------------------------------------------------------- issue 16 item 5, issue 14 item 2
+def test_a_training_image_broken_after_the_data_stage_is_named_when_loaded(project):
+    """train det decodes no image to check it (the data stage did); a file broken since fails where
+    its batch is loaded (here in a loader worker), in one line naming it. The data stage then names
+    it, or with data.skip_corrupt leaves it out, and training runs on the rest."""
+    write_params(project, workers=1)
     bad = project / "data" / "det" / "train" / "train_000003.jpg"
     truncate(bad)
-    line = one_error_line(cli(project, *TRAIN))
-    assert line.startswith(f"error: {bad}: corrupt or unreadable image") or str(bad) in line, line
-    assert "data.skip_corrupt" in line
-    assert not (project / RUN).exists()  # no config.yaml, log.txt, events or metrics.json
+    line = one_error_line(cli(project, *TRAIN), progress_before=True)
+    assert line.startswith(f"error: {bad}: corrupt or unreadable image (") and "changed after the data stage" in line, line
+    assert not (project / RUN / "model_final.pth").exists()
 
-    # skip_corrupt: trained without it, the run folder complete
-    write_params(project, skip_corrupt=True)
+    with pytest.raises(UserError, match=f"1 corrupt image.*{bad}"):
+        data_stage(project)
+    data_stage(project, skip_corrupt=True)  # listed as corrupt in det.json, left out of the dataset
     result = cli(project, *TRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "train_000003.jpg" in result.stdout + result.stderr  # the warning names what was left out
-    assert (project / RUN / "model_final.pth").is_file()
     saved = torch.load(project / RUN / "model_final.pth", weights_only=True)
     assert saved["sge_repro"]["fingerprint"]["training images used"] == 7
 
 
-def test_truncated_val_image_in_eval_det(project):
-    write_params(project, skip_corrupt=True)
+def test_a_val_image_broken_after_the_data_stage_in_eval_det(project):
     assert cli(project, *TRAIN).returncode == 0
     bad = project / "data" / "det" / "val" / "val_000001.jpg"
     truncate(bad)
-    write_params(project, skip_corrupt=False)
     before = run_files(project)
-    line = one_error_line(cli(project, *EVAL))
-    assert str(bad) in line and "corrupt or unreadable image" in line
+    line = one_error_line(cli(project, *EVAL), progress_before=True)  # inference had started
+    assert line.startswith(f"error: {bad}: corrupt or unreadable image (") and "changed after the data stage" in line, line
     assert not (project / "metrics").exists() and run_files(project) == before
 
-    write_params(project, skip_corrupt=True)
+    data_stage(project, skip_corrupt=True)
     result = cli(project, *EVAL)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((project / "metrics" / "eval_det" / "faster_rcnn-sge_resnet18-seed0.json").read_text())
+    # AP over the 3 readable images; the left-out one is listed, its objects not counted as missed
     assert metrics["num_images"] == 3 and metrics["skipped_images"] == [str(bad)]
+    assert run_files(project) == before
 
 
 # --------------------------------------------------------------------------- issue 16 item 9
