@@ -83,7 +83,10 @@ class TrainingState:
 
 
 def recipe_differences(saved: dict, recipe: dict) -> list[str]:
-    """'key old -> new' for each recipe key that differs, named as in params.yaml."""
+    """'key old -> new' for each recipe key that differs, named as in params.yaml. Model knobs the
+    model does not read (model.groups of a ResNet without SGE) are not compared: a G sweep does
+    not retrain the plain baseline."""
+    from sge_repro.models.registry import kwargs_used_by
     from sge_repro.params import TrainClsParams
 
     def flat(values: dict) -> dict:
@@ -92,7 +95,8 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
             if key in NOT_IN_FINGERPRINT:
                 continue
             if key == "model_kwargs" and isinstance(value, dict):
-                out.update({f"model.{name}": item for name, item in value.items()})
+                used = kwargs_used_by(values["model"], value) if isinstance(values.get("model"), str) else value
+                out.update({f"model.{name}": item for name, item in used.items()})
             elif key in TrainClsParams.model_fields:
                 out[f"train_cls.{key}"] = value
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,6 +111,18 @@ def build_model(
         return build()
 
 
+# Architecture knobs only SGE blocks read: a model without SGE is the same model whatever their value.
+SGE_ONLY_KWARGS = ("groups", "sge_impl")
+
+
+def kwargs_used_by(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` less those model `name` ignores (SGE_ONLY_KWARGS for a model without SGE): what
+    a checkpoint's header or a training recipe is compared on."""
+    if parse_model_name(name).attention == "sge":
+        return dict(kwargs)
+    return {key: value for key, value in kwargs.items() if key not in SGE_ONLY_KWARGS}
+
+
 def create_model(
     name: str,
     num_classes: int = 1000,
@@ -131,6 +144,7 @@ def create_model(
             model,
             checkpoint,
             expected_model=name,
-            expected_kwargs={"num_classes": num_classes, "groups": groups, "width": kwargs.get("width", DEFAULT_WIDTH)},
+            expected_kwargs=kwargs_used_by(name, {"num_classes": num_classes, "groups": groups,
+                                                  "width": kwargs.get("width", DEFAULT_WIDTH)}),
         )
     return model

@@ -70,6 +70,26 @@ def test_a_checkpoint_of_another_recipe_is_refused_naming_each_key(tmp_path):
     assert last.read_bytes() == before  # nothing thrown away
 
 
+def test_sge_knobs_are_compared_only_for_a_model_with_sge(tmp_path):
+    """A G sweep (model.groups, model.sge_impl) does not retrain the plain baseline: those knobs
+    are not read by a ResNet without SGE; an SGE model's run is of another recipe."""
+    for model in ("resnet18", "se_resnet18"):
+        path = tmp_path / model / "last.pt"
+        path.parent.mkdir()
+        write_training_checkpoint(path, training_recipe(TrainClsParams(), model, {"width": 8, "groups": 64,
+                                                                                  "sge_impl": "fast"}, ["a"], 0, 1))
+        state = new_state()
+        other = training_recipe(TrainClsParams(), model, {"width": 8, "groups": 8, "sge_impl": "reference"}, ["a"], 0, 1)
+        assert resume(path, state, other) is True and state.epoch == 3
+    path = tmp_path / "sge" / "last.pt"
+    path.parent.mkdir()
+    write_training_checkpoint(path, training_recipe(TrainClsParams(), "sge_resnet18", {"width": 8, "groups": 64},
+                                                    ["a"], 0, 1))
+    with pytest.raises(UserError, match=r"checkpoint of another recipe: model\.groups 64 -> 8\. "):
+        resume(path, new_state(), training_recipe(TrainClsParams(), "sge_resnet18", {"width": 8, "groups": 8},
+                                                  ["a"], 0, 1))
+
+
 def test_the_same_recipe_on_another_process_count_resumes(tmp_path):
     recipe = training_recipe(TrainClsParams(batch_size=64), "resnet18", {"width": 8}, ["a", "b"], 0, 8)
     write_training_checkpoint(tmp_path / "last.pt", recipe, epoch=5)

@@ -242,3 +242,27 @@ def test_a_queued_experiment_changing_derived_params_runs_through_sge_repro_exp_
     top1 = data["metrics"]["metrics/eval_cls/sge_resnet18-seed0.json"]["data"]["top1"]
     assert 0 <= top1 <= 100
     assert "metrics/eval_cls/resnet18-seed0.json" not in data["metrics"]
+
+
+def test_a_g_sweep_retrains_only_the_sge_models(smoke):
+    """model.groups is read by SGE blocks alone. Changing it reruns every stage DVC ties to `model`
+    (plain ones too), but the plain ResNet's classifier, converted backbone and detector stay as
+    they were (same bytes, nothing moved aside); the SGE classifier and detector are moved aside
+    and trained again."""
+    root = smoke["root"]
+    sge_repro(root, "run", "all")  # earlier tests left the detection stages behind their classifiers
+    plain = [root / "runs/cls/resnet18-seed0/last.pt", root / "runs/convert/resnet18-seed0.pth",
+             root / "runs/det/faster_rcnn-resnet18-seed0/model_final.pth",
+             root / "metrics/eval_det/faster_rcnn-resnet18-seed0.json"]
+    before = {path: path.read_bytes() for path in plain}
+    sge_last = (root / "runs/cls/sge_resnet18-seed0/last.pt").read_bytes()
+    superseded = root / "runs" / "superseded"
+    moved_before = {str(path.relative_to(superseded)) for path in superseded.glob("*/*")}
+    groups = yaml.safe_load((root / "params.yaml").read_text())["model"]["groups"]
+
+    result = sge_repro(root, "exp", "run", "-S", f"model.groups={2 if groups != 2 else 1}")
+    moved = {str(path.relative_to(superseded)) for path in superseded.glob("*/*")} - moved_before
+    assert {name.rsplit("-", 1)[0] for name in moved} == {"cls/sge_resnet18-seed0", "det/faster_rcnn-sge_resnet18-seed0"}, \
+        (moved, result.stdout[-3000:])
+    assert {path: path.read_bytes() for path in plain} == before
+    assert (root / "runs/cls/sge_resnet18-seed0/last.pt").read_bytes() != sge_last

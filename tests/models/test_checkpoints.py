@@ -76,6 +76,18 @@ def test_our_format_rejects_other_model_or_kwargs(tmp_path):
         create_model("sge_resnet18", num_classes=10, groups=4, width=16, checkpoint=path)
 
 
+def test_a_model_without_sge_loads_whatever_groups_it_was_saved_with(tmp_path):
+    """model.groups is not read by a ResNet without SGE: its checkpoint (saved while G was 8)
+    loads under any G; its width still has to match."""
+    model = create_model("resnet18", num_classes=10, groups=8, width=16, seed=5)
+    path = torch_save(make_classifier_checkpoint("resnet18", {"num_classes": 10, "groups": 8, "width": 16}, model),
+                      tmp_path / "best.pt")
+    loaded = create_model("resnet18", num_classes=10, groups=2, width=16, checkpoint=path)
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in model.state_dict().items())
+    with pytest.raises(UserError, match="model_kwargs.width=16, expected 32"):
+        create_model("resnet18", num_classes=10, groups=2, width=32, checkpoint=path)
+
+
 def test_mismatch_lists_keys_and_format_and_loads_nothing(tmp_path):
     plain = create_model("resnet50", seed=6)
     path = tmp_path / "plain.pth"
