@@ -6,8 +6,17 @@ between the pipeline stages and the report.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def user_cache_dir() -> Path:
+    """sge-repro's cache outside any project (compiled kernels, verification of datasets read in
+    place): $SGE_REPRO_CACHE, else $XDG_CACHE_HOME/sge-repro, else ~/.cache/sge-repro."""
+    return Path(os.environ.get("SGE_REPRO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sge-repro"))
 
 
 def run_id(name: str, seed: int) -> str:
@@ -62,9 +71,20 @@ class ProjectPaths:
     def det_manifest(self) -> Path:
         return self.manifest("det")
 
-    def verify_cache(self, dataset: str) -> Path:
-        """Which files of a dataset were decoded at which (size, mtime_ns): not a DVC out."""
-        return self.data / ".cache" / f"verified-{dataset}.json"
+    def verify_cache(self, dataset: str, root: Path | None = None) -> Path:
+        """Which files of a dataset were decoded at which (size, mtime_ns): not a DVC out. A dataset
+        read in place outside the project (`root`: ImageNet, COCO) has it in the user cache, keyed
+        by its root, so every copy of the project (DVC's queued experiments run in temporary
+        copies) reuses one verification; a generated set inside the project keeps it in data/.cache."""
+        local = self.data / ".cache" / f"verified-{dataset}.json"
+        if root is None or Path(root).resolve().is_relative_to(self.root.resolve()):
+            return local
+        key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+        return user_cache_dir() / "verified" / f"{dataset}-{key}.json"
+
+    def index_state(self, dataset: str) -> Path:
+        """The listing the dataset's manifest was last built from (the data stage's no-op check)."""
+        return self.data / ".cache" / f"indexed-{dataset}.json"
 
     # classification
     def cls_run_dir(self, model: str, seed: int) -> Path:

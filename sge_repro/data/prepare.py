@@ -74,7 +74,7 @@ def write_manifests(sources: list[Source], paths: ProjectPaths, skip_corrupt: bo
             # the same listing as when this manifest was written, and the manifest untouched since
             summary[source.kind] = _summary(source, state["counts"], 0, "unchanged")
             continue
-        cache = VerifyCache(paths.verify_cache(source.name), source.root)
+        cache = verify_cache(paths, source.name, source.root)
         results, decoded = verify(source.root, scans, cache, workers, progress, f"verify {source.name}")
         manifests.append((source, build_manifest(source, results, paths), decoded, key))
     corrupt = [f"{source.root / item['file']} ({item['error']})"
@@ -113,7 +113,13 @@ def _stamp(path: Path) -> list[int] | None:
 
 
 def _state_path(paths: ProjectPaths, name: str) -> Path:
-    return paths.verify_cache(name).with_name(f"indexed-{name}.json")
+    return paths.index_state(name)
+
+
+def verify_cache(paths: ProjectPaths, name: str, root: Path) -> VerifyCache:
+    """The verification cache of dataset `name` at `root` (where: ProjectPaths.verify_cache). A set
+    read in place that an older version verified starts from the project's data/.cache file."""
+    return VerifyCache(paths.verify_cache(name, root), root, fallback=paths.verify_cache(name))
 
 
 def _unchanged_state(paths: ProjectPaths, name: str, key: str) -> dict | None:
@@ -153,7 +159,7 @@ def pending_changes(data, paths: ProjectPaths) -> dict[str, str | None]:
         if state is not None and (data.skip_corrupt or not state["counts"]["corrupt"]):
             changes[name] = None
             continue
-        results, todo = lookup(scans, VerifyCache(paths.verify_cache(name), source.root))
+        results, todo = lookup(scans, verify_cache(paths, name, source.root))
         if todo:
             changes[name] = f"{len(todo)} new or changed file(s) to verify"
             continue
@@ -356,7 +362,7 @@ def _generate_det(data, root: Path, progress: Progress | None) -> None:
 def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> Source:
     """A COCO-format set (layout coco2017 or embedded): the images its annotation files list (each
     JSON validated once per content, then cached)."""
-    cache = VerifyCache(paths.verify_cache("det"), root)
+    cache = verify_cache(paths, "det", root)
     folders: dict[str, set[str] | None] = {}
     annotations = {}
     changed = False

@@ -6,8 +6,9 @@ decodes only the misses, on every core this process may use, each file read once
 hashed (BLAKE2b-128, the content digest the manifest's fingerprint is built from) and decoded with
 the loader's own decoder (`imagefolder.decode_rgb`), so a file that passes here loads in training.
 
-The cache lives outside DVC's outputs (data/.cache/, see `ProjectPaths.verify_cache`): it is only
-an accelerator. Deleting it costs one full verification; a stale entry cannot be trusted by
+The cache lives outside DVC's outputs (data/.cache/ for a generated set, the user cache keyed by
+the dataset's root for one read in place; see `ProjectPaths.verify_cache`): it is only an
+accelerator. Deleting it costs one full verification; a stale entry cannot be trusted by
 mistake because any rewrite of a file changes its size or mtime_ns. It is saved every
 `SAVE_EVERY_S` seconds during a long verification, so an interrupted run resumes where it stopped.
 """
@@ -135,24 +136,32 @@ class VerifyCache:
     """Per-folder results of earlier verifications of the dataset at `root` (JSON on disk).
 
     A cache written for another root, in another format, or unreadable is ignored (and replaced
-    on the next save): it only ever saves work.
+    on the next save): it only ever saves work. `fallback`: a file read when `path` holds nothing
+    for `root` (where an older version kept the cache); saves go to `path`.
     """
 
-    def __init__(self, path: Path, root: Path):
+    def __init__(self, path: Path, root: Path, fallback: Path | None = None):
         self.path = Path(path)
         self.root = str(root)
         self.folders: dict[str, dict] = {}
         self.extra: dict[str, dict] = {}   # e.g. validated COCO JSON files, keyed by relative path
+        self.from_fallback = False         # read from `fallback`: to be saved at `path` even if unchanged
+        if not self._read(self.path) and fallback is not None and Path(fallback) != self.path:
+            self.from_fallback = self._read(Path(fallback))
+
+    def _read(self, path: Path) -> bool:
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            return
+            return False
         except (OSError, ValueError) as error:
-            log.warning("%s: unreadable verification cache (%s); verifying again", self.path, error)
-            return
+            log.warning("%s: unreadable verification cache (%s); verifying again", path, error)
+            return False
         if isinstance(raw, dict) and raw.get("format") == CACHE_FORMAT and raw.get("root") == self.root:
             self.folders = raw.get("folders", {})
             self.extra = raw.get("extra", {})
+            return True
+        return False
 
     def save(self) -> None:
         atomic.write_text(self.path, json.dumps(
@@ -222,6 +231,8 @@ def verify(root: Path, scans: dict[str, FolderScan], cache: VerifyCache, workers
     core this process may use); updates and saves the cache. Returns (results, files decoded)."""
     results, todo = lookup(scans, cache)
     if not todo:
+        if cache.from_fallback:
+            cache.save()
         return results, 0
     workers = workers or available_cpus()
     pending = {rel: 0 for rel in results}

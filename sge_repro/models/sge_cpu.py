@@ -46,9 +46,9 @@ _SIGNATURES = {
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SGE_REPRO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sge-repro")
-    return Path(root) / "kernels"
+    from sge_repro.paths import user_cache_dir
+
+    return user_cache_dir() / "kernels"
 
 
 def _cpu_identity() -> str:

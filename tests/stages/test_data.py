@@ -247,6 +247,35 @@ def test_data_stage_indexes_imagenet_and_coco_in_place(tmp_path):
         {k: v for k, v in det.items() if k != "_path"}
 
 
+def test_a_copy_of_the_project_reuses_the_verification_of_datasets_read_in_place(tmp_path, monkeypatch):
+    """DVC's queued experiments run in a temporary copy of the project, without data/.cache: the
+    verification of a dataset read in place is kept in the user cache under its root, so a copy
+    decodes nothing, and a cache an older version kept in data/.cache is still used."""
+    monkeypatch.setenv("SGE_REPRO_CACHE", str(tmp_path / "user-cache"))
+    classes = imagenet_like_tree(tmp_path / "imagenet")
+    data = real_params(tmp_path / "imagenet", coco2017_like_root(tmp_path / "coco"), classes).data
+    project = ProjectPaths(tmp_path / "project")
+    first = prepare_data(data, project, workers=1)
+    assert first["classification"]["decoded"] == 9 and first["detection"]["decoded"] == 5
+    shared = {name: project.verify_cache(name, tmp_path / source) for name, source in (("cls", "imagenet"), ("det", "coco"))}
+    assert all(path.parent == tmp_path / "user-cache" / "verified" and path.is_file() for path in shared.values())
+    assert not project.verify_cache("cls").exists()  # nothing of it in the project
+
+    copy = ProjectPaths(tmp_path / "queued-copy")
+    second = prepare_data(data, copy, workers=1)
+    assert second["classification"]["decoded"] == 0 and second["detection"]["decoded"] == 0
+    assert copy.cls_manifest.read_bytes() == project.cls_manifest.read_bytes()
+    assert copy.det_manifest.read_bytes() == project.det_manifest.read_bytes()
+
+    older = ProjectPaths(tmp_path / "verified-by-an-older-version")
+    for name, path in shared.items():
+        older.verify_cache(name).parent.mkdir(parents=True, exist_ok=True)
+        path.replace(older.verify_cache(name))
+    third = prepare_data(data, older, workers=1)
+    assert third["classification"]["decoded"] == 0 and third["detection"]["decoded"] == 0
+    assert all(path.is_file() for path in shared.values())  # saved in the new place
+
+
 def test_archives_as_source_path_point_at_data_prepare_imagenet(tmp_path):
     (tmp_path / "archives").mkdir()
     (tmp_path / "archives" / "ILSVRC2012_img_train.tar").write_bytes(b"")
