@@ -20,7 +20,7 @@ class UserError(Exception):
         if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
                 and " in DataLoader worker process " in args[0].partition("\n")[0]:
             marker = f"\n{type(self).__module__}.{type(self).__qualname__}: "
-            head, found, message = args[0].rstrip("\n").rpartition(marker)
+            _, found, message = args[0].rstrip("\n").rpartition(marker)
             if found:
                 args = (message,)
         super().__init__(*args)

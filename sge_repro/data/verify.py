@@ -164,9 +164,15 @@ class VerifyCache:
         return False
 
     def save(self) -> None:
-        atomic.write_text(self.path, json.dumps(
-            {"format": CACHE_FORMAT, "root": self.root, "extra": self.extra, "folders": self.folders},
-            separators=(",", ":")))
+        """Write the cache; a cache that cannot be written (a read-only or full user cache) is a
+        warning naming it, not a failure: it only ever saves work."""
+        try:
+            atomic.write_text(self.path, json.dumps(
+                {"format": CACHE_FORMAT, "root": self.root, "extra": self.extra, "folders": self.folders},
+                separators=(",", ":")))
+        except OSError as error:
+            log.warning("%s: cannot save the verification cache (%s); the next run verifies these files "
+                        "again (set SGE_REPRO_CACHE to a writable folder)", self.path, error)
 
 
 def lookup(scans: dict[str, FolderScan], cache: VerifyCache) -> tuple[dict[str, FolderResult], list[tuple[str, int]]]:

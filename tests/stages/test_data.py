@@ -276,6 +276,19 @@ def test_a_copy_of_the_project_reuses_the_verification_of_datasets_read_in_place
     assert all(path.is_file() for path in shared.values())  # saved in the new place
 
 
+def test_an_unwritable_user_cache_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("SGE_REPRO_CACHE", str(blocker))
+    classes = imagenet_like_tree(tmp_path / "imagenet")
+    data = real_params(tmp_path / "imagenet", coco2017_like_root(tmp_path / "coco"), classes).data
+    project = ProjectPaths(tmp_path / "project")
+    with caplog.at_level("WARNING", logger="sge_repro.data.verify"):
+        summary = prepare_data(data, project, workers=1)
+    assert summary["classification"]["train"] == 6 and read_manifest(project.cls_manifest)["classes"] == classes
+    assert "cannot save the verification cache" in caplog.text and "SGE_REPRO_CACHE" in caplog.text
+
+
 def test_archives_as_source_path_point_at_data_prepare_imagenet(tmp_path):
     (tmp_path / "archives").mkdir()
     (tmp_path / "archives" / "ILSVRC2012_img_train.tar").write_bytes(b"")
