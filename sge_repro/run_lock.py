@@ -56,6 +56,17 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def _in_process_table(pid: int) -> bool:
+    """True while `pid` exists at all, a zombie included."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _try_flock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -174,6 +185,11 @@ def explain_dvc_lock_error(message: str, root: Path = Path(".")) -> str | None:
         live = [h for h in holders if pid_alive(h.pid)]
         if live or not holders:
             return in_progress_message(live[0] if live else Holder(None, "a dvc process"))
+        exiting = [h for h in holders if _in_process_table(h.pid)]
+        if exiting:  # zombies: DVC counts them as running until their parent reaps them
+            return (f"{DVC_RWLOCK} names processes that were killed but not yet reaped by their parent "
+                    f"({', '.join(h.describe() for h in exiting)}); DVC counts them as running until then: "
+                    "retry in a moment (do not remove the lock file)")
         dead = ", ".join(h.describe() for h in holders)
         return (f"{DVC_RWLOCK} names processes that no longer run ({dead}): "
                 f"remove {DVC_RWLOCK} and retry")

@@ -242,5 +242,10 @@ def test_a_killed_unreaped_process_does_not_count_as_alive():
     wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z",
              10, "the child to become a zombie")
     assert not run_lock.pid_alive(child.pid)  # a zombie: killed, its parent has not waited yet
+    # DVC (psutil) still counts it as running: status must not advise removing the lock file yet
+    message = run_lock.explain_dvc_lock_error(
+        f"ERROR: '/p/data/cls' is busy, it is being blocked by:\n  (PID {child.pid}): dvc repro\n", Path("."))
+    assert f"pid {child.pid}: dvc repro" in message and "not yet reaped" in message
+    assert "retry in a moment" in message and "do not remove" in message
     child.wait()
     assert not run_lock.pid_alive(child.pid) and not run_lock.pid_alive(dead_pid())
