@@ -374,7 +374,10 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
     """
     init_distributed_from_env(cuda=_on_cuda(cfg))
     kept = DatasetCatalog.get(dataset)
-    skipped = sorted(MetadataCatalog.get(dataset).get("excluded", ()))
+    metadata = MetadataCatalog.get(dataset)
+    # the excluded files of this split (the exclusion lists every split's; each has its own folder)
+    skipped = sorted(name for name in metadata.get("excluded", ())
+                     if Path(name).is_relative_to(metadata.get("image_root", "/nowhere")))
     weights = Path(weights)
     model = _build_model(cfg)
     # evaluation needs the whole detector from the file, not only its backbone
