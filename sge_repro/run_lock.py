@@ -41,30 +41,26 @@ class Holder:
         return f"pid {self.pid}: {self.cmd}" if self.pid is not None else self.cmd
 
 
-def pid_alive(pid: int) -> bool:
-    """True if process `pid` exists and is not a zombie (killed, not yet reaped by its parent)."""
+def pid_exists(pid: int) -> bool:
+    """True while `pid` is in the process table at all, a zombie included."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         pass
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process `pid` exists and is not a zombie (killed, not yet reaped by its parent)."""
+    if not pid_exists(pid):
+        return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:  # no /proc (macOS) or gone meanwhile
         return True
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _in_process_table(pid: int) -> bool:
-    """True while `pid` exists at all, a zombie included."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _try_flock(fd: int) -> bool:
@@ -185,7 +181,7 @@ def explain_dvc_lock_error(message: str, root: Path = Path(".")) -> str | None:
         live = [h for h in holders if pid_alive(h.pid)]
         if live or not holders:
             return in_progress_message(live[0] if live else Holder(None, "a dvc process"))
-        exiting = [h for h in holders if _in_process_table(h.pid)]
+        exiting = [h for h in holders if pid_exists(h.pid)]
         if exiting:  # zombies: DVC counts them as running until their parent reaps them
             return (f"{DVC_RWLOCK} names processes that were killed but not yet reaped by their parent "
                     f"({', '.join(h.describe() for h in exiting)}); DVC counts them as running until then: "

@@ -33,17 +33,6 @@ def one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def pid_exists(pid: int) -> bool:
-    """Whether `pid` is in the process table at all (a zombie included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -89,7 +78,7 @@ def test_second_run_and_status_while_a_run_holds_the_lock(project, sge_repro_bin
     # dvc repro and its stage were the run's children: they go once init has reaped them. Until then
     # they are zombies, which DVC's own check (psutil) still counts as running: wait for the pids to
     # be gone altogether, not only dead (run_lock.pid_alive counts a zombie as dead)
-    wait_for(lambda: not any(pid_exists(h.pid) for h in run_lock.dvc_rwlock_holders(project)),
+    wait_for(lambda: not any(run_lock.pid_exists(h.pid) for h in run_lock.dvc_rwlock_holders(project)),
              60, "the killed dvc processes to be reaped")
 
     # a killed run leaves no lock behind that needs removing: the kernel dropped the fcntl lock,
