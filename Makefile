@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sge-repro-installed
 PROFILE ?= embedded
 
-.PHONY: setup run test bench lock clean-venv
+.PHONY: setup run test test-system-packages bench lock clean-venv
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ lock:
 run: $(STAMP)
 	$(BIN)/sge-repro run all --profile $(PROFILE)
 
-test: $(STAMP)
+test: $(STAMP) test-system-packages
 	$(BIN)/python -m pytest -q
+
+# The SLURM tests run a real single-host cluster: Debian's slurm-wlm + munge (installed with apt-get
+# as root or passwordless sudo; otherwise one line says what to install, before the suite starts).
+test-system-packages:
+	@tools/test_system_packages.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -72,7 +72,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _sha256(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -95,10 +95,27 @@ def config_fingerprint(cfg: CfgNode, num_images: int | None = None) -> dict[str,
     fingerprint = {key: value for key, value in _flatten(cfg).items() if _in_fingerprint(key)}
     if num_images is not None:
         fingerprint["training images used"] = int(num_images)
-    fingerprint["MODEL.WEIGHTS (sha256)"] = _sha256(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
+    fingerprint["MODEL.WEIGHTS (sha256)"] = sha256_file(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
     for name in cfg.DATASETS.TRAIN:
         json_file = MetadataCatalog.get(name).get("json_file")
-        fingerprint[f"DATASETS.TRAIN {name} (sha256)"] = _sha256(json_file) if json_file else ""
+        fingerprint[f"DATASETS.TRAIN {name} (sha256)"] = sha256_file(json_file) if json_file else ""
+    return fingerprint
+
+
+# Config keys an evaluation's numbers do not depend on; the weights enter as their sha256.
+NOT_IN_EVALUATION = ("OUTPUT_DIR", "MODEL.WEIGHTS", "DATALOADER.NUM_WORKERS")
+
+
+def evaluation_fingerprint(cfg: CfgNode, weights: str | os.PathLike, uses_sge: bool) -> dict[str, Any]:
+    """Every config key of an evaluation (test-time settings included) -> its value, plus the sha256
+    of the detector's weights and of the val annotation file. Without SGE in the backbone, its
+    SGE-only keys are left out: a G sweep does not change a plain detector's evaluation."""
+    unused = NOT_IN_EVALUATION + (() if uses_sge else ("MODEL.SGE_BACKBONE.GROUPS", "MODEL.SGE_BACKBONE.SGE_IMPL"))
+    fingerprint = {key: value for key, value in _flatten(cfg).items() if key not in unused}
+    fingerprint["weights (sha256)"] = sha256_file(weights)
+    for name in cfg.DATASETS.TEST:
+        json_file = MetadataCatalog.get(name).get("json_file")
+        fingerprint[f"DATASETS.TEST {name} (sha256)"] = sha256_file(json_file) if json_file else ""
     return fingerprint
 
 

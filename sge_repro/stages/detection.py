@@ -118,6 +118,12 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
     if not weights.is_file():
         raise UserError(f"{weights}: no trained detector; run `sge-repro train det --detector {detector} "
                         f"--backbone {backbone} --seed {seed}` first")
+    inputs = evaluation_inputs(params, paths, cfg, backbone, weights)
+    previous = _read_previous_metrics(paths.det_metrics(detector, backbone, seed))
+    if previous.get("inputs") == inputs:
+        # DVC reruns every eval_det when any `model` key changes (a G sweep), plain backbones too:
+        # the same weights evaluated with the same settings give the same numbers, so keep them
+        return previous
     started = time.perf_counter()
     # predictions go to a temp folder: the run folder is train_det's output and must not change here
     stage = stage_name("eval_det", detector, backbone, seed)
@@ -145,7 +151,32 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
         "num_images": result["num_images"],
         **({"skipped_images": result["skipped_images"]} if result["skipped_images"] else {}),
         "weights": str(weights),
+        "inputs": inputs,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(paths.det_metrics(detector, backbone, seed), metrics)
     return metrics
+
+
+def evaluation_inputs(params: Params, paths: ProjectPaths, cfg, backbone: str, weights) -> dict:
+    """What one eval_det result is a function of: the detector's weights, its evaluation config,
+    the indexed data and the CPU threads (a plain backbone leaves out model.groups / sge_impl)."""
+    from sge_repro.detection.checkpoint import evaluation_fingerprint, sha256_file
+    from sge_repro.models.registry import parse_model_name
+
+    return {
+        "config": evaluation_fingerprint(cfg, weights, uses_sge=parse_model_name(backbone).attention == "sge"),
+        "det_manifest_sha256": sha256_file(paths.det_manifest),
+        "cpu_threads": params.cpu_threads,
+    }
+
+
+def _read_previous_metrics(path) -> dict:
+    """The metrics an earlier eval_det wrote here ({} when none or unreadable: evaluate again)."""
+    import json
+
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}

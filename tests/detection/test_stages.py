@@ -6,6 +6,7 @@ import shutil
 import torch
 
 from sge_repro.data.prepare import coco_source, write_manifests
+from sge_repro.detection.checkpoint import evaluation_fingerprint
 from sge_repro.detection.detectors import REFERENCE_TWO_STAGE_LR, detector_base_lr
 from sge_repro.detection.engine import DetectorTrainer
 from sge_repro.detection.setup import schedule_overrides
@@ -93,3 +94,38 @@ def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weight
     assert (on_disk["engine"], on_disk["protocol"], on_disk["backbone_weights"]) == ("detectron2", "detectron2", "trained")
     # evaluation leaves train_det's output folder untouched (it is a DVC output of that stage)
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_eval_det_keeps_its_metrics_when_weights_and_settings_are_the_same(coco_set, detectron2_weights, tmp_path):
+    """DVC reruns every eval_det when a `model` key changes (a G sweep): an evaluation whose weights,
+    config and data are the same is not run again and its file is left as it was; one whose SGE
+    backbone is built otherwise is."""
+    torch.set_num_threads(1)
+    params = profile_params("smoke")
+    paths = _project(tmp_path, coco_set, detectron2_weights)
+    train_det(params, paths, "faster_rcnn", "sge_resnet18", 0)
+    metrics_file = paths.det_metrics("faster_rcnn", "sge_resnet18", 0)
+    first = eval_det(params, paths, "faster_rcnn", "sge_resnet18", 0)
+    written = metrics_file.stat()
+
+    assert eval_det(params, paths, "faster_rcnn", "sge_resnet18", 0) == first
+    assert (metrics_file.stat().st_ino, metrics_file.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+    params.model.sge_impl = "reference"  # an SGE backbone reads it: evaluated again
+    again = eval_det(params, paths, "faster_rcnn", "sge_resnet18", 0)
+    assert metrics_file.stat().st_ino != written.st_ino
+    assert again["inputs"]["config"]["MODEL.SGE_BACKBONE.SGE_IMPL"] == "reference"
+    assert json.loads(metrics_file.read_text()) == again
+
+    # a plain backbone's evaluation leaves SGE's keys out; every other key counts
+    cfg_fast, _, _ = detector_config(profile_params("smoke"), paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    cfg_ref, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    weights = paths.det_run_dir("faster_rcnn", "sge_resnet18", 0) / "model_final.pth"
+    assert evaluation_fingerprint(cfg_fast, weights, uses_sge=False) == evaluation_fingerprint(cfg_ref, weights, uses_sge=False)
+    assert evaluation_fingerprint(cfg_fast, weights, uses_sge=True) != evaluation_fingerprint(cfg_ref, weights, uses_sge=True)
+    cfg_ref.defrost()
+    cfg_ref.INPUT.MIN_SIZE_TEST += 32  # a test-time setting (not in the training fingerprint) counts here
+    assert evaluation_fingerprint(cfg_fast, weights, uses_sge=False) != evaluation_fingerprint(cfg_ref, weights, uses_sge=False)
+
+    metrics_file.write_text("{ truncated")  # an unreadable earlier file: evaluated again, not trusted
+    assert eval_det(params, paths, "faster_rcnn", "sge_resnet18", 0)["bbox"] == again["bbox"]

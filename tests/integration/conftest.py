@@ -8,9 +8,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def copy_project(destination: Path) -> Path:
-    """The project as a fresh clone would have it (tracked + new files), in its own git repo."""
+    """The project as a fresh clone would have it, in its own git repo: the tracked files (as they are
+    in the working tree), never the checkout's run outputs (metrics/, plots/, dvc.lock are not
+    git-ignored, so `make run` leaves them untracked beside the code). A new source file takes part
+    once `git add`ed."""
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        ["git", "ls-files", "--cached", "-z"],
         cwd=REPO, capture_output=True, check=True,
     ).stdout.decode().split("\0")
     for name in filter(None, listed):

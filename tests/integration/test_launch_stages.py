@@ -63,10 +63,10 @@ def stale(project: Path) -> set[str]:
 def run_files(project: Path, model: str) -> list[str]:
     """The files a training run wrote, sorted; a TensorBoard events file (its name holds the time,
     host and pid) as `events.out.tfevents.*`, so two of them (one per rank) would show as two."""
-    folders = [project / "runs" / "cls" / f"{model}-seed0", project / "metrics" / "train_cls",
-               project / "plots" / "train_cls"]
+    run = f"{model}-seed0"  # exactly this run's: runs/cls/resnet18-seed0/*, metrics/train_cls/resnet18-seed0.json
+    folders = [project / "runs" / "cls", project / "metrics" / "train_cls", project / "plots" / "train_cls"]
     names = [str(p.relative_to(project)) for folder in folders for p in folder.rglob("*")
-             if p.is_file() and model + "-seed0" in str(p)]
+             if p.is_file() and run in (p.relative_to(folder).parts[0], p.stem if p.parent == folder else None)]
     return sorted(re.sub(r"events\.out\.tfevents\..*$", "events.out.tfevents.*", name) for name in names)
 
 

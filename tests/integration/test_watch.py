@@ -246,9 +246,9 @@ def test_a_queued_experiment_changing_derived_params_runs_through_sge_repro_exp_
 
 def test_a_g_sweep_retrains_only_the_sge_models(smoke):
     """model.groups is read by SGE blocks alone. Changing it reruns every stage DVC ties to `model`
-    (plain ones too), but the plain ResNet's classifier, converted backbone and detector stay as
-    they were (same bytes, nothing moved aside); the SGE classifier and detector are moved aside
-    and trained again."""
+    (plain ones too), but the plain ResNet's classifier, converted backbone, detector and its
+    evaluation stay as they were (same bytes, nothing moved aside, nothing re-evaluated); the SGE
+    classifier and detector are moved aside and trained again."""
     root = smoke["root"]
     sge_repro(root, "run", "all")  # earlier tests left the detection stages behind their classifiers
     plain = [root / "runs/cls/resnet18-seed0/last.pt", root / "runs/convert/resnet18-seed0.pth",
