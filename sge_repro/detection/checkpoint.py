@@ -262,11 +262,32 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     return deleted
 
 
+# Python attributes a detector updates every iteration outside its state_dict: the dense
+# detectors' (RetinaNet, FCOS) moving average of the number of foreground anchors, which divides
+# their loss. Without it a resumed run restarts the average from its initial value.
+MODEL_ATTRIBUTES = ("loss_normalizer",)
+
+
+def model_attributes(model: torch.nn.Module) -> dict[str, float]:
+    """MODEL_ATTRIBUTES that `model` (or the module inside its DDP wrapper) has now."""
+    module = getattr(model, "module", model)
+    return {name: float(value) for name in MODEL_ATTRIBUTES
+            if isinstance(value := getattr(module, name, None), (int, float))}
+
+
+def set_model_attributes(model: torch.nn.Module, values: dict[str, float]) -> None:
+    module = getattr(model, "module", model)
+    for name in MODEL_ATTRIBUTES:
+        if name in values:
+            setattr(module, name, float(values[name]))
+
+
 class CheckpointHook(HookBase):
     """Replaces detectron2's PeriodicCheckpointer; runs on every rank.
 
-    Every `period` iterations and at the last one, gathers every rank's RNG states and rank 0
-    writes model_<iter>.pth (and model_final.pth at the end) with them, then deletes periodic
+    Every `period` iterations and at the last one, gathers every rank's RNG states and model
+    attributes (MODEL_ATTRIBUTES) and rank 0 writes model_<iter>.pth (and model_final.pth at the
+    end) with them, then deletes periodic
     checkpoints beyond the newest `keep`. A run resumed from a checkpoint of the last iteration
     (killed after it, before model_final was in place) writes model_final from that state.
     """
@@ -279,10 +300,11 @@ class CheckpointHook(HookBase):
 
     def _save(self, names: list[str], iteration: int) -> None:
         states = comm.all_gather(rng_state(self.cuda))  # every rank takes part
+        attributes = comm.all_gather(model_attributes(self.checkpointer.model))
         if not comm.is_main_process():
             return
         for name in names:
-            self.checkpointer.save(name, iteration=iteration, rng=states)
+            self.checkpointer.save(name, iteration=iteration, rng=states, model_attributes=attributes)
         prune_checkpoints(self.checkpointer.save_dir, self.keep)
 
     def after_step(self) -> None:

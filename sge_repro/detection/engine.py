@@ -32,7 +32,7 @@ from sge_repro.atomic import write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
 from sge_repro.detection.checkpoint import (
     FINAL_WEIGHTS, AtomicCheckpointer, CheckpointHook, config_fingerprint, last_checkpoint, read_resume_state,
-    set_rng_state,
+    set_model_attributes, set_rng_state,
 )
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
@@ -208,10 +208,15 @@ class DetectorTrainer(DefaultTrainer):
         return writers + [_EventsWriter(self.cfg.OUTPUT_DIR)]
 
     def resume_from(self, path: Path, iteration: int) -> None:
-        """Load model, optimizer, scheduler, iteration and this rank's RNG states from `path`."""
+        """Load model, optimizer, scheduler, iteration and this rank's RNG states and model
+        attributes (RetinaNet's loss normalizer) from `path`."""
         extra = self.checkpointer.load(str(path))
         assert self.iter == iteration and self.start_iter == iteration + 1, (self.iter, iteration, self.start_iter)
-        states = extra.get("rng")
+        states, attributes = extra.get("rng"), extra.get("model_attributes")
+        if isinstance(attributes, list) and attributes:
+            # another number of processes: every rank continues from rank 0's average
+            rank = comm.get_rank() if len(attributes) == comm.get_world_size() else 0
+            set_model_attributes(self.checkpointer.model, attributes[rank])
         if isinstance(states, list) and len(states) == comm.get_world_size():
             set_rng_state(states[comm.get_rank()])
         else:
