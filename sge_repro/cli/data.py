@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.text import Text
 
 from sge_repro.cli.ui import console, named_tasks, progress_bar, progress_lines
 
@@ -30,9 +31,9 @@ def prepare(context: typer.Context) -> None:
         callback = named_tasks(progress) if console.is_terminal else progress_lines()
         summary = stage(load_params(), ProjectPaths(), progress=callback)
     for kind, info in summary.items():
-        console.print(f"[bold]{kind}[/] ({info['source']}, {info['root']}): {info['train']} train / {info['val']} val "
-                      f"images, {info['corrupt']} corrupt left out, {info['decoded']} decoded now; "
-                      f"manifest {info['manifest']}", highlight=False)
+        console.print(Text.assemble((kind, "bold"), f" ({info['source']}, {info['root']}): {info['train']} train / "
+                      f"{info['val']} val images, {info['corrupt']} corrupt left out, {info['decoded']} decoded now; "
+                      f"manifest {info['manifest']}"), highlight=False)
 
 
 @prepare_app.command("imagenet")
@@ -50,8 +51,9 @@ def prepare_imagenet(
         task = progress.add_task("imagenet", total=None, info="")
         counts = prepare(source, destination, subset_classes=subset or None,
                          progress=lambda done, total: progress.update(task, completed=done, total=total))
-    console.print(", ".join(f"{k} {v}" for k, v in counts.items()))
-    console.print(f"set data.classification.source_path: {destination.resolve()} (and source: imagenet) in params.yaml")
+    console.print(", ".join(f"{k} {v}" for k, v in counts.items()), markup=False)
+    console.print(f"set data.classification.source_path: {destination.resolve()} (and source: imagenet) in params.yaml",
+                  markup=False)
 
 
 @app.command("fetch")
@@ -71,5 +73,5 @@ def fetch(
         result = fetch_coco(root, parts=tuple(part or ("train2017", "val2017", "annotations")),
                             base_url=base_url, progress=named_tasks(progress))
     for name, state in result["parts"].items():
-        console.print(f"{name}: {state}")
-    console.print(f"COCO 2017 at {result['root']}: set data.detection.source_path to it")
+        console.print(f"{name}: {state}", markup=False)
+    console.print(f"COCO 2017 at {result['root']}: set data.detection.source_path to it", markup=False)

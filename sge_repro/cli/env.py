@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from sge_repro.cli.ui import console
 
@@ -79,9 +80,9 @@ def env(
         table.add_column("what", style="bold")
         table.add_column("value")
         for key, value in info.items():
-            table.add_row(key, value)
+            table.add_row(key, Text(str(value)))
         console.print(table)
         for line in details:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)
     if check and not matches:
         raise typer.Exit(1)

@@ -9,6 +9,8 @@ import typer
 
 from sge_repro.cli import bench, convert, data, env, evaluate, exp, models, report, run, train
 from sge_repro.cli.ui import err_console
+from rich.text import Text
+
 from sge_repro.errors import UserError
 
 app = typer.Typer(
@@ -53,7 +55,8 @@ def main() -> None:
     except UserError as exc:
         if _state["debug"] or "--debug" in sys.argv:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # the message names files / keys / values as they are: never read as rich markup
+        err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)
 
 

@@ -35,7 +35,7 @@ def visualize() -> None:
     from sge_repro.stages.report import visualize as stage
 
     for path in stage(load_params(), ProjectPaths()):
-        console.print(str(path))
+        console.print(str(path), markup=False)
 
 
 def visualize_file(
@@ -49,4 +49,4 @@ def visualize_file(
     from sge_repro.report.visualize import visualize_sge_checkpoint
 
     for path in visualize_sge_checkpoint(model, checkpoint, image, out, layer=layer):
-        console.print(str(path))
+        console.print(str(path), markup=False)

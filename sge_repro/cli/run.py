@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich import box
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -144,7 +145,7 @@ class PipelineView:
                 detail = progress_text(record, wall, running=state == "running")
                 if detail:
                     label = detail if state == "running" else f"{label} · {detail}"
-            table.add_row(stage, Text(label, style=_STYLE[state]), elapsed)
+            table.add_row(Text(stage), Text(label, style=_STYLE[state]), elapsed)
         return table
 
     def __rich_console__(self, console, options):
@@ -203,7 +204,7 @@ def run(
     # `dvc repro` exits, so a second run can neither mix profiles nor truncate this run's log.
     with run_lock.hold(" ".join(["sge-repro", *sys.argv[1:]])):
         name, changed, stages = pipeline.prepare_run(profile, targets)
-        console.print(f"profile [bold]{name}[/]" + (" (params.yaml rewritten)" if changed else ""))
+        console.print(f"profile [bold]{escape(name)}[/]" + (" (params.yaml rewritten)" if changed else ""))
         _run(targets, force, stages, ProjectPaths().progress_dir)
     if report and target == "all":
         from sge_repro.cli.report import print_saved_report
@@ -225,10 +226,11 @@ def status() -> None:
     table.add_column("why")
     for stage in stages:
         if stage in data_note:
-            table.add_row(stage, *data_note[stage])
+            state, why = data_note[stage]
+            table.add_row(stage, state, Text(why))
         elif stage in stale:
             why = "; ".join(_reason(item) for item in stale[stage])
-            table.add_row(stage, "[yellow]will run[/]", why)
+            table.add_row(stage, "[yellow]will run[/]", Text(why))
         else:
             table.add_row(stage, "[green]up to date[/]", "")
     console.print(table)

@@ -7,6 +7,7 @@ import os
 from typing import Iterator
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,10 +35,10 @@ err_console = _console(stderr=True)
 def progress_bar() -> Iterator[Progress]:
     """A progress bar that degrades to nothing on a non-terminal (DVC captures our output)."""
     progress = Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # names of files: never markup
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -81,7 +82,7 @@ def progress_lines(every_s: float = 15.0):
             line += f", {rate:.0f}/s"
             if total and not finished:
                 line += f", about {(total - done) / rate / 60:.1f} min left"
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
     return update
 
@@ -90,10 +91,10 @@ def print_result(title: str, result: dict) -> None:
     """A stage's summary as a two-column table (scalars only)."""
     from rich.table import Table
 
-    table = Table(title=title, show_header=False)
+    table = Table(title=Text(title), show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     for key, value in result.items():
         if isinstance(value, (int, float, str)):
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+            table.add_row(Text(key), Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     console.print(table)

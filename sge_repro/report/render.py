@@ -250,27 +250,29 @@ def render_console(report: Report, console: Console, wide: bool = False) -> None
     `wide`, every column of report.md / report.html (cells fold on a narrow terminal)."""
     from rich import box
     from rich.table import Table
+    from rich.markup import escape
+    from rich.text import Text
 
     def full_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
-        out = Table(title=title, title_justify="left", header_style="bold")
+        out = Table(title=Text(title), title_justify="left", header_style="bold")
         for index, header in enumerate(headers):
             out.add_column(header, justify="right" if 3 <= index < len(headers) - 1 else "left", overflow="fold")
         for cells in rows:
-            out.add_row(*cells, style="green" if is_reproduced(cells[-1]) else None)
+            out.add_row(*map(Text, cells), style="green" if is_reproduced(cells[-1]) else None)
         return out
 
     def compact_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
-        out = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+        out = Table(title=Text(title), title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
                     show_edge=False, pad_edge=False, collapse_padding=True)
         for header in headers:
             numeric = header in ("Top-1 %", "AP", "Gain [95% CI]")
             # never wrapped: a cell too long for the terminal ends in an ellipsis (--wide shows all)
             out.add_column(header, justify="right" if numeric else "left", no_wrap=True, overflow="ellipsis")
         for cells in rows:
-            out.add_row(*cells, style="green" if is_reproduced(cells[-1]) else None)
+            out.add_row(*map(Text, cells), style="green" if is_reproduced(cells[-1]) else None)
         return out
 
-    console.print(f"[bold]SGE reproduction report[/bold] - profile [cyan]{report.profile}[/cyan], "
+    console.print(f"[bold]SGE reproduction report[/bold] - profile [cyan]{escape(report.profile)}[/cyan], "
                   f"tolerance ±{report.tolerance:g} points")
     if not report.classification:
         console.print("Classification: no evaluated runs.")
@@ -294,13 +296,13 @@ def render_console(report: Report, console: Console, wide: bool = False) -> None
         console.print(f"[dim]made by: code {code}, params.yaml sha256 {(made.params_sha256 or '-')[:12]}, "
                       f"{len(made.stages)} stage runs (summary.json: provenance)[/dim]", highlight=False)
     for note in report.notes:
-        console.print(f"[dim]note:[/dim] {note}", highlight=False)
+        console.print(f"[dim]note:[/dim] {escape(note)}", highlight=False)
     if report.missing:
         console.print(f"[yellow]Missing ({len(report.missing)}):[/yellow]")
         for line in _missing_lines(report):
             console.print(f"  - {line}", highlight=False, markup=False)
     for name, path in report.files.items():
-        console.print(f"[dim]wrote {name}:[/dim] {path}", highlight=False)
+        console.print(f"[dim]wrote {name}:[/dim] {escape(str(path))}", highlight=False)
 
 
 # ---------------------------------------------------------------- markdown

@@ -81,3 +81,17 @@ def test_models_json_contract(sge_repro_bin, tmp_path):
     assert abs(rows["sge_resnet50"]["params_m"] - 25.56) <= 0.005
     assert abs(rows["sge_resnet50"]["gflops"] / 4.127 - 1) <= 0.01
     assert rows["sge_resnet50"]["gflops"] > rows["resnet50"]["gflops"]  # SGE's ops are counted
+
+
+@pytest.mark.parametrize("name", ["my [final].pth", "a [/x] b.pth", "[bold red]c[/].pth"])
+def test_an_error_names_the_file_as_written(sge_repro_bin, tmp_path, name):
+    """Error text is never read as rich markup: `[final]` is not dropped as a tag, a stray closing
+    tag `[/x]` does not crash the CLI."""
+    source = tmp_path / name  # "[/x]": a folder "a [" holding "x] b.pth"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(b"not a checkpoint")
+    result = run(sge_repro_bin, tmp_path, "convert-file", name, "out.pth")
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and name in lines[0], result.stderr
+    assert not (tmp_path / "out.pth").exists()

@@ -1,5 +1,7 @@
 """The console tables: compact by default (every row one line at 80 and 100 columns), all columns with --wide."""
 
+from pathlib import Path
+
 import pytest
 from rich.console import Console
 
@@ -98,3 +100,19 @@ def test_what_reproduced_lists_each_claim_with_ours_the_papers_and_the_verdict(r
     assert html.index("<h2>What reproduced</h2>") < html.index("<h2>Classification</h2>")
     assert "7 result(s) compared with the paper; 2 reproduced within &plusmn;0.3 points" in html
     assert "COCO detectors judged on the gain: 0 of 1 gains reproduced" in html
+
+
+@pytest.mark.parametrize("dataset", ["my [final] set", "a [/x] set", "[bold]b[/bold]"])
+def test_names_print_as_written_never_as_markup(results_root, dataset):
+    """A dataset or file name with square brackets is printed as it is: rich neither drops
+    `[final]` as a tag nor fails on a closing tag `[/x]` with nothing open."""
+    from .conftest import write_cls
+
+    write_cls(results_root, "resnet18", 5, dataset, top1=50.0, top5=90.0)
+    report = build_report(results_root, "embedded", bootstrap_samples=300, complexity=fixture_complexity)
+    report.summary.notes.append(f"note about {dataset}")
+    report.files["report.md"] = Path(f"reports/{dataset}.md")
+    for wide in (False, True):
+        text = "\n".join(rendered(report, 200, wide=wide))
+        assert dataset in text
+        assert f"note about {dataset}" in text and f"reports/{dataset}.md" in text
