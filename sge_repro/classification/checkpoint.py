@@ -161,6 +161,55 @@ def check_resumable(path: Path, recipe: dict) -> dict | None:
     return saved
 
 
+def repair_damaged(run_dir: Path, is_main: bool, barrier) -> None:
+    """A checkpoint that does not load (a disk fault, a copy cut short) is not a finished run.
+
+    Both files hold the whole training state of their epoch, and resuming is exact, so:
+    - last.pt damaged or missing, best.pt loads: best.pt becomes last.pt and training resumes
+      from its epoch (the epochs after it are computed again, to the same result);
+    - best.pt damaged or missing while last.pt is the best epoch: best.pt is written from last.pt;
+    - otherwise the best epoch's weights are lost: UserError saying how to train again.
+    Every rank decides from the files (the same answer), rank 0 writes; a warning names the repair."""
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    if not last.exists() and not best.exists():
+        return
+    last_state, last_problem = _load_or_problem(last)
+    best_state, best_problem = _load_or_problem(best)
+    if last_problem is None and (best_problem is None or int(last_state.get("best", {}).get("epoch", 0)) == 0):
+        return  # (no epoch improved yet: no best.pt to expect)
+    aside = f"move {run_dir} aside (e.g. into runs/superseded/) to train it again"
+    if last_problem is not None and best_problem is not None:
+        raise UserError(f"{run_dir}: neither checkpoint loads (last.pt: {last_problem}; best.pt: {best_problem}); {aside}")
+    if last_problem is not None:
+        source, target, why = best, last, (f"{last_problem}: resuming from best.pt (epoch {best_state.get('epoch')}); "
+                                           "the epochs after it are trained again")
+    elif int(last_state.get("epoch", -1)) == int(last_state.get("best", {}).get("epoch", -2)):
+        source, target, why = last, best, f"{best_problem}: rewritten from last.pt (the same epoch)"
+    else:
+        raise UserError(f"{best}: {best_problem}; the best epoch's ({last_state['best']['epoch']}) weights are lost "
+                        f"and last.pt is epoch {last_state.get('epoch')}: {aside}")
+    barrier()
+    if is_main:
+        atomic.write_bytes(target, source.read_bytes())
+        log.warning("%s: %s", target, why)
+    barrier()
+
+
+def _load_or_problem(path: Path) -> tuple[dict, None] | tuple[None, str]:
+    """(the training checkpoint, None) or (None, why it is not one: missing / does not load)."""
+    from sge_repro.models.checkpoints import load_checkpoint_file
+
+    if not path.is_file():
+        return None, "missing"
+    try:
+        saved = load_checkpoint_file(path)
+    except UserError as error:
+        return None, str(error).removeprefix(f"checkpoint {path}: ")
+    if not isinstance(saved, dict) or "optimizer" not in saved or "epoch" not in saved:
+        return None, "not a training checkpoint of this engine"
+    return saved, None
+
+
 def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
     """Load `path` (last.pt) into `state`; False when there is none (a fresh run). Raises what
     check_resumable raises (a checkpoint of another recipe is never loaded)."""

@@ -110,8 +110,10 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
                                     lr=params.lr, momentum=params.momentum)
         state = TrainingState(model, optimizer, lr_scheduler(optimizer, steps_per_epoch, params),
                               grad_scaler(params.amp, device))
+        barrier = lambda: dist.barrier() if dist_info.enabled else None  # noqa: E731
+        checkpoint.repair_damaged(run_dir, dist_info.is_main, barrier)
         supersede_changed_run(lambda: checkpoint.check_resumable(run_dir / "last.pt", recipe), run_dir,
-                              dist_info.is_main, lambda: dist.barrier() if dist_info.enabled else None)
+                              dist_info.is_main, barrier)
         if checkpoint.resume(run_dir / "last.pt", state, recipe):
             log.info("resuming %s from %s (epoch %d of %d)", model_name, run_dir / "last.pt", state.epoch,
                      params.epochs)

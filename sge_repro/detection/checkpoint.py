@@ -222,17 +222,26 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return candidate
 
 
-def read_resume_state(output_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> tuple[Path, int, dict] | None:
+def read_resume_state(output_dir: str | os.PathLike, fingerprint: dict[str, Any],
+                      warn: bool = True) -> tuple[Path, int, dict] | None:
     """(checkpoint, its iteration, its sge_repro metadata) to resume from, None for a fresh run.
 
+    The checkpoint `last_checkpoint` names; when it does not load (a disk fault, a copy cut short)
+    the newest other checkpoint of the run that does (a warning names both, when `warn`): resuming
+    is exact, so the iterations after it are computed again to the same result.
     Before anything is written: RunOfOtherParams (sge_repro.superseded) when the checkpoint was
     trained under another config (naming each differing key, old -> new), UserError when a version
-    that stored no fingerprint wrote it.
+    that stored no fingerprint wrote it, or when no checkpoint of the run loads.
     """
     path = last_checkpoint(output_dir)
     if path is None:
         return None
-    saved = load_checkpoint_file(path, what="checkpoint")
+    try:
+        saved = load_checkpoint_file(path, what="checkpoint")
+    except UserError as damaged:
+        path, saved = _newest_loadable(Path(output_dir), exclude=path, damaged=damaged)
+        if warn:
+            logger.warning("%s; resuming from %s (iteration %s) instead", damaged, path.name, saved.get("iteration"))
     metadata = saved.get("sge_repro") if isinstance(saved, dict) else None
     way_out = f"delete {output_dir} to train from scratch with the current config"
     if not isinstance(metadata, dict) or "fingerprint" not in metadata or "iteration" not in saved:
@@ -244,6 +253,34 @@ def read_resume_state(output_dir: str | os.PathLike, fingerprint: dict[str, Any]
         raise RunOfOtherParams(f"{path}: trained with another config ({preview(differences, 4)}); resuming would "
                                f"mix the two: {way_out}, or restore the old values", differences, old_id[:16])
     return path, int(saved["iteration"]), metadata
+
+
+def _newest_loadable(output_dir: Path, exclude: Path, damaged: UserError) -> tuple[Path, dict]:
+    """The run's checkpoint of the highest iteration that loads, other than `exclude`; `damaged`
+    (with the way out) when none does."""
+    candidates = [entry for entry in output_dir.iterdir()
+                  if entry != exclude and (entry.name == FINAL_WEIGHTS or PERIODIC.fullmatch(entry.name))]
+    loaded = []
+    for entry in candidates:
+        try:
+            saved = load_checkpoint_file(entry, what="checkpoint")
+        except UserError:
+            continue
+        if isinstance(saved, dict) and "iteration" in saved:
+            loaded.append((int(saved["iteration"]), entry.name == FINAL_WEIGHTS, entry, saved))
+    if not loaded:
+        raise UserError(f"{damaged}; no other checkpoint of {output_dir} loads: delete {output_dir} to train "
+                        "from scratch") from None
+    _, _, path, saved = max(loaded, key=lambda item: item[:2])
+    return path, saved
+
+
+def checkpoint_loads(path: Path) -> bool:
+    try:
+        load_checkpoint_file(path, what="checkpoint")
+    except UserError:
+        return False
+    return True
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:

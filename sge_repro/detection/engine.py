@@ -31,8 +31,8 @@ import torch.distributed as dist
 from sge_repro.atomic import write_text
 from sge_repro.detection import backbone as _backbones  # noqa: F401  (registers the backbones)
 from sge_repro.detection.checkpoint import (
-    FINAL_WEIGHTS, AtomicCheckpointer, CheckpointHook, config_fingerprint, last_checkpoint, read_resume_state,
-    set_model_attributes, set_rng_state,
+    FINAL_WEIGHTS, AtomicCheckpointer, CheckpointHook, checkpoint_loads, config_fingerprint, last_checkpoint,
+    read_resume_state, set_model_attributes, set_rng_state,
 )
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
@@ -290,13 +290,18 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     records = training_records(cfg)
     fingerprint = config_fingerprint(cfg, num_images=len(records))
     if resume:  # a run of another config is moved aside, not resumed (sge_repro.superseded)
-        supersede_changed_run(lambda: read_resume_state(cfg.OUTPUT_DIR, fingerprint), cfg.OUTPUT_DIR, rank == 0,
-                              comm.synchronize)
+        supersede_changed_run(lambda: read_resume_state(cfg.OUTPUT_DIR, fingerprint, warn=False), cfg.OUTPUT_DIR,
+                              rank == 0, comm.synchronize)
     resume_state = read_resume_state(cfg.OUTPUT_DIR, fingerprint) if resume else None
     final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
-    if resume_state and resume_state[1] >= cfg.SOLVER.MAX_ITER - 1 and final.is_file():
+    final_loads = final.is_file() and (resume_state is not None and resume_state[0] == final or checkpoint_loads(final))
+    if resume_state and resume_state[1] >= cfg.SOLVER.MAX_ITER - 1 and final_loads:
         return final  # finished under this config: nothing to do, nothing rewritten
     # ---- nothing was written before this line
+    if final.is_file() and not final_loads and rank == 0:
+        # a model_final that does not load is not a finished run: written again by the resumed run
+        logger.warning("%s does not load: removed; the run resumes and writes it again", final)
+        final.unlink()
     if rank == 0:
         with disk_errors(Path(cfg.OUTPUT_DIR) / "log.txt"):
             Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)

@@ -155,3 +155,60 @@ def test_results_do_not_depend_on_the_number_of_workers(data_root, tmp_path):
     b = torch.load(tmp_path / "b" / "ckpt" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[name], b[name]) for name in a)
 
+
+
+def _truncate(path, size=1000):
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+def test_a_damaged_last_pt_resumes_from_best_pt_to_the_same_result(finished_run, data_root, tmp_path):
+    """A checkpoint that does not load is not a finished run: with last.pt cut short, training
+    resumes from best.pt's epoch and ends where the uninterrupted run ended, bit for bit."""
+    import shutil
+
+    run, metrics, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    run_dir = outputs(copy)[0]
+    _truncate(run_dir / "last.pt")
+    torch.set_num_threads(1)
+    again = train(data_root, copy)
+    assert again["top1"] == metrics["top1"] and again["best_epoch"] == metrics["best_epoch"]
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    original = torch.load(outputs(run)[0] / "last.pt", weights_only=True)
+    assert resumed["epoch"] == original["epoch"]
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in original["state_dict"].items())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "empty"])
+def test_a_damaged_best_pt_is_rewritten_from_last_pt_or_named(tmp_path, damage):
+    from sge_repro.classification.checkpoint import repair_damaged
+
+    def state(epoch, best_epoch):
+        return {"optimizer": {}, "epoch": epoch, "best": {"epoch": best_epoch, "top1": 50.0}, "marker": torch.arange(3)}
+
+    def damaged(run_dir, epoch, best_epoch):
+        run_dir.mkdir()
+        torch.save(state(epoch, best_epoch), run_dir / "last.pt")
+        torch.save(state(best_epoch, best_epoch), run_dir / "best.pt")
+        if damage == "missing":
+            (run_dir / "best.pt").unlink()
+        else:
+            _truncate(run_dir / "best.pt", 0 if damage == "empty" else 200)
+        return run_dir
+
+    # the last epoch was the best: both files held the same state, best.pt is rewritten from last.pt
+    run_dir = damaged(tmp_path / "same", 5, 5)
+    repair_damaged(run_dir, True, lambda: None)
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 5
+    # an earlier epoch was the best: its weights are lost; one line says how to train again
+    run_dir = damaged(tmp_path / "earlier", 5, 3)
+    with pytest.raises(UserError, match=r"best\.pt: .*the best epoch's \(3\) weights are lost and last\.pt is epoch 5: "
+                                        r"move .*earlier aside"):
+        repair_damaged(run_dir, True, lambda: None)
+    assert sorted(p.name for p in run_dir.iterdir()) == (["best.pt", "last.pt"] if damage != "missing" else ["last.pt"])
+    # both damaged
+    _truncate(run_dir / "last.pt", 10)
+    with pytest.raises(UserError, match=r"neither checkpoint loads"):
+        repair_damaged(run_dir, True, lambda: None)

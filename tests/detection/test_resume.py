@@ -94,6 +94,31 @@ def test_kill_after_the_last_checkpoint_before_model_final_finishes_on_rerun(det
     assert without_log(snapshot(run)) == without_log(before)
 
 
+@pytest.mark.parametrize("damaged", [["model_final.pth"], ["model_final.pth", "model_0000003.pth"]])
+def test_checkpoints_that_do_not_load_are_not_a_finished_run(detectron2_weights, registered, tmp_path, damaged):
+    """model_final (and the newest periodic checkpoint) cut short after training: the rerun resumes
+    from the newest checkpoint that loads and ends with the uninterrupted run's state; with none
+    left that loads, one line says so and how to start over."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    cfg = run_config(detectron2_weights, registered[0], run, **{"SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 1})
+    final = train_detector(cfg, keep_checkpoints=3)
+    expected = load(final)
+    for name in damaged:
+        with open(run / name, "r+b") as handle:
+            handle.truncate(1000)
+    assert train_detector(cfg, keep_checkpoints=3) == final
+    assert_same_state(load(final), expected)
+    assert f"Starting training from iteration {4 - len(damaged) + 1}" in (run / "log.txt").read_text()
+
+    for entry in run.glob("model_*.pth"):
+        with open(entry, "r+b") as handle:
+            handle.truncate(10)
+    with pytest.raises(UserError, match=r"model_final\.pth: not a valid checkpoint.*no other checkpoint of .* loads: "
+                                        r"delete .* to train from scratch"):
+        train_detector(cfg, keep_checkpoints=3)
+
+
 # --------------------------------------------------------------------------- issue 13 item 4
 def superseded(tmp_path: Path) -> list[Path]:
     """The run folders moved aside from tmp_path/det/run (paths.superseded_run_dir)."""
