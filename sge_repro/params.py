@@ -30,11 +30,14 @@ class Section(BaseModel):
     # Unknown keys are errors: a typo must not silently fall back to a default.
     # Strict types: `epochs: true` or `epochs: "3"` is an error, not 1 or 3 (an int where a float
     # is expected stays accepted: `lr: 1` is natural YAML).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # No NaN or infinity (`lr: .inf` is valid YAML): no setting here means either.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 # detectron2 reads a negative seed as "pick one at random": a seed is >= 0.
 Seed = Annotated[int, Field(ge=0)]
+# What the engines run on ("cuda": each process's own GPU, cuda:LOCAL_RANK).
+Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$", description="cpu, cuda or cuda:<index>")]
 # Data-loader worker processes of a classification stage: a count, or "auto" (from the cores this
 # process may use and the processes on this node: sge_repro.classification.sampling.resolve_workers).
 Workers = Annotated[int, Field(ge=0)] | Literal["auto"]
@@ -130,7 +133,7 @@ class TrainClsParams(Section):
         "(faster on GPU). Not part of the resume recipe: it changes float rounding, not what is trained"))
     workers: Workers = 0
     decoder: Decoder = "torchvision"
-    device: str = "cpu"
+    device: Device = "cpu"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainClsParams":
@@ -147,7 +150,7 @@ class EvalClsParams(Section):
     channels_last: bool = False
     workers: Workers = 0
     decoder: Decoder = "torchvision"
-    device: str = "cpu"
+    device: Device = "cpu"
 
 
 ConvertSource = Literal["trained", "file", "torchvision"]
@@ -201,13 +204,13 @@ class TrainDetParams(Section):
     max_size: int = Field(128, ge=32)
     checkpoint_period: int = Field(100, ge=1)
     workers: int = Field(0, ge=0)
-    device: str = "cpu"
+    device: Device = "cpu"
     keep_checkpoints: int = Field(2, ge=1, description="periodic checkpoints kept (newest); model_final always")
     deterministic: bool = Field(True, description="cudnn without autotuning (detectron2 CUDNN_BENCHMARK off)")
 
 
 class EvalDetParams(Section):
-    device: str = "cpu"
+    device: Device = "cpu"
 
 
 class ReportParams(Section):
@@ -328,6 +331,7 @@ class Params(Section):
         empty = [name for name, path in self.released.items() if not path]
         if empty:
             raise ValueError(f"released: {empty[0]!r} has no checkpoint path")
+        self._check_sge_groups()
         for name in self.detectors:
             if name not in DETECTORS:
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")
@@ -340,6 +344,18 @@ class Params(Section):
         self._check_derived("inputs", self.convert_inputs())
         self._check_derived("downloads", self.convert_downloads())
         return self
+
+    def _check_sge_groups(self) -> None:
+        """G must divide the channels of every SGE block of every model built from model.* (the
+        smallest, layer1's, decides: the others are its multiples)."""
+        from sge_repro.models.registry import sge_channels
+
+        for name in dict.fromkeys([*self.models, *self.detection_backbones]):
+            channels = sge_channels(name, self.model.width)
+            if channels and channels[0] % self.model.groups:
+                raise ValueError(f"model.groups: {self.model.groups} does not divide the channels of {name}'s SGE "
+                                 f"blocks at model.width {self.model.width} ({', '.join(map(str, channels))}); "
+                                 f"expected a divisor of {channels[0]}")
 
     def _check_protocol_sources(self) -> None:
         """The protocol fixes where each detector backbone starts from (its convert source)."""

@@ -78,6 +78,7 @@ def prepare_run(profile: str | None, targets: list[str], params_file: Path = PAR
     before = params_file.read_text(encoding="utf-8") if params_file.exists() else None
     name, changed = apply_profile(profile, params_file)
     try:
+        check_runnable(load_params(params_file), params_file.parent)
         stages = list_stages()
         for target in targets:
             resolve_target(target, stages)
@@ -86,6 +87,34 @@ def prepare_run(profile: str | None, targets: list[str], params_file: Path = PAR
             atomic.write_text(params_file, before)
         raise
     return name, changed, stages
+
+
+def check_runnable(params, root: Path) -> None:
+    """What params.yaml names outside itself, checked before any stage runs (a stage failing on it
+    would come after the stages before it, with DVC's earlier outputs of it already removed): the
+    given checkpoint files exist, and a GPU named for a stage run here is on this machine (a SLURM
+    run's GPUs are on the nodes the job gets)."""
+    files = [(f"released.{name}", path) for name, path in params.released.items()]
+    files += [(f"convert.files.{name}", path) for name, path in params.convert.files.items()
+              if params.convert_source(name) == "file"]
+    for key, path in files:
+        if not (root / path).is_file():
+            raise UserError(f"params.yaml: {key}: {path}: file not found (relative to {root.resolve()})")
+    sections = {"train_cls": params.train_cls.device, "eval_cls": params.eval_cls.device,
+                "train_det": params.train_det.device, "eval_det": params.eval_det.device}
+    wanted = {key: device for key, device in sections.items() if device.startswith("cuda")}
+    if params.launch.launcher == "slurm":
+        wanted = {key: device for key, device in wanted.items() if key not in ("train_cls", "train_det")}
+    if wanted:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for key, device in wanted.items():
+            index = int(device.partition(":")[2] or 0)
+            if index >= count:
+                raise UserError(f"params.yaml: {key}.device: {device!r}, but this machine has "
+                                f"{count or 'no'} CUDA device{'s' if count != 1 else ''}; expected 'cpu'"
+                                + (f" or cuda:0..{count - 1}" if count else ""))
 
 
 def run_experiment(assignments: list[str], targets: list[str], queue: bool = False, name: str | None = None,
@@ -104,6 +133,7 @@ def run_experiment(assignments: list[str], targets: list[str], queue: bool = Fal
     before = params_file.read_text(encoding="utf-8")
     params = validate_params(without_derived(set_values(read_yaml(params_file), assignments)),
                              f"{params_file} (with -S)" if assignments else str(params_file))
+    check_runnable(params, params_file.parent)
     atomic.write_text(params_file, dump_params(params))
     command = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if queue else []),
                *(["--name", name] if name else []), *targets]

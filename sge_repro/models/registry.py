@@ -78,6 +78,16 @@ def parse_model_name(name: str) -> ModelName:
     raise UserError(f"model: unknown name {name!r}; {NAME_HELP}")
 
 
+def sge_channels(name: str, width: int) -> list[int]:
+    """The channels of the SGE blocks of model `name`, stage by stage (empty without SGE): the
+    numbers the SGE groups G must divide."""
+    parsed = parse_model_name(name)
+    if parsed.attention != "sge":
+        return []
+    expansion = DEPTHS[parsed.depth][0].expansion
+    return [width * 2 ** stage * expansion for stage in range(4)]
+
+
 def list_models() -> list[str]:
     """Every model name create_model accepts, plain first, then by attention and depth."""
     return [format_model_name(attention, depth) for attention in ATTENTION_NAMES for depth in DEPTHS

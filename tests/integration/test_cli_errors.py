@@ -22,6 +22,15 @@ def snapshot(root: Path) -> dict[str, bytes]:
         (lambda t: t.replace("  epochs: 12", "  epochs: twelve"), "train_cls.epochs"),
         (lambda t: t.replace("models: [resnet18, sge_resnet18]", "models: [resnet18, sge_resnet81]"),
          "unknown model 'sge_resnet81'"),
+        # valid YAML and types that would fail only mid-pipeline, after the stages before ran
+        (lambda t: t.replace("  groups: 8", "  groups: 7"), "model.groups: 7 does not divide the channels of sge_resnet18"),
+        (lambda t: t.replace("  width: 32\n  groups: 8", "  width: 32\n  groups: 64"), "expected a divisor of 32"),
+        (lambda t: t.replace("  lr: 0.05", "  lr: .inf"), "train_cls.lr: input should be a finite number"),
+        (lambda t: t.replace("  lr: 0.05", "  lr: .nan"), "train_cls.lr: input should be a finite number"),
+        (lambda t: t.replace("  device: cpu", "  device: tpu:7", 1), "train_cls.device: string should match"),
+        (lambda t: t.replace("  device: cpu", "  device: cuda:12", 1), "train_cls.device: 'cuda:12', but this machine has"),
+        (lambda t: t.replace("released: {}", "released: {sge_resnet50: 'weights/missing [1].pth'}"),
+         "released.sge_resnet50: weights/missing [1].pth: file not found"),
     ],
 )
 def test_bad_params_exit_2_and_write_nothing(project, sge_repro_bin, edit, expected):
