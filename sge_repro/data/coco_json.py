@@ -1,9 +1,13 @@
 """Validation of COCO-format instance annotation files (real COCO 2017 or the embedded set).
 
 `validate_coco_json` checks what detectron2 and pycocotools assume without checking: the JSON
-parses, the top-level lists exist, ids are unique, every annotation points at a known image and
-category, boxes have positive size, and every image file exists. Problems raise UserError with
-one line naming the file and the offending id.
+parses, the top-level lists exist and are not empty, ids are unique integers, every annotation
+points (by integer id) at a known image and category, at least one annotation is not a crowd one
+(detectron2 drops crowd-only images and then finds no data; COCOeval has nothing to score), boxes
+have positive size, every file_name stays inside the split's image folder, and every image file
+exists. Problems raise UserError with one line naming the file and the offending id and key. That
+each image's width / height is its file's real size is checked by the data stage, which decodes
+every file once anyway (sge_repro.data.prepare).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +30,21 @@ REQUIRED_KEYS = {
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_id(value) -> bool:
+    """A COCO id: a JSON integer (not a bool, not 1.0: pycocotools and detectron2 key dicts by it)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def outside_folder(file_name: str) -> bool:
+    """`file_name` (as detectron2 joins it to the image folder) names a file outside that folder:
+    an absolute path, or one whose '..' components climb above it. Checked on the text, not by
+    resolving links: a split folder or its files may be symlinks into another tree."""
+    if os.path.isabs(file_name) or posixpath.isabs(file_name):
+        return True
+    normalized = posixpath.normpath(file_name.replace(os.sep, "/"))
+    return normalized == ".." or normalized.startswith("../")
 
 
 def load_coco_document(json_path: Path) -> dict:
@@ -58,7 +78,7 @@ def check_records(json_path: Path, document: dict, section: str) -> list[dict]:
         for key in REQUIRED_KEYS[section]:
             if key not in record:
                 raise UserError(f"{json_path}: {label} lacks {key!r}; expected keys {', '.join(REQUIRED_KEYS[section])}")
-        if not isinstance(record["id"], int) or isinstance(record["id"], bool):
+        if not _is_id(record["id"]):
             raise UserError(f"{json_path}: {section}[{position}] has id {record['id']!r}; expected an integer")
     duplicates = sorted(id_ for id_, count in Counter(r["id"] for r in records).items() if count > 1)
     if duplicates:
@@ -107,6 +127,9 @@ def validate_coco_document(json_path: Path, document: dict, image_root: str | os
     categories = check_records(json_path, document, "categories")
     if not categories:
         raise UserError(f"{json_path}: 'categories' is empty; expected at least one category")
+    if not images:
+        raise UserError(f"{json_path}: 'images' is empty; expected at least one image (a split without "
+                        "images can be neither trained on nor evaluated)")
 
     image_sizes = {}
     for image in images:
@@ -114,9 +137,13 @@ def validate_coco_document(json_path: Path, document: dict, image_root: str | os
         if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
             raise UserError(f"{json_path}: image id {image['id']} has size {width!r}x{height!r}; "
                             "expected positive width and height")
-        if not isinstance(image["file_name"], str) or not image["file_name"]:
+        if not isinstance(image["file_name"], str) or not image["file_name"] or "\0" in image["file_name"]:
             raise UserError(f"{json_path}: image id {image['id']} has file_name {image['file_name']!r}; "
                             "expected a relative path")
+        if outside_folder(image["file_name"]):
+            raise UserError(f"{json_path}: image id {image['id']} has file_name {image['file_name']!r}, which "
+                            f"points outside the split's image folder {image_root}; expected a path relative "
+                            "to that folder, inside it")
         image_sizes[image["id"]] = (width, height)
         if check_files and not (image_root / image["file_name"]).is_file():
             raise UserError(f"{json_path}: image id {image['id']}: file {image_root / image['file_name']} "
@@ -129,6 +156,10 @@ def validate_coco_document(json_path: Path, document: dict, image_root: str | os
     crowd = 0
     for annotation in annotations:
         label = f"annotation id {annotation['id']}"
+        for key, points_at in (("image_id", "an image"), ("category_id", "a category")):
+            if not _is_id(annotation[key]):
+                raise UserError(f"{json_path}: {label} has {key} {annotation[key]!r}; expected the integer id "
+                                f"of {points_at}")
         if annotation["image_id"] not in image_sizes:
             raise UserError(f"{json_path}: {label} points at unknown image id {annotation['image_id']!r}; "
                             "expected an id listed in 'images'")
@@ -159,6 +190,12 @@ def validate_coco_document(json_path: Path, document: dict, image_root: str | os
         per_category[category_names[annotation["category_id"]]] += 1
         annotated_images.add(annotation["image_id"])
         size_buckets["small" if area < 32**2 else "medium" if area < 96**2 else "large"] += 1
+    if not annotations:
+        raise UserError(f"{json_path}: 'annotations' is empty; expected at least one annotation (a split "
+                        "without annotations can be neither trained on nor evaluated)")
+    if crowd == len(annotations):
+        raise UserError(f"{json_path}: every one of the {crowd} annotation(s) has iscrowd 1; expected at least "
+                        "one with iscrowd 0 (crowd regions are ignored in training and evaluation)")
 
     return {
         "images": len(images),

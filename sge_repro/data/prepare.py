@@ -8,8 +8,11 @@ and a COCO 2017 root at data.detection.source_path (`sge-repro data fetch coco -
 
 Each run rescans the trees (sizes and mtimes, no reads), decodes only the files that are new or
 changed since the last check (`sge_repro.data.verify`, all cores), and rewrites a manifest only
-when its content changed. DVC runs this stage every time (`always_changed` in dvc.yaml); the
-stages after it rerun only when the manifest of their dataset changed.
+when its content changed. Each image's width / height in a COCO file is compared with the size
+that same decode found (as detectron2 reads the file, EXIF orientation applied), so a wrong size
+fails here, naming the image, not as detectron2's SizeMismatchError in train_det. DVC runs this
+stage every time (`always_changed` in dvc.yaml); the stages after it rerun only when the manifest
+of their dataset changed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from sge_repro.paths import ProjectPaths
 
 Progress = Callable[[str, int, int | None], None]
 CORRUPT_SHOWN = 3   # corrupt files named in the stage's error message
+# What a detection index was checked for; part of its listing key, so an index an older version
+# wrote (before image sizes were compared with the annotations) is checked again, once.
+DETECTION_CHECKS = "image-sizes"
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Source:
     folders: dict[str, set[str] | None]   # folder relative to root -> its files (None: every image)
     classes: list[str] | None = None
     annotations: dict[str, dict] = field(default_factory=dict)
+    # detection: folder -> file name -> [(annotation file, image id, file_name, width, height)]
+    image_sizes: dict[str, dict[str, list[tuple]]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -75,7 +83,9 @@ def write_manifests(sources: list[Source], paths: ProjectPaths, skip_corrupt: bo
             summary[source.kind] = _summary(source, state["counts"], 0, "unchanged")
             continue
         cache = verify_cache(paths, source.name, source.root)
-        results, decoded = verify(source.root, scans, cache, workers, progress, f"verify {source.name}")
+        results, decoded = verify(source.root, scans, cache, workers, progress, f"verify {source.name}",
+                                  need_sizes=source.kind == "detection")
+        check_image_sizes(source, results)
         manifests.append((source, build_manifest(source, results, paths), decoded, key))
     corrupt = [f"{source.root / item['file']} ({item['error']})"
                for source, manifest, _, _ in manifests for item in manifest["corrupt"]]
@@ -89,6 +99,31 @@ def write_manifests(sources: list[Source], paths: ProjectPaths, skip_corrupt: bo
     return {kind: summary[kind] for kind in ("classification", "detection") if kind in summary}
 
 
+def check_image_sizes(source: Source, results: dict[str, FolderResult]) -> None:
+    """UserError unless every image's width / height in its annotation file is the size its file
+    decoded to (as detectron2 reads it); names the first mismatch and counts the others. Corrupt
+    files are left to the corrupt-file report."""
+    mismatches = []
+    for rel in sorted(source.image_sizes):
+        result = results.get(rel)
+        if result is None:
+            continue
+        found = dict(zip(result.names, result.dims))
+        for name, listed in sorted(source.image_sizes[rel].items()):
+            dims = found.get(name)
+            if dims is None or name in result.errors:
+                continue
+            for json_path, image_id, file_name, width, height in listed:
+                if (dims[0], dims[1]) != (width, height):
+                    mismatches.append((json_path, image_id, file_name, width, height, source.root / rel / name, dims))
+    if mismatches:
+        json_path, image_id, file_name, width, height, path, (real_width, real_height) = mismatches[0]
+        more = f" (and {len(mismatches) - 1} more image(s))" if len(mismatches) > 1 else ""
+        raise UserError(f"{json_path}: image id {image_id} ({file_name}) has width x height {width}x{height}, "
+                        f"but {path} is {real_width}x{real_height} as detectron2 reads it (EXIF orientation "
+                        f"applied){more}; expected each image's width and height to be its file's")
+
+
 def _summary(source: Source, counts: dict, decoded: int, manifest: str) -> dict:
     return {"source": source.source, "root": str(source.root), **counts, "decoded": decoded, "manifest": manifest}
 
@@ -100,8 +135,10 @@ def _summary(source: Source, counts: dict, decoded: int, manifest: str) -> dict:
 
 
 def _listing_key(source: Source, scans) -> str:
+    checks = (DETECTION_CHECKS,) if source.kind == "detection" else ()
     return listing_digest(scans, str(fmt.FORMAT), source.name, source.kind, source.source, source.layout,
-                          str(source.root), json.dumps(source.classes), json.dumps(source.annotations, sort_keys=True))
+                          str(source.root), json.dumps(source.classes), json.dumps(source.annotations, sort_keys=True),
+                          *checks)
 
 
 def _stamp(path: Path) -> list[int] | None:
@@ -159,7 +196,7 @@ def pending_changes(data, paths: ProjectPaths) -> dict[str, str | None]:
         if state is not None and (data.skip_corrupt or not state["counts"]["corrupt"]):
             changes[name] = None
             continue
-        results, todo = lookup(scans, verify_cache(paths, name, source.root))
+        results, todo = lookup(scans, verify_cache(paths, name, source.root), need_sizes=source.kind == "detection")
         if todo:
             changes[name] = f"{len(todo)} new or changed file(s) to verify"
             continue
@@ -361,10 +398,11 @@ def _generate_det(data, root: Path, progress: Progress | None) -> None:
 
 def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> Source:
     """A COCO-format set (layout coco2017 or embedded): the images its annotation files list (each
-    JSON validated once per content, then cached)."""
+    JSON validated once per content, then cached) and their sizes there."""
     cache = verify_cache(paths, "det", root)
     folders: dict[str, set[str] | None] = {}
     annotations = {}
+    image_sizes: dict[str, dict[str, list[tuple]]] = {}
     changed = False
     for split in SPLITS:
         json_path, image_dir = coco_split_paths(root, split, layout)
@@ -374,7 +412,8 @@ def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> So
         rel_json = json_path.relative_to(root).as_posix()
         info = json_path.stat()
         record = cache.extra.get(rel_json)
-        if not record or record["size"] != info.st_size or record["mtime_ns"] != info.st_mtime_ns:
+        if not record or record["size"] != info.st_size or record["mtime_ns"] != info.st_mtime_ns \
+                or "images" not in record:   # cached by a version that did not record the sizes
             record = _read_annotations(json_path, image_dir, info)
             cache.extra[rel_json] = record
             changed = True
@@ -384,9 +423,14 @@ def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> So
         for file_name in record["files"]:
             parent, _, name = f"{image_rel}/{file_name}".rpartition("/")
             folders.setdefault(parent, set()).add(name)
+        for file_name, image_id, width, height in record["images"]:
+            parent, _, name = f"{image_rel}/{file_name}".rpartition("/")
+            image_sizes.setdefault(parent, {}).setdefault(name, []).append(
+                (json_path, image_id, file_name, width, height))
     if changed:
         cache.save()
-    return Source("det", "detection", source, layout, root, folders, annotations=annotations)
+    return Source("det", "detection", source, layout, root, folders, annotations=annotations,
+                  image_sizes=image_sizes)
 
 
 def _read_annotations(json_path: Path, image_dir: Path, info) -> dict:
@@ -398,4 +442,5 @@ def _read_annotations(json_path: Path, image_dir: Path, info) -> dict:
         "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": file_digest(json_path, "sha256"),
         "counts": {key: stats[key] for key in ("images", "annotations", "categories")},
         "files": sorted({str(image["file_name"]) for image in document["images"]}),
+        "images": [[image["file_name"], image["id"], image["width"], image["height"]] for image in document["images"]],
     }

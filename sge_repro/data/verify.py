@@ -5,6 +5,9 @@ then `verify`, which looks every file up in a `VerifyCache` keyed by (path, size
 decodes only the misses, on every core this process may use, each file read once: its bytes are
 hashed (BLAKE2b-128, the content digest the manifest's fingerprint is built from) and decoded with
 the loader's own decoder (`imagefolder.decode_rgb`), so a file that passes here loads in training.
+The same pass records each image's size as detectron2 reads it (EXIF orientation applied), which
+the data stage compares with a COCO file's width / height; a cache entry from before sizes were
+recorded vouches for a file's content but not its size (`lookup(need_sizes=True)` decodes it again).
 
 The cache lives outside DVC's outputs (data/.cache/ for a generated set, the user cache keyed by
 the dataset's root for one read in place; see `ProjectPaths.verify_cache`): it is only an
@@ -16,6 +19,7 @@ mistake because any rewrite of a file changes its size or mtime_ns. It is saved 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -38,6 +42,9 @@ IN_PROCESS_BELOW = 64   # fewer files than this are decoded in this process (no 
 SCAN_IN_PROCESS_BELOW = 16   # fewer folders than this are scanned in this process
 
 Progress = Callable[[str, int, int | None], None]
+Dims = list[int] | None   # [width, height] as detectron2 reads the file; None: unknown or corrupt
+EXIF_ORIENTATION = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)   # EXIF orientations detectron2's read_image transposes (width <-> height)
 
 
 def available_cpus() -> int:
@@ -61,7 +68,12 @@ def scan_folder(folder: Path, wanted: set[str] | None, extensions: tuple[str, ..
     """Regular files in `folder`: those named in `wanted`, or (wanted=None) every visible file
     with one of `extensions`. Symlinks are followed (a linked tree scans like a real one)."""
     rows = []
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        # a folder an annotation file names that is not there: its files are missing (the
+        # caller names them), not a traceback
+        return FolderScan([], [], [])
     try:
         for name in os.listdir(descriptor):
             if wanted is None:
@@ -126,10 +138,15 @@ class FolderResult:
     mtimes: list[int]
     digests: list[str | None]          # None: not verified yet (a dry run)
     errors: dict[str, str] = field(default_factory=dict)
+    dims: list[Dims] = field(default_factory=list)   # [width, height] per file (as detectron2 reads it)
+
+    def __post_init__(self):
+        if len(self.dims) != len(self.names):
+            self.dims = [None] * len(self.names)
 
     def as_cache(self) -> dict:
         return {"names": self.names, "sizes": self.sizes, "mtimes": self.mtimes,
-                "digests": self.digests, "errors": self.errors}
+                "digests": self.digests, "errors": self.errors, "dims": self.dims}
 
 
 class VerifyCache:
@@ -175,28 +192,41 @@ class VerifyCache:
                         "again (set SGE_REPRO_CACHE to a writable folder)", self.path, error)
 
 
-def lookup(scans: dict[str, FolderScan], cache: VerifyCache) -> tuple[dict[str, FolderResult], list[tuple[str, int]]]:
+def _cached_dims(cached: dict) -> list[Dims]:
+    dims = cached.get("dims")   # absent in a cache written before sizes were recorded
+    return list(dims) if isinstance(dims, list) and len(dims) == len(cached["names"]) else [None] * len(cached["names"])
+
+
+def lookup(scans: dict[str, FolderScan], cache: VerifyCache,
+           need_sizes: bool = False) -> tuple[dict[str, FolderResult], list[tuple[str, int]]]:
     """Reuse the cache for every file whose (size, mtime_ns) did not change; returns the results
-    (digest None where unknown) and the (folder, index) of the files to decode."""
+    (digest None where unknown) and the (folder, index) of the files to decode. `need_sizes`: a
+    decodable file whose image size the cache does not hold (an older cache) is decoded again."""
     results: dict[str, FolderResult] = {}
     todo: list[tuple[str, int]] = []
     for rel, found in scans.items():
         cached = cache.folders.get(rel)
         if cached and cached["names"] == found.names and cached["sizes"] == found.sizes \
                 and cached["mtimes"] == found.mtimes and None not in cached["digests"]:
-            results[rel] = FolderResult(found.names, found.sizes, found.mtimes, list(cached["digests"]),
-                                        dict(cached["errors"]))
-            continue
+            dims = _cached_dims(cached)
+            if not need_sizes or all(d is not None or name in cached["errors"] for name, d in zip(found.names, dims)):
+                results[rel] = FolderResult(found.names, found.sizes, found.mtimes, list(cached["digests"]),
+                                            dict(cached["errors"]), dims)
+                continue
         known = {}
         if cached:
-            known = {name: (size, mtime, digest) for name, size, mtime, digest
-                     in zip(cached["names"], cached["sizes"], cached["mtimes"], cached["digests"])}
+            known = {name: (size, mtime, digest, dims) for name, size, mtime, digest, dims
+                     in zip(cached["names"], cached["sizes"], cached["mtimes"], cached["digests"],
+                            _cached_dims(cached))}
         result = FolderResult(found.names, found.sizes, found.mtimes, [None] * len(found.names))
         for index, (name, size, mtime) in enumerate(zip(found.names, found.sizes, found.mtimes)):
             hit = known.get(name)
-            if hit is not None and hit[0] == size and hit[1] == mtime and hit[2] is not None:
+            corrupt = cached is not None and name in cached["errors"]
+            if hit is not None and hit[0] == size and hit[1] == mtime and hit[2] is not None \
+                    and (not need_sizes or hit[3] is not None or corrupt):
                 result.digests[index] = hit[2]
-                if name in cached["errors"]:
+                result.dims[index] = hit[3]
+                if corrupt:
                     result.errors[name] = cached["errors"][name]
             else:
                 todo.append((rel, index))
@@ -204,11 +234,12 @@ def lookup(scans: dict[str, FolderScan], cache: VerifyCache) -> tuple[dict[str, 
     return results, todo
 
 
-def check_file(path: str) -> tuple[str, str | None]:
-    """(content digest, None) for a decodable image, (digest, reason) for a corrupt one.
+def check_file(path: str) -> tuple[str, str | None, Dims]:
+    """(content digest, None, [width, height]) for a decodable image, (digest, reason, None) for a
+    corrupt one.
 
     Runs in the pool's worker processes. The decoder is the training loader's, so "verified"
-    means "the loader can decode it"."""
+    means "the loader can decode it"; the size is the one detectron2's read_image gives."""
     from sge_repro.data.imagefolder import decode_rgb
     from sge_repro.errors import UserError
 
@@ -216,26 +247,42 @@ def check_file(path: str) -> tuple[str, str | None]:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:
-        return "", f"unreadable ({' '.join(str(error).split())})"
+        return "", f"unreadable ({' '.join(str(error).split())})", None
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
-        decode_rgb(path)
+        width, height = decode_rgb(path).size
     except UserError as error:
         cause = error.__cause__ or error
-        return digest, " ".join(str(cause).split()) or type(cause).__name__
-    return digest, None
+        return digest, " ".join(str(cause).split()) or type(cause).__name__, None
+    if _exif_orientation(data) in QUARTER_TURNS:
+        width, height = height, width
+    return digest, None, [width, height]
 
 
-def _check_indexed(item: tuple[int, str]) -> tuple[int, str, str | None]:
+def _exif_orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag of an image's bytes (its header only: no second decode), read as
+    detectron2.data.detection_utils._apply_exif_orientation reads it; None when absent/unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.getexif().get(EXIF_ORIENTATION)
+    except Exception:   # detectron2 too treats an unreadable EXIF block as no orientation
+        return None
+
+
+def _check_indexed(item: tuple[int, str]) -> tuple[int, str, str | None, Dims]:
     index, path = item
     return (index, *check_file(path))
 
 
 def verify(root: Path, scans: dict[str, FolderScan], cache: VerifyCache, workers: int | None = None,
-           progress: Progress | None = None, label: str = "verify") -> tuple[dict[str, FolderResult], int]:
+           progress: Progress | None = None, label: str = "verify",
+           need_sizes: bool = False) -> tuple[dict[str, FolderResult], int]:
     """Decode every file the cache does not vouch for (in `workers` processes; default: every
-    core this process may use); updates and saves the cache. Returns (results, files decoded)."""
-    results, todo = lookup(scans, cache)
+    core this process may use); updates and saves the cache. Returns (results, files decoded).
+    `need_sizes`: see `lookup`."""
+    results, todo = lookup(scans, cache, need_sizes)
     if not todo:
         if cache.from_fallback:
             cache.save()
@@ -249,11 +296,12 @@ def verify(root: Path, scans: dict[str, FolderScan], cache: VerifyCache, workers
     if progress is not None:
         progress(label, 0, len(todo))
 
-    def record(position: int, digest: str, error: str | None) -> None:
+    def record(position: int, digest: str, error: str | None, dims: Dims) -> None:
         nonlocal last_save
         rel, index = todo[position]
         result = results[rel]
         result.digests[index] = digest
+        result.dims[index] = dims
         if error is None:
             result.errors.pop(result.names[index], None)
         else:
@@ -285,12 +333,12 @@ def _dies_of_sigterm() -> None:
 
 
 def _decode_all(items: Iterable[tuple[int, str]], total: int, workers: int,
-                record: Callable[[int, str, str | None], None], progress: Progress | None, label: str) -> None:
+                record: Callable[[int, str, str | None, Dims], None], progress: Progress | None, label: str) -> None:
     chunk = max(1, min(256, total // (workers * 16)))
     checked = _run_all(_check_indexed, items, workers, in_process=total < IN_PROCESS_BELOW, ordered=False,
                        chunksize=chunk)
-    for done, (position, digest, error) in enumerate(checked, start=1):
-        record(position, digest, error)
+    for done, (position, digest, error, dims) in enumerate(checked, start=1):
+        record(position, digest, error, dims)
         if progress is not None and (done % 64 == 0 or done == total):
             progress(label, done, total)
 

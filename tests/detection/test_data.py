@@ -100,3 +100,59 @@ def test_non_positive_box_names_the_annotation_id(coco_set, tmp_path, box):
     with pytest.raises(UserError, match=rf"annotation id {annotation_id} has bbox .* non-positive"):
         register_coco_dataset("test_broken", json_file, image_root)
     assert "test_broken" not in DatasetCatalog.list()
+
+
+# ------------------------------------------------------------ faults the data stage refuses (issue item 5)
+
+
+@pytest.mark.parametrize("orientation, stored, seen", [
+    (None, (48, 64), (48, 64)), (3, (48, 64), (48, 64)), (6, (48, 64), (64, 48)), (8, (40, 56), (56, 40)),
+    (5, (64, 40), (40, 64)), (7, (30, 20), (20, 30)),
+])
+def test_the_data_stage_measures_an_image_as_detectron2_reads_it(tmp_path, orientation, stored, seen):
+    """The size the data stage's single verification pass records is the one detectron2's
+    read_image + check_image_size compare with the JSON (EXIF orientation applied)."""
+    from detectron2.data.detection_utils import SizeMismatchError, check_image_size, read_image
+    from PIL import Image
+
+    from sge_repro.data.verify import check_file
+
+    path = tmp_path / "image.jpg"
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.new("RGB", stored, (10, 200, 30)).save(path, "JPEG", exif=exif.tobytes())
+    digest, error, dims = check_file(str(path))
+    assert error is None and len(digest) == 32 and dims == list(seen)
+    image = read_image(str(path), format="BGR")
+    check_image_size({"file_name": str(path), "width": dims[0], "height": dims[1]}, image)
+    if stored != seen:
+        with pytest.raises(SizeMismatchError):
+            check_image_size({"file_name": str(path), "width": stored[0], "height": stored[1]}, image)
+
+
+@pytest.mark.parametrize("section, position, key, value, named", [
+    ("annotations", 0, "image_id", [1], "image_id"),
+    ("annotations", 2, "category_id", {"id": 1}, "category_id"),
+    ("annotations", 1, "image_id", True, "image_id"),
+    ("images", 1, "file_name", "../train/{name}", "file_name"),
+    ("images", 0, "file_name", "{absolute}", "file_name"),
+])
+def test_register_refuses_what_the_data_stage_refuses(coco_set, tmp_path, section, position, key, value, named):
+    """One validator: registering a split by hand refuses the same id types and file names."""
+    train_name = sorted(p.name for p in (coco_set / "train").iterdir())[0]
+
+    def edit(data, root):
+        value_here = value.format(name=train_name, absolute=root / "train" / train_name) \
+            if isinstance(value, str) else value
+        data[section][position][key] = value_here
+
+    json_file, image_root = _broken_copy(coco_set, tmp_path, edit)
+    record = json.loads(json_file.read_text())[section][position]
+    singular = section[:-1]
+    with pytest.raises(UserError) as error:
+        register_coco_dataset("test_broken_ids", json_file, image_root)
+    message = str(error.value)
+    assert "\n" not in message and str(json_file) in message
+    assert f"{singular} id {record['id']}" in message and named in message
+    assert "test_broken_ids" not in DatasetCatalog.list()
