@@ -8,6 +8,8 @@ is gone are removed (they were never renamed, so never trusted; this only reclai
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -16,6 +18,30 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from sge_repro.errors import UserError
+
+# A write that failed for one of these reasons is the user's to fix (exit 2, one line naming the file).
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def write_failure(error: OSError, path: str | os.PathLike | None = None) -> UserError | None:
+    """The one-line UserError for a write of `path` (default: the error's file) that failed for a
+    reason in WRITE_FAILURES; None for any other error."""
+    reason = WRITE_FAILURES.get(error.errno)
+    path = path if path is not None else error.filename
+    if reason is None or path is None:
+        return None
+    where = Path(path).parent
+    advice = ("free space there and rerun (an interrupted training resumes)"
+              if error.errno in (errno.ENOSPC, errno.EDQUOT) else "expected a folder this user can write")
+    return UserError(f"{path}: {reason} (writing in {where}); {advice}")
 
 
 _IN_USE: set[str] = set()  # this process's temps still being written (other threads may clean up)
@@ -75,17 +101,23 @@ def _claimed_temp(target: Path) -> Iterator[Path]:
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> Path:
     path = Path(path)
-    with _claimed_temp(path) as tmp:
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask applies)
-            write(str(tmp))
-            if durable:  # on disk before the rename: a power cut leaves the old file or the new one
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+    try:
+        with _claimed_temp(path) as tmp:
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual mode (umask applies)
+                write(str(tmp))
+                if durable:  # on disk before the rename: a power cut leaves the old file or the new one
+                    with open(tmp, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    except OSError as error:
+        failure = write_failure(error, path)
+        if failure is None:
             raise
+        raise failure from error
     return path
 
 
@@ -112,9 +144,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Serialised in memory, then written by Python: a full disk is a plain ENOSPC (torch's C++
+    writer reports it as an iostream error and keeps its file open while the error is alive)."""
     import torch
 
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getbuffer())
 
 
 @contextmanager
@@ -127,17 +163,23 @@ def publish_dir(root: str | os.PathLike) -> Iterator[Path]:
     and the old one deleted; a symlink is removed, never followed.
     """
     root = Path(root)
-    with _claimed_temp(root) as staging:
-        try:
-            staging.mkdir()
-            yield staging
-            if root.exists() or root.is_symlink():
-                retired = _temp_path(root)
-                os.replace(root, retired)
-                os.replace(staging, root)
-                _remove(retired)
-            else:
-                os.replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with _claimed_temp(root) as staging:
+            try:
+                staging.mkdir()
+                yield staging
+                if root.exists() or root.is_symlink():
+                    retired = _temp_path(root)
+                    os.replace(root, retired)
+                    os.replace(staging, root)
+                    _remove(retired)
+                else:
+                    os.replace(staging, root)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except OSError as error:
+        failure = write_failure(error, error.filename or root)
+        if failure is None:
             raise
+        raise failure from error

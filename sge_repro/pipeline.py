@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,20 @@ def dvc(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.C
 
 
 def require_dvc_project(root: Path = Path(".")) -> None:
+    """An sge-repro project that this user can write: DVC writes its locks in .dvc/tmp/ for every
+    command, `status` included (on a read-only project it would fail with its own advice)."""
     if not (root / "dvc.yaml").exists() or not (root / ".dvc").is_dir():
         raise UserError(f"{root.resolve()}: not an sge-repro project (expected dvc.yaml and .dvc/ here)")
+    scratch = root / ".dvc" / "tmp"
+    try:
+        scratch.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=scratch):
+            pass
+    except OSError as error:
+        failure = atomic.write_failure(error, scratch / "(a lock file)")
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def apply_profile(name: str | None, params_file: Path = PARAMS_FILE) -> tuple[str, bool]:
@@ -211,14 +224,20 @@ def repro(
     args = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *targets]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     running: str | None = None
-    with open(log_path, "w", encoding="utf-8") as log:
+    log_failed: OSError | None = None
+    log = open(log_path, "w", encoding="utf-8")
+    try:
         process = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(), bufsize=1
         )
         assert process.stdout is not None
         for line in _lines(process.stdout):
-            log.write(line + "\n")
-            log.flush()
+            if log_failed is None:
+                try:
+                    log.write(line + "\n")
+                    log.flush()
+                except OSError as error:  # e.g. a full disk: DVC's output is still followed to its end
+                    log_failed = error
             on_line(line)
             for pattern, state in ((_RUNNING, "running"), (_SKIPPED, "skipped"), (_RESTORED, "restored")):
                 match = pattern.match(line)
@@ -230,8 +249,15 @@ def repro(
                     if state == "running":
                         running = match.group(1)
         code = process.wait()
+    finally:
+        try:
+            log.close()
+        except OSError as error:  # what it still buffered did not fit either
+            log_failed = log_failed or error
     if running is not None:
         on_event(StageEvent(running, "done" if code == 0 else "failed"))
+    if log_failed is not None:
+        raise atomic.write_failure(log_failed, log_path) or log_failed
     return code
 
 

@@ -7,10 +7,11 @@ import sys
 
 import typer
 
-from sge_repro.cli import bench, convert, data, env, evaluate, exp, models, report, run, train
-from sge_repro.cli.ui import err_console
 from rich.text import Text
 
+from sge_repro.atomic import write_failure
+from sge_repro.cli import bench, convert, data, env, evaluate, exp, models, report, run, train
+from sge_repro.cli.ui import err_console
 from sge_repro.errors import UserError
 
 app = typer.Typer(
@@ -52,11 +53,14 @@ app.add_typer(bench.app, name="bench")
 def main() -> None:
     try:
         app(standalone_mode=True)
-    except UserError as exc:
-        if _state["debug"] or "--debug" in sys.argv:
+    except (UserError, OSError) as exc:
+        # a write that failed for want of space or permission (a full disk, a read-only project) is
+        # the user's to fix, like bad input; other OS errors keep their traceback
+        error = exc if isinstance(exc, UserError) else write_failure(exc)
+        if error is None or _state["debug"] or "--debug" in sys.argv:
             raise
         # the message names files / keys / values as they are: never read as rich markup
-        err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), " ", str(error)), highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)
 
 

@@ -10,13 +10,13 @@ as 'basic_ios::clear: iostream error' or 'file write failed', recognised by the 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
 import threading
 from pathlib import Path
 
+from sge_repro.atomic import write_failure
 from sge_repro.errors import UserError
 
 TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed", "unexpected pos")
@@ -45,10 +45,8 @@ def raise_disk_error(path: str | os.PathLike, error: BaseException) -> None:
     if isinstance(error, UserError):
         raise error
     where = Path(path).parent
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(f"{path}: no space left on device (writing in {where}); {RESUMES}") from error
-    if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM):
-        raise UserError(f"{path}: cannot write ({os.strerror(error.errno)}); expected a writable folder {where}") from error
+    if isinstance(error, OSError) and (failure := write_failure(error, path)) is not None:
+        raise failure from error
     if isinstance(error, RuntimeError) and any(text in str(link) for link in _chain(error) for text in TORCH_WRITE_FAILURES):
         free = _free_bytes(where)
         cause = "no space left on device" if free is not None and free < (64 << 20) else "the write failed"

@@ -212,3 +212,28 @@ def test_a_damaged_best_pt_is_rewritten_from_last_pt_or_named(tmp_path, damage):
     _truncate(run_dir / "last.pt", 10)
     with pytest.raises(UserError, match=r"neither checkpoint loads"):
         repair_damaged(run_dir, True, lambda: None)
+
+
+def test_a_full_disk_is_one_line_leaves_no_temp_and_a_rerun_ends_as_the_uninterrupted_run(
+        finished_run, data_root, tmp_path):
+    """The disk fills while the first epoch's checkpoints are written (best.pt fits, last.pt not):
+    UserError naming last.pt, no temp file left; with space freed the rerun resumes (from best.pt)
+    and ends where the uninterrupted run ended."""
+    from small_disk import resize, small_disk
+
+    run, metrics, _ = finished_run
+    size = (outputs(run)[0] / "last.pt").stat().st_size
+    copy = tmp_path / "copy"
+    run_dir = outputs(copy)[0]
+    torch.set_num_threads(1)
+    with small_disk(run_dir, int(size * 1.5)):
+        with pytest.raises(UserError, match=rf"^{run_dir}/last\.pt: no space left on device \(writing in {run_dir}\); "
+                                            "free space there and rerun"):
+            train(data_root, copy)
+        assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt"]
+        resize(run_dir, 64 << 20)
+        again = train(data_root, copy)
+        resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    assert again["top1"] == metrics["top1"] and again["best_epoch"] == metrics["best_epoch"]
+    original = torch.load(outputs(run)[0] / "last.pt", weights_only=True)
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in original["state_dict"].items())

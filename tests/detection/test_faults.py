@@ -4,7 +4,6 @@ One line, exit 2, nothing half written; a rerun after the fault is fixed resumes
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from sge_repro.data.prepare import coco_source, write_manifests
 from sge_repro.errors import UserError
 from sge_repro.params import dump_params, profile_params
 from sge_repro.paths import ProjectPaths
+from small_disk import resize, small_disk
 
 from .conftest import NUM_CATEGORIES
 
@@ -142,17 +142,6 @@ def test_no_torch_jit_warnings_on_import():
 
 
 # --------------------------------------------------------------------------- issue 16 item 6
-@contextlib.contextmanager
-def small_disk(folder: Path, size_bytes: int):
-    """A tmpfs of `size_bytes` mounted at `folder` (needs root, as in CI); unmounted afterwards."""
-    folder.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k", "tmpfs", str(folder)], check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_resumes(project, tmp_path):
     reference = tmp_path / "reference"
     shutil.copytree(project, reference)
@@ -169,7 +158,7 @@ def test_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_resumes(projec
         for text in (run / "metrics.json").read_text().splitlines():
             json.loads(text)  # whole lines only
 
-        subprocess.run(["mount", "-o", "remount,size=64m", str(run)], check=True)  # space freed
+        resize(run, 64 << 20)  # space freed
         result = cli(project, *TRAIN)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Starting training from iteration 2" in (run / "log.txt").read_text()
