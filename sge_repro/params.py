@@ -477,7 +477,23 @@ class Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's core schema for plain scalars, as DVC reads and writes
     params.yaml (ruamel.yaml): only true/false are booleans, `1e-05` is a float, `010` is ten, and
     on / off / yes / no / dates stay strings. So a value DVC writes back without quotes
-    (`dvc exp run -S key=value`) means here what it meant to DVC."""
+    (`dvc exp run -S key=value`) means here what it meant to DVC. A key given twice in one mapping
+    is an error, as it is to DVC (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: PyYAML's own error names it
+                break
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {first + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 Yaml12Loader.yaml_implicit_resolvers = {
@@ -517,6 +533,9 @@ def read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                        "expected a UTF-8 YAML file") from None
     try:
         return yaml.load(text, Loader=Yaml12Loader) or {}
     except yaml.YAMLError as exc:

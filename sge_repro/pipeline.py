@@ -76,7 +76,7 @@ def apply_profile(name: str | None, params_file: Path = PARAMS_FILE) -> tuple[st
         changed = params_file.exists() and refresh_params_file(params_file)
         return load_params(params_file).profile, changed
     text = dump_params(profile_params(name))
-    if params_file.exists() and params_file.read_text(encoding="utf-8") == text:
+    if params_file.exists() and params_file.read_bytes() == text.encode("utf-8"):
         return name, False
     atomic.write_text(params_file, text)
     return name, True
@@ -88,7 +88,7 @@ def prepare_run(profile: str | None, targets: list[str], params_file: Path = PAR
     A target that does not exist under the new params leaves params.yaml as it was: the stage list
     depends on params.yaml (matrix over models / seeds ...), so it is written first and put back.
     """
-    before = params_file.read_text(encoding="utf-8") if params_file.exists() else None
+    before = params_file.read_bytes() if params_file.exists() else None
     name, changed = apply_profile(profile, params_file)
     try:
         check_runnable(load_params(params_file), params_file.parent)
@@ -97,7 +97,7 @@ def prepare_run(profile: str | None, targets: list[str], params_file: Path = PAR
             resolve_target(target, stages)
     except UserError:
         if changed and before is not None:
-            atomic.write_text(params_file, before)
+            atomic.write_bytes(params_file, before)
         raise
     return name, changed, stages
 
@@ -143,7 +143,7 @@ def run_experiment(assignments: list[str], targets: list[str], queue: bool = Fal
     -S`, the workspace keeps the experiment's params and results."""
     require_dvc_project()
     run_lock.refuse_if_busy()
-    before = params_file.read_text(encoding="utf-8")
+    before = params_file.read_bytes()
     params = validate_params(without_derived(set_values(read_yaml(params_file), assignments)),
                              f"{params_file} (with -S)" if assignments else str(params_file))
     check_runnable(params, params_file.parent)
@@ -154,7 +154,7 @@ def run_experiment(assignments: list[str], targets: list[str], queue: bool = Fal
         return subprocess.run(command, env=stage_env()).returncode
     finally:
         if queue:
-            atomic.write_text(params_file, before)
+            atomic.write_bytes(params_file, before)
 
 
 def list_stages() -> list[str]:

@@ -60,8 +60,15 @@ def main() -> None:
         if error is None or _state["debug"] or "--debug" in sys.argv:
             raise
         # the message names files / keys / values as they are: never read as rich markup
-        err_console.print(Text.assemble(("error:", "bold red"), " ", str(error)), highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), " ", printable(str(error))), highlight=False,
+                          soft_wrap=True)
         sys.exit(UserError.exit_code)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (a newline or ESC in a key or a file name): the error
+    stays one line and sends no terminal codes."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ def snapshot(root: Path) -> dict[str, bytes]:
         (lambda t: t.replace("  device: cpu", "  device: cuda:12", 1), "train_cls.device: 'cuda:12', but this machine has"),
         (lambda t: t.replace("released: {}", "released: {sge_resnet50: 'weights/missing [1].pth'}"),
          "released.sge_resnet50: weights/missing [1].pth: file not found"),
+        # YAML that PyYAML alone would accept, and keys that would break the one line
+        (lambda t: t.replace("  epochs: 12", "  epochs: 12\n  epochs: 13"), "key 'epochs' given twice (first on line"),
+        (lambda t: t.replace("  groups: 8", "  groups: 8\n  width: 16"), "key 'width' given twice"),
+        (lambda t: t.replace("  epochs: 12", '  "ep\\nochs": 12'), "unknown key 'train_cls.ep\\nochs'"),
+        (lambda t: t.replace("  epochs: 12", '  "ep\\eochs": 12'), "unknown key 'train_cls.ep\\x1bochs'"),
     ],
 )
 def test_bad_params_exit_2_and_write_nothing(project, sge_repro_bin, edit, expected):
@@ -42,6 +47,19 @@ def test_bad_params_exit_2_and_write_nothing(project, sge_repro_bin, edit, expec
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"# caf\xe9\n", b"x: \x80\n"])
+def test_params_that_are_not_utf8_are_one_line(project, sge_repro_bin, raw):
+    params = project / "params.yaml"
+    params.write_bytes(raw + params.read_bytes())
+    before = snapshot(project)
+    for command in (["run", "all"], ["status"]):
+        result = run(sge_repro_bin, project, *command)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "params.yaml: not UTF-8 text (byte 0x" in lines[0], result.stderr
     assert snapshot(project) == before
 
 
