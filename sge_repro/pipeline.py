@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,7 @@ def repro(
     running: str | None = None
     log_failed: OSError | None = None
     log = open(log_path, "w", encoding="utf-8")
+    process = None
     try:
         process = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(), bufsize=1
@@ -249,6 +251,9 @@ def repro(
                     if state == "running":
                         running = match.group(1)
         code = process.wait()
+    except BaseException:  # Ctrl-C (or an error here): DVC must end before the run lock is released
+        _stop(process)
+        raise
     finally:
         try:
             log.close()
@@ -259,6 +264,26 @@ def repro(
     if log_failed is not None:
         raise atomic.write_failure(log_failed, log_path) or log_failed
     return code
+
+
+# How long `dvc repro` gets to stop its stage after Ctrl-C (a training stage writes its checkpoint)
+STOP_GRACE_S = 60
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    """Interrupt `dvc repro` (a Ctrl-C at a terminal reached it already; a SIGINT sent to this
+    process alone did not) and wait until it has exited, so the next run does not find it still
+    holding DVC's locks; terminate / kill it if it does not stop in time."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    for stop, grace in ((lambda: None, STOP_GRACE_S), (process.terminate, 10), (process.kill, None)):
+        stop()
+        try:
+            process.communicate(timeout=grace)  # reads what it still prints: a full pipe would block it
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _lines(stream) -> Iterator[str]:

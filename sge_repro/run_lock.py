@@ -131,10 +131,49 @@ def busy(root: Path = Path(".")) -> Holder | None:
 
 
 def _dvc_holder(root: Path) -> Holder | None:
+    reused = reused_rwlock_pids(root)
     for holder in dvc_rwlock_holders(root):
-        if holder.pid is not None and holder.pid != os.getpid() and pid_alive(holder.pid):
+        if holder.pid is not None and holder.pid != os.getpid() and pid_alive(holder.pid) \
+                and holder.pid not in reused:
             return holder
     return _dvc_repo_lock_holder(root)
+
+
+def reused_rwlock_pids(root: Path = Path(".")) -> set[int]:
+    """Live pids in DVC's rwlock whose process is not a DVC one (its command line names no `dvc`):
+    the DVC process that wrote the entry died and the system gave its pid to another program.
+    DVC counts every live pid as a holder, so such an entry would block every run for as long as
+    that program lives."""
+    import psutil
+
+    reused = set()
+    for holder in dvc_rwlock_holders(root):
+        try:
+            if holder.pid is not None and not any("dvc" in part for part in psutil.Process(holder.pid).cmdline()):
+                reused.add(holder.pid)
+        except psutil.Error:  # gone (DVC drops dead pids itself), or not ours to inspect: a holder
+            continue
+    return reused
+
+
+def forget_reused_pids(root: Path = Path(".")) -> list[int]:
+    """Remove the entries of reused pids (`reused_rwlock_pids`) from DVC's rwlock, as DVC removes
+    those of dead ones; call it holding the run lock, with no DVC process running. Returns them."""
+    reused = reused_rwlock_pids(root)
+    if not reused:
+        return []
+    lock = json.loads((root / DVC_RWLOCK).read_text(encoding="utf-8"))
+    for mode in ("read", "write"):
+        entries = lock.get(mode) or {}
+        for path, infos in list(entries.items()):
+            kept = [info for info in (infos if isinstance(infos, list) else [infos])
+                    if not (isinstance(info, dict) and info.get("pid") in reused)]
+            if not kept:
+                del entries[path]
+            else:
+                entries[path] = kept if isinstance(infos, list) else kept[0]
+    atomic.write_text(root / DVC_RWLOCK, json.dumps(lock))
+    return sorted(reused)
 
 
 def in_progress_message(holder: Holder) -> str:
@@ -160,6 +199,7 @@ def hold(command: str, root: Path = Path(".")) -> Iterator[None]:
         other = _dvc_holder(root)
         if other is not None:
             raise UserError(in_progress_message(other))
+        forget_reused_pids(root)
         atomic.write_text(root / HOLDER_FILE, json.dumps(
             {"pid": os.getpid(), "cmd": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         yield

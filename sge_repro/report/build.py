@@ -19,6 +19,7 @@ from sge_repro.report.collect import (
     DetRun,
     collect_results,
     read_json_object,
+    read_train_metrics,
 )
 from sge_repro.report.reference import (
     BBOX_KEYS,
@@ -294,8 +295,8 @@ def _curves(results: CollectedResults, root: Path) -> list[CurveSet]:
     for (model, seed), history in results.orphan_histories.items():
         curve = by_model.setdefault(model, CurveSet(model, None, {}))
         if curve.dataset is None:
-            train = read_json_object(paths.cls_train_metrics(model, seed), root)
-            if isinstance(train, dict) and isinstance(train.get("dataset"), str):
+            train = read_train_metrics(paths.cls_train_metrics(model, seed), root)
+            if train is not None and train.get("dataset") is not None:
                 curve.dataset = train["dataset"]
         curve.histories[seed] = history
     return [by_model[m] for m in sorted(by_model, key=_model_order)]

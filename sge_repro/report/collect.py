@@ -1,13 +1,15 @@
 """Read every metrics file the pipeline stages wrote, grouped by model / detector and seed.
 
 A file that is absent or incomplete (a stage not run yet, a key not written) is recorded as
-missing and the report says so; a file that exists but is not valid JSON, or holds values of the
-wrong type, is a UserError naming the file.
+missing and the report says so; a file that exists but is not UTF-8 text, not valid JSON (or TSV),
+or holds values of the wrong type where the report reads them, is a UserError naming the file and
+the key.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -23,6 +25,7 @@ from sge_repro.report.reference import BBOX_KEYS
 from sge_repro.report.schema import Missing
 
 _RUN_FILE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)\.(?:json|tsv)$")
+_LONG_INTEGER = 10**30  # shown in messages by its number of digits
 
 
 @dataclass
@@ -84,11 +87,42 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """`value` for a one-line message: a huge JSON integer by its length, a long repr cut short."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _LONG_INTEGER:
+        try:
+            digits = len(str(abs(value)))
+        except ValueError:  # beyond Python's int-to-str digit limit
+            return "an integer of thousands of digits"
+        return f"a {digits}-digit integer"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_text(path: Path, root: Path, kind: str) -> str:
+    """`path` as UTF-8 text; UserError naming the file when it cannot be read, holds NUL bytes or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"{_display(path, root)}: cannot be read ({error.strerror or error}); expected {kind}") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{_display(path, root)}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            f"expected {kind}"
+        ) from error
+    nul = text.find("\0")
+    if nul >= 0:
+        raise UserError(f"{_display(path, root)}: binary data (a NUL character at offset {nul}); expected {kind}")
+    return text
+
+
 def read_json_object(path: Path, root: Path) -> dict[str, Any] | None:
     """The JSON object in `path`; None when the file is absent or empty; UserError when malformed."""
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, root, "a JSON file")
     if not text.strip():
         return None
     try:
@@ -97,9 +131,30 @@ def read_json_object(path: Path, root: Path) -> dict[str, Any] | None:
         raise UserError(
             f"{_display(path, root)}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
         ) from error
+    except (ValueError, RecursionError) as error:  # an integer beyond Python's digit limit; nesting too deep
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).partition(";")[0]
+        raise UserError(f"{_display(path, root)}: not valid JSON ({reason})") from error
     if not isinstance(data, dict):
-        raise UserError(f"{_display(path, root)}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"{_display(path, root)}: expected a JSON object, got {_json_type(data)}")
     return data
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages: null, boolean, number, string, list, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _got(value: Any) -> str:
+    """A parsed JSON value for "..., got <this>": its type and (short) value."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return f"{_json_type(value)} {_shown(value)}"
 
 
 def _number(value: Any, key: str, path: Path, root: Path, allow_none: bool = False) -> float | None:
@@ -107,13 +162,16 @@ def _number(value: Any, key: str, path: Path, root: Path, allow_none: bool = Fal
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a number, got {value!r}")
-    value = float(value)
-    if math.isnan(value) and allow_none:
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a number, got {_got(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond a float's range
+        number = math.inf
+    if math.isnan(number) and allow_none:
         return None
-    if not math.isfinite(value):
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a finite number, got {value!r}")
-    return value
+    if not math.isfinite(number):
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a finite number, got {_shown(value)}")
+    return number
 
 
 def _percent(value: Any, key: str, path: Path, root: Path, allow_none: bool = False) -> float | None:
@@ -125,6 +183,35 @@ def _percent(value: Any, key: str, path: Path, root: Path, allow_none: bool = Fa
     return number
 
 
+def _count(value: Any, key: str, path: Path, root: Path) -> int:
+    """A non-negative whole number (10 or 10.0); UserError otherwise."""
+    number = _number(value, key, path, root)
+    if number < 0 or not number.is_integer():
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a non-negative integer, got {_shown(value)}")
+    return int(value)
+
+
+def _text(data: dict, key: str, path: Path, root: Path, required: bool = False) -> str | None:
+    """data[key] when a string, None when absent or null (unless required); UserError on another type."""
+    value = data.get(key)
+    if (value is not None or required) and not isinstance(value, str):
+        raise UserError(
+            f"{_display(path, root)}: key '{key}' should be a string, got {_got(value)}"
+        )
+    return value
+
+
+def _object(data: dict, key: str, path: Path, root: Path, what: str, parent: str = "") -> dict | None:
+    """data[key] when a JSON object, None when absent or null; UserError on another type (the key
+    named after `parent`, the key path of `data` in the file)."""
+    value = data.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise UserError(
+            f"{_display(path, root)}: key '{parent}{key}' should be an object of {what}, got {_got(value)}"
+        )
+    return value
+
+
 def _name_and_seed(path: Path) -> tuple[str, int] | None:
     match = _RUN_FILE.match(path.name)
     return None if match is None else (match["name"], int(match["seed"]))
@@ -133,7 +220,7 @@ def _name_and_seed(path: Path) -> tuple[str, int] | None:
 def _check_identity(data: dict, key: str, expected: Any, path: Path, root: Path) -> None:
     if data.get(key) is not None and data[key] != expected:
         raise UserError(
-            f"{_display(path, root)}: key '{key}' is {data[key]!r} but the file name says {expected!r}"
+            f"{_display(path, root)}: key '{key}' is {_shown(data[key])} but the file name says {expected!r}"
         )
 
 
@@ -157,24 +244,39 @@ def read_predictions(path: Path, root: Path) -> Predictions | None:
     return Predictions(correct=np.asarray(correct, dtype=np.uint8), files=tuple(files), path=path)
 
 
-def read_history(path: Path) -> list[dict[str, float]] | None:
-    """Per-epoch rows of a training history TSV; numeric cells only (extra columns kept)."""
+def read_history(path: Path, root: Path) -> list[dict[str, float]] | None:
+    """Per-epoch rows of a training history TSV; finite numeric cells only (extra columns kept, a
+    cell that is not a number skipped); UserError naming the file when it is not a UTF-8 text TSV."""
     if not path.is_file():
         return None
+    text = _read_text(path, root, "a tab-separated training history")
     rows = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for raw in csv.DictReader(handle, delimiter="\t"):
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    try:
+        for raw in reader:
             row = {}
             for key, cell in raw.items():
                 if key is None or cell is None:
                     continue
                 try:
-                    row[key.strip()] = float(cell)
+                    value = float(cell)
                 except ValueError:
                     continue
+                if math.isfinite(value):
+                    row[key.strip()] = value
             if row:
                 rows.append(row)
+    except csv.Error as error:  # e.g. an unterminated quote running past csv's field size limit
+        raise UserError(f"{_display(path, root)}: not a valid TSV (line {reader.line_num}: {error})") from error
     return rows or None
+
+
+def read_train_metrics(path: Path, root: Path) -> dict[str, Any] | None:
+    """A training run's final metrics (metrics/train_cls); the report reads its `dataset` (a string)."""
+    data = read_json_object(path, root)
+    if data is not None:
+        _text(data, "dataset", path, root)
+    return data
 
 
 def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> ClsRun | None:
@@ -196,11 +298,9 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
                     reason=f"incomplete: no {', '.join(absent)}")
         )
         return None
-    if not isinstance(data["dataset"], str):
-        raise UserError(f"{_display(path, root)}: key 'dataset' should be a string, got {data['dataset']!r}")
     run = ClsRun(
         model=model,
-        dataset=data["dataset"],
+        dataset=_text(data, "dataset", path, root, required=True),
         seed=seed,
         top1=_percent(data["top1"], "top1", path, root),
         top5=_percent(data["top5"], "top5", path, root),
@@ -210,7 +310,7 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
         gflops=_number(data.get("gflops"), "gflops", path, root, allow_none=True),
     )
     if data.get("num_images") is not None:
-        run.num_images = int(_number(data["num_images"], "num_images", path, root))
+        run.num_images = _count(data["num_images"], "num_images", path, root)
     predictions_path = paths.cls_predictions(model, seed)
     run.predictions = read_predictions(predictions_path, root)
     if run.predictions is None:
@@ -226,8 +326,8 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
             f"{_display(predictions_path, root)}: {len(run.predictions.correct)} images, "
             f"but {_display(path, root)} says num_images={run.num_images}"
         )
-    run.train = read_json_object(paths.cls_train_metrics(model, seed), root)
-    run.history = read_history(paths.cls_history(model, seed))
+    run.train = read_train_metrics(paths.cls_train_metrics(model, seed), root)
+    run.history = read_history(paths.cls_history(model, seed), root)
     return run
 
 
@@ -244,41 +344,64 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
     _check_identity(data, "detector", detector, path, root)
     _check_identity(data, "backbone", backbone, path, root)
     _check_identity(data, "seed", seed, path, root)
-    bbox = data.get("bbox")
-    if "dataset" not in data or not isinstance(bbox, dict) or any(k not in bbox for k in BBOX_KEYS):
-        absent = [k for k in ("dataset", "bbox") if k not in data]
-        if isinstance(bbox, dict):
-            absent += [f"bbox.{k}" for k in BBOX_KEYS if k not in bbox]
-        missing.append(Missing(what=what, path=_display(path, root),
-                               reason=f"incomplete: no {', '.join(absent) or 'bbox object'}"))
+    bbox = _object(data, "bbox", path, root, "APs")  # null: not written yet, as if absent
+    if "dataset" not in data or bbox is None or any(k not in bbox for k in BBOX_KEYS):
+        absent = [k for k in ("dataset",) if k not in data] + (["bbox"] if bbox is None else [])
+        absent += [f"bbox.{k}" for k in BBOX_KEYS if bbox is not None and k not in bbox]
+        missing.append(Missing(what=what, path=_display(path, root), reason=f"incomplete: no {', '.join(absent)}"))
         return None
     run = DetRun(
         detector=detector,
         backbone=backbone,
-        dataset=str(data["dataset"]),
+        dataset=_text(data, "dataset", path, root, required=True),
         seed=seed,
         bbox={k: _percent(bbox[k], f"bbox.{k}", path, root, allow_none=True) for k in BBOX_KEYS},
         path=path,
-        flags=dict(data.get("flags") or {}),
-        **{key: _optional_text(data, key, path, root) for key in ("engine", "protocol", "backbone_weights")},
+        flags=_read_flags(data, path, root),
+        **{key: _text(data, key, path, root) for key in ("engine", "protocol", "backbone_weights")},
     )
+    _check_per_category(data, path, root)
     if run.bbox["AP"] is None:
         missing.append(Missing(what=what, path=_display(path, root), reason="incomplete: bbox.AP is null"))
         return None
-    segm = data.get("segm")
+    segm = _object(data, "segm", path, root, "APs")
     if segm is not None:
-        if not isinstance(segm, dict):
-            raise UserError(f"{_display(path, root)}: key 'segm' should be an object of APs")
         run.segm = {k: _percent(segm.get(k), f"segm.{k}", path, root, allow_none=True) for k in BBOX_KEYS}
     _apply_nan_flags(run, what, notes)
     return run
 
 
-def _optional_text(data: dict, key: str, path: Path, root: Path) -> str | None:
-    value = data.get(key)
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a string, got {value!r}")
-    return value
+def _read_flags(data: dict, path: Path, root: Path) -> dict[str, Any]:
+    """The `flags` object of eval det: no_detections a boolean, nan_reported_as_zero {task: [AP names]}
+    (other flags are not read); UserError naming the key on a wrong type."""
+    flags = _object(data, "flags", path, root, "flags") or {}
+    no_detections = flags.get("no_detections")
+    if no_detections is not None and not isinstance(no_detections, bool):
+        raise UserError(f"{_display(path, root)}: key 'flags.no_detections' should be true or false, "
+                        f"got {_got(no_detections)}")
+    flagged = _object(flags, "nan_reported_as_zero", path, root, "AP name lists per task", parent="flags.")
+    for task, keys in (flagged or {}).items():
+        if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+            raise UserError(f"{_display(path, root)}: key 'flags.nan_reported_as_zero.{_key(task)}' should be "
+                            f"a list of AP names, got {_got(keys)}")
+    return dict(flags)
+
+
+def _check_per_category(data: dict, path: Path, root: Path) -> None:
+    """eval det's per_category {task: {category: AP}}: not shown, but its types are checked like the rest."""
+    for task, aps in (_object(data, "per_category", path, root, "per-task category APs") or {}).items():
+        if aps is None:
+            continue
+        if not isinstance(aps, dict):
+            raise UserError(f"{_display(path, root)}: key 'per_category.{_key(task)}' should be an object of "
+                            f"category APs, got {_got(aps)}")
+        for name, value in aps.items():
+            _number(value, f"per_category.{_key(task)}.{_key(name)}", path, root, allow_none=True)
+
+
+def _key(name: str) -> str:
+    """A key of the file as part of a dotted key path in a one-line message."""
+    return name if name.isprintable() and len(name) <= 40 and "'" not in name else _shown(name, 40)
 
 
 def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
@@ -288,9 +411,7 @@ def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
     if run.flags.get("no_detections"):
         notes.append(f"{what} made no detections on the validation set: its APs are 0.")
         return
-    flagged = run.flags.get("nan_reported_as_zero") or {}
-    if not isinstance(flagged, dict):
-        return
+    flagged = run.flags.get("nan_reported_as_zero") or {}  # types checked by _read_flags
     for task, values in (("bbox", run.bbox), ("segm", run.segm)):
         for key in flagged.get(task) or ():
             if values is not None and key in values:
@@ -328,7 +449,7 @@ def collect_results(
         identity = _name_and_seed(path)
         if identity is None or identity in evaluated:
             continue
-        history = read_history(path)
+        history = read_history(path, paths.root)
         if history:
             results.orphan_histories[identity] = history
         if not paths.cls_metrics(*identity).is_file():

@@ -87,6 +87,27 @@ def test_second_run_and_status_while_a_run_holds_the_lock(project, sge_repro_bin
     assert run_lock.busy(project) is None
 
 
+def test_after_ctrl_c_the_run_ends_only_with_its_dvc_child(project, sge_repro_bin, tmp_path):
+    """SIGINT to `sge-repro run` alone (a Ctrl-C at a terminal also reaches DVC; a `kill -INT` does
+    not): the run stops DVC and waits for it, so a rerun right after is not refused 'in progress'."""
+    log = project / "logs" / "dvc-repro.log"
+    with open(tmp_path / "run.out", "w") as out:
+        first = subprocess.Popen([sge_repro_bin, "run", "all", "--profile", "smoke"], cwd=project,
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: log.exists() and "Running stage 'train_cls" in log.read_text(), 300, "a training stage")
+        os.kill(first.pid, signal.SIGINT)
+        first.wait(timeout=120)
+        assert run_lock.busy(project) is None
+        assert not [h for h in run_lock.dvc_rwlock_holders(project) if run_lock.pid_exists(h.pid)]
+        status = cli(sge_repro_bin, project, "status")
+        assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+
+
 # ----------------------------------------------------------------------------- issue 2, 7 (DVC's own locks)
 def write_rwlock(project: Path, pid: int, cmd: str) -> None:
     lock = {"write": {str(project / "data" / "cls"): {"pid": pid, "cmd": cmd}}}
@@ -95,9 +116,10 @@ def write_rwlock(project: Path, pid: int, cmd: str) -> None:
 
 
 def test_live_dvc_process_in_rwlock_blocks_run_and_status(project, sge_repro_bin):
-    """A `dvc repro` started by hand (or orphaned by a killed run) is listed in DVC's rwlock."""
+    """A `dvc repro` started by hand (or orphaned by a killed run) is listed in DVC's rwlock (here a
+    process whose command line reads like one: `python -c <sleep> dvc repro train_cls`)."""
     params_before = (project / "params.yaml").read_text()
-    holder = subprocess.Popen(["sleep", "300"])
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "dvc", "repro", "train_cls"])
     try:
         write_rwlock(project, holder.pid, "dvc repro train_cls")
         run = one_line(cli(sge_repro_bin, project, "run", "all", "--profile", "smoke"))
@@ -114,6 +136,29 @@ def test_live_dvc_process_in_rwlock_blocks_run_and_status(project, sge_repro_bin
     result = cli(sge_repro_bin, project, "status")
     assert result.returncode == 0, result.stderr
     assert "will run" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["write", "read"])
+def test_an_rwlock_pid_now_of_another_program_does_not_block(project, sge_repro_bin, mode):
+    """A dead DVC process's pid given to another program (not a dvc command) is not a holder:
+    status and run go on, and the run drops the entry as DVC drops dead ones."""
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        info = {"pid": other.pid, "cmd": "dvc repro train_cls"}
+        lock = {"write": {str(project / "data" / "cls"): info}} if mode == "write" else \
+            {"read": {str(project / "data" / "manifests" / "cls.json"): [info]}}
+        (project / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+        rwlock = project / ".dvc" / "tmp" / "rwlock"
+        rwlock.write_text(json.dumps(lock))
+        assert run_lock.busy(project) is None
+        status = cli(sge_repro_bin, project, "status")
+        assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
+        result = cli(sge_repro_bin, project, "run", "data", "--profile", "smoke")
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert str(other.pid) not in rwlock.read_text()
+        assert other.poll() is None  # the other program is left alone
+    finally:
+        other.kill()
 
 
 def test_dvc_lock_message_advises_removal_only_for_dead_pids(tmp_path):
