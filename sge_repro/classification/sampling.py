@@ -81,16 +81,21 @@ class PerSampleSeededDataset(torch.utils.data.Dataset):
 
 
 def resolve_workers(workers: int | str) -> int:
-    """Loader worker processes for this process: `workers` as given, or for "auto" the CPU cores
-    this process may run on (its affinity mask: taskset, SLURM's cpuset) shared among the
-    training processes of this node (torchrun's LOCAL_WORLD_SIZE), less one core per process
-    for its own training loop; 0 (load in the process) when that leaves none."""
+    """Loader worker processes for this process: `workers` as given, or for "auto" this process's
+    share of the CPU cores, less one core for its own training loop; 0 (load in the process) when
+    that leaves none. The share: under SLURM, the task's own cores (SLURM_CPUS_PER_TASK, within
+    its affinity mask: with task binding the mask already holds only this task's cores, so it is
+    not divided again); otherwise the cores of the affinity mask (taskset) divided among the
+    training processes of this node (torchrun's LOCAL_WORLD_SIZE)."""
     if workers != "auto":
         return int(workers)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity masks (macOS)
         cores = os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(0, min(cores, int(per_task)) - 1)
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, cores // local_processes - 1)
 

@@ -49,11 +49,11 @@ logger = logging.getLogger("sge_repro.detection")
 # so a resume may differ in them: where files go, which device and SGE implementation computes
 # (equal within float tolerance), loader workers (each image's augmentation depends only on the
 # seed and its stream position, sge_repro.detection.loader), how often checkpoints are written
-# (a resume is exact), cudnn autotuning, and test-time settings. MODEL.WEIGHTS enters as the
+# (a resume is exact), cudnn autotuning and kernel choice, and test-time settings. MODEL.WEIGHTS enters as the
 # sha256 of the file instead of its path, each training set as the sha256 of its annotation file.
 NOT_IN_FINGERPRINT = (
     "OUTPUT_DIR", "MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.SGE_BACKBONE.SGE_IMPL", "DATALOADER.NUM_WORKERS",
-    "DATASETS.TEST", "SOLVER.CHECKPOINT_PERIOD", "CUDNN_BENCHMARK", "VIS_PERIOD",
+    "DATASETS.TEST", "SOLVER.CHECKPOINT_PERIOD", "CUDNN_BENCHMARK", "DETERMINISTIC", "VIS_PERIOD",
 )
 TEST_KEYS_IN_FINGERPRINT = ("TEST.EVAL_PERIOD", "TEST.PRECISE_BN.")  # PreciseBN changes the weights
 

@@ -46,6 +46,8 @@ def new_config() -> CfgNode:
     cfg = add_mmdetection_config(add_sge_config(get_cfg()))
     if "PROTOCOL" not in cfg:
         cfg.PROTOCOL = "detectron2"  # each YAML names its own
+    if "DETERMINISTIC" not in cfg:
+        cfg.DETERMINISTIC = True  # deterministic cudnn kernels (train_det.deterministic)
     return cfg
 
 

@@ -255,10 +255,10 @@ def _setup_logging(output_dir: str | None) -> None:
 
 
 def _apply_determinism(cfg: CfgNode) -> None:
-    """cudnn autotuning per CUDNN_BENCHMARK (train_det.deterministic: false); off = deterministic
-    cudnn kernels. No effect on CPU."""
+    """Deterministic cudnn kernels per DETERMINISTIC (train_det.deterministic), autotuning per
+    CUDNN_BENCHMARK (off: see setup.schedule_overrides). No effect on CPU."""
     torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
-    torch.backends.cudnn.deterministic = not cfg.CUDNN_BENCHMARK
+    torch.backends.cudnn.deterministic = bool(cfg.DETERMINISTIC) and not cfg.CUDNN_BENCHMARK
 
 
 def _check_seed(cfg: CfgNode) -> None:

@@ -61,7 +61,11 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
         "INPUT.MIN_SIZE_TEST": min_size,
         "INPUT.MAX_SIZE_TEST": max_size,
         "DATALOADER.NUM_WORKERS": workers,
-        "CUDNN_BENCHMARK": not deterministic,
+        "DETERMINISTIC": deterministic,
+        # never autotuned: COCO's images come in many sizes, and cudnn benchmarks every new input
+        # shape (detectron2's defaults: ~10k iterations of overhead); deterministic or not only
+        # chooses between cudnn's kernels
+        "CUDNN_BENCHMARK": False,
     }
 
 

@@ -165,11 +165,27 @@ def test_workers_auto_from_cores_and_local_processes(monkeypatch):
 
     cores = len(os.sched_getaffinity(0))
     assert resolve_workers(3) == 3 and resolve_workers(0) == 0
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_workers("auto") == max(0, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resolve_workers("auto") == max(0, cores // 2 - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))  # more processes than cores: load in-process
+    assert resolve_workers("auto") == 0
+
+
+def test_workers_auto_in_a_slurm_task_uses_the_tasks_own_cores(monkeypatch):
+    """Under SLURM with task binding a task's affinity mask already holds only its own cores: it is
+    not divided again by the tasks of the node (that gave 0 workers on an 8-GPU node)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(cores))
+    assert resolve_workers("auto") == max(0, cores - 1)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(4 * cores))  # never more than the mask allows
+    assert resolve_workers("auto") == max(0, cores - 1)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert resolve_workers("auto") == 0
 
 

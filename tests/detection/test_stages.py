@@ -129,3 +129,21 @@ def test_eval_det_keeps_its_metrics_when_weights_and_settings_are_the_same(coco_
 
     metrics_file.write_text("{ truncated")  # an unreadable earlier file: evaluated again, not trusted
     assert eval_det(params, paths, "faster_rcnn", "sge_resnet18", 0)["bbox"] == again["bbox"]
+
+
+def test_cudnn_never_autotunes_and_deterministic_only_picks_kernels(coco_set, detectron2_weights, tmp_path):
+    """COCO's images come in many sizes: cudnn.benchmark would tune every new shape. train_det's
+    `deterministic` chooses deterministic kernels or not, and a run may resume across it."""
+    from sge_repro.detection.checkpoint import config_fingerprint
+
+    paths = _project(tmp_path, coco_set, detectron2_weights)
+    fingerprints = []
+    for deterministic in (True, False):
+        params = profile_params("smoke")
+        params.train_det.deterministic = deterministic
+        cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+        assert (cfg.CUDNN_BENCHMARK, cfg.DETERMINISTIC) == (False, deterministic)
+        fingerprints.append(config_fingerprint(cfg))
+    assert fingerprints[0] == fingerprints[1]
+    paper = schedule_overrides("faster_rcnn", "paper", 180000, 16, 0.02, 1000, 800, 1333, 5000, 4, deterministic=False)
+    assert paper["CUDNN_BENCHMARK"] is False and paper["DETERMINISTIC"] is False
