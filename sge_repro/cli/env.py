@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sge_repro.cli.ui import console
+from sge_repro.cuda_support import cuda_problem, probe
 
 
 def environment() -> dict[str, str]:
@@ -65,7 +66,8 @@ def lock_status(lock: Path) -> tuple[bool, str, list[str]]:
 def env(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     lock: Path = typer.Option(None, "--lock", help="Lock file to compare with [default: the checkout's requirements.lock]."),
-    check: bool = typer.Option(False, "--check", help="Exit 1 when the installed packages differ from the lock."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 when the installed packages differ from the lock, "
+                                                    "or this torch build cannot use the GPU / driver here."),
 ) -> None:
     """Versions of torch, torchvision, detectron2 (and which build), CUDA / device, DVC; the lock check."""
     from sge_repro.lockfile import default_lock_path
@@ -73,6 +75,8 @@ def env(
     info = environment()
     matches, summary, details = lock_status(lock or default_lock_path())
     info["packages"] = summary
+    gpu_problem = cuda_problem(**probe())
+    info["gpu support"] = gpu_problem or "ok (or no NVIDIA GPU here)"
     if as_json:
         print(json.dumps({**info, "lock_differences": details}, indent=2))
     else:
@@ -84,5 +88,5 @@ def env(
         console.print(table)
         for line in details:
             console.print(f"  {line}", highlight=False, markup=False)
-    if check and not matches:
+    if check and (not matches or gpu_problem):
         raise typer.Exit(1)
