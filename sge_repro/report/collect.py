@@ -104,7 +104,9 @@ def _read_text(path: Path, root: Path, kind: str) -> str:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise UserError(f"{_display(path, root)}: cannot be read ({error.strerror or error}); expected {kind}") from error
+        raise UserError(
+            f"{_display(path, root)}: cannot be read ({error.strerror or error}); expected {kind}"
+        ) from error
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -195,9 +197,7 @@ def _text(data: dict, key: str, path: Path, root: Path, required: bool = False) 
     """data[key] when a string, None when absent or null (unless required); UserError on another type."""
     value = data.get(key)
     if (value is not None or required) and not isinstance(value, str):
-        raise UserError(
-            f"{_display(path, root)}: key '{key}' should be a string, got {_got(value)}"
-        )
+        raise UserError(f"{_display(path, root)}: key '{key}' should be a string, got {_got(value)}")
     return value
 
 
