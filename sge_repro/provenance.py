@@ -9,6 +9,7 @@ DVC keeps the report stage up to date (a timestamp here would mark reports/ chan
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -108,16 +109,21 @@ def stage_runs(progress_dir: Path, stages: Iterable[str]) -> list[dict[str, Any]
         record = read_status(Path(progress_dir) / f"{stage}.json")
         if record is None:
             continue
-        runs.append({
-            "stage": stage,
-            "state": str(record.get("state")),
-            "wall_time_s": round(float(record.get("elapsed_s") or 0.0), 3),
-            "finished": datetime.fromtimestamp(float(record.get("updated") or 0.0), timezone.utc)
-                                .isoformat(timespec="seconds"),
-            "host": str(record.get("host", "")),
-            "world_size": int(record.get("world_size") or 1),
-            "devices": str(record.get("devices", "")),
-        })
+        try:
+            elapsed, updated = float(record.get("elapsed_s") or 0.0), float(record.get("updated") or 0.0)
+            run = {
+                "stage": stage,
+                "state": str(record.get("state")),
+                "wall_time_s": round(elapsed, 3),
+                "finished": datetime.fromtimestamp(updated, timezone.utc).isoformat(timespec="seconds"),
+                "host": str(record.get("host", "")),
+                "world_size": int(record.get("world_size") or 1),
+                "devices": str(record.get("devices", "")),
+            }
+        except (TypeError, ValueError, OverflowError, OSError):
+            continue  # a status file is a view of a run, not its result: a damaged one is left out, as an unreadable one
+        if math.isfinite(elapsed):
+            runs.append(run)
     return runs
 
 

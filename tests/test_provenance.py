@@ -3,6 +3,8 @@
 import hashlib
 import subprocess
 
+import pytest
+
 from sge_repro.provenance import file_sha256, git_state, stage_runs
 from sge_repro.stage_status import StageStatus
 
@@ -39,6 +41,21 @@ def test_stage_runs_come_from_the_status_files(tmp_path):
     assert runs == [{"stage": "train_cls@m-0", "state": "done", "wall_time_s": 125.04,
                      "finished": "2023-11-14T22:15:25+00:00", "host": runs[0]["host"], "world_size": 1,
                      "devices": ""}]
+
+
+@pytest.mark.parametrize("key, value", [("elapsed_s", "abc"), ("updated", [1]), ("world_size", "two"),
+                                        ("updated", 1e300), ("elapsed_s", 10 ** 400), ("elapsed_s", float("inf"))])
+def test_a_damaged_status_file_is_left_out_of_the_provenance(tmp_path, key, value):
+    """Status files describe runs (the report's provenance), they are not results: one with a
+    field of another type or out of range is left out, as an unreadable one is, never a traceback."""
+    import json
+
+    for stage in ("good", "bad"):
+        StageStatus(tmp_path / f"{stage}.json", stage).finish()
+    record = json.loads((tmp_path / "bad.json").read_text())
+    record[key] = value
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    assert [run["stage"] for run in stage_runs(tmp_path, ["good", "bad"])] == ["good"]
 
 
 def test_what_the_pipeline_writes_into_the_tree_is_not_dirt(tmp_path):
