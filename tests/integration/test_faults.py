@@ -92,8 +92,10 @@ def test_after_ctrl_c_the_run_ends_only_with_its_dvc_child(project, sge_repro_bi
     not): the run stops DVC and waits for it, so a rerun right after is not refused 'in progress'."""
     log = project / "logs" / "dvc-repro.log"
     with open(tmp_path / "run.out", "w") as out:
+        # SIGINT as at a terminal, even when this suite inherited it ignored (started in the background)
         first = subprocess.Popen([sge_repro_bin, "run", "all", "--profile", "smoke"], cwd=project,
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: log.exists() and "Running stage 'train_cls" in log.read_text(), 300, "a training stage")
         os.kill(first.pid, signal.SIGINT)

@@ -41,8 +41,16 @@ def start_head(tmp_path: Path, tag: str) -> tuple[subprocess.Popen, Path]:
     stderr = tmp_path / f"head-{tag}.err"
     process = subprocess.Popen(
         [sys.executable, "-c", HEAD, TWO_TASKS.model_dump_json(), str(tmp_path / "state"), str(tmp_path / "markers"),
-         str(tmp_path / "gate")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=open(stderr, "w"), text=True)
+         str(tmp_path / "gate")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=open(stderr, "w"), text=True,
+        preexec_fn=default_sigint)
     return process, stderr
+
+
+def default_sigint() -> None:
+    """Ctrl-C as at a terminal: a suite started in the background of a shell inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt (the Ctrl-C test would kill the head
+    and leave its job holding the test node)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:
