@@ -191,7 +191,7 @@ def run(
                     "or one expanded stage such as train_cls@sge_resnet18-0."),
     profile: Optional[str] = typer.Option(
         None, "--profile", "-p",
-        help="First rewrite params.yaml as defaults + pipelines/profiles/NAME.yaml (embedded, smoke, paper). "
+        help="First rewrite params.yaml as defaults + pipelines/profiles/NAME.yaml (embedded, smoke, paper, released). "
              "Without it, params.yaml is used as it is."),
     force: bool = typer.Option(False, "--force", help="Rerun the stages even if up to date."),
     report: bool = typer.Option(True, "--report/--no-report", help="Print the result tables at the end of `all`."),
