@@ -42,7 +42,6 @@ from sge_repro.models.resnet import DEFAULT_WIDTH
 from sge_repro.models.sge import DEFAULT_GROUPS
 
 CLASSIFIER_FORMAT = "sge-repro/classifier/v1"
-FORMAT_OURS = CLASSIFIER_FORMAT
 FORMAT_TORCHVISION = "torchvision"
 FORMAT_OFFICIAL = "official"
 FORMAT_PREFIXED = "state_dict (module. prefix)"

@@ -67,10 +67,13 @@ def report(params: Params, paths: ProjectPaths) -> Report:
 
 
 def pipeline_stages(params: Params) -> list[str]:
-    """dvc.yaml's stages before the report, as DVC names them, in its order."""
+    """dvc.yaml's stages before the report, as DVC names them, in its order (a test compares them
+    with `dvc stage list`)."""
     seeds = params.seeds
     names = ["data"]
     names += [stage_name(group, m, s) for group in ("train_cls", "eval_cls") for m in params.models for s in seeds]
+    names += [f"{group}@{m}" for group in ("import_cls", "eval_released") for m in params.released]
+    names += [f"fetch_weights@{m}" for m in params.convert_downloads()]
     names += [stage_name("convert", m, s) for m in params.detection_backbones for s in seeds]
     names += [stage_name(group, d, b, s) for group in ("train_det", "eval_det") for d in params.detectors
               for b in params.detection_backbones for s in seeds]

@@ -171,3 +171,17 @@ def check_dataset_changes_rerun_exactly_their_stages(project: Path, sge_repro_bi
     data_stage()
     assert stale_stages(project) == set()
     assert {name: (project / "data" / "manifests" / f"{name}.json").read_bytes() for name in manifests} == manifests
+
+
+@pytest.mark.parametrize("profile", ["smoke", "released", "paper"])
+def test_the_reports_stage_list_is_dvcs(project, profile):
+    """The report's provenance looks up each stage's run by name: its list is the one DVC expands
+    from dvc.yaml (released checkpoints' and torchvision downloads' stages included)."""
+    from sge_repro.params import profile_params
+    from sge_repro.stages.report import pipeline_stages
+
+    params = profile_params(profile, project / "pipelines" / "profiles")
+    (project / "params.yaml").write_text(dump_params(params))
+    listed = subprocess.run([*DVC, "stage", "list", "--name-only"], cwd=project, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert pipeline_stages(params) + ["report"] == listed
