@@ -69,9 +69,16 @@ def all_reduce_sum(values: list[float], dist_info: DistInfo, device: torch.devic
     """Element-wise sums over the ranks (float64); the values unchanged in a single process."""
     if not dist_info.enabled:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    return sum_over_ranks(torch.tensor(values, dtype=torch.float64, device=device), dist_info)
+
+
+def sum_over_ranks(values: torch.Tensor, dist_info: DistInfo) -> list[float]:
+    """A 1-d tensor of per-rank sums, summed over the ranks and read by the host: one
+    synchronisation whether there are peers or not."""
+    if dist_info.enabled:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values.tolist()
 
 
 def broadcast_buffers(model: nn.Module, dist_info: DistInfo) -> None:

@@ -24,6 +24,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def strict_compile_on_gpu(request, monkeypatch):
+    """A GPU test checks the compiled kernels: a torch.compile failure (or dynamo's recompile
+    limit) there is an error, not a warning and a silent pass on eager kernels."""
+    if request.node.get_closest_marker("gpu") is not None:
+        from sge_repro.models.sge import STRICT_COMPILE_ENV
+
+        monkeypatch.setenv(STRICT_COMPILE_ENV, "1")
+
+
 @pytest.fixture
 def sge_repro_bin() -> str:
     return str(BIN / "sge-repro")

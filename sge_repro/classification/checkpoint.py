@@ -6,8 +6,10 @@ best, seed, classes, dataset, the recipe and its fingerprint, and with amp='fp16
 The recipe is the train_cls params plus what the run adds (model, model_kwargs, classes, seed,
 world_size); its fingerprint and the resume check leave out what does not change the recipe:
 workers and device (the weights do not depend on them), `deterministic` (it picks kernels, which
-changes float rounding, not what is computed) and world_size (`batch_size` is the global batch,
-split over the ranks: the same global batches, the same lr, whatever the process count).
+changes float rounding, not what is computed), world_size (`batch_size` is the global batch,
+split over the ranks: the same global batches, the same lr, whatever the process count) and
+model.sge_impl (the SGE implementations compute one function, equal within float rounding, like
+two devices: a run trained with "fast" resumes with "triton").
 
 A resume never starts over silently: a last.pt whose recipe differs from the params is a
 superseded.RunOfOtherParams naming each differing key (old -> new); train_classifier then moves
@@ -48,6 +50,8 @@ NOT_IN_FINGERPRINT = ("workers", "device", "deterministic", "world_size")
 # when they hold it, so a run started before the key existed resumes. decoder "pil" is the input
 # pipeline of those runs bit for bit; "torchvision" (the default now) resizes slightly differently.
 FINGERPRINT_IF_NOT = {"decoder": "pil"}
+# model_kwargs that pick how, not what, the model computes (see above): recorded, never compared.
+MODEL_KWARGS_NOT_IN_FINGERPRINT = ("sge_impl",)
 
 
 def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict, classes: list[str],
@@ -58,15 +62,37 @@ def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict,
 
 
 # Values renamed in params.yaml, hashed under their old spelling so that checkpoints written before
-# the rename keep their fingerprint (and resume): amp 'off' is fp32 since DVC experiments (issue 17).
+# the rename keep their fingerprint (and resume): amp "off" is spelled fp32 in params.yaml now.
 FINGERPRINT_SPELLING = {"amp": {"fp32": "off"}}
 
 
 def recipe_fingerprint(recipe: dict) -> str:
+    return _hash(_without_model_kwargs(recipe, MODEL_KWARGS_NOT_IN_FINGERPRINT))
+
+
+def _hash(recipe: dict) -> str:
     kept = {key: FINGERPRINT_SPELLING.get(key, {}).get(value, value) if isinstance(value, str) else value
             for key, value in recipe.items() if key not in NOT_IN_FINGERPRINT
             and not (key in FINGERPRINT_IF_NOT and value == FINGERPRINT_IF_NOT[key])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _without_model_kwargs(recipe: dict, names: tuple[str, ...]) -> dict:
+    kwargs = recipe.get("model_kwargs")
+    if not isinstance(kwargs, dict) or not any(name in kwargs for name in names):
+        return recipe
+    return {**recipe, "model_kwargs": {key: value for key, value in kwargs.items() if key not in names}}
+
+
+def _fingerprints_of_any_sge_impl(recipe: dict) -> set[str]:
+    """The fingerprint, and the ones hashed while model.sge_impl was still part of it, for each
+    implementation: a checkpoint that stored only its fingerprint resumes under any of them."""
+    from sge_repro.models.sge import SGE_IMPLS
+
+    kwargs = recipe.get("model_kwargs")
+    earlier = {_hash({**recipe, "model_kwargs": {**kwargs, "sge_impl": impl}}) for impl in SGE_IMPLS} \
+        if isinstance(kwargs, dict) and "sge_impl" in kwargs else set()
+    return {recipe_fingerprint(recipe)} | earlier
 
 
 @dataclass
@@ -85,7 +111,7 @@ class TrainingState:
 def recipe_differences(saved: dict, recipe: dict) -> list[str]:
     """'key old -> new' for each recipe key that differs, named as in params.yaml. Model knobs the
     model does not read (model.groups of a ResNet without SGE) are not compared: a G sweep does
-    not retrain the plain baseline."""
+    not retrain the plain baseline; nor is model.sge_impl (MODEL_KWARGS_NOT_IN_FINGERPRINT)."""
     from sge_repro.models.registry import kwargs_used_by
     from sge_repro.params import TrainClsParams
 
@@ -96,7 +122,8 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
                 continue
             if key == "model_kwargs" and isinstance(value, dict):
                 used = kwargs_used_by(values["model"], value) if isinstance(values.get("model"), str) else value
-                out.update({f"model.{name}": item for name, item in used.items()})
+                out.update({f"model.{name}": item for name, item in used.items()
+                            if name not in MODEL_KWARGS_NOT_IN_FINGERPRINT})
             elif key in TrainClsParams.model_fields:
                 out[f"train_cls.{key}"] = value
             else:
@@ -152,7 +179,8 @@ def check_resumable(path: Path, recipe: dict) -> dict | None:
     if isinstance(saved_recipe, dict):
         differences = recipe_differences(saved_recipe, recipe)
     else:  # written before recipes were stored: only the fingerprint can tell
-        differences = [] if saved["recipe_fingerprint"] == recipe_fingerprint(recipe) else ["(recipe not stored)"]
+        differences = [] if saved["recipe_fingerprint"] in _fingerprints_of_any_sge_impl(recipe) \
+            else ["(recipe not stored)"]
     if differences:
         raise RunOfOtherParams(
             f"{path}: epoch {saved.get('epoch', '?')} checkpoint of another recipe: {'; '.join(differences)}. "

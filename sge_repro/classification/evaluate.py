@@ -17,7 +17,7 @@ from sge_repro.classification.precision import autocast, check_amp_on_device, me
 from sge_repro.classification.sampling import val_loader
 from sge_repro.classification.transforms import eval_transform, to_model_input
 from sge_repro.data.imagefolder import open_imagefolder
-from sge_repro.distributed import DistInfo, all_reduce_sum, rank_device
+from sge_repro.distributed import DistInfo, rank_device, sum_over_ranks
 from sge_repro.errors import UserError
 from sge_repro.params import EvalClsParams
 
@@ -37,9 +37,13 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
              collect: bool = False, amp: str = "fp32", channels_last: bool = False,
              on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Loss and top-1/top-5 (percent) over the loader, summed over the ranks' shards; with
-    collect, per-sample results of this rank too. `on_batch(index, total)` as each batch (1-based) starts."""
+    collect, per-sample results of this rank too. `on_batch(index, total)` as each batch (1-based) starts.
+
+    Sums accumulate on the device (float64: the same additions, in the same order, as summing the
+    batches' values on the host) and the host reads them once, after the last batch."""
     model.eval()
-    loss_sum, top1_sum, top5_sum, count, skipped = 0.0, 0.0, 0.0, 0, 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
+    count, skipped = 0, 0
     predictions, correct1, correct5 = [], [], []
     for batch, (images, targets, num_skipped) in enumerate(loader, start=1):
         skipped += num_skipped
@@ -52,17 +56,19 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, dist_in
         with autocast(amp, device):
             logits = model(images)
         logits = logits.float()  # top-k ties and the loss in fp32, whatever the autocast dtype
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         hit1, hit5 = topk_correct(logits, targets, (1, 5))
-        top1_sum += hit1.sum().item()
-        top5_sum += hit5.sum().item()
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                               hit1.sum().double(), hit5.sum().double()])
         count += targets.shape[0]
         if collect:
-            predictions += logits.argmax(dim=1).tolist()
-            correct1 += hit1.int().tolist()
-            correct5 += hit5.int().tolist()
-    loss_sum, top1_sum, top5_sum, count, skipped = all_reduce_sum(
-        [loss_sum, top1_sum, top5_sum, float(count), float(skipped)], dist_info, device)
+            predictions.append(logits.argmax(dim=1))
+            correct1.append(hit1)
+            correct5.append(hit5)
+    if collect:
+        predictions, correct1, correct5 = ([] if not parts else torch.cat(parts).int().tolist()
+                                           for parts in (predictions, correct1, correct5))
+    loss_sum, top1_sum, top5_sum, count, skipped = sum_over_ranks(
+        torch.cat([totals, torch.tensor([count, skipped], dtype=torch.float64).to(device)]), dist_info)
     if count == 0:
         raise UserError("validation: no image could be loaded; expected at least one readable val image")
     result = {"loss": loss_sum / count, "top1": 100.0 * top1_sum / count, "top5": 100.0 * top5_sum / count,

@@ -41,8 +41,8 @@ from sge_repro.classification.schedule import lr_factor, lr_scheduler
 from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
 from sge_repro.classification.transforms import eval_transform, to_model_input, train_transform
 from sge_repro.data.imagefolder import open_imagefolder
-from sge_repro.distributed import (DistInfo, all_reduce_sum, broadcast_buffers, join_process_group,
-                                   min_over_ranks, rank_device)
+from sge_repro.distributed import (DistInfo, broadcast_buffers, join_process_group, min_over_ranks, rank_device,
+                                   sum_over_ranks)
 from sge_repro.errors import UserError
 from sge_repro.params import ModelParams, TrainClsParams
 from sge_repro.superseded import supersede_changed_run
@@ -191,7 +191,15 @@ def train_forward(run: Run, model: nn.Module) -> nn.Module:
     forward = model
     if run.dist_info.enabled:
         device_ids = [run.device.index] if run.device.type == "cuda" else None
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Gradients are views into DDP's all-reduce buckets: no second gradient-sized allocation.
+        # forward_sync_buffers=False: DDP would broadcast rank 0's BatchNorm statistics before
+        # every training forward, which in training mode only updates them (it normalises with
+        # the batch's statistics), so that collective changes nothing rank 0 computes or saves.
+        # What validation needs, every rank holding rank 0's statistics after the epoch's last
+        # step, is broadcast_buffers() after each epoch: DDP's broadcast comes before a forward,
+        # so the last step's updates would still differ between ranks.
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                                      gradient_as_bucket_view=True)
     if run.params.compile:
         forward = torch.compile(forward)
     return forward
@@ -242,11 +250,10 @@ def train_epoch(run: Run, state: TrainingState, forward: nn.Module, criterion: n
             progress(epoch + 1, step, run.steps_per_epoch, {
                 "phase": "train", **shown, "lr": state.optimizer.param_groups[0]["lr"],
                 "images_per_s": seen * run.dist_info.world_size / max(elapsed, 1e-9)})
-    stop_if_not_finite(run, bad_step, bad_loss, epoch)
-    loss_sum, correct_sum = totals.tolist()
+    stop_if_not_finite(run, bad_step, bad_loss, epoch)  # reads the device: the epoch's work is done
     train_time = time.perf_counter() - started
-    loss_sum, correct_sum, seen, skipped = all_reduce_sum(
-        [loss_sum, correct_sum, float(seen), float(skipped)], run.dist_info, run.device)
+    loss_sum, correct_sum, seen, skipped = sum_over_ranks(
+        torch.cat([totals, torch.tensor([seen, skipped], dtype=torch.float64).to(run.device)]), run.dist_info)
     return {"loss": loss_sum / max(seen, 1), "top1": 100.0 * correct_sum / max(seen, 1),
             "images_per_s": seen / max(train_time, 1e-9), "skipped": int(skipped)}
 

@@ -7,6 +7,9 @@ re-read from L1/L2, not from memory), so each direction is one launch per block.
 in float32 whatever the activation dtype (bf16 / fp16 under autocast); the output keeps the
 input's dtype.
 
+A row is addressed through strides, so NCHW and channels_last tensors are read and written where
+they lie (no copy to NCHW and back); the output and the input gradient take the input's layout.
+
 Correctness is tested on the CPU with Triton's interpreter (TRITON_INTERPRET=1 set before
 Triton is imported: tests/models/test_sge_triton.py); speed only shows on a GPU
 (`sge-repro bench sge --device cuda` lists this implementation when CUDA is present).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -43,31 +47,37 @@ def applies(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _row_statistics(x_ptr, base, K, P, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _row_statistics(x_ptr, base, K, P, stride_c, stride_p, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         """Channel means m (BLOCK_K,), then mean and sum of squares of c'_p = sum_k m_k (x_kp - m_k)
         (= c_p - |m|^2: centred terms, accurate in float32)."""
         ks = tl.arange(0, BLOCK_K)[:, None]
         acc = tl.zeros((BLOCK_K, BLOCK_P), tl.float32)
         for p0 in range(0, P, BLOCK_P):
             ps = p0 + tl.arange(0, BLOCK_P)[None, :]
-            acc += tl.load(x_ptr + base + ks * P + ps, mask=(ks < K) & (ps < P), other=0.0).to(tl.float32)
+            acc += tl.load(x_ptr + base + ks * stride_c + ps * stride_p, mask=(ks < K) & (ps < P), other=0.0).to(tl.float32)
         m = tl.sum(acc, axis=1) / P
         total = tl.zeros((BLOCK_P,), tl.float32)
         squares = tl.zeros((BLOCK_P,), tl.float32)
         for p0 in range(0, P, BLOCK_P):
             ps = p0 + tl.arange(0, BLOCK_P)[None, :]
             mask = (ks < K) & (ps < P)
-            x = tl.load(x_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + base + ks * stride_c + ps * stride_p, mask=mask, other=0.0).to(tl.float32)
             c = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0)
             total += c
             squares += c * c
         return m, tl.sum(total) / P, tl.sum(squares)
 
     @triton.jit
-    def _sge_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, G, K, P, eps, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _row_base(row, G, K, stride_b, stride_c):
+        """Offset of channel 0 of row (sample, group) = (row // G, row % G)."""
+        return (row // G).to(tl.int64) * stride_b + ((row % G) * K).to(tl.int64) * stride_c
+
+    @triton.jit
+    def _sge_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, G, K, P, stride_b, stride_c, stride_p, eps,
+                            BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         row = tl.program_id(0)
-        base = row.to(tl.int64) * K * P
-        m, residual, squares = _row_statistics(x_ptr, base, K, P, BLOCK_K, BLOCK_P)
+        base = _row_base(row, G, K, stride_b, stride_c)
+        m, residual, squares = _row_statistics(x_ptr, base, K, P, stride_c, stride_p, BLOCK_K, BLOCK_P)
         variance = tl.maximum(squares - P * residual * residual, 0.0) / (P - 1)
         gain = tl.load(w_ptr + row % G).to(tl.float32) / (tl.sqrt(variance) + eps)
         offset = tl.load(b_ptr + row % G).to(tl.float32)
@@ -75,20 +85,21 @@ if triton is not None:
         for p0 in range(0, P, BLOCK_P):
             ps = p0 + tl.arange(0, BLOCK_P)[None, :]
             mask = (ks < K) & (ps < P)
-            x = tl.load(x_ptr + base + ks * P + ps, mask=mask, other=0.0).to(tl.float32)
+            offsets = base + ks * stride_c + ps * stride_p
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             c = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0) - residual
             gate = tl.sigmoid(gain * c + offset)
-            tl.store(y_ptr + base + ks * P + ps, (x * gate[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + offsets, (x * gate[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _backward_tile(x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b,
+    def _backward_tile(x_ptr, gy_ptr, base, p0, K, P, stride_c, stride_p, m, residual, std_eps, w, b,
                        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         """One tile of positions [p0, p0 + BLOCK_P) recomputed from x and dy: (x, dy, d, gate,
         dL/d(w n + b) zeroed past P, element offsets, mask)."""
         ks = tl.arange(0, BLOCK_K)[:, None]
         ps = p0 + tl.arange(0, BLOCK_P)[None, :]
         mask = (ks < K) & (ps < P)
-        offsets = base + ks * P + ps
+        offsets = base + ks * stride_c + ps * stride_p
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         d = tl.sum(tl.where(mask, m[:, None] * (x - m[:, None]), 0.0), axis=0) - residual
@@ -98,13 +109,13 @@ if triton is not None:
         return x, gy, d, gate, grad_affine, offsets, mask
 
     @triton.jit
-    def _sge_backward_kernel(x_ptr, gy_ptr, gx_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, G, K, P, eps,
-                             BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _sge_backward_kernel(x_ptr, gy_ptr, gx_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, G, K, P, stride_b, stride_c, stride_p,
+                             eps, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         """dx (and per-row partial dgamma, dbeta) for y = x * sigmoid(w n + b), n = d / (s + eps),
         d = c - mean(c), c = m^T x; the same derivation as sge.py's _sge_backward_core."""
         row = tl.program_id(0)
-        base = row.to(tl.int64) * K * P
-        m, residual, squares = _row_statistics(x_ptr, base, K, P, BLOCK_K, BLOCK_P)
+        base = _row_base(row, G, K, stride_b, stride_c)
+        m, residual, squares = _row_statistics(x_ptr, base, K, P, stride_c, stride_p, BLOCK_K, BLOCK_P)
         std = tl.sqrt(tl.maximum(squares - P * residual * residual, 0.0) / (P - 1))
         std_eps = std + eps
         w = tl.load(w_ptr + row % G).to(tl.float32)
@@ -115,7 +126,7 @@ if triton is not None:
         dot = tl.zeros((BLOCK_P,), tl.float32)
         for p0 in range(0, P, BLOCK_P):
             x, gy, d, gate, grad_affine, offsets, mask = _backward_tile(
-                x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
+                x_ptr, gy_ptr, base, p0, K, P, stride_c, stride_p, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
             grad_w += grad_affine * d / std_eps
             grad_b += grad_affine
             dot += grad_affine * w * d
@@ -127,7 +138,7 @@ if triton is not None:
         x_dot = tl.zeros((BLOCK_K, BLOCK_P), tl.float32)
         for p0 in range(0, P, BLOCK_P):
             x, gy, d, gate, grad_affine, offsets, mask = _backward_tile(
-                x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
+                x_ptr, gy_ptr, base, p0, K, P, stride_c, stride_p, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
             grad_d = tl.where(p0 + tl.arange(0, BLOCK_P) < P, grad_affine * w / std_eps - d * correction, 0.0)
             grad_sum += grad_d
             x_dot += x * grad_d[None, :]
@@ -136,7 +147,7 @@ if triton is not None:
         grad_pooled = tl.sum(x_dot, axis=1) / P - grad_mean * m
         for p0 in range(0, P, BLOCK_P):
             x, gy, d, gate, grad_affine, offsets, mask = _backward_tile(
-                x_ptr, gy_ptr, base, p0, K, P, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
+                x_ptr, gy_ptr, base, p0, K, P, stride_c, stride_p, m, residual, std_eps, w, b, BLOCK_K, BLOCK_P)
             grad_c = grad_affine * w / std_eps - d * correction - grad_mean
             gx = gy * gate[None, :] + m[:, None] * grad_c[None, :] + grad_pooled[:, None]
             tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -148,35 +159,59 @@ def _blocks(channels_per_group: int, positions: int) -> tuple[int, int]:
     return block_k, max(block_p, 2)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where element (b, c, p = h * W + w) of an NCHW- or channels_last-contiguous tensor lies:
+    b * stride_b + c * stride_c + p * stride_p (from the format, not from .stride(): the strides
+    of size-1 dims are arbitrary)."""
+
+    memory_format: torch.memory_format
+    stride_b: int
+    stride_c: int
+    stride_p: int
+
+    @staticmethod
+    def of(x: torch.Tensor) -> "_Layout":
+        channels, positions = x.shape[1], x.shape[2] * x.shape[3]
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return _Layout(torch.channels_last, channels * positions, 1, channels)
+        return _Layout(torch.contiguous_format, channels * positions, positions, 1)
+
+
 class SGETritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int):
         batch, channels, height, width = x.shape
-        x = x.contiguous()
-        y = torch.empty_like(x)
+        layout = _Layout.of(x)
+        x = x.contiguous(memory_format=layout.memory_format)  # a no-op unless x is neither layout
+        y = torch.empty_like(x, memory_format=layout.memory_format)
         per_group, positions = channels // groups, height * width
         block_k, block_p = _blocks(per_group, positions)
-        _sge_forward_kernel[(batch * groups,)](
-            x, y, weight.detach().contiguous(), bias.detach().contiguous(), groups, per_group, positions, SGE_EPS,
-            BLOCK_K=block_k, BLOCK_P=block_p)
+        # Triton launches on the current CUDA device, not on the tensors' (device: cuda:1).
+        with torch.cuda.device_of(x):
+            _sge_forward_kernel[(batch * groups,)](
+                x, y, weight.detach().contiguous(), bias.detach().contiguous(), groups, per_group, positions,
+                layout.stride_b, layout.stride_c, layout.stride_p, SGE_EPS, BLOCK_K=block_k, BLOCK_P=block_p)
         ctx.save_for_backward(x, weight, bias)
-        ctx.groups = groups
+        ctx.groups, ctx.layout = groups, layout
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
-        groups = ctx.groups
+        groups, layout = ctx.groups, ctx.layout
         batch, channels, height, width = x.shape
-        grad_y = grad_y.contiguous().to(x.dtype)
-        grad_x = torch.empty_like(x)
+        grad_y = grad_y.contiguous(memory_format=layout.memory_format).to(x.dtype)  # x's layout: one set of strides
+        grad_x = torch.empty_like(x, memory_format=layout.memory_format)
         grad_weight_rows = torch.empty(batch * groups, dtype=torch.float32, device=x.device)
         grad_bias_rows = torch.empty(batch * groups, dtype=torch.float32, device=x.device)
         per_group, positions = channels // groups, height * width
         block_k, block_p = _blocks(per_group, positions)
-        _sge_backward_kernel[(batch * groups,)](
-            x, grad_y, grad_x, weight.detach().contiguous(), bias.detach().contiguous(), grad_weight_rows,
-            grad_bias_rows, groups, per_group, positions, SGE_EPS, BLOCK_K=block_k, BLOCK_P=block_p)
+        with torch.cuda.device_of(x):
+            _sge_backward_kernel[(batch * groups,)](
+                x, grad_y, grad_x, weight.detach().contiguous(), bias.detach().contiguous(), grad_weight_rows,
+                grad_bias_rows, groups, per_group, positions, layout.stride_b, layout.stride_c, layout.stride_p,
+                SGE_EPS, BLOCK_K=block_k, BLOCK_P=block_p)
         grad_weight = grad_weight_rows.view(batch, groups).sum(0).view(weight.shape).to(weight.dtype)
         grad_bias = grad_bias_rows.view(batch, groups).sum(0).view(bias.shape).to(bias.dtype)
         return grad_x, grad_weight, grad_bias, None
@@ -187,7 +222,7 @@ _warned = False
 
 def sge(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor | None:
     """SGE through the Triton kernels, or None when they do not apply here (the caller then uses
-    the fast path; said once)."""
+    the fast path; said once). The result has x's layout (NCHW or channels_last)."""
     global _warned
     if not applies(x):
         if not _warned:
@@ -195,7 +230,5 @@ def sge(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) 
             reason = "Triton is not installed" if triton is None else f"the input is on {x.device.type}, not CUDA"
             warnings.warn(f"SGE impl 'triton': {reason}; using the 'fast' implementation", stacklevel=3)
         return None
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     with torch.autocast(x.device.type, enabled=False):  # the kernels handle dtypes themselves
-        y = SGETritonFunction.apply(x, weight, bias, groups)
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+        return SGETritonFunction.apply(x, weight, bias, groups)

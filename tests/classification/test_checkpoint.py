@@ -119,3 +119,45 @@ def test_a_checkpoint_from_before_the_amp_rename_and_the_decoder_key_resumes(tmp
     assert resume(tmp_path / "last.pt", state, current) and state.epoch == 2
     with pytest.raises(UserError, match=r"epoch 2 checkpoint of another recipe: train_cls.decoder pil -> torchvision\."):
         resume(tmp_path / "last.pt", new_state(), {**current, "decoder": "torchvision"})
+
+
+def test_sge_impl_is_recorded_but_not_compared(tmp_path):
+    """The SGE implementations compute one function (tests/models/test_sge*.py): like `device`, a
+    run trained with one resumes with another; a change of the recipe itself is still refused."""
+    from sge_repro.superseded import RunOfOtherParams
+
+    def recipe(sge_impl, weight_decay=1e-4):
+        return training_recipe(TrainClsParams(weight_decay=weight_decay), "sge_resnet18",
+                               {"width": 8, "groups": 4, "sge_impl": sge_impl}, ["a", "b"], 0, 1)
+
+    assert recipe_fingerprint(recipe("fast")) == recipe_fingerprint(recipe("reference")) \
+        == recipe_fingerprint(recipe("triton"))
+    write_training_checkpoint(tmp_path / "last.pt", recipe("fast"), epoch=4)
+    for impl in ("reference", "triton"):
+        state = new_state()
+        assert resume(tmp_path / "last.pt", state, recipe(impl)) is True and state.epoch == 4
+    with pytest.raises(RunOfOtherParams, match=r"another recipe: train_cls\.weight_decay 0\.0001 -> 0\.001\. "):
+        resume(tmp_path / "last.pt", new_state(), recipe("reference", weight_decay=1e-3))
+
+
+def test_a_fingerprint_only_checkpoint_hashed_with_sge_impl_resumes_under_any_impl(tmp_path):
+    """Checkpoints that stored no recipe hashed model.sge_impl with the rest (the formula of then)."""
+    import hashlib
+    import json
+
+    from sge_repro.classification.checkpoint import NOT_IN_FINGERPRINT
+    from sge_repro.superseded import RunOfOtherParams
+
+    recipe = training_recipe(TrainClsParams(), "sge_resnet18", {"width": 8, "groups": 4, "sge_impl": "fast"},
+                             ["a", "b"], 0, 1)
+    then = {key: value for key, value in {**recipe, "amp": "off"}.items() if key not in NOT_IN_FINGERPRINT}
+    state = new_state()
+    torch_save({"state_dict": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(), "epoch": 2, "history": [], "best": {},
+                "recipe_fingerprint": hashlib.sha256(json.dumps(then, sort_keys=True).encode()).hexdigest()[:16]},
+               tmp_path / "last.pt")
+    for impl in ("fast", "reference"):
+        other = {**recipe, "model_kwargs": {**recipe["model_kwargs"], "sge_impl": impl}}
+        assert resume(tmp_path / "last.pt", new_state(), other) is True
+    with pytest.raises(RunOfOtherParams, match=r"\(recipe not stored\)"):
+        resume(tmp_path / "last.pt", new_state(), {**recipe, "lr": 0.5})

@@ -97,6 +97,30 @@ def test_batch_larger_than_the_training_set_is_rejected_before_training(data_roo
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_another_sge_impl_resumes_and_another_recipe_moves_the_run_aside(data_root, tmp_path, caplog):
+    """model.sge_impl picks how SGE is computed, not what (like device): a run of the fast impl
+    resumes under the reference one; weight_decay changes the recipe: the run is moved aside."""
+    options = dict(epochs=2, warmup_epochs=0, image_size=64)  # SGE needs more than 1x1 positions in layer4
+    run = tmp_path / "cls"
+    with pytest.raises(Interrupt):
+        train(data_root, run, model=("sge_resnet18", {"width": 8, "groups": 4, "sge_impl": "fast"}),
+              progress=stop_in_epoch(2), **options)
+    calls = []
+    train(data_root, run, model=("sge_resnet18", {"width": 8, "groups": 4, "sge_impl": "reference"}),
+          progress=lambda *args: calls.append(args), **options)
+    assert min(c[0] for c in calls) == 2  # resumed, not restarted
+    assert not (tmp_path / "superseded").exists()
+    state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["recipe"]["model_kwargs"]["sge_impl"] == "reference"
+    calls = []
+    with caplog.at_level("WARNING", logger="sge_repro.superseded"):
+        train(data_root, run, model=("sge_resnet18", {"width": 8, "groups": 4, "sge_impl": "reference"}),
+              progress=lambda *args: calls.append(args), weight_decay=1e-3, **options)
+    [moved] = (tmp_path / "superseded" / "cls").glob("ckpt-*")
+    assert f"trained with other params (train_cls.weight_decay 0.0001 -> 0.001); moved to {moved}" in caplog.text
+    assert min(c[0] for c in calls) == 1 and (moved / "last.pt").exists()
+
+
 KILLABLE_TRAINING = """
 import sys, torch
 torch.set_num_threads(1)

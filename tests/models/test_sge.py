@@ -263,9 +263,12 @@ def test_batchnorm_sge_eval_no_grad_equals_modules_in_turn(channels_last, cpu_ba
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fast_cuda_compiled_equals_reference():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_cuda_compiled_equals_reference(channels_last):
     generator = torch.Generator().manual_seed(12)
     x = (torch.randn(4, 256, 14, 14, generator=generator) * 3 + 1).cuda()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     gamma, beta = (torch.randn(1, 64, 1, 1, generator=generator).cuda() for _ in range(2))
     grad_out = torch.randn(4, 256, 14, 14, generator=generator).cuda()
     results = {}
@@ -273,6 +276,7 @@ def test_fast_cuda_compiled_equals_reference():
         inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
         out = function(*inputs, 64)
         results[name] = (out, *torch.autograd.grad(out, inputs, grad_out))
+    assert results["fast"][0].is_contiguous(memory_format=torch.channels_last) == channels_last
     for label, fast, reference in zip(("out", "dx", "dgamma", "dbeta"), results["fast"], results["reference"]):
         assert relative_error(fast, reference) <= 1e-5, label
 
@@ -286,3 +290,81 @@ def test_single_position_maps_are_refused_not_nan(impl):
     with pytest.raises(UserError, match=r"1x1 positions: the spatial std needs at least 2"):
         model(torch.randn(2, 3, 32, 32))  # layer4 sees 1x1
     assert torch.isfinite(model(torch.randn(2, 3, 64, 64))).all()  # 2x2 is enough
+
+
+def _block_copies(function, block_numel: int) -> int:
+    """aten::copy_ calls on block-sized tensors while `function` runs (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        function()
+    return sum(1 for event in prof.events() if event.name == "aten::copy_" and event.input_shapes
+               and event.input_shapes[0] and math.prod(event.input_shapes[0]) == block_numel)
+
+
+def test_cuda_formulation_reads_channels_last_in_place(monkeypatch):
+    """The CUDA formulation (run here on CPU) computes on a channels_last block where it lies: the
+    same outputs and gradients as for NCHW, channels_last out and back, no block-sized copy."""
+    from sge_repro.models import sge as sge_module
+
+    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(sge_cpu, "_library", None)
+    monkeypatch.setattr(sge_cpu, "_failed", True)
+    generator = torch.Generator().manual_seed(13)
+    shape, groups = (3, 64, 9, 11), 16
+    x = torch.randn(*shape, generator=generator) * 3 + 1
+    gamma, beta = torch.randn(1, groups, 1, 1, generator=generator), torch.randn(1, groups, 1, 1, generator=generator)
+    grad_out = torch.randn(*shape, generator=generator)
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        leaves = [x.contiguous(memory_format=layout).requires_grad_(True), gamma.clone().requires_grad_(True),
+                  beta.clone().requires_grad_(True)]
+        out = sge_fast(*leaves, groups)
+        grads = torch.autograd.grad(out, leaves, grad_out.contiguous(memory_format=layout))
+        results[layout] = (out, *grads)
+        with torch.no_grad():
+            evaluated = sge_fast(leaves[0].detach(), gamma, beta, groups)
+        assert relative_error(evaluated, out) <= 1e-6
+        if layout == torch.channels_last:
+            assert out.is_contiguous(memory_format=layout) and grads[0].is_contiguous(memory_format=layout)
+            assert evaluated.is_contiguous(memory_format=layout)
+
+            grad_channels_last = grad_out.contiguous(memory_format=layout)
+
+            def step():
+                leaf = leaves[0].detach().requires_grad_(True)
+                sge_fast(leaf, leaves[1], leaves[2], groups).backward(grad_channels_last)
+                with torch.no_grad():
+                    sge_fast(leaf.detach(), gamma, beta, groups)
+
+            assert _block_copies(step, x.numel()) == 0
+    for label, nchw, channels_last in zip(("out", "dx", "dgamma", "dbeta"), *results.values()):
+        assert relative_error(channels_last, nchw) <= 1e-5, label
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batchnorm_sge_takes_channels_last_in_the_cuda_formulation(monkeypatch, training):
+    from sge_repro.models import sge as sge_module
+    from sge_repro.models.sge import batchnorm_sge
+
+    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(sge_cpu, "_library", None)
+    monkeypatch.setattr(sge_cpu, "_failed", True)
+    (reference, fast), generator = _bn_sge_pair(64, 8, 0.1, seed=14)
+    z = (torch.randn(2, 64, 7, 10, generator=generator) * 2 + 0.3).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 64, 7, 10, generator=generator).contiguous(memory_format=torch.channels_last)
+    results, saved = [], []
+    for bn, sge in (reference, fast):
+        bn.train(training)
+        z_leaf = z.clone().requires_grad_(True)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            out = batchnorm_sge(z_leaf, bn, sge) if sge.impl == "fast" else sge(bn(z_leaf))
+        saved.append(sum(size >= z.numel() for size in sizes))
+        grads = torch.autograd.grad(out, (z_leaf, bn.weight, bn.bias, sge.weight, sge.bias), grad_out)
+        results.append((out, *grads, bn.running_mean.clone(), bn.running_var.clone()))
+    assert saved[1] == 1  # the fused Function: only z
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    labels = ("out", "dz", "dbn_weight", "dbn_bias", "dgamma", "dbeta", "running_mean", "running_var")
+    for label, expected, actual in zip(labels, *results):
+        assert relative_error(actual, expected) <= 1e-5, label

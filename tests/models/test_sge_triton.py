@@ -27,12 +27,15 @@ CHECK = textwrap.dedent("""
         return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
     generator = torch.Generator().manual_seed(30)
-    # whole rows in one tile; K not a power of two; positions looping over several tiles
-    for shape, groups, tile in (((2, 16, 5, 7), 4, None), ((2, 24, 6, 5), 4, None), ((1, 8, 40, 30), 2, 256)):
-        if tile:
-            kernels.TILE_ELEMENTS = tile
+    # whole rows in one tile; K not a power of two; positions looping over several tiles; each
+    # again channels_last (read in place: the output and dx stay channels_last)
+    cases = (((2, 16, 5, 7), 4, None), ((2, 24, 6, 5), 4, None), ((1, 8, 40, 30), 2, 256))
+    for (shape, groups, tile), channels_last in [(case, layout) for layout in (False, True) for case in cases]:
+        kernels.TILE_ELEMENTS = tile or 4096
         x = torch.randn(*shape, generator=generator) * 2 + 0.7
         grad_out = torch.randn(*shape, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         results = []
         for impl in ("reference", "triton"):
             module = SpatialGroupEnhance(shape[1], groups=groups, impl=impl)
@@ -43,9 +46,11 @@ CHECK = textwrap.dedent("""
             out = module(leaf)
             results.append((out, *torch.autograd.grad(out, (leaf, module.weight, module.bias), grad_out)))
         errors = [relative_error(t, r) for r, t in zip(*results)]
-        print(shape, errors)
+        print(shape, channels_last, errors)
         assert max(errors) <= 1e-5, (shape, errors)
-    assert len(launches) == 3, launches
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert results[1][0].is_contiguous(memory_format=layout) and results[1][1].is_contiguous(memory_format=layout)
+    assert len(launches) == 6, launches
     print("ok")
 """)
 
