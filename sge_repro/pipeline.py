@@ -266,6 +266,26 @@ def repro(
     return code
 
 
+# DVC's line for an output it could not copy into its cache: it still records the stage in
+# dvc.lock (the stage looks done, its cache entry is missing) and leaves a temp file in the cache
+_CACHE_FAILURE = re.compile(r"ERROR: failed to transfer '[0-9a-f.]+' - \[Errno \d+\] ([^:]+):?\s*'?([^']*)'?")
+CACHE_DIR = Path(".dvc") / "cache"
+
+
+def cache_failure(lines: list[str], root: Path = Path(".")) -> UserError | None:
+    """The one-line error for outputs `dvc repro` could not copy into its cache (None if none); the
+    temp files DVC left in the cache are removed (call it after DVC exited, holding the run lock)."""
+    found = [match for line in lines if (match := _CACHE_FAILURE.search(line))]
+    if not found:
+        return None
+    for leftover in (root / CACHE_DIR).glob("files/*/*/.*.tmp"):
+        leftover.unlink(missing_ok=True)
+    reason, path = found[0].group(1).strip(), found[0].group(2).strip()
+    where = (str(Path(path).relative_to(root.resolve())) if Path(path).is_relative_to(root.resolve()) else path) \
+        if path else "an output"
+    more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
+    return UserError(f"{CACHE_DIR}: DVC could not copy {where}{more} into it ({reason.lower()}), yet recorded its "
+                     "stage in dvc.lock; free space, run `dvc commit -f` (it caches what dvc.lock records), then rerun")
 # How long `dvc repro` gets to stop its stage after Ctrl-C (a training stage writes its checkpoint)
 STOP_GRACE_S = 60
 

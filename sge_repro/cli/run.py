@@ -157,10 +157,13 @@ def _run(targets: list[str], force: bool, stages: list[str], progress_dir: Path)
     view = PipelineView(shown, progress_dir)
     started = time.monotonic()
     tail: list[str] = []
+    cache_errors: list[str] = []
 
     def on_line(line: str) -> None:
         tail.append(line)
         del tail[:-30]
+        if line.startswith("ERROR: failed to transfer"):
+            cache_errors.append(line)
 
     manifests_before = _manifest_stamps()
     with Live(view, console=console, refresh_per_second=2, transient=False) as live:
@@ -174,6 +177,9 @@ def _run(targets: list[str], force: bool, stages: list[str], progress_dir: Path)
         live.refresh()
     console.print()
     elapsed = time.monotonic() - started
+    failure = pipeline.cache_failure(cache_errors)
+    if failure is not None:  # whatever DVC's exit code: the stage looks done, its cache is not
+        raise failure
     if code != 0:
         explained = run_lock.explain_dvc_lock_error("\n".join(tail))
         if explained:  # a `dvc repro` started outside sge-repro got there first

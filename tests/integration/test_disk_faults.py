@@ -1,7 +1,9 @@
 """A full disk and a read-only project, met by the real CLI: one line naming the file and what
 was wrong (exit 2), no traceback, nothing half-written, and a rerun with space freed works."""
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,29 @@ def test_a_read_only_project_is_one_line(smoke, sge_repro_bin, tmp_path, command
         line = error_line(cli(sge_repro_bin, view, *command))
         assert "read-only file system" in line and "expected a folder this user can write" in line, line
         assert sorted(str(p.relative_to(view)) for p in view.rglob("*")) == before
+
+
+def test_a_full_dvc_cache_is_named_with_the_way_to_recache(smoke, sge_repro_bin):
+    """The training stage succeeds but DVC cannot copy its outputs into .dvc/cache: DVC still
+    records the stage in dvc.lock (it looks done) and leaves a temp file in the cache. The run
+    says so in one line with the way out; `dvc commit -f` with space freed caches them."""
+    assert cli(sge_repro_bin, smoke, "run", "data").returncode == 0
+    cache = smoke / ".dvc" / "cache"
+    with small_disk(cache, 256 << 10):
+        line = error_line(cli(sge_repro_bin, smoke, "run", "train_cls@resnet18-0"))
+        assert line.startswith("error: .dvc/cache: DVC could not copy runs/cls/resnet18-seed0/") and \
+            "(no space left on device), yet recorded its stage in dvc.lock" in line and "`dvc commit -f`" in line, line
+        assert not list(cache.glob("files/*/*/.*.tmp"))  # DVC's half-copied temps are gone
+        assert "runs/cls/resnet18-seed0/" in not_in_cache(smoke)
+        resize(cache, 64 << 20)
+        commit = subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "train_cls@resnet18-0"], cwd=smoke,
+                                capture_output=True, text=True)
+        assert commit.returncode == 0, commit.stderr[-2000:]
+        assert not_in_cache(smoke) == []
+
+
+def not_in_cache(project: Path) -> list[str]:
+    """What DVC's lock records and its cache lacks (`dvc data status`)."""
+    status = subprocess.run([sys.executable, "-m", "dvc", "data", "status", "--json"], cwd=project,
+                            capture_output=True, text=True, check=True)
+    return json.loads(status.stdout).get("not_in_cache", [])
