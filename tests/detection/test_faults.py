@@ -1,4 +1,4 @@
-"""Faults met by `sge-repro train det` / `eval det` (issue 16 items 5, 6, 9), through the real CLI in
+"""Faults met by `sge-repro train det` / `eval det`, through the real CLI in
 a project folder: an image broken after the data stage verified it, a full disk, wrong weights.
 One line, exit 2, nothing half written; a rerun after the fault is fixed resumes."""
 
@@ -86,7 +86,7 @@ def run_files(project: Path) -> list[str]:
     return sorted(str(path.relative_to(run)) for path in run.rglob("*")) if run.exists() else []
 
 
-# --------------------------------------------------------------------------- issue 16 item 5, issue 14 item 2
+# --------------------------------------------------------------------------- images broken after the data stage
 def test_a_training_image_broken_after_the_data_stage_is_named_when_loaded(project):
     """train det decodes no image to check it (the data stage did); a file broken since fails where
     its batch is loaded (here in a loader worker), in one line naming it. The data stage then names
@@ -126,7 +126,7 @@ def test_a_val_image_broken_after_the_data_stage_in_eval_det(project):
     assert run_files(project) == before
 
 
-# --------------------------------------------------------------------------- issue 16 item 9
+# --------------------------------------------------------------------------- wrong weights, import warnings
 def test_eval_det_with_wrong_weights_is_one_line(project, classifier_checkpoint):
     (project / RUN).mkdir(parents=True)
     # a classifier checkpoint where the trained detector should be
@@ -141,7 +141,7 @@ def test_no_torch_jit_warnings_on_import():
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
-# --------------------------------------------------------------------------- issue 16 item 6
+# --------------------------------------------------------------------------- a full disk
 def test_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_resumes(project, tmp_path):
     reference = tmp_path / "reference"
     shutil.copytree(project, reference)

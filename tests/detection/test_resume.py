@@ -71,7 +71,7 @@ def assert_same_state(actual: dict, expected: dict) -> None:
     assert actual["trainer"]["hooks"] == expected["trainer"]["hooks"]  # the LR scheduler's state
 
 
-# --------------------------------------------------------------------------- issue 16 item 1
+# --------------------------------------------------------------------------- killed before model_final
 def test_kill_after_the_last_checkpoint_before_model_final_finishes_on_rerun(detectron2_weights, registered, tmp_path):
     torch.set_num_threads(1)
     run = tmp_path / "run"
@@ -119,7 +119,7 @@ def test_checkpoints_that_do_not_load_are_not_a_finished_run(detectron2_weights,
         train_detector(cfg, keep_checkpoints=3)
 
 
-# --------------------------------------------------------------------------- issue 13 item 4
+# --------------------------------------------------------------------------- runs of another config are moved aside
 def superseded(tmp_path: Path) -> list[Path]:
     """The run folders moved aside from tmp_path/det/run (paths.superseded_run_dir)."""
     return sorted((tmp_path / "superseded" / "det").glob("run-*"))
@@ -198,7 +198,7 @@ def test_pruning_never_deletes_what_last_checkpoint_names(tmp_path):
     assert sorted(path.name for path in tmp_path.glob("*.pth")) == ["model_0000001.pth", "model_0000007.pth", FINAL_WEIGHTS]
 
 
-# --------------------------------------------------------------------------- issue 16 item 3
+# --------------------------------------------------------------------------- the batch stream and a SIGKILL resume
 @pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1), (3, 2)])
 def test_replayed_grouping_resumes_the_batch_stream_exactly(world_size, rank):
     """The loader of iteration k yields what an uninterrupted loader yields from its k-th batch,

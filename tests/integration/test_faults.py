@@ -46,7 +46,7 @@ def dead_pid() -> int:
     return process.pid
 
 
-# ----------------------------------------------------------------------------- issue 2, 7, 10
+# ----------------------------------------------------------------------------- a second run, status and the log while a run holds the lock
 @pytest.mark.slow
 def test_second_run_and_status_while_a_run_holds_the_lock(project, sge_repro_bin, tmp_path):
     smoke_params = dump_params(profile_params("smoke", project / "pipelines" / "profiles"))
@@ -58,16 +58,16 @@ def test_second_run_and_status_while_a_run_holds_the_lock(project, sge_repro_bin
         wait_for(lambda: log.exists() and "Running stage" in log.read_text(), 180, "the first run's first stage")
         log_before = log.read_text()
 
-        # issue 2: the second run exits 2 on the lock without touching params.yaml
+        # the second run exits 2 on the lock without touching params.yaml
         second = cli(sge_repro_bin, project, "run", "all", "--profile", "embedded")
         message = one_line(second)
         assert f"a pipeline run is in progress (pid {first.pid}: sge-repro run all --profile smoke)" in message
         assert (project / "params.yaml").read_text() == smoke_params
-        # issue 10: ... nor the first run's log (its "full log" pointer would show another run)
+        # ... nor the first run's log (its "full log" pointer would show another run)
         assert log.read_text().startswith(log_before)
         assert "full log" not in second.stderr
 
-        # issue 7: status names the run and never advises removing a live run's lock
+        # status names the run and never advises removing a live run's lock
         status = one_line(cli(sge_repro_bin, project, "status"))
         assert f"in progress (pid {first.pid}: sge-repro run all --profile smoke)" in status
         assert "rwlock" not in status and "remove" not in status
@@ -110,7 +110,7 @@ def test_after_ctrl_c_the_run_ends_only_with_its_dvc_child(project, sge_repro_bi
             first.wait()
 
 
-# ----------------------------------------------------------------------------- issue 2, 7 (DVC's own locks)
+# ----------------------------------------------------------------------------- DVC's own locks
 def write_rwlock(project: Path, pid: int, cmd: str) -> None:
     lock = {"write": {str(project / "data" / "cls"): {"pid": pid, "cmd": cmd}}}
     (project / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def test_run_lock_excludes_a_second_holder_in_another_process(tmp_path):
     assert run_lock.busy(tmp_path) is None
 
 
-# ----------------------------------------------------------------------------- issue 9
+# ----------------------------------------------------------------------------- unknown stages
 def test_unknown_stage_is_one_line(project, sge_repro_bin):
     message = one_line(cli(sge_repro_bin, project, "run", "nosuchstage"))
     assert "unknown stage 'nosuchstage'" in message
@@ -222,7 +222,7 @@ def test_empty_or_partial_params_yaml_is_named(project, sge_repro_bin, text, exp
         assert expected in message and "Could not find" not in message
 
 
-# ----------------------------------------------------------------------------- issue 4
+# ----------------------------------------------------------------------------- empty, partial and badly typed params.yaml
 @pytest.mark.parametrize("edit, expected", [
     (("seeds: [0]", "seeds: [-1]"), "seeds.0: input should be greater than or equal to 0, got -1"),
     (("  epochs: 12", "  epochs: true"), "train_cls.epochs: input should be a valid integer, got True"),
@@ -233,7 +233,7 @@ def test_negative_seed_and_bool_epochs_refused_by_run(project, sge_repro_bin, ed
     assert expected in one_line(cli(sge_repro_bin, project, "run", "all"))
 
 
-# ----------------------------------------------------------------------------- issue 8
+# ----------------------------------------------------------------------------- corrupt and hostile checkpoints
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))

@@ -1,4 +1,4 @@
-"""Long runs a person can watch and trust (issue 17), on one real smoke run through DVC:
+"""Long runs a person can watch and trust, on one real smoke run through DVC:
 the stages' status files and the live view over them, TensorBoard events, the report's
 provenance, a second `run all` that stays a no-op, and a DVC experiment on top of it."""
 
