@@ -8,19 +8,13 @@ on CPU at a fixed thread count).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
-from typing import Any
 
 import numpy as np
 import torch
 
 
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from a tuple of values, stable across processes and Python versions."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seed_everything(seed: int) -> None:

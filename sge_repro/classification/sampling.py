@@ -12,7 +12,8 @@ import os
 import torch
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from sge_repro.classification.determinism import derived_seed, seed_worker
+from sge_repro.classification.determinism import seed_worker
+from sge_repro.seeds import derived_seed
 from sge_repro.data.imagefolder import ImageFolderDataset, collate_skipping_none
 from sge_repro.distributed import DistInfo
 

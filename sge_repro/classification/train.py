@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from sge_repro import atomic
 from sge_repro.classification import checkpoint
 from sge_repro.classification.checkpoint import TrainingState
-from sge_repro.classification.determinism import derived_seed, deterministic_mode, seed_everything
+from sge_repro.classification.determinism import deterministic_mode, seed_everything
 from sge_repro.classification.evaluate import validate
 from sge_repro.classification.history import final_metrics, write_history
 from sge_repro.classification.precision import autocast, check_amp_on_device, grad_scaler, memory_format
@@ -45,6 +45,7 @@ from sge_repro.distributed import (DistInfo, broadcast_buffers, join_process_gro
                                    sum_over_ranks)
 from sge_repro.errors import UserError
 from sge_repro.params import ModelParams, TrainClsParams
+from sge_repro.seeds import derived_seed
 from sge_repro.superseded import supersede_changed_run
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils import data as torchdata
 
-from sge_repro.classification.determinism import derived_seed
+from sge_repro.seeds import derived_seed
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
 

@@ -17,7 +17,6 @@ from typing import Any
 from sge_repro.detection.config import build_detector_config, detector_config_file
 from sge_repro.detection.data import coco_split_paths, dataset_num_classes, register_split
 from sge_repro.detection.detectors import detector_base_lr
-from sge_repro.params import TrainDetParams
 
 REFERENCE_PAPER_ITERS = 180000  # the 2x schedule train_det.max_iter stands for (paper config set)
 
@@ -69,22 +68,16 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
     }
 
 
-def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDataset, train: TrainDetParams,
-               weights: Path, run_dir: Path, device: str, sge_impl: str):
-    """(cfg, val dataset name) of one train_det / eval_det run."""
+def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDataset, overrides: dict[str, Any],
+               protocol: str, weights: Path, run_dir: Path, device: str, sge_impl: str):
+    """(cfg, val dataset name) of one train_det / eval_det run; `overrides`: schedule_overrides'."""
     train_name, val_name = f"sge_{dataset.kind}_train", f"sge_{dataset.kind}_val"
     for name, split in ((train_name, "train"), (val_name, "val")):
         register_split(name, dataset.root, split, dataset.layout, validate=not dataset.verified,
                        exclude=dataset.exclude)
-    overrides = schedule_overrides(
-        detector, dataset.config_set, train.max_iter, train.ims_per_batch, train.base_lr, train.warmup_iters,
-        train.min_size, train.max_size, train.checkpoint_period, train.workers, protocol=train.protocol,
-        deterministic=train.deterministic,
-    )
     cfg = build_detector_config(
         detector, backbone, weights, train_name, val_name, run_dir,
         num_classes=dataset_num_classes(coco_split_paths(dataset.root, "train", dataset.layout)[0]), seed=seed,
-        overrides=overrides, config_set=dataset.config_set, device=device, sge_impl=sge_impl,
-        protocol=train.protocol,
+        overrides=overrides, config_set=dataset.config_set, device=device, sge_impl=sge_impl, protocol=protocol,
     )
     return cfg, val_name

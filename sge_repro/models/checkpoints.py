@@ -315,23 +315,3 @@ def infer_model_kwargs(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
     if "fc.weight" in state_dict:
         kwargs["num_classes"] = int(state_dict["fc.weight"].shape[0])
     return kwargs
-
-
-def import_classifier(model_name: str, source: str | os.PathLike, destination: str | os.PathLike, **extra: Any) -> dict:
-    """A given checkpoint file (ours, a torchvision state dict, the authors' release) as one of ours:
-    loaded strictly into `model_name` (width, groups and classes read from the file), written in our
-    format to `destination` (atomically), with `extra` keys. Returns its header."""
-    from sge_repro.atomic import torch_save
-    from sge_repro.models.registry import create_model
-
-    source = Path(source)
-    state_dict, detected, header = interpret_checkpoint(load_checkpoint_file(source), source)
-    kwargs = dict(header["model_kwargs"]) if header else infer_model_kwargs(state_dict)
-    del state_dict
-    model = create_model(model_name, checkpoint=source, **kwargs)
-    kwargs = {"num_classes": model.fc.out_features, **kwargs}
-    checkpoint = make_classifier_checkpoint(model_name, kwargs, model, **extra)
-    checkpoint[AUTHORS_COMPUTATION_KEY] = bool(model.authors_computation)
-    torch_save(checkpoint, destination)
-    return {"model": model_name, "model_kwargs": checkpoint["model_kwargs"], "source_format": detected,
-            AUTHORS_COMPUTATION_KEY: checkpoint[AUTHORS_COMPUTATION_KEY]}

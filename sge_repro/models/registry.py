@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models.attention import ATTENTION_NAMES, attention_placement
 from sge_repro.models.resnet import DEFAULT_WIDTH, BasicBlock, Bottleneck, ResNet
+from sge_repro.models.checkpoints import (AUTHORS_COMPUTATION_KEY, infer_model_kwargs, interpret_checkpoint,
+                                          load_checkpoint_file, load_into, make_classifier_checkpoint)
 from sge_repro.models.sge import DEFAULT_GROUPS
 
 DEPTHS: dict[int, tuple[type, list[int]]] = {
@@ -148,8 +152,6 @@ def create_model(
         raise UserError(f"create_model({name!r}): unknown argument(s) {', '.join(unknown)}; allowed: {', '.join(ALLOWED_KWARGS)}")
     model = build_model(name, num_classes=num_classes, groups=groups, **kwargs)
     if checkpoint is not None:
-        from sge_repro.models.checkpoints import load_into
-
         load_into(
             model,
             checkpoint,
@@ -158,3 +160,20 @@ def create_model(
                                                   "width": kwargs.get("width", DEFAULT_WIDTH)}),
         )
     return model
+
+
+def import_classifier(model_name: str, source: str | os.PathLike, destination: str | os.PathLike, **extra: Any) -> dict:
+    """A given checkpoint file (ours, a torchvision state dict, the authors' release) as one of ours:
+    loaded strictly into `model_name` (width, groups and classes read from the file), written in our
+    format to `destination` (atomically), with `extra` keys. Returns its header."""
+    source = Path(source)
+    state_dict, detected, header = interpret_checkpoint(load_checkpoint_file(source), source)
+    kwargs = dict(header["model_kwargs"]) if header else infer_model_kwargs(state_dict)
+    del state_dict
+    model = create_model(model_name, checkpoint=source, **kwargs)
+    kwargs = {"num_classes": model.fc.out_features, **kwargs}
+    checkpoint = make_classifier_checkpoint(model_name, kwargs, model, **extra)
+    checkpoint[AUTHORS_COMPUTATION_KEY] = bool(model.authors_computation)
+    torch_save(checkpoint, destination)
+    return {"model": model_name, "model_kwargs": checkpoint["model_kwargs"], "source_format": detected,
+            AUTHORS_COMPUTATION_KEY: checkpoint[AUTHORS_COMPUTATION_KEY]}

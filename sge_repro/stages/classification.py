@@ -88,7 +88,7 @@ def import_cls(params: Params, paths: ProjectPaths, model: str) -> dict:
     loaded strictly, in our format in runs/cls/<model>-seed0/ (best.pt = last.pt), and a
     metrics/train_cls record of where it came from (no training history: an empty TSV)."""
     from sge_repro import atomic
-    from sge_repro.models.checkpoints import import_classifier
+    from sge_repro.models.registry import import_classifier
 
     source = _released_file(params, paths, model)
     run_dir = paths.cls_run_dir(model, RELEASED_SEED)

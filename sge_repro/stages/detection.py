@@ -65,15 +65,20 @@ def detection_dataset(paths: ProjectPaths):
 
 def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):
     """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
-    from sge_repro.detection.setup import run_config
+    from sge_repro.detection.setup import run_config, schedule_overrides
 
     params.require_listed("detectors", detector)
     params.require_listed("detection_backbones", backbone)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
     dataset = detection_dataset(paths)
+    train = params.train_det
+    overrides = schedule_overrides(
+        detector, dataset.config_set, train.max_iter, train.ims_per_batch, train.base_lr, train.warmup_iters,
+        train.min_size, train.max_size, train.checkpoint_period, train.workers, protocol=train.protocol,
+        deterministic=train.deterministic)
     cfg, val_name = run_config(
-        detector, backbone, seed, dataset, params.train_det, weights=paths.det_weights(backbone, seed),
+        detector, backbone, seed, dataset, overrides, train.protocol, weights=paths.det_weights(backbone, seed),
         run_dir=paths.det_run_dir(detector, backbone, seed), device=device, sge_impl=params.model.sge_impl)
     return cfg, dataset.kind, val_name
 
