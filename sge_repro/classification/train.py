@@ -41,8 +41,8 @@ from sge_repro.classification.schedule import lr_factor, lr_scheduler
 from sge_repro.classification.sync_batchnorm import convert_sync_batchnorm
 from sge_repro.classification.transforms import eval_transform, to_model_input, train_transform
 from sge_repro.data.imagefolder import open_imagefolder
-from sge_repro.distributed import (DistInfo, broadcast_buffers, join_process_group, min_over_ranks, rank_device,
-                                   sum_over_ranks)
+from sge_repro.distributed import (DistInfo, broadcast_buffers, join_process_group, leave_process_group,
+                                   min_over_ranks, rank_device, sum_over_ranks)
 from sge_repro.errors import UserError
 from sge_repro.params import ModelParams, TrainClsParams
 from sge_repro.seeds import derived_seed
@@ -82,6 +82,7 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     phase="train", loss, top1, lr, images_per_s) and once per epoch with phase="epoch" and that
     epoch's history row. Epochs and steps are 1-based.
     """
+    joins = not (dist.is_available() and dist.is_initialized())
     dist_info = join_process_group(cuda=params.device.startswith("cuda"))
     device = rank_device(params.device, dist_info)
     check_amp_on_device(params.amp, device)
@@ -158,6 +159,8 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     if dist_info.is_main:
         write_history(history_path, state.history)
         atomic.write_json(metrics_path, metrics)
+    if joins:  # the group this call joined (started as torchrun starts a script): left in order
+        leave_process_group()
     return metrics
 
 

@@ -198,25 +198,13 @@ def task_main(payload: bytes) -> Any:
     """One SLURM task: env:// variables from SLURM's, then the target."""
     from submitit.helpers import TorchDistributedEnvironment
 
+    from sge_repro.distributed import leave_process_group  # torch: imported in the task, not the head
+
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     target, args = pickle.loads(payload)
     result = target(*args)
-    _leave_process_group()
+    leave_process_group()
     return result
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group the target joined, once it has returned.
-
-    Left to the interpreter's finalization, gloo's worker threads are torn down in no particular
-    order and the task may abort after its result was written ("terminate called without an
-    active exception", SIGABRT: measured in 1 of 20 two-task jobs on the 2-core test machine,
-    pytorch/pytorch#190489); srun then ends the job FAILED. Not after a failure: a peer may be
-    gone, and the task exits non-zero anyway."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --- attaching to a recorded job ---------------------------------------------------------------
