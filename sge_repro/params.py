@@ -171,6 +171,14 @@ class ConvertInput(Section):
     checkpoint: Literal["best", "last"] | None = Field(None, description="source trained: which checkpoint of the run")
 
 
+class DetectionRun(Section):
+    """What one train_det@ / eval_det@<detector>-<backbone>-<seed> stage runs (derived; see Params.detection_runs)."""
+
+    detector: str
+    backbone: str
+    seed: Seed
+
+
 class ConvertParams(Section):
     checkpoint: Literal["best", "last"] = "best"
     source: ConvertSource = Field("trained", description=(
@@ -292,6 +300,12 @@ class Params(Section):
     detection_backbones: list[str] = Field(
         default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
     )
+    detection_pairs: list[str] | None = Field(None, description=(
+        "the DETECTOR-BACKBONE pairs to train (e.g. retinanet-sge_resnet50), each of every seed; none: every "
+        "detector with every backbone"))
+    # Derived from detectors, detection_backbones, detection_pairs and seeds (dvc.yaml's train_det /
+    # eval_det stages iterate over it); written by sge-repro, never edited by hand.
+    detection_runs: dict[str, DetectionRun] | None = None
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train_cls: TrainClsParams = TrainClsParams()
@@ -337,13 +351,47 @@ class Params(Section):
                 raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")
         self._check_protocol_sources()  # first: under a protocol its message is the one that helps
         self._check_convert_sources()
-        for key in ("seeds", "models", "detectors", "detection_backbones"):
-            values = getattr(self, key)
+        for key in ("seeds", "models", "detectors", "detection_backbones", "detection_pairs"):
+            values = getattr(self, key) or []
             if len(set(values)) != len(values):
                 raise ValueError(f"{key}: duplicate entries in {values}")
-        self._check_derived("inputs", self.convert_inputs())
-        self._check_derived("downloads", self.convert_downloads())
+        self._check_detection_pairs()
+        self._check_derived(self.convert, "convert.inputs", self.convert_inputs())
+        self._check_derived(self.convert, "convert.downloads", self.convert_downloads())
+        self._check_derived(self, "detection_runs", self.detection_run_stages())
         return self
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (detector, backbone) pairs trained and evaluated, in dvc.yaml's order."""
+        if self.detection_pairs is None:
+            return [(d, b) for d in self.detectors for b in self.detection_backbones]
+        return [tuple(pair.split("-", 1)) for pair in self.detection_pairs]  # type: ignore[misc]
+
+    def detection_run_stages(self) -> dict[str, DetectionRun]:
+        return {f"{d}-{b}-{seed}": DetectionRun(detector=d, backbone=b, seed=seed)
+                for d, b in self.pairs() for seed in self.seeds}
+
+    def require_pair(self, detector: str, backbone: str) -> None:
+        """A train_det / eval_det run must be one of the pairs params.yaml asks for."""
+        if (detector, backbone) not in self.pairs():
+            listed = ", ".join(f"{d}-{b}" for d, b in self.pairs())
+            raise UserError(f"params.yaml: detection_pairs: {detector}-{backbone} is not a pair run here "
+                            f"(pairs: {listed})")
+
+    def _check_detection_pairs(self) -> None:
+        if self.detection_pairs is None:
+            return
+        for pair in self.detection_pairs:
+            detector, _, backbone = pair.partition("-")
+            if detector not in self.detectors or backbone not in self.detection_backbones:
+                raise ValueError(f"detection_pairs: {pair!r}: expected DETECTOR-BACKBONE with the detector from "
+                                 f"detectors {self.detectors} and the backbone from detection_backbones "
+                                 f"{self.detection_backbones}")
+        used = {part for pair in self.pairs() for part in pair}
+        for key in ("detectors", "detection_backbones"):
+            unused = [name for name in getattr(self, key) if name not in used]
+            if unused:
+                raise ValueError(f"{key}: {', '.join(unused)} in no detection_pairs entry (add a pair or remove it)")
 
     def _check_sge_groups(self) -> None:
         """G must divide the channels of every SGE block of every model built from model.* (the
@@ -429,13 +477,16 @@ class Params(Section):
                 raise ValueError(f"convert.files: {name!r} is not a detection backbone whose convert source is file "
                                  "(remove the entry, or set its source to file)")
 
-    def _check_derived(self, key: str, computed: dict) -> None:
-        given = getattr(self.convert, key)
+    @staticmethod
+    def _check_derived(owner: BaseModel, dotted: str, computed: dict) -> None:
+        key = dotted.rpartition(".")[2]
+        given = getattr(owner, key)
         if given is None:
-            setattr(self.convert, key, computed)
+            setattr(owner, key, computed)
         elif given != computed:
-            raise ValueError(f"convert.{key}: out of date with convert / detection_backbones / seeds (sge-repro "
-                             "derives it; `sge-repro run` rewrites it, or delete the key)")
+            raise ValueError(f"{dotted}: out of date with convert / detectors / detection_backbones / "
+                             "detection_pairs / seeds (sge-repro derives it; `sge-repro run` rewrites it, or "
+                             "delete the key)")
 
 
 def _describe(error: dict[str, Any], source: str) -> str:
@@ -572,8 +623,8 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return merged
 
 
-def profile_params(name: str, profiles_dir: Path = PROFILES_DIR) -> Params:
-    """Schema defaults with the profile's overlay applied (and `profile: name` set)."""
+def profile_overlay(name: str, profiles_dir: Path = PROFILES_DIR, _seen: tuple[str, ...] = ()) -> dict:
+    """The keys profile `name` sets: its file, on top of the profile it `extends` (if any)."""
     path = profiles_dir / f"{name}.yaml"
     if not path.exists():
         allowed = ", ".join(available_profiles(profiles_dir)) or "none found"
@@ -581,20 +632,40 @@ def profile_params(name: str, profiles_dir: Path = PROFILES_DIR) -> Params:
     overlay = read_yaml(path)
     if not isinstance(overlay, dict):
         raise UserError(f"{path}: expected a mapping, got {type(overlay).__name__}")
-    merged = deep_merge(without_derived(Params().model_dump(mode="json")), overlay)
+    base = overlay.pop("extends", None)
+    if base is None:
+        return overlay
+    if not isinstance(base, str) or base in (*_seen, name):
+        raise UserError(f"{path}: extends: expected the name of another profile that does not extend this one, "
+                        f"got {base!r}")
+    return deep_merge(profile_overlay(base, profiles_dir, (*_seen, name)), overlay)
+
+
+def profile_params(name: str, profiles_dir: Path = PROFILES_DIR) -> Params:
+    """Schema defaults with the profile's overlay applied (and `profile: name` set)."""
+    merged = deep_merge(without_derived(Params().model_dump(mode="json")), profile_overlay(name, profiles_dir))
     merged["profile"] = name
-    return validate_params(merged, str(path))
+    return validate_params(merged, str(profiles_dir / f"{name}.yaml"))
 
 
-DERIVED_KEYS = (("convert", "inputs"), ("convert", "downloads"))
+DERIVED_KEYS = (("convert", "inputs"), ("convert", "downloads"), ("detection_runs",))
+
+
+def _derived_value(raw: dict, path: tuple[str, ...]) -> Any:
+    for name in path:
+        if not isinstance(raw, dict):
+            return None
+        raw = raw.get(name)
+    return raw
 
 
 def without_derived(raw: dict) -> dict:
     """A copy of raw params without the keys sge-repro derives (they are computed on validation)."""
     raw = copy.deepcopy(raw)
-    for section, key in DERIVED_KEYS:
-        if isinstance(raw.get(section), dict):
-            raw[section].pop(key, None)
+    for *sections, key in DERIVED_KEYS:
+        owner = _derived_value(raw, tuple(sections))
+        if isinstance(owner, dict):
+            owner.pop(key, None)
     return raw
 
 
@@ -629,8 +700,7 @@ def refresh_params_file(path: Path = PARAMS_FILE) -> bool:
         return False
     params = validate_params(without_derived(raw), str(path))
     fresh = yaml.safe_load(dump_params(params))
-    stale = any(isinstance(raw.get(section), dict) and raw[section].get(key) != fresh[section][key]
-                for section, key in DERIVED_KEYS)
+    stale = any(_derived_value(raw, key) != _derived_value(fresh, key) for key in DERIVED_KEYS)
     if stale:
         from sge_repro import atomic
 
@@ -650,6 +720,8 @@ def dump_params(params: Params) -> str:
     data["convert"]["inputs"] = {key: value.model_dump(mode="json") for key, value in params.convert_inputs().items()}
     data["convert"]["downloads"] = {key: value.model_dump(mode="json")
                                     for key, value in params.convert_downloads().items()}
+    data["detection_runs"] = {key: _OneLine(value.model_dump(mode="json"))
+                              for key, value in params.detection_run_stages().items()}
     return header + yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, width=100)
 
 
@@ -662,4 +734,10 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
+class _OneLine(dict):
+    """A mapping written on one line (`{detector: retinanet, backbone: resnet50, seed: 0}`)."""
+
+
 _ParamsDumper.add_representer(list, _represent_list)
+_ParamsDumper.add_representer(_OneLine, lambda dumper, data: dumper.represent_mapping(
+    "tag:yaml.org,2002:map", data.items(), flow_style=True))

@@ -70,6 +70,7 @@ def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone
     params.require_listed("detectors", detector)
     params.require_listed("detection_backbones", backbone)
     params.require_listed("seeds", seed)
+    params.require_pair(detector, backbone)
     use_cpu_threads(params)
     dataset = detection_dataset(paths)
     train = params.train_det
@@ -90,6 +91,7 @@ def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str,
     params.require_listed("detectors", detector)
     params.require_listed("detection_backbones", backbone)
     params.require_listed("seeds", seed)
+    params.require_pair(detector, backbone)
     name = f"train_det@{detector}-{backbone}-{seed}"
     return launch(train_det_worker, (params, paths, detector, backbone, seed), params.launch, name=name,
                   state_dir=paths.launch_state_dir(name))

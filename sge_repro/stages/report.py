@@ -35,7 +35,7 @@ def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
 def report(params: Params, paths: ProjectPaths) -> Report:
     """Collect every metrics file, compare with the paper, write reports/ (each file once).
 
-    The runs params.yaml asks for (models x seeds, detectors x detection_backbones x seeds) are
+    The runs params.yaml asks for (models x seeds, detector-backbone pairs x seeds) are
     expected: any without a metrics file is listed as missing in the report.
     """
     from sge_repro.models.complexity import model_complexity
@@ -56,7 +56,7 @@ def report(params: Params, paths: ProjectPaths) -> Report:
     result = build_report(
         paths.root, profile=params.profile, tolerance=p.tolerance, bootstrap_samples=p.bootstrap_samples,
         seed=p.seed, complexity=complexity, expected_models=params.models,
-        expected_detection=[(d, b) for d in params.detectors for b in params.detection_backbones],
+        expected_detection=params.pairs(),
         seeds=params.seeds)
     made_by = collect_provenance(paths.root, paths.root / PARAMS_FILE, params.profile, paths.progress_dir,
                                  pipeline_stages(params))
@@ -75,6 +75,5 @@ def pipeline_stages(params: Params) -> list[str]:
     names += [f"{group}@{m}" for group in ("import_cls", "eval_released") for m in params.released]
     names += [f"fetch_weights@{m}" for m in params.convert_downloads()]
     names += [stage_name("convert", m, s) for m in params.detection_backbones for s in seeds]
-    names += [stage_name(group, d, b, s) for group in ("train_det", "eval_det") for d in params.detectors
-              for b in params.detection_backbones for s in seeds]
+    names += [f"{group}@{key}" for group in ("train_det", "eval_det") for key in params.detection_run_stages()]
     return names + ["visualize"]

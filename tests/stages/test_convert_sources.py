@@ -22,7 +22,7 @@ from sge_repro.detection.convert import read_weights_metadata
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
-from sge_repro.params import dump_params, load_params, profile_params, refresh_params_file, validate_params
+from sge_repro.params import dump_params, load_params, profile_params, refresh_params_file, validate_params, without_derived
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.detection import convert, fetch_weights
 
@@ -48,9 +48,7 @@ def served(tmp_path, monkeypatch):
 
 
 def _smoke(**changes) -> dict:
-    raw = yaml.safe_load(dump_params(profile_params("smoke")))
-    for section in ("inputs", "downloads"):
-        raw["convert"].pop(section)
+    raw = without_derived(yaml.safe_load(dump_params(profile_params("smoke"))))
     for key, value in changes.items():
         if "." in key:
             section, name = key.split(".")

@@ -11,15 +11,13 @@ import yaml
 from authors_reference import AuthorsResNet, randomize, release_file
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.params import dump_params, profile_params, validate_params
+from sge_repro.params import dump_params, profile_params, validate_params, without_derived
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.classification import import_cls
 
 
 def _smoke(**changes) -> dict:
-    raw = yaml.safe_load(dump_params(profile_params("smoke")))
-    for section in ("inputs", "downloads"):
-        raw["convert"].pop(section)
+    raw = without_derived(yaml.safe_load(dump_params(profile_params("smoke"))))
     raw.update(changes)
     return raw
 
