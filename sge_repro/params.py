@@ -79,7 +79,7 @@ class DetectionData(Section):
     source_path: str | None = Field(None, description="COCO 2017 root (train2017/, annotations/)")
     num_train: int = Field(240, ge=1)
     num_val: int = Field(60, ge=1)
-    image_size: int = Field(128, ge=32)
+    image_size: DetectionImageSize = Field(128, description="pixels (square) or [width, height]")
     num_categories: int = Field(3, ge=1)
 
     @property
