@@ -60,14 +60,34 @@ def _renamed_amp(value: Any) -> Any:
 Amp = Annotated[Literal["fp32", "bf16", "fp16"], BeforeValidator(_renamed_amp)]
 
 
+def _image_size(minimum: int) -> Any:
+    """A generated image's size: N (N x N pixels) or [width, height], each side at least `minimum`."""
+    def check(value: Any) -> Any:
+        sides = value if isinstance(value, list) and len(value) == 2 else [value]
+        if not all(type(side) is int for side in sides):  # bool is an int subclass, not a size
+            raise ValueError(f"expected a size in pixels or [width, height], got {value!r}")
+        if min(sides) < minimum:
+            raise ValueError(f"expected at least {minimum} pixels per side, got {value!r}")
+        return value
+    return Annotated[int | list[int], BeforeValidator(check)]
+
+
+ClassificationImageSize = _image_size(16)
+DetectionImageSize = _image_size(32)
+
+
 class ClassificationData(Section):
     source: Literal["synthetic", "imagenet"] = "synthetic"
     source_path: str | None = Field(None, description="ImageNet ImageFolder tree or the three official archives")
     subset_classes: list[str] | None = Field(None, description="ImageNet synsets to use (default: all 1000)")
     num_classes: int = Field(10, ge=2)
-    image_size: int = Field(64, ge=16)
+    image_size: ClassificationImageSize = Field(64, description="pixels (square) or [width, height]")
     train_per_class: int = Field(150, ge=1)
     val_per_class: int = Field(30, ge=1)
+    # Quick runs on part of a split (a CPU rehearsal, a look at some of ImageNet val): every reader
+    # takes the same evenly spaced images (sge_repro.data.manifest.evenly_spaced). None: the whole split.
+    max_train_images: int | None = Field(None, ge=1, description="train on at most this many images (None: all)")
+    max_val_images: int | None = Field(None, ge=1, description="validate on at most this many images (None: all)")
 
     @property
     def dataset_name(self) -> str:

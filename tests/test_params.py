@@ -53,6 +53,15 @@ def test_smoke_overlay_changes_only_what_it_names():
         (lambda p: p.update(detection_backbones=["resnet50"]), "'resnet50' is not among models"),
         (lambda p: p["data"]["classification"].update(source="cifar"), "data.classification.source"),
         (lambda p: p.update(seeds=[0, 0]), "seeds: duplicate"),
+        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet50"]),
+         "detection_pairs: 'faster_rcnn-resnet50': expected DETECTOR-BACKBONE with the detector from detectors"),
+        (lambda p: p.update(detection_pairs=["faster_rcnn"]), "detection_pairs: 'faster_rcnn': expected DETECTOR-BACKBONE"),
+        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet18", "faster_rcnn-sge_resnet18"]),
+         "detectors: retinanet in no detection_pairs entry"),
+        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet18", "retinanet-resnet18"]),
+         "detection_backbones: sge_resnet18 in no detection_pairs entry"),
+        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet18", "faster_rcnn-resnet18"]),
+         "detection_pairs: duplicate entries"),
         (lambda p: p["train_cls"].update(epochs=0), "train_cls.epochs: input should be greater than or equal to 1"),
         (lambda p: p["train_cls"].update(lr_schedule="linear"), "train_cls.lr_schedule"),
         (lambda p: p["train_cls"].update(milestones=[30, 0]), "train_cls.milestones.1"),
@@ -63,6 +72,14 @@ def test_smoke_overlay_changes_only_what_it_names():
                                                      "'off' is now called fp32"),
         (lambda p: p["train_cls"].update(epochs=6, warmup_epochs=7),
          "train_cls: warmup_epochs=7: expected 0 <= warmup_epochs <= epochs (6)"),
+        (lambda p: p["data"]["classification"].update(image_size=8),
+         "data.classification.image_size: expected at least 16 pixels per side, got 8"),
+        (lambda p: p["data"]["detection"].update(image_size=[640, 31]),
+         "data.detection.image_size: expected at least 32 pixels per side, got [640, 31]"),
+        (lambda p: p["data"]["classification"].update(image_size=[500, 375, 3]),
+         "data.classification.image_size: expected a size in pixels or [width, height], got [500, 375, 3]"),
+        (lambda p: p["data"]["detection"].update(image_size=True),
+         "data.detection.image_size: expected a size in pixels"),
     ],
 )
 def test_bad_params_name_the_key(mutate, expected):
@@ -111,6 +128,14 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
         (lambda p: p["train_cls"].update(compile="yes"), "train_cls.compile: input should be a valid boolean"),
         (lambda p: p["train_cls"].update(device=0), "train_cls.device: input should be a valid string, got 0"),
         (lambda p: p.update(models=["resnet18", 18]), "models.1: input should be a valid string, got 18"),
+        (lambda p: p["data"]["classification"].update(max_val_images=0),
+         "data.classification.max_val_images: input should be greater than or equal to 1, got 0"),
+        (lambda p: p["data"]["classification"].update(max_train_images=-2),
+         "data.classification.max_train_images: input should be greater than or equal to 1, got -2"),
+        (lambda p: p["data"]["classification"].update(max_val_images="100"),
+         "data.classification.max_val_images: input should be a valid integer, got '100'"),
+        (lambda p: p["data"]["classification"].update(max_train_images=True),
+         "data.classification.max_train_images: input should be a valid integer, got True"),
     ],
 )
 def test_types_are_strict_and_seeds_non_negative(mutate, expected):
@@ -144,11 +169,9 @@ def test_params_yaml_must_be_complete(tmp_path):
 
 
 def _with_protocol(protocol: str, backbones: tuple[str, str] = ("resnet18", "sge_resnet18"), **convert) -> dict:
-    raw = Params().model_dump(mode="json")
+    raw = without_derived(Params().model_dump(mode="json"))  # sge-repro derives them from the keys below
     raw["models"] = raw["detection_backbones"] = list(backbones)
     raw["train_det"]["protocol"] = protocol
-    for derived in ("inputs", "downloads"):  # sge-repro derives them from the keys above
-        raw["convert"].pop(derived)
     raw["convert"].update(convert)
     return raw
 
@@ -209,3 +232,81 @@ def test_set_values_reads_dvc_style_assignments_as_params_yaml_does():
 def test_set_values_names_a_malformed_assignment(assignment, message):
     with pytest.raises(UserError, match=message):
         set_values(yaml.safe_load(dump_params(Params())), [assignment])
+
+
+def test_detection_pairs_choose_the_detector_runs_and_the_rest_is_every_pair():
+    raw = without_derived(Params().model_dump(mode="json"))
+    crossed = validate_params(raw)
+    assert list(crossed.detection_runs) == ["faster_rcnn-resnet18-0", "faster_rcnn-sge_resnet18-0",
+                                            "retinanet-resnet18-0", "retinanet-sge_resnet18-0"]
+    raw.update(detection_pairs=["retinanet-sge_resnet18", "faster_rcnn-resnet18"], seeds=[0, 1])
+    paired = validate_params(raw)
+    assert paired.pairs() == [("retinanet", "sge_resnet18"), ("faster_rcnn", "resnet18")]
+    assert {key: run.model_dump() for key, run in paired.detection_runs.items()} == {
+        "retinanet-sge_resnet18-0": {"detector": "retinanet", "backbone": "sge_resnet18", "seed": 0},
+        "retinanet-sge_resnet18-1": {"detector": "retinanet", "backbone": "sge_resnet18", "seed": 1},
+        "faster_rcnn-resnet18-0": {"detector": "faster_rcnn", "backbone": "resnet18", "seed": 0},
+        "faster_rcnn-resnet18-1": {"detector": "faster_rcnn", "backbone": "resnet18", "seed": 1},
+    }
+    paired.require_pair("faster_rcnn", "resnet18")
+    with pytest.raises(UserError, match=r"detection_pairs: retinanet-resnet18 is not a pair run here "
+                                        r"\(pairs: retinanet-sge_resnet18, faster_rcnn-resnet18\)"):
+        paired.require_pair("retinanet", "resnet18")
+    stale = yaml.safe_load(dump_params(crossed))
+    stale["detection_pairs"] = ["retinanet-sge_resnet18", "faster_rcnn-resnet18"]
+    with pytest.raises(UserError, match="detection_runs: out of date"):
+        validate_params(stale, "params.yaml")
+
+
+# The keys a CPU and a minute budget force on the paper profile; everything else stays the paper's.
+REHEARSAL_KEYS = {
+    "data.classification.source", "data.classification.source_path", "data.classification.image_size",
+    "data.classification.train_per_class", "data.classification.val_per_class",
+    "data.classification.max_train_images", "data.classification.max_val_images",
+    "data.detection.source", "data.detection.source_path", "data.detection.image_size",
+    "data.detection.num_train", "data.detection.num_val",
+    "train_cls.epochs", "train_cls.milestones", "train_cls.batch_size", "train_cls.device",
+    "eval_cls.device", "train_det.max_iter", "train_det.ims_per_batch", "train_det.device", "eval_det.device",
+    "detection_pairs", "launch.nproc_per_node",
+}
+
+
+def leaves(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(leaves(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def test_the_rehearsal_is_the_paper_profile_with_only_what_a_cpu_forces():
+    from sge_repro.params import read_yaml
+
+    overlay = read_yaml(REPO / PROFILES_DIR / "rehearsal.yaml")
+    assert overlay.pop("extends") == "paper"
+    assert set(leaves(overlay)) == REHEARSAL_KEYS
+    paper = leaves(without_derived(profile_params("paper", REPO / PROFILES_DIR).model_dump(mode="json")))
+    rehearsal = leaves(without_derived(profile_params("rehearsal", REPO / PROFILES_DIR).model_dump(mode="json")))
+    assert set(rehearsal) - REHEARSAL_KEYS == set(paper) - REHEARSAL_KEYS
+    assert {key for key in paper if key not in REHEARSAL_KEYS and rehearsal[key] != paper[key]} == {"profile"}
+    params = profile_params("rehearsal", REPO / PROFILES_DIR)
+    assert {detector for detector, _ in params.pairs()} == set(params.detectors) == {
+        "faster_rcnn", "mask_rcnn", "cascade_rcnn", "retinanet"}
+    assert {backbone for _, backbone in params.pairs()} == set(params.detection_backbones) == set(params.models)
+    assert params.train_cls.batch_size > 1 and params.train_det.ims_per_batch >= params.launch.nproc_per_node == 2
+
+
+def test_a_profile_extends_another_and_a_cycle_is_named(tmp_path):
+    (tmp_path / "base.yaml").write_text("train_cls: {epochs: 3, lr: 0.2}\nseeds: [0, 1]\n")
+    (tmp_path / "child.yaml").write_text("extends: base\ntrain_cls: {epochs: 5}\n")
+    child = profile_params("child", tmp_path)
+    assert (child.profile, child.train_cls.epochs, child.train_cls.lr, child.seeds) == ("child", 5, 0.2, [0, 1])
+    (tmp_path / "base.yaml").write_text("extends: child\n")
+    with pytest.raises(UserError, match=r"base.yaml: extends: expected the name of another profile that does not "
+                                        r"extend this one, got 'child'"):
+        profile_params("child", tmp_path)
+    (tmp_path / "base.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(UserError, match="unknown profile 'nowhere'"):
+        profile_params("child", tmp_path)

@@ -90,7 +90,8 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
     match) or a foreign file (torchvision / official release), which needs `model_name` (and
     `model_kwargs` such as width/groups); then the val class folders define the classes.
     `params.amp` and `params.channels_last` as in training (fp16 needs CUDA).
-    metrics JSON: {"model", "dataset", "seed", "top1", "top5", "loss", "num_images"} (percent).
+    metrics JSON: {"model", "dataset", "seed", "top1", "top5", "loss", "num_images"} (percent), and
+    "subset_of": the val split's size when the manifest takes a subset of it.
     predictions JSON: {"model", "dataset", "seed", "classes", "files", "targets", "predictions",
     "correct_top1", "correct_top5"}, lists in dataset order (sorted class folder, file name).
     """
@@ -141,7 +142,9 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
     dataset_name = dataset_name or Path(data_root).name
     metrics = {"model": model_name, "dataset": dataset_name, "seed": seed, "top1": result["top1"],
                "top5": result["top5"], "loss": result["loss"], "num_images": result["num_images"],
-               "skipped_corrupt": len(dataset.skipped) + result["skipped"]}
+               "skipped_corrupt": len(dataset.skipped) + result["skipped"],
+               # a val subset (data.classification.max_val_images): num_images of this many
+               **({"subset_of": dataset.subset_of} if dataset.subset_of is not None else {})}
     files, targets = dataset.file_names, dataset.targets
     if result["skipped"]:
         # Drop the files that failed at load time so the lists stay aligned.

@@ -103,6 +103,9 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
     model_kwargs = model_params.model_kwargs()
     recipe = checkpoint.training_recipe(params, model_name, model_kwargs, train_set.classes, seed,
                                         dist_info.world_size)
+    if train_set.subset_of is not None:
+        # another train subset is another training (and epoch length): never resumed as this one
+        recipe["data.classification.max_train_images"] = len(train_set)
     run = Run(params, model_name, device, dist_info, steps_per_epoch, run_dir)
     per_rank_batch = params.batch_size // dist_info.world_size
 

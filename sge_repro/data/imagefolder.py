@@ -155,6 +155,8 @@ class ImageFolderDataset:
     transform: Callable | None = None
     skip_corrupt: bool = False
     skipped: list[Path] = field(default_factory=list)
+    # the split's size when `samples` is the manifest's evenly spaced subset of it (else None)
+    subset_of: int | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -196,19 +198,21 @@ def open_imagefolder(data: str | os.PathLike, split: str, transform: Callable | 
 def imagefolder_from_manifest(manifest_path: str | os.PathLike, split: str, transform: Callable | None = None,
                               expected_classes: Sequence[str] | None = None,
                               skip_corrupt: bool = False) -> ImageFolderDataset:
-    """The dataset of one split as the data stage indexed it: the files of the manifest, nothing
-    re-verified (the data stage decoded each once); its corrupt files are in `.skipped`."""
-    from sge_repro.data.manifest import imagefolder_samples, read_manifest
+    """The dataset of one split as the data stage indexed it: the files of the manifest (its subset
+    of the split, when it records one), nothing re-verified (the data stage decoded each once); its
+    corrupt files are in `.skipped`."""
+    from sge_repro.data.manifest import imagefolder_samples, read_manifest, split_subset
 
     manifest = read_manifest(manifest_path, "classification")
     root, classes, samples, corrupt = imagefolder_samples(manifest, split)
+    subset_of = manifest["counts"][split] if split_subset(manifest, split) is not None else None
     if expected_classes is not None and classes != sorted(expected_classes):
         expected = sorted(expected_classes)
         raise UserError(f"{manifest_path}: classes do not match the expected {len(expected)} classes "
                         f"(missing: {preview(sorted(set(expected) - set(classes)))}; "
                         f"extra: {preview(sorted(set(classes) - set(expected)))})")
     return ImageFolderDataset(root=root, split=split, classes=classes, samples=samples, transform=transform,
-                              skip_corrupt=skip_corrupt, skipped=corrupt)
+                              skip_corrupt=skip_corrupt, skipped=corrupt, subset_of=subset_of)
 
 
 def build_imagefolder(root: str | os.PathLike, split: str, transform: Callable | None = None,

@@ -16,6 +16,8 @@ verification: the data stage checked every file once).
       "annotations": {"train": {"file", "size", "sha256", "images", "annotations", "categories"},
                       "val": {...}},                                                            (detection)
       "counts": {"train": images indexed, "val": ..., "files", "bytes", "corrupt"},
+      "subset": {"train": k, "val": ...}  (only a split cut by data.classification.max_*_images:
+                every reader takes the k evenly spaced images `evenly_spaced` picks from it),
       "fingerprint": "sha256:..." over every indexed file's (path, size, content digest), the
                      class list and the annotation files' hashes,
       "corrupt": [{"file": path relative to root, "error": reason}]  (left out of the index),
@@ -26,6 +28,12 @@ The bytes are a pure function of that content (fixed key order, one line per fol
 over an unchanged dataset writes the same bytes and DVC sees nothing new; `write_manifest` does
 not even touch an unchanged file. The root is part of the content: moving a dataset and pointing
 source_path at the new place makes its stages rerun.
+
+A subset is recorded beside the full index, not in its place: folders, counts, corrupt and the
+fingerprint keep describing every verified file of the dataset (the data stage verifies them all
+either way), and the "subset" key, present only when a split is cut, changes the file exactly
+when the subset changes, so the stages below rerun exactly then (and a default manifest is as
+before).
 """
 
 from __future__ import annotations
@@ -133,7 +141,8 @@ def relative_root(root: Path, manifest_dir: Path) -> str:
 
 def imagefolder_samples(manifest: dict, split: str) -> tuple[Path, list[str], list[tuple[Path, int]], list[Path]]:
     """(root, classes, [(image path, class index)], [corrupt files left out]) of one split of a
-    classification manifest, in the order of a sorted ImageFolder walk."""
+    classification manifest, in the order of a sorted ImageFolder walk (only the manifest's subset of
+    it, when it records one; the classes are always all of them)."""
     if split not in SPLITS:
         raise UserError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     if manifest["kind"] != "classification":
@@ -151,7 +160,26 @@ def imagefolder_samples(manifest: dict, split: str) -> tuple[Path, list[str], li
     corrupt = [root / item["file"] for item in manifest["corrupt"] if item["file"].startswith(split + "/")]
     if not samples:
         raise UserError(f"{manifest['_path']}: no {split} images indexed; expected at least one")
+    subset = split_subset(manifest, split)
+    if subset is not None:
+        samples = evenly_spaced(samples, subset)
     return root, classes, samples, corrupt
+
+
+def split_subset(manifest: dict, split: str) -> int | None:
+    """How many images of `split` every reader takes (the manifest's "subset"); None: all of them."""
+    subset = manifest.get("subset", {}).get(split)
+    if subset is not None and (type(subset) is not int or subset < 1):
+        raise UserError(f"{manifest['_path']}: subset.{split}={subset!r}; expected a positive image count "
+                        "(rerun the data stage: `sge-repro run data`)")
+    return subset
+
+
+def evenly_spaced(items: list, k: int) -> list:
+    """k items spread evenly over `items` (indices floor(i * n / k)), all of them when k >= n: over a
+    list sorted by class, every class keeps its share, and the pick is the same on every reader."""
+    n = len(items)
+    return list(items) if k >= n else [items[i * n // k] for i in range(k)]
 
 
 def check_annotation_files(manifest: dict) -> None:

@@ -50,6 +50,8 @@ class Source:
     annotations: dict[str, dict] = field(default_factory=dict)
     # detection: folder -> file name -> [(annotation file, image id, file_name, width, height)]
     image_sizes: dict[str, dict[str, list[tuple]]] = field(default_factory=dict)
+    # split -> at most this many images read from it (data.classification.max_*_images)
+    max_images: dict[str, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -136,6 +138,8 @@ def _summary(source: Source, counts: dict, decoded: int, manifest: str) -> dict:
 
 def _listing_key(source: Source, scans) -> str:
     checks = (DETECTION_CHECKS,) if source.kind == "detection" else ()
+    # only when set: the key of a manifest without a subset stays what it was
+    checks += (json.dumps(source.max_images, sort_keys=True),) if source.max_images else ()
     return listing_digest(scans, str(fmt.FORMAT), source.name, source.kind, source.source, source.layout,
                           str(source.root), json.dumps(source.classes), json.dumps(source.annotations, sort_keys=True),
                           *checks)
@@ -228,6 +232,8 @@ def build_manifest(source: Source, results: dict[str, FolderResult], paths: Proj
             total_bytes += size
         folders[rel] = files
         counts[_split_of(source, rel)] += len(files)
+    # recorded only for a split it cuts: a max at or above the split's size is no subset
+    subset = {split: limit for split, limit in sorted(source.max_images.items()) if limit < counts[split]}
     manifest: dict[str, Any] = {
         "format": fmt.FORMAT,
         "dataset": source.name,
@@ -242,6 +248,7 @@ def build_manifest(source: Source, results: dict[str, FolderResult], paths: Proj
         manifest["annotations"] = source.annotations
     manifest.update({
         "counts": {**counts, "files": len(indexed), "bytes": total_bytes, "corrupt": len(corrupt)},
+        **({"subset": subset} if subset else {}),
         "fingerprint": fmt.fingerprint(indexed, source.classes, source.annotations),
         "corrupt": corrupt,
         "folders": folders,
@@ -295,7 +302,7 @@ def _classification_source(data, paths: ProjectPaths, progress: Progress | None,
     if cls.source == "synthetic":
         root = paths.cls_data
         _ensure_generated(root, _cls_spec(data), generate, lambda: _generate_cls(data, root, progress))
-        return _imagefolder_source("cls", "synthetic", root, _classes_of(root, None))
+        return _imagefolder_source("cls", "synthetic", root, _classes_of(root, None), _max_images(cls))
     from sge_repro.data.imagenet_archives import TRAIN_ARCHIVE, imagenet_classes
 
     root = _required_path(cls.source_path, "data.classification.source_path")
@@ -304,7 +311,7 @@ def _classification_source(data, paths: ProjectPaths, progress: Progress | None,
                         f"unpack them once with `sge-repro data prepare imagenet --source {root} --destination DIR` "
                         "and set source_path to DIR")
     _classes_of(root, None)  # layout errors first: train/ and val/ with the same class folders
-    return _imagefolder_source("cls", "imagenet", root, imagenet_classes(root, cls.subset_classes))
+    return _imagefolder_source("cls", "imagenet", root, imagenet_classes(root, cls.subset_classes), _max_images(cls))
 
 
 def _classes_of(root: Path, subset) -> list[str]:
@@ -318,9 +325,16 @@ def _classes_of(root: Path, subset) -> list[str]:
     return train
 
 
-def _imagefolder_source(name: str, source: str, root: Path, classes: list[str]) -> Source:
+def _imagefolder_source(name: str, source: str, root: Path, classes: list[str],
+                        max_images: dict[str, int] | None = None) -> Source:
     folders = {f"{split}/{cls}": None for split in SPLITS for cls in classes}
-    return Source(name, "classification", source, "imagefolder", root, folders, classes=classes)
+    return Source(name, "classification", source, "imagefolder", root, folders, classes=classes,
+                  max_images=max_images or {})
+
+
+def _max_images(cls) -> dict[str, int]:
+    limits = {"train": cls.max_train_images, "val": cls.max_val_images}
+    return {split: limit for split, limit in limits.items() if limit is not None}
 
 
 def _cls_spec(data) -> dict:

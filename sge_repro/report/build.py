@@ -358,6 +358,10 @@ def build_report(
     models = sorted({r.model for r in results.classification if r.params_m is None}, key=_model_order)
     table = resolve_complexity(models, complexity, notes)
     classification = _classification_rows(results, paper, table, tolerance, bootstrap_samples, seed, missing, notes)
+    subsets = {(r.dataset, r.num_images, r.subset_of): None for r in results.classification if r.subset_of is not None}
+    for dataset, evaluated, total in subsets:  # once each, in the runs' order
+        notes.append(f"Classification on {dataset}: top-1 / top-5 over {evaluated} of its {total} validation images "
+                     "(data.classification.max_val_images), not the whole validation set.")
     differences: list[str] = []
     detection = _detection_rows(results, paper, tolerance, bootstrap_samples, seed, missing, differences)
     if any(not r.comparable for r, _ in classification) or any(not r.comparable for r, _ in detection):

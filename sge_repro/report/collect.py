@@ -47,6 +47,7 @@ class ClsRun:
     path: Path
     loss: float | None = None
     num_images: int | None = None
+    subset_of: int | None = None  # the val split's size when num_images is a subset of it
     params_m: float | None = None
     gflops: float | None = None
     predictions: Predictions | None = None
@@ -311,6 +312,8 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
     )
     if data.get("num_images") is not None:
         run.num_images = _count(data["num_images"], "num_images", path, root)
+    if data.get("subset_of") is not None:
+        run.subset_of = _count(data["subset_of"], "subset_of", path, root)
     predictions_path = paths.cls_predictions(model, seed)
     run.predictions = read_predictions(predictions_path, root)
     if run.predictions is None:

@@ -8,7 +8,8 @@ import torch
 
 from sge_repro.classification.train import train_classifier
 from sge_repro.data.synthetic import generate_classification_set
-from sge_repro.params import ModelParams, TrainClsParams
+from sge_repro.params import ModelParams, Params, TrainClsParams
+from sge_repro.paths import ProjectPaths
 
 REPO = Path(__file__).resolve().parents[2]
 # groups: create_model's default, so the checkpoint header is what create_model(width=8) expects
@@ -33,6 +34,20 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "cls"
     generate_classification_set(root, num_classes=3, image_size=32, train_per_class=40, val_per_class=10, seed=0)
     return root
+
+
+def cls_manifest(project: Path, **classification) -> Path:
+    """data/manifests/cls.json of a project whose data stage generated the set `data_root` holds
+    (the same generator arguments), with data.classification params such as max_val_images."""
+    from sge_repro.data.prepare import prepare_data
+
+    raw = Params().model_dump(mode="json")
+    raw["data"]["classification"].update(num_classes=3, image_size=32, train_per_class=40, val_per_class=10,
+                                         **classification)
+    raw["data"]["detection"].update(num_train=1, num_val=1, image_size=64, num_categories=1)
+    paths = ProjectPaths(project)
+    prepare_data(Params.model_validate(raw).data, paths, workers=1)
+    return paths.cls_manifest
 
 
 def outputs(run: Path):

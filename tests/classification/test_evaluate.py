@@ -10,7 +10,7 @@ from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.params import EvalClsParams
 
-from .conftest import outputs
+from .conftest import cls_manifest, outputs
 
 
 def test_checkpoint_format_and_evaluation(finished_run, data_root, tmp_path):
@@ -41,6 +41,37 @@ def test_checkpoint_format_and_evaluation(finished_run, data_root, tmp_path):
     assert predictions["files"][0].startswith("n00000000/")
     assert predictions["correct_top1"] == [int(p == t) for p, t in
                                            zip(predictions["predictions"], predictions["targets"])]
+
+
+def test_a_val_subset_is_evaluated_recorded_and_named_in_the_report(finished_run, tmp_path):
+    """max_val_images: the eval stage scores the manifest's evenly spaced val images, records how
+    many of the split it took, and the report says so."""
+    from sge_repro.paths import ProjectPaths
+    from sge_repro.report import build_report
+    from sge_repro.report.render import render_markdown
+
+    best = outputs(finished_run[0])[0] / "best.pt"
+    params = EvalClsParams(image_size=32, batch_size=5)
+    project = ProjectPaths(tmp_path / "project")
+    full = evaluate_classifier(params, best, cls_manifest(project.root), tmp_path / "m.json", tmp_path / "p.json")
+    whole = json.loads((tmp_path / "p.json").read_text())
+    assert full["num_images"] == 30 and "subset_of" not in full   # the whole split: the metrics as before
+
+    manifest = cls_manifest(project.root, max_val_images=7)
+    metrics = evaluate_classifier(params, best, manifest, project.cls_metrics("resnet18", 3),
+                                  project.cls_predictions("resnet18", 3), dataset_name="embedded")
+    assert metrics["num_images"] == 7 and metrics["subset_of"] == 30
+    predictions = json.loads(project.cls_predictions("resnet18", 3).read_text())
+    picked = [i * 30 // 7 for i in range(7)]   # the images every reader of the manifest takes
+    assert predictions["files"] == [whole["files"][i] for i in picked]
+    assert predictions["predictions"] == [whole["predictions"][i] for i in picked]
+    assert predictions["classes"] == whole["classes"] and len(set(predictions["targets"])) == 3
+
+    report = build_report(project.root, "rehearsal", bootstrap_samples=50,
+                          complexity=lambda name: {"params_m": 1.0, "gflops": 1.0})
+    note = ("Classification on embedded: top-1 / top-5 over 7 of its 30 validation images "
+            "(data.classification.max_val_images), not the whole validation set.")
+    assert note in report.summary.notes and note in render_markdown(report)
 
 
 def test_evaluation_rejects_wrong_model_name(finished_run, data_root, tmp_path):

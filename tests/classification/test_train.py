@@ -12,7 +12,7 @@ import torch
 
 from sge_repro.errors import UserError
 
-from .conftest import RECIPE, REPO, outputs, read_history, train
+from .conftest import RECIPE, REPO, cls_manifest, outputs, read_history, train
 
 
 def test_training_writes_checkpoints_metrics_and_history(finished_run):
@@ -119,6 +119,34 @@ def test_another_sge_impl_resumes_and_another_recipe_moves_the_run_aside(data_ro
     [moved] = (tmp_path / "superseded" / "cls").glob("ckpt-*")
     assert f"trained with other params (train_cls.weight_decay 0.0001 -> 0.001); moved to {moved}" in caplog.text
     assert min(c[0] for c in calls) == 1 and (moved / "last.pt").exists()
+
+
+def test_a_train_subset_shortens_the_epochs_and_the_schedule_follows(tmp_path, caplog):
+    """max_train_images=32 at batch 16: two steps an epoch, the lr schedule laid over those steps;
+    another subset is another training, never resumed as this one."""
+    from sge_repro.classification.schedule import lr_factor
+    from sge_repro.params import TrainClsParams
+
+    manifest = cls_manifest(tmp_path / "project", max_train_images=32)
+    options = dict(epochs=3, warmup_epochs=1)
+    calls = []
+    metrics = train(manifest, tmp_path / "run", progress=lambda *args: calls.append(args), **options)
+    steps = [c[:3] for c in calls if c[3]["phase"] == "train"]
+    assert steps == [(epoch, step, 2) for epoch in (1, 2, 3) for step in (1, 2)]
+    assert metrics["num_train_images"] == 32 and metrics["num_val_images"] == 30
+    state = torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 6   # one scheduler step per optimizer step, 3 x 2
+    recipe = TrainClsParams(**{k: v for k, v in {**RECIPE, **options}.items() if k != "seed"})
+    lrs = [float(row["lr"]) for row in read_history(outputs(tmp_path / "run")[2])]
+    expected = [RECIPE["lr"] * lr_factor(2 * epoch - 1, 2, recipe) for epoch in (1, 2, 3)]
+    assert lrs == pytest.approx(expected, rel=1e-5)   # the history holds 6 significant digits
+
+    calls = []
+    with caplog.at_level("WARNING", logger="sge_repro.superseded"):
+        train(cls_manifest(tmp_path / "project", max_train_images=48), tmp_path / "run",
+              progress=lambda *args: calls.append(args), **options)
+    assert "data.classification.max_train_images 32 -> 48" in caplog.text
+    assert calls[0][:3] == (1, 1, 3)   # trained again from the start, three steps an epoch
 
 
 KILLABLE_TRAINING = """

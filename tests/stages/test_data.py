@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sge_repro.data.imagefolder import build_imagefolder, imagefolder_from_manifest
-from sge_repro.data.manifest import read_manifest, serialize
+from sge_repro.data.imagefolder import open_imagefolder
+from sge_repro.data.manifest import evenly_spaced, imagefolder_samples, read_manifest, serialize
 from sge_repro.data.prepare import pending_changes, prepare_data
 from sge_repro.data.synthetic import generate_classification_set, generate_detection_set
 from sge_repro.data.verify import IN_PROCESS_BELOW, SCAN_IN_PROCESS_BELOW, VerifyCache, scan, verify
@@ -154,6 +155,70 @@ def test_params_change_regenerates_only_that_set(project):
     summary = prepare_data(small_params(detection__num_train=4).data, project, workers=1)
     assert summary["detection"]["train"] == 4
     assert state(project)["cls"] == cls_before
+
+
+def subset_params(max_train: int | None, max_val: int | None) -> Params:
+    return small_params(classification__max_train_images=max_train, classification__max_val_images=max_val)
+
+
+def test_evenly_spaced_picks_floor_i_n_over_k():
+    assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7]
+    assert evenly_spaced(list(range(3)), 3) == evenly_spaced(list(range(3)), 7) == [0, 1, 2]
+    # 1000 classes of 50 sorted samples, 1000 picked: one of every class
+    samples = [(f"n{c:04d}/{i}.JPEG", c) for c in range(1000) for i in range(50)]
+    assert [label for _, label in evenly_spaced(samples, 1000)] == list(range(1000))
+
+
+def test_a_subset_is_evenly_spaced_recorded_beside_the_full_index_and_the_same_for_every_reader(project, tmp_path):
+    full = {split: imagefolder_from_manifest(project.cls_manifest, split).samples for split in ("train", "val")}
+    before = read_manifest(project.cls_manifest)
+    summary = prepare_data(subset_params(5, 4).data, project, workers=1)
+    assert summary["classification"]["decoded"] == 0 and summary["classification"]["manifest"] == "written"
+
+    manifest = read_manifest(project.cls_manifest)
+    assert manifest["subset"] == {"train": 5, "val": 4}
+    # the full verified index is kept: counts, folders, corrupt and fingerprint as without a subset
+    assert {key: manifest[key] for key in ("classes", "counts", "fingerprint", "corrupt", "folders")} == \
+        {key: before[key] for key in ("classes", "counts", "fingerprint", "corrupt", "folders")}
+
+    train = imagefolder_from_manifest(project.cls_manifest, "train")
+    assert train.samples == [full["train"][i] for i in (0, 2, 4, 7, 9)]   # floor(i * 12 / 5)
+    assert train.subset_of == 12 and train.classes == before["classes"]
+    val = open_imagefolder(project.cls_manifest, "val")                  # what train / eval / the report open
+    assert val.samples == [full["val"][i] for i in (0, 1, 3, 4)]          # floor(i * 6 / 4): every class
+    assert {label for _, label in val.samples} == {0, 1, 2} and val.subset_of == 6
+    assert imagefolder_samples(read_manifest(project.cls_manifest), "val")[2] == val.samples   # visualize
+
+    other = ProjectPaths(tmp_path / "other")   # the same params elsewhere: the same bytes
+    prepare_data(subset_params(5, 4).data, other, workers=1)
+    assert other.cls_manifest.read_bytes() == project.cls_manifest.read_bytes()
+
+
+def test_a_max_at_or_above_the_split_size_is_the_whole_split(project):
+    before = state(project)
+    summary = prepare_data(subset_params(12, 100).data, project, workers=1)
+    assert summary["classification"]["manifest"] == "unchanged" and state(project) == before
+    assert "subset" not in read_manifest(project.cls_manifest)
+    dataset = imagefolder_from_manifest(project.cls_manifest, "val")
+    assert len(dataset) == 6 and dataset.subset_of is None
+
+
+def test_the_manifest_changes_exactly_when_the_subset_changes(project):
+    default = state(project)
+    params = subset_params(None, 2).data
+    assert pending_changes(params, project) == {"cls": "manifest content changed", "det": None}
+    assert prepare_data(params, project, workers=1)["classification"]["manifest"] == "written"
+    cut = state(project)
+    assert cut["cls"][0] != default["cls"][0] and cut["det"] == default["det"]
+
+    summary = prepare_data(params, project, workers=1)            # the same max: untouched
+    assert summary["classification"]["decoded"] == 0 and state(project) == cut
+    assert pending_changes(params, project) == {"cls": None, "det": None}
+
+    prepare_data(subset_params(None, 3).data, project, workers=1)  # another max: another manifest
+    assert read_manifest(project.cls_manifest)["subset"] == {"val": 3}
+    prepare_data(subset_params(None, None).data, project, workers=1)  # none again: the default bytes
+    assert project.cls_manifest.read_bytes() == default["cls"][0]
 
 
 def test_pool_verification_names_corrupt_files(tmp_path):
@@ -344,3 +409,17 @@ def test_a_rescan_that_changes_nothing_keeps_the_status_record_of_the_run_that_w
     data(small_params(skip_corrupt=True), paths)  # a manifest rewritten: this run's record
     assert paths.stage_status("data").read_bytes() != record
     assert read_status(paths.stage_status("data"))["state"] == "done"
+
+
+def test_a_width_by_height_size_reaches_the_generated_sets(tmp_path):
+    """data.*.image_size [W, H] in params -> generator -> manifests (a rerun keeps the sets)."""
+    from PIL import Image
+
+    paths = ProjectPaths(tmp_path / "project")
+    data = small_params(classification__image_size=[40, 24], detection__image_size=[96, 64]).data
+    prepare_data(data, paths, workers=1)   # checks each JPEG's size against the COCO JSON
+    assert pending_changes(data, paths) == {"cls": None, "det": None}
+    coco = json.loads((paths.det_data / "annotations" / "instances_train.json").read_text())
+    assert {(image["width"], image["height"]) for image in coco["images"]} == {(96, 64)}
+    with Image.open(next(iter(sorted(paths.cls_data.rglob("*.jpg"))))) as image:
+        assert image.size == (40, 24)
