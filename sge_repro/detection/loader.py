@@ -146,6 +146,19 @@ class GroupedBatches(torchdata.IterableDataset):
                 bucket.clear()
 
 
+class ShimsFirst(torchdata.IterableDataset):
+    """The loader's dataset as its workers receive it. A worker started by spawn or forkserver (every
+    loader worker of a rank that the local launcher spawned) imports the pickled classes afresh, in
+    pickling order: this class comes first, so this module, and with it compat's shims, are
+    imported before any detectron2 module (whose import fails on Pillow >= 10 without them)."""
+
+    def __init__(self, dataset: torchdata.IterableDataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
 def training_records(cfg: CfgNode, skip: set[str] = frozenset()) -> list[dict]:
     """The training set's records as detectron2's default loader reads them, minus `skip`."""
     records = get_detection_dataset_dicts(
@@ -170,8 +183,8 @@ def build_train_loader(cfg: CfgNode, records: list[dict], start_iter: int):
     groups = [aspect_group(record, grouping) for record in records]
     start, waiting = resume_point(groups, cfg.SEED, rank, world_size, batch_size, start_iter)
     sampler = ResumedStreamSampler(len(records), cfg.SEED, rank, world_size, start, waiting)
-    dataset = ToIterableDataset(PositionedDataset(records, NamedImageErrors(DatasetMapper(cfg, True)), cfg.SEED),
-                                sampler)
+    dataset = ShimsFirst(ToIterableDataset(
+        PositionedDataset(records, NamedImageErrors(DatasetMapper(cfg, True)), cfg.SEED), sampler))
     # the loader's own generator: starting its iterator (lazily, at the first batch) must not
     # draw from the global torch RNG, whose state a resume restores before that first batch
     generator = torch.Generator()

@@ -56,3 +56,19 @@ def test_detector_trains_and_evaluates_on_cuda(detectron2_weights, registered, t
     final = train_detector(cfg, resume=False)
     result = evaluate_detector(cfg, final, registered[1])
     assert set(result["bbox"]) == set(COCO_METRICS) and set(result["segm"]) == set(COCO_METRICS)
+
+
+def test_loader_workers_started_by_spawn_get_detectron2_with_its_shims(detectron2_weights, registered, tmp_path):
+    """A rank the local launcher spawned starts its loader workers by spawn too: each rebuilds the
+    dataset from its pickle in a fresh interpreter, where importing detectron2 needs compat's shims
+    (Pillow >= 10 lacks the Image.LINEAR its transforms module reads at import)."""
+    from sge_repro.detection.loader import build_train_loader, training_records
+
+    torch.set_num_threads(1)
+    cfg = build_detector_config("faster_rcnn", "sge_resnet18", detectron2_weights, *registered, tmp_path / "run",
+                                num_classes=NUM_CATEGORIES, seed=0,
+                                overrides=tiny_overrides(**{"DATALOADER.NUM_WORKERS": 1}))
+    loader = build_train_loader(cfg, training_records(cfg), start_iter=0)
+    loader.items.multiprocessing_context = "spawn"
+    batch = next(iter(loader))
+    assert len(batch) == 2 and all(item["image"].dtype == torch.uint8 for item in batch)
