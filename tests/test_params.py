@@ -281,16 +281,33 @@ def leaves(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def test_the_rehearsal_is_the_paper_profile_with_only_what_a_cpu_forces():
+# The same for the released profile, plus the detection protocol this rehearsal covers.
+REHEARSAL_RELEASED_KEYS = {
+    "data.classification.source", "data.classification.source_path", "data.classification.image_size",
+    "data.classification.train_per_class", "data.classification.val_per_class",
+    "data.classification.max_val_images",
+    "data.detection.source", "data.detection.source_path", "data.detection.image_size",
+    "data.detection.num_train", "data.detection.num_val",
+    "eval_cls.device", "train_det.protocol", "train_det.max_iter", "train_det.ims_per_batch", "train_det.device",
+    "eval_det.device",
+}
+
+
+@pytest.mark.parametrize("name, base, allowed", [("rehearsal", "paper", REHEARSAL_KEYS),
+                                                 ("rehearsal_released", "released", REHEARSAL_RELEASED_KEYS)])
+def test_a_rehearsal_is_its_profile_with_only_what_a_cpu_forces(name, base, allowed):
     from sge_repro.params import read_yaml
 
-    overlay = read_yaml(REPO / PROFILES_DIR / "rehearsal.yaml")
-    assert overlay.pop("extends") == "paper"
-    assert set(leaves(overlay)) == REHEARSAL_KEYS
-    paper = leaves(without_derived(profile_params("paper", REPO / PROFILES_DIR).model_dump(mode="json")))
-    rehearsal = leaves(without_derived(profile_params("rehearsal", REPO / PROFILES_DIR).model_dump(mode="json")))
-    assert set(rehearsal) - REHEARSAL_KEYS == set(paper) - REHEARSAL_KEYS
-    assert {key for key in paper if key not in REHEARSAL_KEYS and rehearsal[key] != paper[key]} == {"profile"}
+    overlay = read_yaml(REPO / PROFILES_DIR / f"{name}.yaml")
+    assert overlay.pop("extends") == base
+    assert set(leaves(overlay)) == allowed
+    original = leaves(without_derived(profile_params(base, REPO / PROFILES_DIR).model_dump(mode="json")))
+    rehearsal = leaves(without_derived(profile_params(name, REPO / PROFILES_DIR).model_dump(mode="json")))
+    assert set(rehearsal) - allowed == set(original) - allowed
+    assert {key for key in original if key not in allowed and rehearsal[key] != original[key]} == {"profile"}
+
+
+def test_the_rehearsal_runs_every_detector_and_backbone_of_the_paper_on_two_processes():
     params = profile_params("rehearsal", REPO / PROFILES_DIR)
     assert {detector for detector, _ in params.pairs()} == set(params.detectors) == {
         "faster_rcnn", "mask_rcnn", "cascade_rcnn", "retinanet"}

@@ -50,6 +50,17 @@ def test_persistent_workers_give_the_in_process_batches_of_every_epoch(train_set
     assert not torch.equal(first_images, second_images)
 
 
+def test_workers_started_by_spawn_give_the_in_process_batches(train_set):
+    """A rank the local launcher spawned starts its loader workers by spawn too (multiprocessing
+    carries the start method into the child): each rebuilds the dataset from its pickle in a fresh
+    interpreter, seeded as a forked one is."""
+    in_process, _ = epochs_of_batches(train_set, 0, [1])
+    loader = train_loader(train_set, 6, 1, DistInfo(), seed=7, pin_memory=False)
+    loader.multiprocessing_context = "spawn"
+    set_train_epoch(loader, 1)
+    assert_same_batches([(images, targets) for images, targets, _ in loader], in_process[0])
+
+
 def test_a_loader_started_at_epoch_one_gives_that_epoch_as_a_resumed_run_would(train_set):
     uninterrupted, _ = epochs_of_batches(train_set, 2, [0, 1])
     resumed, _ = epochs_of_batches(train_set, 2, [1])

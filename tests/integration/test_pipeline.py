@@ -173,7 +173,7 @@ def check_dataset_changes_rerun_exactly_their_stages(project: Path, sge_repro_bi
     assert {name: (project / "data" / "manifests" / f"{name}.json").read_bytes() for name in manifests} == manifests
 
 
-@pytest.mark.parametrize("profile", ["smoke", "released", "paper"])
+@pytest.mark.parametrize("profile", ["smoke", "released", "paper", "rehearsal"])
 def test_the_reports_stage_list_is_dvcs(project, profile):
     """The report's provenance looks up each stage's run by name: its list is the one DVC expands
     from dvc.yaml (released checkpoints' and torchvision downloads' stages included)."""

@@ -5,14 +5,11 @@ a torchvision backbone (fetched from a local HTTP server) and from the authors' 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,22 +27,6 @@ pytestmark = pytest.mark.slow
 
 DVC = [sys.executable, "-m", "dvc"]
 CLASSES, IMAGE_SIZE, WIDTH = 4, 64, 16
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def weights_server(tmp_path):
-    folder = tmp_path / "served"
-    folder.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _test_profile(released: dict, base_url: str, sha256: str) -> dict:
