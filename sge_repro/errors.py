@@ -32,3 +32,9 @@ def preview(names: Sequence[str], limit: int = 5) -> str:
         return "none"
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def not_utf8(name: object, error: UnicodeDecodeError, expected: str) -> UserError:
+    """The one-line error for a file that does not decode as UTF-8, naming the first bad byte."""
+    return UserError(f"{name}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                     f"expected {expected}")

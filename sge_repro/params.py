@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sge_repro.detection.detectors import DETECTORS, PROTOCOLS, REFERENCE_TWO_STAGE_LR, protocol_weights_source
-from sge_repro.errors import UserError
+from sge_repro.errors import UserError, not_utf8
 
 PARAMS_FILE = Path("params.yaml")
 RELEASED_SEED = 0  # a released classifier is one run: its files are named as seed 0
@@ -605,8 +605,7 @@ def read_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
-                        "expected a UTF-8 YAML file") from None
+        raise not_utf8(path, error, "a UTF-8 YAML file") from None
     try:
         return yaml.load(text, Loader=Yaml12Loader) or {}
     except yaml.YAMLError as exc:

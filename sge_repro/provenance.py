@@ -8,7 +8,6 @@ DVC keeps the report stage up to date (a timestamp here would mark reports/ chan
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import platform
@@ -18,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable
 
+from sge_repro.data.download import file_digest
 from sge_repro.stage_status import read_status
 
 PACKAGES = ("dvc", "numpy", "pycocotools", "fvcore", "tensorboard")
@@ -49,7 +49,7 @@ def git_state(root: Path) -> dict[str, Any]:
 
 def file_sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_digest(Path(path), "sha256")
     except OSError:
         return None
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sge_repro.atomic import write_bytes, write_text
+from sge_repro.data.download import file_digest
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.writes import disk_errors
 from sge_repro.errors import UserError, preview
@@ -72,14 +73,6 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _in_fingerprint(key: str) -> bool:
     if key in NOT_IN_FINGERPRINT or key.rsplit(".", 1)[-1].endswith("_TEST"):
         return False
@@ -95,10 +88,10 @@ def config_fingerprint(cfg: CfgNode, num_images: int | None = None) -> dict[str,
     fingerprint = {key: value for key, value in _flatten(cfg).items() if _in_fingerprint(key)}
     if num_images is not None:
         fingerprint["training images used"] = int(num_images)
-    fingerprint["MODEL.WEIGHTS (sha256)"] = sha256_file(cfg.MODEL.WEIGHTS) if cfg.MODEL.WEIGHTS else ""
+    fingerprint["MODEL.WEIGHTS (sha256)"] = file_digest(Path(cfg.MODEL.WEIGHTS), "sha256") if cfg.MODEL.WEIGHTS else ""
     for name in cfg.DATASETS.TRAIN:
         json_file = MetadataCatalog.get(name).get("json_file")
-        fingerprint[f"DATASETS.TRAIN {name} (sha256)"] = sha256_file(json_file) if json_file else ""
+        fingerprint[f"DATASETS.TRAIN {name} (sha256)"] = file_digest(Path(json_file), "sha256") if json_file else ""
     return fingerprint
 
 
@@ -112,10 +105,10 @@ def evaluation_fingerprint(cfg: CfgNode, weights: str | os.PathLike, uses_sge: b
     SGE-only keys are left out: a G sweep does not change a plain detector's evaluation."""
     unused = NOT_IN_EVALUATION + (() if uses_sge else ("MODEL.SGE_BACKBONE.GROUPS", "MODEL.SGE_BACKBONE.SGE_IMPL"))
     fingerprint = {key: value for key, value in _flatten(cfg).items() if key not in unused}
-    fingerprint["weights (sha256)"] = sha256_file(weights)
+    fingerprint["weights (sha256)"] = file_digest(Path(weights), "sha256")
     for name in cfg.DATASETS.TEST:
         json_file = MetadataCatalog.get(name).get("json_file")
-        fingerprint[f"DATASETS.TEST {name} (sha256)"] = sha256_file(json_file) if json_file else ""
+        fingerprint[f"DATASETS.TEST {name} (sha256)"] = file_digest(Path(json_file), "sha256") if json_file else ""
     return fingerprint
 
 

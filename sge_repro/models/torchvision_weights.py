@@ -10,10 +10,10 @@ pin (e.g. a mirror, or a full 64-digit SHA-256).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from sge_repro.data.download import download, file_digest
 from sge_repro.errors import UserError
 
 # model name -> (url, SHA-256 or its leading hex digits)
@@ -23,26 +23,16 @@ TORCHVISION_IMAGENET_WEIGHTS: dict[str, tuple[str, str]] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_torchvision_weights(url: str, sha256: str, destination: str | os.PathLike) -> Path:
     """Download `url` to `destination` (resumable), verified against `sha256` (the full digest or
     its leading hex digits, at least 8); `destination` appears only once verified."""
-    from sge_repro.data.download import download
-
     destination = Path(destination)
     expected = sha256.lower()
-    if destination.is_file() and _sha256(destination).startswith(expected):
+    if destination.is_file() and file_digest(destination, "sha256").startswith(expected):
         return destination
     staging = destination.with_name(destination.name + ".unverified")
     download(url, staging)
-    actual = _sha256(staging)
+    actual = file_digest(staging, "sha256")
     if not actual.startswith(expected):
         staging.unlink()
         raise UserError(f"{url}: sha256 mismatch (expected {expected}..., got {actual}); not torchvision's "

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from sge_repro.errors import UserError
+from sge_repro.errors import UserError, not_utf8
 from sge_repro.paths import ProjectPaths
 from sge_repro.report.reference import BBOX_KEYS
 from sge_repro.report.schema import Missing
@@ -111,10 +111,7 @@ def _read_text(path: Path, root: Path, kind: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(
-            f"{_display(path, root)}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
-            f"expected {kind}"
-        ) from error
+        raise not_utf8(_display(path, root), error, kind) from error
     nul = text.find("\0")
     if nul >= 0:
         raise UserError(f"{_display(path, root)}: binary data (a NUL character at offset {nul}); expected {kind}")

@@ -168,12 +168,13 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
 def evaluation_inputs(params: Params, paths: ProjectPaths, cfg, backbone: str, weights) -> dict:
     """What one eval_det result is a function of: the detector's weights, its evaluation config,
     the indexed data and the CPU threads (a plain backbone leaves out model.groups / sge_impl)."""
-    from sge_repro.detection.checkpoint import evaluation_fingerprint, sha256_file
+    from sge_repro.data.download import file_digest
+    from sge_repro.detection.checkpoint import evaluation_fingerprint
     from sge_repro.models.registry import parse_model_name
 
     return {
         "config": evaluation_fingerprint(cfg, weights, uses_sge=parse_model_name(backbone).attention == "sge"),
-        "det_manifest_sha256": sha256_file(paths.det_manifest),
+        "det_manifest_sha256": file_digest(paths.det_manifest, "sha256"),
         "cpu_threads": params.cpu_threads,
     }
 
