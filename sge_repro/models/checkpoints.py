@@ -4,7 +4,8 @@ Our format ("sge-repro/classifier/v1"), a dict saved with torch.save:
 
     {"format": "sge-repro/classifier/v1",
      "model": "sge_resnet50",                                  # a create_model name
-     "model_kwargs": {"num_classes": 1000, "groups": 64, "width": 64},
+     "model_kwargs": {"num_classes": 1000, "groups": 64, "width": 64},  # + "sge_normalize": false
+                                                               # for an SGE without normalisation
      "state_dict": {...},                                      # plain names, no `module.`
      ...optional training state added by the engine: "epoch", "optimizer", "scheduler", ...}
 
@@ -39,7 +40,7 @@ from torch import nn
 
 from sge_repro.errors import UserError
 from sge_repro.models.resnet import DEFAULT_WIDTH
-from sge_repro.models.sge import DEFAULT_GROUPS
+from sge_repro.models.sge import DEFAULT_GROUPS, DEFAULT_NORMALIZE, SpatialGroupEnhance
 
 CLASSIFIER_FORMAT = "sge-repro/classifier/v1"
 FORMAT_TORCHVISION = "torchvision"
@@ -71,6 +72,8 @@ def make_classifier_checkpoint(model_name: str, model_kwargs: dict[str, Any], mo
     kwargs = {"num_classes": int(model_kwargs.get("num_classes", 1000)),
               "groups": int(model_kwargs.get("groups", DEFAULT_GROUPS)),
               "width": int(model_kwargs.get("width", DEFAULT_WIDTH))}
+    if any(isinstance(module, SpatialGroupEnhance) and not module.normalize for module in unwrap_model(model).modules()):
+        kwargs["sge_normalize"] = False  # recorded only then: a header without it is the paper's module
     state_dict = {key: value.detach().cpu() for key, value in unwrap_model(model).state_dict().items()}
     return {"format": CLASSIFIER_FORMAT, "model": model_name, "model_kwargs": kwargs, "state_dict": state_dict, **extra}
 
@@ -282,11 +285,10 @@ def load_into(
     if header is not None:
         if expected_model is not None and header["model"] != expected_model:
             raise UserError(f"checkpoint {path}: holds model {header['model']!r}, expected {expected_model!r}")
+        recorded = {"sge_normalize": DEFAULT_NORMALIZE, **header["model_kwargs"]}  # see make_classifier_checkpoint
         for key, value in (expected_kwargs or {}).items():
-            if key in header["model_kwargs"] and header["model_kwargs"][key] != value:
-                raise UserError(
-                    f"checkpoint {path}: model_kwargs.{key}={header['model_kwargs'][key]!r}, expected {value!r}"
-                )
+            if key in recorded and recorded[key] != value:
+                raise UserError(f"checkpoint {path}: model_kwargs.{key}={recorded[key]!r}, expected {value!r}")
     return load_state_dict_strict(model, state_dict, path, detected,
                                   authors_computation=bool(header and header["authors_computation"]))
 

@@ -21,7 +21,7 @@ from sge_repro.models.attention import ATTENTION_NAMES, attention_placement
 from sge_repro.models.resnet import DEFAULT_WIDTH, BasicBlock, Bottleneck, ResNet
 from sge_repro.models.checkpoints import (AUTHORS_COMPUTATION_KEY, infer_model_kwargs, interpret_checkpoint,
                                           load_checkpoint_file, load_into, make_classifier_checkpoint)
-from sge_repro.models.sge import DEFAULT_GROUPS
+from sge_repro.models.sge import DEFAULT_BIAS_INIT, DEFAULT_GROUPS, DEFAULT_NORMALIZE, DEFAULT_WEIGHT_INIT
 
 DEPTHS: dict[int, tuple[type, list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
@@ -30,7 +30,10 @@ DEPTHS: dict[int, tuple[type, list[int]]] = {
     101: (Bottleneck, [3, 4, 23, 3]),
     152: (Bottleneck, [3, 8, 36, 3]),
 }
-ALLOWED_KWARGS = ("width", "sge_impl", "seed")
+# The paper's SGE ablations (params.yaml model.sge_*): create_model kwarg -> the paper's value.
+SGE_VARIANT_DEFAULTS = {"sge_weight_init": DEFAULT_WEIGHT_INIT, "sge_bias_init": DEFAULT_BIAS_INIT,
+                        "sge_normalize": DEFAULT_NORMALIZE}
+ALLOWED_KWARGS = ("width", "sge_impl", *SGE_VARIANT_DEFAULTS, "seed")
 _NAME = re.compile(r"^(?:(?P<attention>[a-z]+)_)?resnet(?P<depth>\d+)$")
 NAME_HELP = (
     "expected <attention>_resnet<depth> or resnet<depth>, e.g. resnet50, sge_resnet50, se_resnet50, cbam_resnet50, "
@@ -104,10 +107,14 @@ def build_model(
     groups: int = DEFAULT_GROUPS,
     width: int = DEFAULT_WIDTH,
     sge_impl: str = "fast",
+    sge_weight_init: float = DEFAULT_WEIGHT_INIT,
+    sge_bias_init: float = DEFAULT_BIAS_INIT,
+    sge_normalize: bool = DEFAULT_NORMALIZE,
     seed: int | None = None,
 ) -> ResNet:
     """A freshly initialised model (no checkpoint). `seed` makes the init independent of the
-    global RNG state."""
+    global RNG state. sge_weight_init / sge_bias_init / sge_normalize: the SGE blocks' initial
+    gamma / beta and spatial normalisation (ignored by a model without SGE)."""
     parsed = parse_model_name(name)
     if num_classes < 1:
         raise UserError(f"model {name}: num_classes={num_classes}, expected a positive integer")
@@ -116,7 +123,8 @@ def build_model(
 
     def build() -> ResNet:
         return ResNet(parsed.block, parsed.layers, num_classes=num_classes, attention=parsed.attention, groups=groups,
-                      width=width, sge_impl=sge_impl)
+                      width=width, sge_impl=sge_impl, sge_options={
+                          "weight_init": sge_weight_init, "bias_init": sge_bias_init, "normalize": sge_normalize})
 
     if seed is None:
         return build()
@@ -126,7 +134,7 @@ def build_model(
 
 
 # Architecture knobs only SGE blocks read: a model without SGE is the same model whatever their value.
-SGE_ONLY_KWARGS = ("groups", "sge_impl")
+SGE_ONLY_KWARGS = ("groups", "sge_impl", *SGE_VARIANT_DEFAULTS)
 
 
 def kwargs_used_by(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -135,6 +143,16 @@ def kwargs_used_by(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     if parse_model_name(name).attention == "sge":
         return dict(kwargs)
     return {key: value for key, value in kwargs.items() if key not in SGE_ONLY_KWARGS}
+
+
+def recorded_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` as a training recipe or a checkpoint header records them: the SGE variant knobs
+    (SGE_VARIANT_DEFAULTS) only for a model with SGE and only away from the paper's value. So the
+    paper's SGE models and every model without SGE keep the recipe, fingerprint and header they
+    had before the knobs existed, and a file without them is the paper's module."""
+    uses_sge = parse_model_name(name).attention == "sge"
+    return {key: value for key, value in kwargs.items()
+            if key not in SGE_VARIANT_DEFAULTS or (uses_sge and value != SGE_VARIANT_DEFAULTS[key])}
 
 
 def create_model(
@@ -146,7 +164,8 @@ def create_model(
 ) -> nn.Module:
     """Build model `name`; with `checkpoint` (ours, a torchvision state dict, or an official release
     file) load its weights strictly. kwargs: width (int, default DEFAULT_WIDTH = 64), sge_impl ("fast" |
-    "reference"), seed (int: init independent of the global RNG)."""
+    "reference" | "triton"), sge_weight_init / sge_bias_init (float) / sge_normalize (bool): the SGE
+    ablations (see build_model), seed (int: init independent of the global RNG)."""
     unknown = sorted(set(kwargs) - set(ALLOWED_KWARGS))
     if unknown:
         raise UserError(f"create_model({name!r}): unknown argument(s) {', '.join(unknown)}; allowed: {', '.join(ALLOWED_KWARGS)}")
@@ -157,7 +176,8 @@ def create_model(
             checkpoint,
             expected_model=name,
             expected_kwargs=kwargs_used_by(name, {"num_classes": num_classes, "groups": groups,
-                                                  "width": kwargs.get("width", DEFAULT_WIDTH)}),
+                                                  "width": kwargs.get("width", DEFAULT_WIDTH),
+                                                  "sge_normalize": kwargs.get("sge_normalize", DEFAULT_NORMALIZE)}),
         )
     return model
 

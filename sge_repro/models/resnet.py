@@ -25,15 +25,16 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 def _attach_block_attention(block: nn.Module, attention: AttentionSpec, placement: str, channels: int,
-                            groups: int, sge_impl: str) -> None:
+                            groups: int, sge_impl: str, sge_options: dict | None) -> None:
     """Sets block.attention_name and, for an attention after the block's last BN, the module
     itself under that name (state-dict keys like `layer1.0.sge.weight`, as the releases; a
-    callable attention is stored as `attn`)."""
+    callable attention is stored as `attn`). sge_options: SpatialGroupEnhance's weight_init /
+    bias_init / normalize (None: the paper's)."""
     if placement != "block":
         block.attention_name = None
         return
     block.attention_name = attention if isinstance(attention, str) else "attn"
-    kwargs = {"groups": groups, "impl": sge_impl} if attention == "sge" else {}
+    kwargs = {"groups": groups, "impl": sge_impl, **(sge_options or {})} if attention == "sge" else {}
     setattr(block, block.attention_name, create_attention(attention, channels, **kwargs))
 
 
@@ -57,6 +58,7 @@ class BasicBlock(nn.Module):
         attention: AttentionSpec = "none",
         groups: int = DEFAULT_GROUPS,
         sge_impl: str = "fast",
+        sge_options: dict | None = None,
     ):
         super().__init__()
         placement = attention_placement(attention)
@@ -69,7 +71,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
-        _attach_block_attention(self, attention, placement, planes, groups, sge_impl)
+        _attach_block_attention(self, attention, placement, planes, groups, sge_impl, sge_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -93,6 +95,7 @@ class Bottleneck(nn.Module):
         attention: AttentionSpec = "none",
         groups: int = DEFAULT_GROUPS,
         sge_impl: str = "fast",
+        sge_options: dict | None = None,
     ):
         super().__init__()
         placement = attention_placement(attention)
@@ -105,7 +108,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
-        _attach_block_attention(self, attention, placement, planes * self.expansion, groups, sge_impl)
+        _attach_block_attention(self, attention, placement, planes * self.expansion, groups, sge_impl,
+                                sge_options)
         self.sk = get_attention(attention)(planes, planes, stride) if placement == "conv" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +130,8 @@ class ResNet(nn.Module):
     attention: "none" | "sge" | "se" | "cbam" | "gc" (in every block, after its last BN) |
     "bam" (after layer1..layer3, as `bam1..bam3`) | "sk" (Bottleneck only, `block.sk`) | a
     callable (channels) -> nn.Module, placed as a block attention (see models/attention.py).
-    groups: SGE groups. width: channels of the stem and layer1 (64 = the paper's models; small
+    groups: SGE groups. sge_options: the SGE modules' weight_init / bias_init / normalize (the
+    paper's ablations; None: the paper's module). width: channels of the stem and layer1 (64 = the paper's models; small
     widths give the tiny CPU models, every stage scales with it).
     """
 
@@ -139,6 +144,7 @@ class ResNet(nn.Module):
         groups: int = DEFAULT_GROUPS,
         width: int = DEFAULT_WIDTH,
         sge_impl: str = "fast",
+        sge_options: dict | None = None,
     ):
         super().__init__()
         placement = attention_placement(attention)
@@ -148,7 +154,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        block_kwargs = {"attention": attention, "groups": groups, "sge_impl": sge_impl}
+        block_kwargs = {"attention": attention, "groups": groups, "sge_impl": sge_impl, "sge_options": sge_options}
         self.layer1 = self._make_layer(block, width, layers[0], 1, block_kwargs)
         self.layer2 = self._make_layer(block, width * 2, layers[1], 2, block_kwargs)
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2, block_kwargs)

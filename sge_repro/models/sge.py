@@ -10,6 +10,10 @@ For x of shape (B, C, H, W) split into G groups of K = C/G channels, per sample 
 gamma (`weight`, init 0) and beta (`bias`, init 1) have shape (1, G, 1, 1), so parameter names
 and shapes equal the authors' release files (`layerX.Y.sge.weight`).
 
+The paper's ablations are module arguments: `weight_init` / `bias_init` (the initial gamma /
+beta of every group) and `normalize=False`, which drops the spatial normalisation (n = c: the
+raw similarity goes into the affine step).
+
 Three implementations compute the same function:
 - "reference": the formula step by step in eager torch ops (documentation and test oracle);
 - "triton" (opt-in, CUDA): one Triton kernel per direction (sge_triton.py); elsewhere "fast";
@@ -35,6 +39,9 @@ from sge_repro.models import sge_cpu, sge_triton
 
 SGE_EPS = 1e-5
 DEFAULT_GROUPS = 64  # the paper's G; every other default of the SGE groups refers to this one
+DEFAULT_WEIGHT_INIT = 0.0  # the paper's initial gamma: every block starts as a sigmoid(1)-scaled plain block
+DEFAULT_BIAS_INIT = 1.0  # the paper's initial beta
+DEFAULT_NORMALIZE = True  # the paper's spatial normalisation of the similarity
 SGE_IMPLS = ("fast", "reference", "triton")
 # Devices on which the fast path uses the elementwise formulation instead of batched matvecs.
 # There it also reads channels_last tensors in place (the (sample, group, channel, position) view
@@ -87,13 +94,17 @@ def _maybe_compiled(function):
     return call
 
 
-def sge_reference_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+def sge_reference_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                       normalize: bool = DEFAULT_NORMALIZE) -> torch.Tensor:
     """The paper's spatial gate sigmoid(gamma * n + beta), shape (B, G, H, W), one step per line
-    (eager, autograd); weight and bias have shape (1, G, 1, 1) like the module's parameters."""
+    (eager, autograd); weight and bias have shape (1, G, 1, 1) like the module's parameters.
+    normalize=False: n is the raw similarity c (the ablation without spatial normalisation)."""
     batch, channels, height, width = x.shape
     xg = x.reshape(batch * groups, channels // groups, height, width)
     pooled = xg.mean(dim=(2, 3), keepdim=True)
     similarity = (xg * pooled).sum(dim=1)  # (B*G, H, W)
+    if not normalize:
+        return torch.sigmoid(similarity.reshape(batch, groups, height, width) * weight + bias)
     flat = similarity.reshape(batch * groups, height * width)
     centered = flat - flat.mean(dim=1, keepdim=True)
     normalized = centered / (centered.std(dim=1, keepdim=True) + SGE_EPS)
@@ -101,10 +112,11 @@ def sge_reference_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return torch.sigmoid(normalized * weight + bias)
 
 
-def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int) -> torch.Tensor:
+def sge_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                  normalize: bool = DEFAULT_NORMALIZE) -> torch.Tensor:
     """The formula of the paper, one step per line (eager, autograd)."""
     batch, channels, height, width = x.shape
-    gate = sge_reference_gate(x, weight, bias, groups)
+    gate = sge_reference_gate(x, weight, bias, groups, normalize)
     xg = x.reshape(batch * groups, channels // groups, height, width)
     out = xg * gate.reshape(batch * groups, 1, height, width)
     return out.reshape(batch, channels, height, width)
@@ -321,9 +333,10 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
     channels_last on ELEMENTWISE_DEVICES) and gradients needed, one fused Function that saves
     only z; otherwise the two modules in turn (so forward hooks, FrozenBatchNorm, SyncBatchNorm
     and other layouts all keep working)."""
-    check_spatial_size(z)
+    if sge.normalize:
+        check_spatial_size(z)
     if (
-        sge.impl == "fast"
+        sge.computed_impl == "fast"
         and type(bn) is nn.BatchNorm2d
         and z.is_contiguous()
         and not torch.is_autocast_enabled(z.device.type)
@@ -338,7 +351,7 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
             z, bn.weight, bn.bias, sge.weight, sge.bias, bn.running_mean, bn.running_var, use_batch_stats, momentum,
             bn.eps, sge.groups)
     fusable = (
-        sge.impl == "fast"
+        sge.computed_impl == "fast"
         and type(bn) is nn.BatchNorm2d
         and bn.affine
         and bn.track_running_stats
@@ -350,7 +363,7 @@ def batchnorm_sge(z: torch.Tensor, bn: nn.Module, sge: "SpatialGroupEnhance") ->
         and not (_has_hooks(bn) or _has_hooks(sge))
     )
     if not fusable:
-        if sge.impl == "fast" and not torch.is_grad_enabled() and not (_has_hooks(bn) or _has_hooks(sge)):
+        if sge.computed_impl == "fast" and not torch.is_grad_enabled() and not (_has_hooks(bn) or _has_hooks(sge)):
             out = bn(z)
             if out.shape[1] != sge.channels:
                 raise ValueError(f"SGE expected {sge.channels} input channels, got {out.shape[1]}")
@@ -395,9 +408,13 @@ def sge_fast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: 
 
 
 class SpatialGroupEnhance(nn.Module):
-    """SGE module; `channels` is only used to validate the grouping early."""
+    """SGE module; `channels` is only used to validate the grouping early. weight_init / bias_init:
+    the initial gamma / beta of every group; normalize: the spatial normalisation of the
+    similarity (the paper's module: 0, 1, True)."""
 
-    def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, impl: str = "fast"):
+    def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, impl: str = "fast",
+                 weight_init: float = DEFAULT_WEIGHT_INIT, bias_init: float = DEFAULT_BIAS_INIT,
+                 normalize: bool = DEFAULT_NORMALIZE):
         super().__init__()
         if groups < 1 or channels % groups != 0:
             raise UserError(
@@ -409,20 +426,31 @@ class SpatialGroupEnhance(nn.Module):
         self.channels = channels
         self.groups = groups
         self.impl = impl
-        self.weight = nn.Parameter(torch.zeros(1, groups, 1, 1))
-        self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))
+        self.normalize = bool(normalize)
+        self.weight = nn.Parameter(torch.full((1, groups, 1, 1), float(weight_init)))
+        self.bias = nn.Parameter(torch.full((1, groups, 1, 1), float(bias_init)))
+
+    @property
+    def computed_impl(self) -> str:
+        """The implementation that runs: `impl`, except that the fast, C and Triton kernels compute
+        only the paper's normalised gate, so the ablation without normalisation (a study, not a
+        hot path) runs the reference formula under every impl."""
+        return self.impl if self.normalize else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.channels:
             raise ValueError(f"SGE expected {self.channels} input channels, got {x.shape[1]}")
-        check_spatial_size(x)
-        if self.impl == "reference":
-            return sge_reference(x, self.weight, self.bias, self.groups)
-        if self.impl == "triton":
+        if self.normalize:
+            check_spatial_size(x)
+        impl = self.computed_impl
+        if impl == "reference":
+            return sge_reference(x, self.weight, self.bias, self.groups, self.normalize)
+        if impl == "triton":
             out = sge_triton.sge(x, self.weight, self.bias, self.groups)
             if out is not None:
                 return out
         return sge_fast(x, self.weight, self.bias, self.groups)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, groups={self.groups}, impl={self.impl!r}"
+        return (f"channels={self.channels}, groups={self.groups}, impl={self.impl!r}"
+                + ("" if self.normalize else ", normalize=False"))

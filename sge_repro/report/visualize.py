@@ -74,7 +74,7 @@ def capture_sge(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dic
         def record(_module, inputs, output):
             before = inputs[0].detach().float()
             gate = sge_reference_gate(before, module.weight.detach().float(), module.bias.detach().float(),
-                                      module.groups)
+                                      module.groups, module.normalize)
             # a copy: the block adds the identity to this output in place right after the hook
             captured[name] = {"before": before[0], "gate": gate[0], "after": output.detach().float()[0].clone()}
 

@@ -123,3 +123,26 @@ def test_unreadable_files_are_user_errors(tmp_path):
     torch.save({"weights": [1, 2, 3]}, odd)
     with pytest.raises(UserError, match="unrecognised content"):
         read_state_dict(odd)
+
+
+def test_an_sge_without_normalization_is_recorded_and_loads_only_as_such(tmp_path):
+    """The header records sge_normalize only when off (a header without it is the paper's module,
+    so every other header is as before); loading checks it both ways."""
+    kwargs = {"num_classes": 10, "groups": 8, "width": 16}
+    variant = create_model("sge_resnet18", seed=5, sge_normalize=False, sge_weight_init=0.1, **kwargs)
+    header = make_classifier_checkpoint("sge_resnet18", kwargs, variant)["model_kwargs"]
+    assert header == {**kwargs, "sge_normalize": False}
+    variant_path = torch_save(make_classifier_checkpoint("sge_resnet18", kwargs, variant), tmp_path / "variant.pt")
+    paper = create_model("sge_resnet18", seed=5, **kwargs)
+    assert make_classifier_checkpoint("sge_resnet18", kwargs, paper)["model_kwargs"] == kwargs
+    paper_path = torch_save(make_classifier_checkpoint("sge_resnet18", kwargs, paper), tmp_path / "paper.pt")
+
+    loaded = create_model("sge_resnet18", checkpoint=variant_path, sge_normalize=False, **kwargs).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(SMALL_INPUT), variant.eval()(SMALL_INPUT))
+    with pytest.raises(UserError, match="model_kwargs.sge_normalize=False, expected True"):
+        create_model("sge_resnet18", checkpoint=variant_path, **kwargs)
+    with pytest.raises(UserError, match="model_kwargs.sge_normalize=True, expected False"):
+        create_model("sge_resnet18", checkpoint=paper_path, sge_normalize=False, **kwargs)
+    # the initial values are not part of a trained model: any of them loads a file
+    create_model("sge_resnet18", checkpoint=paper_path, sge_weight_init=0.3, **kwargs)

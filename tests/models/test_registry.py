@@ -63,3 +63,42 @@ def test_resnet_accepts_a_callable_block_attention():
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, attention=Halve, width=8)
     assert isinstance(model.layer2[0].attn, Halve) and model.layer2[0].attn.channels == 16
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+VARIANT = {"sge_weight_init": 0.5, "sge_bias_init": -1.0, "sge_normalize": False}
+
+
+def test_sge_variant_knobs_set_every_sge_block_at_construction():
+    model = create_model("sge_resnet18", num_classes=3, groups=4, width=8, seed=0, **VARIANT)
+    modules = [module for module in model.modules() if isinstance(module, SpatialGroupEnhance)]
+    assert len(modules) == 8
+    assert all(torch.all(m.weight == 0.5) and torch.all(m.bias == -1.0) and m.normalize is False for m in modules)
+    # everything else is the model the same seed builds without the knobs
+    default = create_model("sge_resnet18", num_classes=3, groups=4, width=8, seed=0).state_dict()
+    assert all(torch.equal(value, default[key]) for key, value in model.state_dict().items() if ".sge." not in key)
+
+
+def test_the_paper_values_given_explicitly_build_the_same_model():
+    implicit = create_model("sge_resnet18", num_classes=3, groups=4, width=8, seed=0)
+    explicit = create_model("sge_resnet18", num_classes=3, groups=4, width=8, seed=0,
+                            sge_weight_init=0.0, sge_bias_init=1.0, sge_normalize=True)
+    assert all(torch.equal(value, implicit.state_dict()[key]) for key, value in explicit.state_dict().items())
+    assert repr(explicit) == repr(implicit)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "se_resnet18", "cbam_resnet18"])
+def test_models_without_sge_ignore_the_sge_variant_knobs(name):
+    plain = create_model(name, num_classes=3, width=8, seed=0)
+    with_knobs = create_model(name, num_classes=3, width=8, seed=0, **VARIANT)
+    assert repr(with_knobs) == repr(plain)
+    assert all(torch.equal(value, plain.state_dict()[key]) for key, value in with_knobs.state_dict().items())
+
+
+def test_recorded_kwargs_keep_the_variant_knobs_only_where_they_change_an_sge_model():
+    from sge_repro.models.registry import recorded_kwargs
+
+    base = {"width": 8, "groups": 4, "sge_impl": "fast"}
+    paper = {**base, "sge_weight_init": 0.0, "sge_bias_init": 1, "sge_normalize": True}
+    assert recorded_kwargs("sge_resnet18", paper) == base
+    assert recorded_kwargs("sge_resnet18", {**base, **VARIANT}) == {**base, **VARIANT}
+    assert recorded_kwargs("resnet18", {**base, **VARIANT}) == base

@@ -11,8 +11,10 @@ from sge_repro.models import sge_cpu
 from sge_repro.models.sge import SpatialGroupEnhance, sge_fast, sge_reference
 
 
-def formula_float64(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int) -> torch.Tensor:
-    """The five steps of paper-results.md, with explicit loops over samples and groups."""
+def formula_float64(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int,
+                    normalize: bool = True) -> torch.Tensor:
+    """The five steps of paper-results.md, with explicit loops over samples and groups; without
+    normalize, step 3 is skipped (the raw similarity goes into step 4)."""
     x = x.double()
     batch, channels, height, width = x.shape
     per_group = channels // groups
@@ -22,6 +24,10 @@ def formula_float64(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, gr
             xg = x[b, g * per_group:(g + 1) * per_group].reshape(per_group, height * width)
             descriptor = xg.sum(dim=1) / (height * width)
             similarity = (descriptor[:, None] * xg).sum(dim=0)
+            if not normalize:
+                gate = 1.0 / (1.0 + torch.exp(-(float(gamma.flatten()[g]) * similarity + float(beta.flatten()[g]))))
+                out[b, g * per_group:(g + 1) * per_group] = (xg * gate[None, :]).reshape(per_group, height, width)
+                continue
             mean = similarity.sum() / similarity.numel()
             unbiased_std = math.sqrt(float(((similarity - mean) ** 2).sum()) / (similarity.numel() - 1))
             normalized = (similarity - mean) / (unbiased_std + 1e-5)
@@ -57,12 +63,58 @@ def test_matches_float64_formula(impl, cpu_backend):
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast", "triton"])
+@pytest.mark.parametrize("shape", [(3, 24, 5, 7), (2, 24, 1, 1)])
+def test_without_normalization_the_raw_similarity_is_the_logit(impl, shape, cpu_backend):
+    """normalize=False: sigmoid(gamma * c + beta) with c the raw dot product, under every impl
+    (the fast kernels hand this variant to the reference formula); no spatial std, so a single
+    position is fine."""
+    generator = torch.Generator().manual_seed(20)
+    module = SpatialGroupEnhance(24, groups=6, impl=impl, normalize=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(1, 6, 1, 1, generator=generator) * 0.3)
+        module.bias.copy_(torch.randn(1, 6, 1, 1, generator=generator))
+    x = torch.randn(*shape, generator=generator) + 0.2
+    expected = formula_float64(x, module.weight.detach(), module.bias.detach(), 6, normalize=False)
+    torch.testing.assert_close(module(x).double(), expected, rtol=1e-5, atol=1e-5)
+    assert module.computed_impl == "reference"
+    normalized = formula_float64(x, module.weight.detach(), module.bias.detach(), 6) if shape[2] * shape[3] > 1 else None
+    assert normalized is None or relative_error(expected, normalized) > 1e-2  # the variant computes something else
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("impl", ["fast", "triton"])
+def test_every_impl_equals_reference_in_the_model_with_and_without_normalization(impl, normalize, cpu_backend):
+    """The dispatch of a whole SGE model (fused BN + SGE, eval without grad) for both settings:
+    outputs and gradients equal the reference implementation's."""
+    from sge_repro.models import create_model
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(21))
+    results = {}
+    for name in ("reference", impl):
+        model = create_model("sge_resnet18", num_classes=3, groups=4, width=8, sge_impl=name, seed=0,
+                             sge_weight_init=0.5, sge_bias_init=-0.5, sge_normalize=normalize)
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), [model.layer2[0].sge.weight, model.conv1.weight])
+        model.eval()
+        with torch.no_grad():
+            results[name] = (out, *grads, model(x))
+    for label, actual, expected in zip(("out", "dgamma", "dconv1", "eval"), results[impl], results["reference"]):
+        assert relative_error(actual, expected) <= 1e-5, label
+
+
 def test_parameters_match_official_names_and_init():
     module = SpatialGroupEnhance(256, groups=64)
     assert dict((k, tuple(v.shape)) for k, v in module.state_dict().items()) == {
         "weight": (1, 64, 1, 1), "bias": (1, 64, 1, 1)}
     assert torch.count_nonzero(module.weight) == 0
     assert torch.all(module.bias == 1)
+
+
+def test_init_values_set_every_group():
+    module = SpatialGroupEnhance(32, groups=8, weight_init=0.25, bias_init=-3)
+    assert torch.all(module.weight == 0.25) and torch.all(module.bias == -3.0)
+    assert module.weight.dtype == module.bias.dtype == torch.float32
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
