@@ -121,10 +121,21 @@ class ModelParams(Section):
     groups: int = Field(8, ge=1, description="SGE groups G (64 in the paper)")
     sge_impl: Literal["fast", "reference", "triton"] = Field("fast", description=(
         "SGE implementation: fast (default), reference (the formula step by step), triton (CUDA kernels, opt-in)"))
+    # The paper's SGE ablations; the defaults are the paper's module (sge_repro.models.sge.DEFAULT_*:
+    # not imported here, params.py stays free of torch; tests/test_params.py checks they agree).
+    sge_weight_init: float = Field(0.0, description="initial SGE gamma of every group (0 in the paper)")
+    sge_bias_init: float = Field(1.0, description="initial SGE beta of every group (1 in the paper)")
+    sge_normalize: bool = Field(True, description=(
+        "SGE's spatial normalisation of the similarity; false: the raw similarity goes into gamma / beta"))
 
     def model_kwargs(self) -> dict:
         """Architecture knobs shared by the classifier and its detector backbone."""
-        return {"width": self.width, "groups": self.groups, "sge_impl": self.sge_impl}
+        return {"width": self.width, "groups": self.groups, "sge_impl": self.sge_impl, **self.sge_variant()}
+
+    def sge_variant(self) -> dict:
+        """The SGE ablation knobs, named as create_model's kwargs."""
+        return {"sge_weight_init": self.sge_weight_init, "sge_bias_init": self.sge_bias_init,
+                "sge_normalize": self.sge_normalize}
 
 
 class TrainClsParams(Section):

@@ -136,6 +136,12 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
          "data.classification.max_val_images: input should be a valid integer, got '100'"),
         (lambda p: p["data"]["classification"].update(max_train_images=True),
          "data.classification.max_train_images: input should be a valid integer, got True"),
+        (lambda p: p["model"].update(sge_normalize="no"), "model.sge_normalize: input should be a valid boolean"),
+        (lambda p: p["model"].update(sge_normalize=0), "model.sge_normalize: input should be a valid boolean, got 0"),
+        (lambda p: p["model"].update(sge_weight_init="0.5"),
+         "model.sge_weight_init: input should be a valid number, got '0.5'"),
+        (lambda p: p["model"].update(sge_bias_init=True), "model.sge_bias_init: input should be a valid number, got True"),
+        (lambda p: p["model"].update(sge_bias_init=float("inf")), "model.sge_bias_init: input should be a finite number"),
     ],
 )
 def test_types_are_strict_and_seeds_non_negative(mutate, expected):
@@ -154,6 +160,17 @@ def test_an_int_where_a_float_is_expected_stays_accepted():
     params = validate_params(raw)
     assert params.train_cls.lr == 1.0 and isinstance(params.train_cls.lr, float)
     assert params.report.tolerance == 0.0
+
+
+def test_the_sge_ablation_defaults_are_the_papers_module():
+    from sge_repro.models.registry import SGE_VARIANT_DEFAULTS
+
+    assert Params().model.sge_variant() == SGE_VARIANT_DEFAULTS == {
+        "sge_weight_init": 0.0, "sge_bias_init": 1.0, "sge_normalize": True}
+    raw = Params().model_dump(mode="json")
+    raw["model"].update(sge_weight_init=1, sge_bias_init=-2, sge_normalize=False)  # ints read as floats
+    assert validate_params(raw).model.sge_variant() == {"sge_weight_init": 1.0, "sge_bias_init": -2.0,
+                                                        "sge_normalize": False}
 
 
 def test_params_yaml_must_be_complete(tmp_path):

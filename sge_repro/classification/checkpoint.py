@@ -56,8 +56,13 @@ MODEL_KWARGS_NOT_IN_FINGERPRINT = ("sge_impl",)
 
 def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict, classes: list[str],
                     seed: int, world_size: int) -> dict:
-    """Everything that determines the trained weights, as stored in the checkpoint."""
-    return {**params.model_dump(mode="json"), "model": model_name, "model_kwargs": model_kwargs,
+    """Everything that determines the trained weights, as stored in the checkpoint. The SGE
+    ablation knobs enter only for an SGE model away from the paper's values (registry.recorded_kwargs):
+    the recipe and fingerprint of every other run are those it had before the knobs existed."""
+    from sge_repro.models.registry import recorded_kwargs
+
+    return {**params.model_dump(mode="json"), "model": model_name,
+            "model_kwargs": recorded_kwargs(model_name, model_kwargs),
             "classes": classes, "seed": seed, "world_size": world_size}
 
 
@@ -112,7 +117,7 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
     """'key old -> new' for each recipe key that differs, named as in params.yaml. Model knobs the
     model does not read (model.groups of a ResNet without SGE) are not compared: a G sweep does
     not retrain the plain baseline; nor is model.sge_impl (MODEL_KWARGS_NOT_IN_FINGERPRINT)."""
-    from sge_repro.models.registry import kwargs_used_by
+    from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, kwargs_used_by
     from sge_repro.params import TrainClsParams
 
     def flat(values: dict) -> dict:
@@ -121,7 +126,9 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
             if key in NOT_IN_FINGERPRINT:
                 continue
             if key == "model_kwargs" and isinstance(value, dict):
-                used = kwargs_used_by(values["model"], value) if isinstance(values.get("model"), str) else value
+                # an SGE ablation knob a recipe does not record has the paper's value (training_recipe)
+                used = kwargs_used_by(values["model"], {**SGE_VARIANT_DEFAULTS, **value}) \
+                    if isinstance(values.get("model"), str) else value
                 out.update({f"model.{name}": item for name, item in used.items()
                             if name not in MODEL_KWARGS_NOT_IN_FINGERPRINT})
             elif key in TrainClsParams.model_fields:

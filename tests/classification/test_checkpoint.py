@@ -1,5 +1,7 @@
 """The training recipe a resume must match, and what resume accepts."""
 
+import json
+
 import pytest
 import torch
 
@@ -161,3 +163,44 @@ def test_a_fingerprint_only_checkpoint_hashed_with_sge_impl_resumes_under_any_im
         assert resume(tmp_path / "last.pt", new_state(), other) is True
     with pytest.raises(RunOfOtherParams, match=r"\(recipe not stored\)"):
         resume(tmp_path / "last.pt", new_state(), {**recipe, "lr": 0.5})
+
+
+SGE_VARIANTS = [{"sge_weight_init": 0.5}, {"sge_bias_init": 0.0}, {"sge_normalize": False}]
+
+
+def test_the_sge_ablation_knobs_at_the_papers_values_keep_every_fingerprint():
+    """params.yaml's model section hands these knobs to every run: at the paper's values a recipe
+    and its fingerprint are those written before the knobs existed (hashes computed with the
+    code of then)."""
+    from sge_repro.params import ModelParams
+
+    kwargs = ModelParams(width=8, groups=4).model_kwargs()
+    assert {"sge_weight_init", "sge_bias_init", "sge_normalize"} <= set(kwargs)
+    before = {"resnet18": "9f9e027529079355", "sge_resnet18": "73e4c9930f651d51", "se_resnet18": "2d1953d98a0c1f92"}
+    for model, expected in before.items():
+        recipe = training_recipe(TrainClsParams(), model, kwargs, ["a", "b"], 0, 1)
+        assert recipe["model_kwargs"] == {"width": 8, "groups": 4, "sge_impl": "fast"}
+        assert fingerprint(model=model, model_kwargs=kwargs) == fingerprint(
+            model=model, model_kwargs={"width": 8, "groups": 4, "sge_impl": "fast"}) == expected
+
+
+@pytest.mark.parametrize("change", SGE_VARIANTS)
+def test_an_sge_ablation_knob_is_another_recipe_of_an_sge_model_only(change, tmp_path):
+    base = {"width": 8, "groups": 4, "sge_impl": "fast"}
+    for model in ("resnet18", "se_resnet18"):
+        assert fingerprint(model=model, model_kwargs={**base, **change}) == fingerprint(model=model, model_kwargs=base)
+        path = tmp_path / model / "last.pt"
+        path.parent.mkdir()
+        write_training_checkpoint(path, training_recipe(TrainClsParams(), model, base, ["a"], 0, 1))
+        state = new_state()
+        assert resume(path, state, training_recipe(TrainClsParams(), model, {**base, **change}, ["a"], 0, 1))
+    assert fingerprint(model="sge_resnet18", model_kwargs={**base, **change}) != \
+        fingerprint(model="sge_resnet18", model_kwargs=base)
+    (key, value), = change.items()
+    paper = {"sge_weight_init": 0.0, "sge_bias_init": 1.0, "sge_normalize": True}[key]
+    path = tmp_path / "sge" / "last.pt"
+    path.parent.mkdir()
+    write_training_checkpoint(path, training_recipe(TrainClsParams(), "sge_resnet18", base, ["a"], 0, 1))
+    old, new = json.dumps(paper), json.dumps(value)  # named as params.yaml spells them
+    with pytest.raises(UserError, match=rf"checkpoint of another recipe: model\.{key} {old} -> {new}\. "):
+        resume(path, new_state(), training_recipe(TrainClsParams(), "sge_resnet18", {**base, **change}, ["a"], 0, 1))
