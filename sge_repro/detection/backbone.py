@@ -28,6 +28,7 @@ from torch import nn
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
+from sge_repro.models.registry import SGE_VARIANT_DEFAULTS
 
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
@@ -51,6 +52,10 @@ def add_sge_config(cfg: CfgNode) -> CfgNode:
     node.WIDTH = DEFAULT_WIDTH  # base width of the ResNet
     node.GROUPS = DEFAULT_GROUPS  # SGE groups (ignored by models without SGE)
     node.SGE_IMPL = "fast"  # "fast", "reference" or "triton" (params.yaml model.sge_impl)
+    # the paper's SGE ablations (params.yaml model.sge_weight_init / sge_bias_init / sge_normalize;
+    # SGE_NORMALIZE must be the converted weights'): SGE_WEIGHT_INIT, SGE_BIAS_INIT, SGE_NORMALIZE
+    for key, value in SGE_VARIANT_DEFAULTS.items():
+        node[key.upper()] = value
     node.NORM = "FrozenBN"  # FrozenBN (detectron2), FrozenStatsBN (the authors' mmdetection), BN, SyncBN
     node.OUT_FEATURES = list(STAGE_NAMES)  # for the bottom-up-only backbone
     # the converted file records its pixel convention; a mismatch with the config is an error
@@ -167,7 +172,8 @@ def build_resnet_bottom_up(cfg: CfgNode, out_features) -> ResNetBackbone:
     weights come from cfg.MODEL.WEIGHTS), without avgpool and fc."""
     node = cfg.MODEL.SGE_BACKBONE
     try:
-        resnet = create_model(node.ARCH, num_classes=1000, groups=node.GROUPS, width=node.WIDTH, sge_impl=node.SGE_IMPL)
+        resnet = create_model(node.ARCH, num_classes=1000, groups=node.GROUPS, width=node.WIDTH, sge_impl=node.SGE_IMPL,
+                              **{key: node[key.upper()] for key in SGE_VARIANT_DEFAULTS})
     except UserError as error:
         raise UserError(f"MODEL.SGE_BACKBONE: {error}") from None
     return ResNetBackbone(resnet, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, norm=node.NORM)

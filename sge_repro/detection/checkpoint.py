@@ -57,6 +57,11 @@ NOT_IN_FINGERPRINT = (
     "DATASETS.TEST", "SOLVER.CHECKPOINT_PERIOD", "CUDNN_BENCHMARK", "DETERMINISTIC", "VIS_PERIOD",
 )
 TEST_KEYS_IN_FINGERPRINT = ("TEST.EVAL_PERIOD", "TEST.PRECISE_BN.")  # PreciseBN changes the weights
+# Keys added after runs existed, with the value those runs had (the paper's SGE, and what a backbone
+# without SGE keeps): left out of both fingerprints at that value, so those runs still resume and
+# their evaluations are kept.
+FINGERPRINT_IF_NOT = {"MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT": 0.0, "MODEL.SGE_BACKBONE.SGE_BIAS_INIT": 1.0,
+                      "MODEL.SGE_BACKBONE.SGE_NORMALIZE": True}
 
 
 def _plain(value: Any) -> Any:
@@ -73,8 +78,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _in_fingerprint(key: str) -> bool:
-    if key in NOT_IN_FINGERPRINT or key.rsplit(".", 1)[-1].endswith("_TEST"):
+def _at_former_value(key: str, value: Any) -> bool:
+    return key in FINGERPRINT_IF_NOT and value == FINGERPRINT_IF_NOT[key]
+
+
+def _in_fingerprint(key: str, value: Any) -> bool:
+    if key in NOT_IN_FINGERPRINT or key.rsplit(".", 1)[-1].endswith("_TEST") or _at_former_value(key, value):
         return False
     if key.startswith("TEST."):
         return key.startswith(TEST_KEYS_IN_FINGERPRINT)
@@ -85,7 +94,7 @@ def config_fingerprint(cfg: CfgNode, num_images: int | None = None) -> dict[str,
     """Every config key that determines the trained weights -> its value (dotted keys), plus the
     content of the initial weights and of each training set's annotation file, and the number of
     training images used (fewer when corrupt ones are skipped)."""
-    fingerprint = {key: value for key, value in _flatten(cfg).items() if _in_fingerprint(key)}
+    fingerprint = {key: value for key, value in _flatten(cfg).items() if _in_fingerprint(key, value)}
     if num_images is not None:
         fingerprint["training images used"] = int(num_images)
     fingerprint["MODEL.WEIGHTS (sha256)"] = file_digest(Path(cfg.MODEL.WEIGHTS), "sha256") if cfg.MODEL.WEIGHTS else ""
@@ -103,8 +112,10 @@ def evaluation_fingerprint(cfg: CfgNode, weights: str | os.PathLike, uses_sge: b
     """Every config key of an evaluation (test-time settings included) -> its value, plus the sha256
     of the detector's weights and of the val annotation file. Without SGE in the backbone, its
     SGE-only keys are left out: a G sweep does not change a plain detector's evaluation."""
-    unused = NOT_IN_EVALUATION + (() if uses_sge else ("MODEL.SGE_BACKBONE.GROUPS", "MODEL.SGE_BACKBONE.SGE_IMPL"))
-    fingerprint = {key: value for key, value in _flatten(cfg).items() if key not in unused}
+    unused = NOT_IN_EVALUATION + (() if uses_sge else ("MODEL.SGE_BACKBONE.GROUPS", "MODEL.SGE_BACKBONE.SGE_IMPL",
+                                                      *FINGERPRINT_IF_NOT))
+    fingerprint = {key: value for key, value in _flatten(cfg).items()
+                   if key not in unused and not _at_former_value(key, value)}
     fingerprint["weights (sha256)"] = file_digest(Path(weights), "sha256")
     for name in cfg.DATASETS.TEST:
         json_file = MetadataCatalog.get(name).get("json_file")

@@ -15,7 +15,10 @@ config a run is built from, its dump (OUTPUT_DIR/config.yaml) and any fingerprin
 Detectors: sge_repro.detection.detectors.DETECTORS. The backbone architecture (ARCH, WIDTH,
 GROUPS) comes from the converted weights' header when there is one, so a config can never
 silently build a different network from the one the weights were trained as; the YAMLs name
-only the ARCH of their file. The SGE implementation is a run choice (params.yaml model.sge_impl).
+only the ARCH of their file. The SGE implementation is a run choice (params.yaml model.sge_impl);
+the SGE ablation knobs (model.sge_weight_init / sge_bias_init / sge_normalize) reach an SGE
+backbone as SGE_WEIGHT_INIT / SGE_BIAS_INIT / SGE_NORMALIZE, and SGE_NORMALIZE must agree with
+the weights' header (a file that does not record it is the paper's normalised module).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.detectors import DETECTORS, PAPER_SCHEDULES, PROTOCOLS
 from sge_repro.detection.mmdetection import add_mmdetection_config
 from sge_repro.errors import UserError
-from sge_repro.models.registry import parse_model_name
+from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, parse_model_name
 
 import_detectron2()
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
@@ -94,6 +97,24 @@ def _backbone_from_weights(weights: str | Path | None) -> dict | None:
     return {"model": metadata["model"], **dict(metadata.get("model_kwargs", {}))}
 
 
+def _set_sge_variant(cfg: CfgNode, sge_variant: dict[str, Any], weights, recorded: dict | None) -> None:
+    """The SGE ablation knobs onto MODEL.SGE_BACKBONE; the weights' normalisation decides
+    SGE_NORMALIZE, and asking for the other one is an error (it would compute another function
+    than the one the weights were trained with)."""
+    node = cfg.MODEL.SGE_BACKBONE
+    unknown = sorted(set(sge_variant) - set(SGE_VARIANT_DEFAULTS))
+    if unknown:
+        raise UserError(f"sge_variant: unknown key(s) {', '.join(unknown)}; expected {', '.join(SGE_VARIANT_DEFAULTS)}")
+    for key, value in sge_variant.items():
+        node[key.upper()] = value
+    if recorded is not None:
+        trained = recorded.get("sge_normalize", SGE_VARIANT_DEFAULTS["sge_normalize"])
+        if sge_variant.get("sge_normalize", trained) != trained:
+            raise UserError(f"weights {weights}: converted from an SGE with sge_normalize={trained}, but "
+                            f"model.sge_normalize is {sge_variant['sge_normalize']}; expected the same value")
+        node.SGE_NORMALIZE = trained
+
+
 def apply_overrides(cfg: CfgNode, overrides: dict[str, Any] | None) -> CfgNode:
     """Dotted detectron2 keys -> values, e.g. {"SOLVER.MAX_ITER": 300}; unknown key -> UserError."""
     for key, value in (overrides or {}).items():
@@ -121,6 +142,7 @@ def build_detector_config(
     device: str | None = None,
     sge_impl: str | None = None,
     protocol: str = "detectron2",
+    sge_variant: dict[str, Any] | None = None,
 ) -> CfgNode:
     """A frozen detectron2 config for one run.
 
@@ -129,7 +151,9 @@ def build_detector_config(
     (explicit, logged). overrides: dotted detectron2 keys, applied last. device: None = the
     config's, falling back to "cpu" when CUDA is absent. sge_impl: the backbone's SGE
     implementation ("fast" | "reference" | "triton"); None = the config's. protocol: which YAML
-    (sge_repro.detection.detectors.PROTOCOLS); an explicit config_file names its own.
+    (sge_repro.detection.detectors.PROTOCOLS); an explicit config_file names its own. sge_variant:
+    {"sge_weight_init", "sge_bias_init", "sge_normalize"} (any of them) for an SGE backbone; a
+    backbone without SGE ignores them, as it ignores GROUPS.
     """
     cfg = new_config()
     if config_file is not None:
@@ -158,6 +182,8 @@ def build_detector_config(
         cfg.MODEL.SGE_BACKBONE.ARCH = backbone_model
     if sge_impl is not None:
         cfg.MODEL.SGE_BACKBONE.SGE_IMPL = sge_impl
+    if parse_model_name(cfg.MODEL.SGE_BACKBONE.ARCH).attention == "sge":
+        _set_sge_variant(cfg, sge_variant or {}, weights, recorded)
 
     if num_classes < 1:
         raise UserError(f"num_classes={num_classes}: expected a positive integer")

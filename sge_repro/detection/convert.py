@@ -73,7 +73,8 @@ def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None =
         name = header["model"]
         if model_name is not None and model_name != name:
             raise UserError(f"checkpoint {path}: holds model {name!r}, expected {model_name!r}")
-        kwargs = {key: header["model_kwargs"][key] for key in ("groups", "width") if key in header["model_kwargs"]}
+        kwargs = {key: header["model_kwargs"][key] for key in ("groups", "width", "sge_normalize")
+                  if key in header["model_kwargs"]}
     elif model_name is None:
         name, kwargs = _infer_model(state_dict, path)
     else:
@@ -84,7 +85,9 @@ def read_classifier(checkpoint_path: str | os.PathLike, model_name: str | None =
     model = create_model(name, num_classes=num_classes, **kwargs)
     load_state_dict_strict(model, state_dict, path, detected,
                            authors_computation=bool(header and header["authors_computation"]))
-    kwargs = {"groups": int(kwargs.get("groups", DEFAULT_GROUPS)), "width": int(kwargs.get("width", DEFAULT_WIDTH))}
+    kwargs = {"groups": int(kwargs.get("groups", DEFAULT_GROUPS)), "width": int(kwargs.get("width", DEFAULT_WIDTH)),
+              # recorded only when off, as in the classifier's header: detection builds the same SGE
+              **({"sge_normalize": False} if kwargs.get("sge_normalize") is False else {})}
     return model, {"model": name, "model_kwargs": kwargs, "source_format": detected, "num_classes": num_classes,
                    "authors_layout": bool(model.authors_computation)}
 

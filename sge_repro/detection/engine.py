@@ -92,7 +92,9 @@ def _weights_metadata(cfg: CfgNode) -> dict:
     return {
         "format": "sge-repro/detector/v1",
         "model": node.ARCH,
-        "model_kwargs": {"width": int(node.WIDTH), "groups": int(node.GROUPS)},
+        # sge_normalize only when off, as the classifier's header records it
+        "model_kwargs": {"width": int(node.WIDTH), "groups": int(node.GROUPS),
+                         **({"sge_normalize": False} if node.SGE_NORMALIZE is False else {})},
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
         "pixel_std": list(cfg.MODEL.PIXEL_STD),

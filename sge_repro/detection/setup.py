@@ -4,8 +4,9 @@ Which config set: `data.detection.source: coco` uses the "paper" YAMLs (pipeline
 the generated set the small "embedded" ones (pipelines/detectron2/embedded/). train_det's params
 are mapped onto the YAML keeping its shape: learning-rate steps stay at the same fractions of the
 schedule, Cascade R-CNN keeps its 20e/24e length ratio, and base_lr is rescaled per detector by
-`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is model.sge_impl; the
-protocol (train_det.protocol) picks the YAML of each detector.
+`detector_base_lr` (RetinaNet: half). The backbone's SGE implementation is model.sge_impl, its SGE
+ablation knobs model.sge_weight_init / sge_bias_init / sge_normalize; the protocol
+(train_det.protocol) picks the YAML of each detector.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
 
 
 def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDataset, overrides: dict[str, Any],
-               protocol: str, weights: Path, run_dir: Path, device: str, sge_impl: str):
+               protocol: str, weights: Path, run_dir: Path, device: str, sge_impl: str,
+               sge_variant: dict[str, Any] | None = None):
     """(cfg, val dataset name) of one train_det / eval_det run; `overrides`: schedule_overrides'."""
     train_name, val_name = f"sge_{dataset.kind}_train", f"sge_{dataset.kind}_val"
     for name, split in ((train_name, "train"), (val_name, "val")):
@@ -79,5 +81,6 @@ def run_config(detector: str, backbone: str, seed: int, dataset: DetectionDatase
         detector, backbone, weights, train_name, val_name, run_dir,
         num_classes=dataset_num_classes(coco_split_paths(dataset.root, "train", dataset.layout)[0]), seed=seed,
         overrides=overrides, config_set=dataset.config_set, device=device, sge_impl=sge_impl, protocol=protocol,
+        sge_variant=sge_variant,
     )
     return cfg, val_name

@@ -80,7 +80,8 @@ def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone
         deterministic=train.deterministic)
     cfg, val_name = run_config(
         detector, backbone, seed, dataset, overrides, train.protocol, weights=paths.det_weights(backbone, seed),
-        run_dir=paths.det_run_dir(detector, backbone, seed), device=device, sge_impl=params.model.sge_impl)
+        run_dir=paths.det_run_dir(detector, backbone, seed), device=device, sge_impl=params.model.sge_impl,
+        sge_variant=params.model.sge_variant())
     return cfg, dataset.kind, val_name
 
 
@@ -167,7 +168,8 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
 
 def evaluation_inputs(params: Params, paths: ProjectPaths, cfg, backbone: str, weights) -> dict:
     """What one eval_det result is a function of: the detector's weights, its evaluation config,
-    the indexed data and the CPU threads (a plain backbone leaves out model.groups / sge_impl)."""
+    the indexed data and the CPU threads (a plain backbone leaves out model.groups, sge_impl and
+    the SGE ablation knobs)."""
     from sge_repro.data.download import file_digest
     from sge_repro.detection.checkpoint import evaluation_fingerprint
     from sge_repro.models.registry import parse_model_name

@@ -65,6 +65,19 @@ def test_sge_sits_in_every_block_and_stem_res2_are_frozen():
     assert isinstance(backbone.bn1, FrozenBatchNorm2d)
 
 
+@pytest.mark.parametrize("arch", ["sge_resnet18", "resnet18"])
+def test_sge_ablation_keys_build_every_sge_module_of_the_backbone(arch):
+    cfg = _cfg("build_sge_resnet_fpn_backbone", ["res2", "res3", "res4", "res5"], arch=arch)
+    assert (cfg.MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT, cfg.MODEL.SGE_BACKBONE.SGE_BIAS_INIT,
+            cfg.MODEL.SGE_BACKBONE.SGE_NORMALIZE) == (0.0, 1.0, True)  # the paper's module by default
+    cfg.MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT, cfg.MODEL.SGE_BACKBONE.SGE_BIAS_INIT = 0.25, 2.0
+    cfg.MODEL.SGE_BACKBONE.SGE_NORMALIZE = False
+    backbone = build_backbone(cfg).bottom_up
+    modules = [m for m in backbone.modules() if isinstance(m, SpatialGroupEnhance)]
+    assert len(modules) == (8 if arch.startswith("sge") else 0)
+    assert all(torch.all(m.weight == 0.25) and torch.all(m.bias == 2.0) and not m.normalize for m in modules)
+
+
 def test_plain_bn_is_kept_outside_frozen_stages():
     cfg = _cfg("build_sge_resnet_backbone", ["res2", "res3", "res4", "res5"])
     cfg.MODEL.SGE_BACKBONE.NORM = "BN"

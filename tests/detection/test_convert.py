@@ -111,3 +111,38 @@ def test_pixel_convention_mismatch_is_refused(detectron2_weights, registered, tm
     detector = DetectorTrainer.build_model(cfg)
     with pytest.raises(UserError, match="pixel_mean"):
         check_detector_weights(detector, detectron2_weights, pixel_mean=cfg.MODEL.PIXEL_MEAN)
+
+
+def test_an_sge_without_normalization_converts_and_builds_as_such(registered, tmp_path):
+    """The classifier's header says sge_normalize: false; convert records it, the detector config
+    takes it from the weights (as WIDTH / GROUPS), the backbone computes the classifier's
+    features, and asking for the normalised module on these weights is an error."""
+    from sge_repro.detection.engine import _weights_metadata
+    from sge_repro.models.checkpoints import make_classifier_checkpoint
+    from sge_repro.models.sge import SpatialGroupEnhance
+
+    kwargs = {"num_classes": 5, "groups": GROUPS, "width": WIDTH}
+    classifier = create_model("sge_resnet18", seed=3, sge_normalize=False, sge_weight_init=0.01, **kwargs)
+    source = torch_save(make_classifier_checkpoint("sge_resnet18", kwargs, classifier), tmp_path / "cls.pt")
+    weights = tmp_path / "d2.pth"
+    summary = convert_classifier_to_detectron2(source, weights)
+    assert summary["model_kwargs"] == {"groups": GROUPS, "width": WIDTH, "sge_normalize": False}
+
+    for variant in (None, {"sge_normalize": False, "sge_weight_init": 0.01}):
+        cfg = build_detector_config("faster_rcnn", None, weights, *registered, tmp_path / "run", num_classes=2, seed=0,
+                                    sge_variant=variant)
+        assert cfg.MODEL.SGE_BACKBONE.SGE_NORMALIZE is False
+    assert cfg.MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT == 0.01 and _weights_metadata(cfg)["model_kwargs"]["sge_normalize"] is False
+    detector = DetectorTrainer.build_model(cfg)
+    assert {module.normalize for module in detector.modules() if isinstance(module, SpatialGroupEnhance)} == {False}
+    AtomicCheckpointer(detector).load(str(weights))
+    detector.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = detector.backbone.bottom_up(x)
+    expected = _classifier_features(classifier, x)
+    for name in ("res2", "res3", "res4", "res5"):
+        assert relative_error(ours[name], expected[name]) <= 1e-5, name
+    with pytest.raises(UserError, match=r"converted from an SGE with sge_normalize=False, but model.sge_normalize is True"):
+        build_detector_config("faster_rcnn", None, weights, *registered, tmp_path / "run", num_classes=2, seed=0,
+                              sge_variant={"sge_normalize": True})

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from sge_repro.data.prepare import coco_source, write_manifests
@@ -58,6 +59,36 @@ def test_params_model_sge_impl_reaches_the_detector_backbone(coco_set, detectron
     assert cfg.MODEL.SGE_BACKBONE.SGE_IMPL == "reference" and _sge_impls(cfg) == {"reference"}
     # width and groups come from the converted weights' header, not from the YAML
     assert (cfg.MODEL.SGE_BACKBONE.WIDTH, cfg.MODEL.SGE_BACKBONE.GROUPS) == (WIDTH, GROUPS)
+
+
+def test_params_model_sge_variant_reaches_an_sge_detector_backbone_only(coco_set, detectron2_weights, tmp_path):
+    """model.sge_weight_init / sge_bias_init reach an SGE backbone's config, modules and training
+    fingerprint; at the paper's values neither fingerprint has the keys (runs of before resume, their
+    evaluations are kept); a plain backbone ignores them; sge_normalize must be the weights'."""
+    from sge_repro.detection.checkpoint import FINGERPRINT_IF_NOT, config_fingerprint
+    from sge_repro.detection.config import build_detector_config
+    from sge_repro.errors import UserError
+
+    params = profile_params("smoke")
+    paths = _project(tmp_path, coco_set, detectron2_weights)
+    cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    weights = paths.det_weights("sge_resnet18", 0)
+    for fingerprint in (config_fingerprint(cfg), evaluation_fingerprint(cfg, weights, uses_sge=True)):
+        assert not set(FINGERPRINT_IF_NOT) & set(fingerprint)
+    params.model.sge_weight_init, params.model.sge_bias_init = 0.5, -1.0
+    cfg, _, _ = detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
+    node = cfg.MODEL.SGE_BACKBONE
+    assert (node.SGE_WEIGHT_INIT, node.SGE_BIAS_INIT, node.SGE_NORMALIZE) == (0.5, -1.0, True)
+    modules = [m for m in DetectorTrainer.build_model(cfg).modules() if isinstance(m, SpatialGroupEnhance)]
+    assert modules and all(torch.all(m.weight == 0.5) and torch.all(m.bias == -1.0) for m in modules)
+    fingerprint = config_fingerprint(cfg)
+    assert (fingerprint["MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT"], fingerprint["MODEL.SGE_BACKBONE.SGE_BIAS_INIT"]) == (0.5, -1.0)
+    plain = build_detector_config("faster_rcnn", "resnet18", None, "sge_embedded_train", None, tmp_path / "plain",
+                                  num_classes=2, seed=0, sge_variant=params.model.sge_variant())
+    assert (plain.MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT, plain.MODEL.SGE_BACKBONE.SGE_BIAS_INIT) == (0.0, 1.0)
+    params.model.sge_normalize = False  # these weights are of the paper's normalised module
+    with pytest.raises(UserError, match=r"converted from an SGE with sge_normalize=True, but model.sge_normalize is False"):
+        detector_config(params, paths, "faster_rcnn", "sge_resnet18", 0, "cpu")
 
 
 def test_protocol_param_picks_the_protocols_yaml(coco_set, detectron2_weights, tmp_path):
