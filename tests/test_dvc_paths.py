@@ -18,9 +18,9 @@ def stages() -> dict:
 
 
 def entries(stage: dict, kind: str) -> list[str]:
-    """Paths of deps / outs / metrics / plots with the matrix placeholders filled in."""
+    """Paths of deps / outs / metrics / plots with the matrix / foreach placeholders filled in."""
     found = []
-    for entry in stage.get(kind, []):
+    for entry in stage.get("do", stage).get(kind, []):
         path = next(iter(entry)) if isinstance(entry, dict) else entry
         for placeholder, value in ITEM.items():
             path = path.replace(placeholder, value)
@@ -59,7 +59,7 @@ def test_run_artifacts_match_paths_py():
     assert entries(every["train_cls"], "plots") == [posix(PATHS.cls_history("M", 7))]
     assert entries(every["eval_cls"], "outs") == [posix(PATHS.cls_predictions("M", 7))]
     assert entries(every["eval_cls"], "metrics") == [posix(PATHS.cls_metrics("M", 7))]
-    assert entries(every["convert"]["do"], "outs") == [posix(PATHS.det_weights("M", 7))]  # foreach convert.inputs
+    assert entries(every["convert"], "outs") == [posix(PATHS.det_weights("M", 7))]
     assert entries(every["train_det"], "outs") == [posix(PATHS.det_run_dir("D", "B", 7))]
     assert posix(PATHS.det_weights("B", 7)) in entries(every["train_det"], "deps")
     assert entries(every["eval_det"], "metrics") == [posix(PATHS.det_metrics("D", "B", 7))]
