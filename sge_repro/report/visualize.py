@@ -167,13 +167,19 @@ def visualize_sge_checkpoint(
 ) -> list[Path]:
     """visualize_sge for a checkpoint file (ours: its recorded num_classes / groups / width are
     used; torchvision or official files: the 1000-class defaults)."""
+    return visualize_sge(load_checkpoint(model_name, checkpoint), image_path, out_dir, layer=layer,
+                         image_size=image_size)
+
+
+def load_checkpoint(model_name: str, checkpoint: str | os.PathLike) -> nn.Module:
+    """The model of a checkpoint file (ours: its recorded num_classes / groups / width; torchvision
+    or official files: the 1000-class defaults)."""
     from sge_repro.models import create_model
     from sge_repro.models.checkpoints import read_classifier_header
 
     header = read_classifier_header(checkpoint)
     kwargs = dict(header["model_kwargs"]) if header else {}
-    model = create_model(model_name, checkpoint=checkpoint, **kwargs)
-    return visualize_sge(model, image_path, out_dir, layer=layer, image_size=image_size)
+    return create_model(model_name, checkpoint=checkpoint, **kwargs)
 
 
 def visualize_trained_models(
@@ -187,8 +193,10 @@ def visualize_trained_models(
 ) -> list[Path]:
     """The `visualize` stage: attention PNGs of every trained SGE model (one seed) on the first
     val image of the first `num_images` classes of `val_samples` ((path, class index), in dataset
-    order), into out_dir/<model>-seed<seed>/."""
+    order), and the activation statistics of its last SGE block over at most MAX_IMAGES evenly
+    spaced val images (sge_repro.report.activations), into out_dir/<model>-seed<seed>/."""
     from sge_repro.models.registry import parse_model_name
+    from sge_repro.report.activations import evenly_spaced, measure, write_stats
 
     first_of_class: dict[int, Path] = {}
     for path, label in val_samples:
@@ -201,7 +209,10 @@ def visualize_trained_models(
         if parse_model_name(name).attention != "sge":
             continue
         target = Path(out_dir) / f"{name}-seed{seed}"
+        model = load_checkpoint(name, checkpoint_for(name, seed))
         for image in images:
-            written += visualize_sge_checkpoint(name, checkpoint_for(name, seed), image, target,
-                                                image_size=image_size)
+            written += visualize_sge(model, image, target, image_size=image_size)
+        measured = [load_image(Path(path), image_size)[0] for path, _ in evenly_spaced(list(val_samples))]
+        stats = measure(model, measured, list(sge_modules(model))[-1])
+        written.append(write_stats({"model": name, "seed": seed, **stats}, target))
     return written
