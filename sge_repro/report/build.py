@@ -17,6 +17,7 @@ from sge_repro.report.collect import (
     ClsRun,
     CollectedResults,
     DetRun,
+    collect_activations,
     collect_results,
     read_json_object,
     read_train_metrics,
@@ -384,6 +385,7 @@ def build_report(
         missing=missing,
         notes=notes,
         paper=PaperSource(source=paper.source),
+        activations=collect_activations(root) or None,
     )
     return Report(summary=summary, curves=_curves(results, root), attention_images=attention_images)
 

@@ -22,7 +22,7 @@ import numpy as np
 from sge_repro.errors import UserError, not_utf8
 from sge_repro.paths import ProjectPaths
 from sge_repro.report.reference import BBOX_KEYS
-from sge_repro.report.schema import Missing
+from sge_repro.report.schema import ActivationRow, Missing
 
 _RUN_FILE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)\.(?:json|tsv)$")
 _LONG_INTEGER = 10**30  # shown in messages by its number of digits
@@ -416,6 +416,36 @@ def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
         for key in flagged.get(task) or ():
             if values is not None and key in values:
                 values[key] = None
+
+
+def read_activation_stats(path: Path, root: Path) -> ActivationRow | None:
+    """One activation_stats.json of the visualize stage, summarised (None when absent or empty)."""
+    from sge_repro.report.activations import summarize
+
+    data = read_json_object(path, root)
+    if data is None:
+        return None
+    groups = data.get("groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise UserError(f"{_display(path, root)}: key 'groups' should be a non-empty list of objects, got {_got(groups)}")
+    checked = [{key: _number(g.get(key), f"groups.{i}.{key}", path, root, allow_none=key.endswith(("gate", "fraction")))
+                for key in ("variance_before", "variance_after", "weak_fraction", "weak_gate", "strong_gate")}
+               for i, g in enumerate(groups)]
+    return ActivationRow(
+        model=_text(data, "model", path, root, required=True), seed=_count(data.get("seed"), "seed", path, root),
+        layer=_text(data, "layer", path, root, required=True), images=_count(data.get("images"), "images", path, root),
+        weak_threshold=_number(data.get("weak_threshold"), "weak_threshold", path, root), **summarize(checked),
+        group_variance_before=[g["variance_before"] for g in checked],
+        group_variance_after=[g["variance_after"] for g in checked])
+
+
+def collect_activations(root: Path) -> list[ActivationRow]:
+    """Every SGE model's activation analysis under runs/visualize, by model and seed."""
+    from sge_repro.report.activations import STATS_FILE
+
+    folder = ProjectPaths(Path(root)).attention_maps
+    rows = [read_activation_stats(path, Path(root)) for path in sorted(folder.glob(f"*/{STATS_FILE}"))]
+    return [row for row in rows if row is not None]
 
 
 def collect_results(

@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from sge_repro.atomic import write_json, write_text
+from sge_repro.report.activations import (
+    ACTIVATION_HEADERS,
+    ACTIVATION_LEAD,
+    activation_line,
+    activation_table,
+    variance_figure,
+)
 from sge_repro.report.reference import is_paper_dataset, official_log, split_model_name
 from sge_repro.report.schema import CurveSet, DetRow, GainInterval, Report
 from sge_repro.report.stats import detection_gain_verdict, is_reproduced, significance_label
@@ -290,6 +297,8 @@ def render_console(report: Report, console: Console, wide: bool = False) -> None
             console.print(compact_table(f"Detection ({dataset}, bbox AP)", DET_COMPACT_HEADERS, rows))
     if not wide and (report.classification or report.detection):
         console.print("[dim]means over seeds; --wide (and reports/report.md, report.html): every column[/dim]")
+    for row in report.summary.activations or ():
+        console.print(activation_line(row), highlight=False, markup=False)
     made = report.summary.provenance
     if made is not None:
         code = "no git" if made.git_commit is None else made.git_commit[:10] + (" dirty" if made.git_dirty else "")
@@ -314,7 +323,7 @@ def _md_cell(text: str) -> str:
 def _md_table(headers: Sequence[str], rows: list[list[str]]) -> str:
     text_columns = {"Model", "Dataset", "Seeds", "Detector", "Backbone", "Protocol", "Backbone weights",
                     "Significance", "Verdict", "Stage", "State", "Finished (UTC)", "Host", "Devices",
-                    "Claim of the paper", "Ours", "Paper"}
+                    "Claim of the paper", "Ours", "Paper", "Layer", "Gate weak / strong"}
     align = ["--:" if h not in text_columns else ":--" for h in headers]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in cells) + " |" for cells in rows]
@@ -341,6 +350,10 @@ def render_markdown(report: Report) -> str:
         _md_table(DET_HEADERS, detection_table(report)) if report.detection else "No evaluated runs.",
         "",
     ]
+    activations = report.summary.activations
+    if activations:
+        parts += ["## Activation analysis", "", ACTIVATION_LEAD.format(threshold=activations[0].weak_threshold), "",
+                  _md_table(ACTIVATION_HEADERS, activation_table(activations)), ""]
     if report.notes:
         parts += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
     parts += ["## Missing", ""]
@@ -519,6 +532,12 @@ def render_html(report: Report) -> str:
         "<h2>Detection</h2>",
         _html_table(DET_HEADERS, detection_table(report)) if report.detection else "<p>No evaluated runs.</p>",
     ]
+    activations = report.summary.activations
+    if activations:
+        parts += ["<h2>Activation analysis</h2>",
+                  f'<p class="note">{escape(ACTIVATION_LEAD.format(threshold=activations[0].weak_threshold))}</p>',
+                  _html_table(ACTIVATION_HEADERS, activation_table(activations)),
+                  _figure_html("Per-group variance across positions, before vs after SGE", variance_figure(activations))]
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in report.notes) + "</ul>")
     parts.append("<h2>Missing</h2>")

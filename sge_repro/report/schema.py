@@ -191,10 +191,32 @@ class Provenance(_Record):
     stages: list[StageRun] = []
 
 
+class ActivationRow(_Record):
+    """The paper's activation analysis of one SGE model at its last SGE block (the visualize
+    stage's activation_stats.json; sge_repro.report.activations): means over groups of per-group
+    means over images."""
+
+    model: str
+    seed: int
+    layer: str
+    images: int
+    variance_before: float | None  # of the group's mean activation map across positions
+    variance_after: float | None
+    variance_ratio: float | None  # after / before
+    groups_increased: float  # the fraction of groups whose variance grew
+    weak_fraction: float | None  # positions below weak_threshold x the map's max, before SGE
+    weak_gate: float | None  # mean gate over weak positions
+    strong_gate: float | None  # ... over the others
+    weak_threshold: float
+    verdict: str  # held | not held | undetermined
+    group_variance_before: list[float | None]
+    group_variance_after: list[float | None]
+
+
 class Summary(_Record):
     """reports/summary.json."""
 
-    omit_when_none: ClassVar[tuple[str, ...]] = ("provenance",)
+    omit_when_none: ClassVar[tuple[str, ...]] = ("provenance", "activations")
 
     profile: str
     classification: list[ClsEntry]
@@ -204,6 +226,7 @@ class Summary(_Record):
     notes: list[str] = []
     paper: PaperSource
     provenance: Provenance | None = None
+    activations: list[ActivationRow] | None = None  # absent when no SGE model was visualized
 
 
 @dataclass
