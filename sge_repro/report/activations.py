@@ -129,7 +129,7 @@ def variance_figure(rows) -> bytes | None:
 
     if not rows:
         return None
-    figure = Figure(figsize=(8, 2.2 * len(rows) + 0.6))
+    figure = Figure(figsize=(8, 2.2 * len(rows) + 0.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), 1, squeeze=False)
     for axis, row in zip(axes[:, 0], rows):
@@ -171,6 +171,5 @@ def activation_table(rows) -> list[list[str]]:
 
 def activation_line(row) -> str:
     """One console line: the ratio, the gates and the verdict."""
-    return (f"Activation analysis, {row.model} seed {row.seed} ({row.layer}): variance after / before "
-            f"{_cell(row.variance_ratio, 3)}, gate weak / strong {_cell(row.weak_gate, 3)} / "
-            f"{_cell(row.strong_gate, 3)}: {row.verdict}")
+    return (f"SGE activations {row.model} seed {row.seed}: variance x{_cell(row.variance_ratio, 3)}, "
+            f"gate weak/strong {_cell(row.weak_gate, 2)}/{_cell(row.strong_gate, 2)}: {row.verdict}")

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.models.checkpoints import make_classifier_checkpoint
 from sge_repro.models.sge import SpatialGroupEnhance
-from sge_repro.report import build_report
+from sge_repro.report import build_report, render_console
 from sge_repro.report.activations import STATS_FILE, evenly_spaced, measure, summarize, write_stats
 from sge_repro.report.collect import read_activation_stats
 from sge_repro.report.render import render_html, render_markdown
@@ -97,6 +98,9 @@ def test_the_visualize_stage_writes_the_stats_and_the_report_shows_the_verdict(t
     markdown, page = render_markdown(report), render_html(report)
     assert "## Activation analysis" in markdown and f"| {row.verdict} |" in markdown
     assert "<h2>Activation analysis</h2>" in page and "before vs after SGE" in page
+    console = Console(width=80, record=True)
+    render_console(report, console)
+    assert "SGE activations sge_resnet18 seed 0: variance x" in console.export_text()
 
 
 def test_a_report_without_sge_stats_has_no_activation_section(tmp_path):
