@@ -277,6 +277,8 @@ CLI_FAULTS = [
     ("plots/train_cls/resnet18-seed0.tsv", bytes(range(256)) * 4, "not UTF-8|binary", None),
     ("runs/eval_cls/sge_resnet18-seed0.json", '{"files": ["\u00e9"]}'.encode("latin-1"), "not UTF-8 text", None),
     ("metrics/train_cls/resnet18-seed0.json", b'{"dataset": ["embedded"]}', "should be a string", "dataset"),
+    ("runs/visualize/sge_resnet18-seed0/activation_stats.json", b'{"groups": [{"variance_before": "x"}]}',
+     "should be a number", "groups.0.variance_before"),
 ]
 
 
@@ -284,6 +286,7 @@ CLI_FAULTS = [
 def test_sge_repro_report_exits_2_with_one_line_and_writes_nothing(tmp_path, sge_repro_bin, target, content, reason,
                                                                    key):
     paths = _cli_project(tmp_path)
+    (tmp_path / target).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / target).write_bytes(content)
     before = _snapshot(tmp_path)
     result = subprocess.run([sge_repro_bin, "report"], cwd=tmp_path,
