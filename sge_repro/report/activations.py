@@ -27,13 +27,6 @@ WEAK_FRACTION = 0.1  # a position is weak when its activation is below 10% of th
 MAX_IMAGES = 64
 
 
-def evenly_spaced(items: Sequence, count: int = MAX_IMAGES) -> list:
-    """`count` items evenly spaced over `items` (all of them when there are fewer)."""
-    if len(items) <= count:
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
-
-
 def _group_maps(tensor: torch.Tensor, groups: int) -> torch.Tensor:
     """(C, H, W) -> (G, H*W): each group's mean over its channels."""
     channels = tensor.shape[0]

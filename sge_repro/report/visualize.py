@@ -196,7 +196,8 @@ def visualize_trained_models(
     order), and the activation statistics of its last SGE block over at most MAX_IMAGES evenly
     spaced val images (sge_repro.report.activations), into out_dir/<model>-seed<seed>/."""
     from sge_repro.models.registry import parse_model_name
-    from sge_repro.report.activations import evenly_spaced, measure, write_stats
+    from sge_repro.data.manifest import evenly_spaced
+    from sge_repro.report.activations import MAX_IMAGES, measure, write_stats
 
     first_of_class: dict[int, Path] = {}
     for path, label in val_samples:
@@ -212,7 +213,7 @@ def visualize_trained_models(
         model = load_checkpoint(name, checkpoint_for(name, seed))
         for image in images:
             written += visualize_sge(model, image, target, image_size=image_size)
-        measured = [load_image(Path(path), image_size)[0] for path, _ in evenly_spaced(list(val_samples))]
+        measured = [load_image(Path(path), image_size)[0] for path, _ in evenly_spaced(list(val_samples), MAX_IMAGES)]
         stats = measure(model, measured, list(sge_modules(model))[-1])
         written.append(write_stats({"model": name, "seed": seed, **stats}, target))
     return written

@@ -13,7 +13,7 @@ from sge_repro.models import create_model
 from sge_repro.models.checkpoints import make_classifier_checkpoint
 from sge_repro.models.sge import SpatialGroupEnhance
 from sge_repro.report import build_report, render_console
-from sge_repro.report.activations import STATS_FILE, evenly_spaced, measure, summarize, write_stats
+from sge_repro.report.activations import STATS_FILE, measure, summarize, write_stats
 from sge_repro.report.collect import read_activation_stats
 from sge_repro.report.render import render_html, render_markdown
 from sge_repro.report.visualize import sge_modules, visualize_trained_models
@@ -61,11 +61,6 @@ def test_with_gamma_zero_the_gate_is_constant_and_the_ratio_is_sigmoid_beta_squa
         for gate in (group["weak_gate"], group["strong_gate"]):
             assert gate is None or gate == pytest.approx(math.sqrt(expected), rel=1e-5)
     assert summarize(stats["groups"])["variance_ratio"] == pytest.approx(expected, rel=1e-4)
-
-
-def test_evenly_spaced_keeps_at_most_the_bound():
-    assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7]
-    assert evenly_spaced([1, 2], 4) == [1, 2]
 
 
 def test_the_visualize_stage_writes_the_stats_and_the_report_shows_the_verdict(tmp_path):
