@@ -726,8 +726,8 @@ def refresh_params_file(path: Path = PARAMS_FILE) -> bool:
     """Rewrite params.yaml if its derived keys disagree with the rest (a hand edit of convert.sources,
     detection_backbones, seeds, ...); True if rewritten. Anything else wrong is a UserError."""
     raw = read_yaml(path)
-    if not isinstance(raw, dict) or not raw:
-        return False
+    if not isinstance(raw, dict) or any(key not in raw for key in Params.model_fields):
+        return False  # empty or partial: load_params names what is missing, nothing is filled in here
     params = validate_params(without_derived(raw), str(path))
     fresh = yaml.safe_load(dump_params(params))
     stale = any(_derived_value(raw, key) != _derived_value(fresh, key) for key in DERIVED_KEYS)
