@@ -28,6 +28,22 @@ def _classifier_features(model, x):
     return outputs
 
 
+def assert_backbone_computes_the_classifier(detector, weights, classifier) -> None:
+    """The detector's bottom-up backbone, loaded from the converted `weights`, gives the
+    classifier's stage features. detectron2 applies the frozen BatchNorm as x * scale + shift, the
+    classifier as (x - mean) / sqrt(var + eps) * weight + bias: other float32 rounding, compared
+    norm-wise (tests/float_compare.py); measured <= 2.5e-7 on AMD EPYC (res2; res3-res5 equal),
+    the tolerance 40x that."""
+    AtomicCheckpointer(detector).load(str(weights))
+    detector.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = detector.backbone.bottom_up(x)
+    expected = _classifier_features(classifier, x)
+    for name in ("res2", "res3", "res4", "res5"):
+        assert relative_error(ours[name], expected[name]) <= 1e-5, name
+
+
 def test_round_trip_gives_identical_backbone_features(classifier_checkpoint, detectron2_weights, registered, tmp_path):
     _, classifier = classifier_checkpoint
     cfg = build_detector_config("faster_rcnn", None, detectron2_weights, *registered, tmp_path, num_classes=2, seed=0)
@@ -38,17 +54,7 @@ def test_round_trip_gives_identical_backbone_features(classifier_checkpoint, det
     report = check_detector_weights(detector, detectron2_weights, pixel_mean=cfg.MODEL.PIXEL_MEAN,
                                     pixel_std=cfg.MODEL.PIXEL_STD)
     assert report["loaded"] > 0 and all(not k.startswith(BACKBONE_PREFIX) for k in report["missing_heads"])
-    AtomicCheckpointer(detector).load(str(detectron2_weights))
-    detector.eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = detector.backbone.bottom_up(x)
-    expected = _classifier_features(classifier, x)
-    # detectron2 applies the frozen BatchNorm as x * scale + shift, the classifier as
-    # (x - mean) / sqrt(var + eps) * weight + bias: other float32 rounding, compared norm-wise
-    # (tests/float_compare.py); measured <= 2.5e-7 on AMD EPYC (res2; res3-res5 equal), the tolerance 40x that.
-    for name in ("res2", "res3", "res4", "res5"):
-        assert relative_error(ours[name], expected[name]) <= 1e-5, name
+    assert_backbone_computes_the_classifier(detector, detectron2_weights, classifier)
 
 
 def test_converted_file_drops_fc_and_records_conventions(detectron2_weights):
@@ -135,14 +141,7 @@ def test_an_sge_without_normalization_converts_and_builds_as_such(registered, tm
     assert cfg.MODEL.SGE_BACKBONE.SGE_WEIGHT_INIT == 0.01 and _weights_metadata(cfg)["model_kwargs"]["sge_normalize"] is False
     detector = DetectorTrainer.build_model(cfg)
     assert {module.normalize for module in detector.modules() if isinstance(module, SpatialGroupEnhance)} == {False}
-    AtomicCheckpointer(detector).load(str(weights))
-    detector.eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = detector.backbone.bottom_up(x)
-    expected = _classifier_features(classifier, x)
-    for name in ("res2", "res3", "res4", "res5"):
-        assert relative_error(ours[name], expected[name]) <= 1e-5, name
+    assert_backbone_computes_the_classifier(detector, weights, classifier)
     with pytest.raises(UserError, match=r"converted from an SGE with sge_normalize=False, but model.sge_normalize is True"):
         build_detector_config("faster_rcnn", None, weights, *registered, tmp_path / "run", num_classes=2, seed=0,
                               sge_variant={"sge_normalize": True})
