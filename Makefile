@@ -29,6 +29,7 @@ run: $(STAMP)
 	$(BIN)/sge-repro run all --profile $(PROFILE)
 
 test: $(STAMP) test-system-packages
+	$(BIN)/ruff check --quiet sge_repro benchmarks tools tests
 	$(BIN)/python -m pytest -q
 
 # The SLURM tests run a real single-host cluster: Debian's slurm-wlm + munge (installed with apt-get

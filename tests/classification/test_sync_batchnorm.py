@@ -1,6 +1,5 @@
 """GlobalBatchNorm2d: plain BatchNorm on one process, global-batch BatchNorm across gloo ranks."""
 
-import json
 import os
 import subprocess
 import sys
@@ -149,7 +148,6 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path, momentum
                   "none" if momentum is None else str(momentum))
     ranks = [torch.load(tmp_path / f"result.{rank}", weights_only=True) for rank in range(2)]
 
-    weight_grad = torch.zeros_like(plain.weight)
     for step_index, (x, upstream) in enumerate(zip(xs, upstreams)):
         out, grad = step(plain, x, upstream)
         # Each rank holds its half of the single-process output and input gradient.

@@ -20,7 +20,6 @@ from sge_repro.params import dump_params, profile_params
 from sge_repro.paths import ProjectPaths
 from small_disk import resize, small_disk
 
-from .conftest import NUM_CATEGORIES
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = "runs/det/faster_rcnn-sge_resnet18-seed0"
