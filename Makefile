@@ -23,7 +23,7 @@ $(STAMP): requirements.lock pyproject.toml Makefile sge_repro/detection/install.
 # After changing a dependency in pyproject.toml: re-resolve, pin and hash everything, then commit
 # requirements.lock and environment.yml. Needs the package registries.
 lock:
-	$(PYTHON) tools/lock.py
+	$(PYTHON) tools/pin_requirements.py
 
 run: $(STAMP)
 	$(BIN)/sge-repro run all --profile $(PROFILE)

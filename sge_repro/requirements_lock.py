@@ -1,7 +1,7 @@
 """requirements.lock: every Python package of the environment, pinned to a version and a hash.
 
 `make` installs it in pip's hash-checking mode (`pip install --require-hashes -r requirements.lock`);
-`make lock` regenerates it (tools/lock.py: pip's own resolver, `--dry-run --report`).
+`make lock` regenerates it (tools/pin_requirements.py: pip's own resolver, `--dry-run --report`).
 `sge-repro env` compares the installed distributions with it. What the lock does not cover, and
 says so: sge-repro itself (installed editable from the checkout) and detectron2 (copied from a
 sdist whose sha256 is pinned in sge_repro/detection/install.py).

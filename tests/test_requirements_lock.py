@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO
 from sge_repro.errors import UserError
-from sge_repro.lockfile import compare, installed_distributions, normalize, read_lock
+from sge_repro.requirements_lock import compare, installed_distributions, normalize, read_lock
 
 LOCK = REPO / "requirements.lock"
 

@@ -1,6 +1,6 @@
 """Training checkpoints: what last.pt / best.pt hold, the recipe a resume must match, resuming.
 
-A training checkpoint is our classifier checkpoint (sge_repro.models.checkpoints: format, model,
+A training checkpoint is our classifier checkpoint (sge_repro.models.weight_files: format, model,
 model_kwargs, state_dict) plus the training state: epoch, optimizer, scheduler, rng, history,
 best, seed, classes, dataset, the recipe and its fingerprint, and with amp='fp16' the GradScaler.
 The recipe is the train_cls params plus what the run adds (model, model_kwargs, classes, seed,
@@ -173,7 +173,7 @@ def check_resumable(path: Path, recipe: dict) -> dict | None:
     """The training checkpoint at `path` (last.pt) if it can be resumed under `recipe`; None when
     there is none. UserError for a file this engine did not write; RunOfOtherParams for a checkpoint
     trained with another recipe (naming each differing key, old -> new)."""
-    from sge_repro.models.checkpoints import load_checkpoint_file
+    from sge_repro.models.weight_files import load_checkpoint_file
     from sge_repro.superseded import RunOfOtherParams
 
     if not path.is_file():
@@ -232,7 +232,7 @@ def repair_damaged(run_dir: Path, is_main: bool, barrier) -> None:
 
 def _load_or_problem(path: Path) -> tuple[dict, None] | tuple[None, str]:
     """(the training checkpoint, None) or (None, why it is not one: missing / does not load)."""
-    from sge_repro.models.checkpoints import load_checkpoint_file
+    from sge_repro.models.weight_files import load_checkpoint_file
 
     if not path.is_file():
         return None, "missing"
@@ -271,7 +271,7 @@ def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
 
 def save(state: TrainingState, recipe: dict, dataset_name: str, run_dir: Path, improved: bool) -> None:
     """Write run_dir/last.pt (and best.pt when val top-1 improved), atomically."""
-    from sge_repro.models.checkpoints import make_classifier_checkpoint
+    from sge_repro.models.weight_files import make_classifier_checkpoint
 
     checkpoint = make_classifier_checkpoint(
         recipe["model"], {**recipe["model_kwargs"], "num_classes": len(recipe["classes"])}, state.model,

@@ -96,7 +96,7 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
     "correct_top1", "correct_top5"}, lists in dataset order (sorted class folder, file name).
     """
     from sge_repro.models import create_model
-    from sge_repro.models.checkpoints import interpret_checkpoint, load_checkpoint_file
+    from sge_repro.models.weight_files import interpret_checkpoint, load_checkpoint_file
 
     checkpoint_path = Path(checkpoint_path)
     raw = load_checkpoint_file(checkpoint_path)

@@ -50,7 +50,7 @@ def environment() -> dict[str, str]:
 
 def lock_status(lock: Path) -> tuple[bool, str, list[str]]:
     """(matches, one-line summary, the differences) of the installed packages against the lock."""
-    from sge_repro.lockfile import compare, installed_distributions, read_lock
+    from sge_repro.requirements_lock import compare, installed_distributions, read_lock
 
     locked = read_lock(lock)
     result = compare(locked, installed_distributions())
@@ -70,7 +70,7 @@ def env(
                                                     "or this torch build cannot use the GPU / driver here."),
 ) -> None:
     """Versions of torch, torchvision, detectron2 (and which build), CUDA / device, DVC; the lock check."""
-    from sge_repro.lockfile import default_lock_path
+    from sge_repro.requirements_lock import default_lock_path
 
     info = environment()
     matches, summary, details = lock_status(lock or default_lock_path())

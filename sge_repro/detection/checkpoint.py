@@ -31,7 +31,7 @@ from sge_repro.data.download import file_digest
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.writes import disk_errors
 from sge_repro.errors import UserError, preview
-from sge_repro.models.checkpoints import load_checkpoint_file
+from sge_repro.models.weight_files import load_checkpoint_file
 from sge_repro.superseded import RunOfOtherParams
 
 import_detectron2()

@@ -1,6 +1,6 @@
 """Classification checkpoints -> detectron2 weights, and strict loading of those into detectors.
 
-Accepted inputs (read by `sge_repro.models.checkpoints`): our "sge-repro/classifier/v1" files,
+Accepted inputs (read by `sge_repro.models.weight_files`): our "sge-repro/classifier/v1" files,
 torchvision state dicts, and the authors' release files (`module.`-prefixed `state_dict`). The
 weights are first loaded strictly into our classification model (so a wrong architecture fails
 here, not as a silent partial load later), then fc is dropped and every name gets the prefix
@@ -25,7 +25,7 @@ from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
 from sge_repro.models.registry import DEPTHS, format_model_name
 from sge_repro.models.resnet import Bottleneck
-from sge_repro.models.checkpoints import (
+from sge_repro.models.weight_files import (
     infer_model_kwargs, interpret_checkpoint, load_checkpoint_file, load_state_dict_strict,
 )
 

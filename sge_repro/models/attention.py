@@ -13,7 +13,7 @@ block attention (stored as `block.attn`).
 The authors' computation: where the authors' PytorchInsight modules compute something else than
 ours (BAM fuses its two gates by a product; their pooling ops add floats in another order), the
 module has `use_authors_computation()`, which switches it to their exact sequence of ops without
-touching its parameters. Loading one of their release files does it (models/checkpoints.py); our
+touching its parameters. Loading one of their release files does it (models/weight_files.py); our
 own models never compute that way.
 
 Defaults live once: SGE groups in sge.py (DEFAULT_GROUPS), the MLP reduction here (DEFAULT_REDUCTION).

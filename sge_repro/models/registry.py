@@ -19,7 +19,7 @@ from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models.attention import ATTENTION_NAMES, attention_placement
 from sge_repro.models.resnet import DEFAULT_WIDTH, BasicBlock, Bottleneck, ResNet
-from sge_repro.models.checkpoints import (AUTHORS_COMPUTATION_KEY, infer_model_kwargs, interpret_checkpoint,
+from sge_repro.models.weight_files import (AUTHORS_COMPUTATION_KEY, infer_model_kwargs, interpret_checkpoint,
                                           load_checkpoint_file, load_into, make_classifier_checkpoint)
 from sge_repro.models.sge import DEFAULT_BIAS_INIT, DEFAULT_GROUPS, DEFAULT_NORMALIZE, DEFAULT_WEIGHT_INIT
 

@@ -175,7 +175,7 @@ def load_checkpoint(model_name: str, checkpoint: str | os.PathLike) -> nn.Module
     """The model of a checkpoint file (ours: its recorded num_classes / groups / width; torchvision
     or official files: the 1000-class defaults)."""
     from sge_repro.models import create_model
-    from sge_repro.models.checkpoints import read_classifier_header
+    from sge_repro.models.weight_files import read_classifier_header
 
     header = read_classifier_header(checkpoint)
     kwargs = dict(header["model_kwargs"]) if header else {}

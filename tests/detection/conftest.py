@@ -32,7 +32,7 @@ def coco_set(tmp_path_factory) -> Path:
 def classifier_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """One of our classifier checkpoints (sge_resnet18 at width 8) and the model it holds."""
     from sge_repro.models import create_model
-    from sge_repro.models.checkpoints import make_classifier_checkpoint
+    from sge_repro.models.weight_files import make_classifier_checkpoint
 
     model = create_model("sge_resnet18", num_classes=5, groups=GROUPS, width=WIDTH, seed=1)
     # non-trivial BN statistics and SGE parameters, so a dropped or misnamed tensor shows up

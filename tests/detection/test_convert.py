@@ -124,7 +124,7 @@ def test_an_sge_without_normalization_converts_and_builds_as_such(registered, tm
     takes it from the weights (as WIDTH / GROUPS), the backbone computes the classifier's
     features, and asking for the normalised module on these weights is an error."""
     from sge_repro.detection.engine import _weights_metadata
-    from sge_repro.models.checkpoints import make_classifier_checkpoint
+    from sge_repro.models.weight_files import make_classifier_checkpoint
     from sge_repro.models.sge import SpatialGroupEnhance
 
     kwargs = {"num_classes": 5, "groups": GROUPS, "width": WIDTH}

@@ -15,7 +15,7 @@ from sge_repro.detection.engine import DetectorTrainer, train_detector
 from sge_repro.detection.mmdetection import FullModelClipSGD
 from sge_repro.detection.setup import schedule_overrides
 from sge_repro.errors import UserError
-from sge_repro.models.checkpoints import load_checkpoint_file
+from sge_repro.models.weight_files import load_checkpoint_file
 from sge_repro.params import profile_params
 
 from .conftest import NUM_CATEGORIES, tiny_overrides
@@ -311,7 +311,7 @@ def calibrated_weights(tmp_path_factory):
     from sge_repro.atomic import torch_save
     from sge_repro.detection.convert import convert_classifier_to_detectron2
     from sge_repro.models import create_model
-    from sge_repro.models.checkpoints import make_classifier_checkpoint
+    from sge_repro.models.weight_files import make_classifier_checkpoint
 
     from .conftest import GROUPS, IMAGE_SIZE, WIDTH
 

@@ -19,7 +19,7 @@ from authors_reference import AuthorsResNet, randomize, release_file
 from float_compare import relative_error
 from sge_repro.errors import UserError
 from sge_repro.models import create_model, parse_model_name
-from sge_repro.models.checkpoints import AUTHORS_RENAMES, read_state_dict, to_authors_layout
+from sge_repro.models.weight_files import AUTHORS_RENAMES, read_state_dict, to_authors_layout
 
 PAPER_TABLE = [f"{prefix}resnet{depth}" for depth in (50, 101)
                for prefix in ("", "se_", "sk_", "bam_", "cbam_", "sge_")]

@@ -7,7 +7,7 @@ import torchvision
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.models.checkpoints import (
+from sge_repro.models.weight_files import (
     CLASSIFIER_FORMAT, load_into, make_classifier_checkpoint, read_state_dict,
 )
 

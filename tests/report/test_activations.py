@@ -10,7 +10,7 @@ from rich.console import Console
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.models.checkpoints import make_classifier_checkpoint
+from sge_repro.models.weight_files import make_classifier_checkpoint
 from sge_repro.models.sge import SpatialGroupEnhance
 from sge_repro.report import build_report, render_console
 from sge_repro.report.activations import STATS_FILE, measure, summarize, write_stats

@@ -6,7 +6,7 @@ from PIL import Image
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.models.checkpoints import make_classifier_checkpoint
+from sge_repro.models.weight_files import make_classifier_checkpoint
 from sge_repro.models.sge import sge_reference_gate
 from sge_repro.report.visualize import (
     capture_sge,
