@@ -20,7 +20,8 @@ from torch import nn
 from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, sge_triton
 from sge_repro.models.registry import create_model
-from sge_repro.models.sge import sge_fast, sge_reference
+from sge_repro.models.sge import sge_reference
+from sge_repro.models.sge_fast import sge_fast
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARIANTS = (("torchvision_resnet50", "torchvision:resnet50", "fast"), ("resnet50", "resnet50", "fast"),

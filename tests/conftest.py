@@ -29,7 +29,7 @@ def strict_compile_on_gpu(request, monkeypatch):
     """A GPU test checks the compiled kernels: a torch.compile failure (or dynamo's recompile
     limit) there is an error, not a warning and a silent pass on eager kernels."""
     if request.node.get_closest_marker("gpu") is not None:
-        from sge_repro.models.sge import STRICT_COMPILE_ENV
+        from sge_repro.models.sge_fast import STRICT_COMPILE_ENV
 
         monkeypatch.setenv(STRICT_COMPILE_ENV, "1")
 

@@ -79,7 +79,8 @@ def check_pytest_gpu(device: torch.device, sizes: dict) -> dict:
 
 def check_sge_accuracy(device: torch.device, sizes: dict) -> dict:
     from sge_repro.models import sge_triton
-    from sge_repro.models.sge import sge_fast, sge_reference
+    from sge_repro.models.sge import sge_reference
+    from sge_repro.models.sge_fast import sge_fast
 
     functions = {"reference": sge_reference, "fast": sge_fast}
     groups = 64

@@ -1,5 +1,6 @@
-"""The paper's attention baselines, one small module each, and a factory taking a name or a
-callable (as timm's create_attn): `create_attention("se", 256)`, `create_attention(MyGate, 256)`.
+"""The attention modules, one small module each (the paper's SGE and its baselines), and a factory
+taking a name or a callable (as timm's create_attn): `create_attention("se", 256)`,
+`create_attention(MyGate, 256)`.
 
 Where each module sits (as in the authors' PytorchInsight code):
 - "block" attentions (sge, se, cbam, gc) map the residual branch after the block's last BN,
@@ -28,11 +29,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from sge_repro.errors import UserError
-from sge_repro.models.sge import SpatialGroupEnhance
+from sge_repro.models.sge import (DEFAULT_BIAS_INIT, DEFAULT_GROUPS, DEFAULT_NORMALIZE, DEFAULT_WEIGHT_INIT, SGE_IMPLS,
+                                  check_spatial_size)
+from sge_repro.models.sge_fast import sge_forward
 
 DEFAULT_REDUCTION = 16  # hidden = channels / 16 in SE, CBAM, GC, BAM and SK's squeeze
 SK_CONV_GROUPS = 32  # the authors' SK* grouped 3x3 branch
 AttentionSpec = Union[str, Callable[..., nn.Module], None]
+
+
+class SpatialGroupEnhance(nn.Module):
+    """SGE, the paper's module (its formula: sge.py). `channels` is only used to validate the
+    grouping early. weight_init / bias_init: the initial gamma / beta of every group; normalize:
+    the spatial normalisation of the similarity (the paper's module: 0, 1, True). `impl` picks
+    the implementation (sge_fast.sge_forward)."""
+
+    def __init__(self, channels: int, groups: int = DEFAULT_GROUPS, impl: str = "fast",
+                 weight_init: float = DEFAULT_WEIGHT_INIT, bias_init: float = DEFAULT_BIAS_INIT,
+                 normalize: bool = DEFAULT_NORMALIZE):
+        super().__init__()
+        if groups < 1 or channels % groups != 0:
+            raise UserError(
+                f"SGE groups: channels={channels} is not divisible by groups={groups}; "
+                f"expected a groups value that divides {channels}"
+            )
+        if impl not in SGE_IMPLS:
+            raise UserError(f"SGE impl: got {impl!r}, expected one of {', '.join(SGE_IMPLS)}")
+        self.channels = channels
+        self.groups = groups
+        self.impl = impl
+        self.normalize = bool(normalize)
+        self.weight = nn.Parameter(torch.full((1, groups, 1, 1), float(weight_init)))
+        self.bias = nn.Parameter(torch.full((1, groups, 1, 1), float(bias_init)))
+
+    @property
+    def computed_impl(self) -> str:
+        """The implementation that runs: `impl`, except that the fast, C and Triton kernels compute
+        only the paper's normalised gate, so the ablation without normalisation (a study, not a
+        hot path) runs the reference formula under every impl."""
+        return self.impl if self.normalize else "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"SGE expected {self.channels} input channels, got {x.shape[1]}")
+        if self.normalize:
+            check_spatial_size(x)
+        return sge_forward(x, self.weight, self.bias, self.groups, self.impl, self.normalize)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, groups={self.groups}, impl={self.impl!r}"
+                + ("" if self.normalize else ", normalize=False"))
 
 
 def _reduced(channels: int, reduction: int) -> int:

@@ -62,7 +62,7 @@ def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> 
 
     Traced in eval mode with SGE switched to its reference implementation: the count belongs to
     the function, and the fast path's kernels are opaque to a trace."""
-    from sge_repro.models.sge import SpatialGroupEnhance
+    from sge_repro.models.attention import SpatialGroupEnhance
 
     was_training = model.training
     sge_modules = [(module, module.impl) for module in model.modules() if isinstance(module, SpatialGroupEnhance)]

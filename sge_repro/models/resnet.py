@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from sge_repro.models.attention import AttentionSpec, attention_placement, create_attention, get_attention
-from sge_repro.models.sge import DEFAULT_GROUPS, batchnorm_sge
+from sge_repro.models.sge import DEFAULT_GROUPS
+from sge_repro.models.sge_fast import batchnorm_sge
 
 DEFAULT_WIDTH = 64  # channels of the stem and layer1 in the paper's ResNets
 

@@ -5,7 +5,7 @@ The C file is compiled on first use with the system C compiler (about 0.3 s) int
 directory keyed by the source, the flags, the compiler and the CPU, and loaded with ctypes. It
 links the process's libgomp, which is torch's own, so it shares torch's OpenMP threads (and
 torch.set_num_threads). Without a compiler, or with SGE_CPU_KERNEL=0, `available()` is False
-and sge.py uses its torch-ops fast path.
+and sge_fast.py uses its torch-ops fast path.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ if triton is not None:
     def _sge_backward_kernel(x_ptr, gy_ptr, gx_ptr, w_ptr, b_ptr, gw_ptr, gb_ptr, G, K, P, stride_b, stride_c, stride_p,
                              eps, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
         """dx (and per-row partial dgamma, dbeta) for y = x * sigmoid(w n + b), n = d / (s + eps),
-        d = c - mean(c), c = m^T x; the same derivation as sge.py's _sge_backward_core."""
+        d = c - mean(c), c = m^T x; the same derivation as sge_fast.py's _sge_backward_core."""
         row = tl.program_id(0)
         base = _row_base(row, G, K, stride_b, stride_c)
         m, residual, squares = _row_statistics(x_ptr, base, K, P, stride_c, stride_p, BLOCK_K, BLOCK_P)

@@ -40,7 +40,8 @@ from torch import nn
 
 from sge_repro.errors import UserError
 from sge_repro.models.resnet import DEFAULT_WIDTH
-from sge_repro.models.sge import DEFAULT_GROUPS, DEFAULT_NORMALIZE, SpatialGroupEnhance
+from sge_repro.models.attention import SpatialGroupEnhance
+from sge_repro.models.sge import DEFAULT_GROUPS, DEFAULT_NORMALIZE
 
 CLASSIFIER_FORMAT = "sge-repro/classifier/v1"
 FORMAT_TORCHVISION = "torchvision"

@@ -24,7 +24,7 @@ DEFAULT_GROUPS_SHOWN = 8
 
 def sge_modules(model: nn.Module) -> dict[str, nn.Module]:
     """{block name (e.g. "layer3.1"): its SGE module}, in forward order."""
-    from sge_repro.models.sge import SpatialGroupEnhance
+    from sge_repro.models.attention import SpatialGroupEnhance
 
     found = {}
     for name, module in model.named_modules():

@@ -5,7 +5,7 @@ from sge_repro.detection.backbone import ResNetBackbone, add_sge_config, count_b
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.models.sge import SpatialGroupEnhance
+from sge_repro.models.attention import SpatialGroupEnhance
 
 import_detectron2()
 from detectron2.config import get_cfg  # noqa: E402

@@ -125,7 +125,7 @@ def test_an_sge_without_normalization_converts_and_builds_as_such(registered, tm
     features, and asking for the normalised module on these weights is an error."""
     from sge_repro.detection.engine import _weights_metadata
     from sge_repro.models.weight_files import make_classifier_checkpoint
-    from sge_repro.models.sge import SpatialGroupEnhance
+    from sge_repro.models.attention import SpatialGroupEnhance
 
     kwargs = {"num_classes": 5, "groups": GROUPS, "width": WIDTH}
     classifier = create_model("sge_resnet18", seed=3, sge_normalize=False, sge_weight_init=0.01, **kwargs)

@@ -8,10 +8,9 @@ from torch import nn
 
 from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_attention, create_model, list_models, parse_model_name
-from sge_repro.models.attention import CBAM, SqueezeExcite, attention_placement
+from sge_repro.models.attention import CBAM, SpatialGroupEnhance, SqueezeExcite, attention_placement
 from sge_repro.models.registry import format_model_name
 from sge_repro.models.resnet import ResNet
-from sge_repro.models.sge import SpatialGroupEnhance
 
 
 def test_parse_model_name_splits_attention_and_depth():

@@ -8,7 +8,7 @@ from float_compare import relative_error
 from sge_repro.errors import UserError
 from sge_repro.models import create_model, list_models
 from sge_repro.models.complexity import count_params_m
-from sge_repro.models.sge import SpatialGroupEnhance
+from sge_repro.models.attention import SpatialGroupEnhance
 
 # paper-results.md, ImageNet table (#P in millions).
 PAPER_PARAMS_M = {

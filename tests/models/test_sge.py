@@ -8,7 +8,9 @@ import torch
 from float_compare import relative_error
 from sge_repro.errors import UserError
 from sge_repro.models import sge_cpu
-from sge_repro.models.sge import SpatialGroupEnhance, sge_fast, sge_reference
+from sge_repro.models.sge import sge_reference
+from sge_repro.models.sge_fast import sge_fast
+from sge_repro.models.attention import SpatialGroupEnhance
 
 
 def formula_float64(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int,
@@ -192,7 +194,7 @@ def _bn_sge_pair(channels, groups, momentum, seed):
 
 @pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)])
 def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum, cpu_backend):
-    from sge_repro.models.sge import batchnorm_sge
+    from sge_repro.models.sge_fast import batchnorm_sge
 
     (reference, fast), generator = _bn_sge_pair(128, 16, momentum, seed=4)
     z = torch.randn(3, 128, 9, 7, generator=generator) * 2 + 0.3
@@ -211,7 +213,7 @@ def test_fused_batchnorm_sge_equals_modules_in_turn(training, momentum, cpu_back
 
 
 def test_fused_batchnorm_sge_saves_no_block_sized_tensor(cpu_backend):
-    from sge_repro.models.sge import batchnorm_sge
+    from sge_repro.models.sge_fast import batchnorm_sge
 
     (reference, fast), generator = _bn_sge_pair(256, 64, 0.1, seed=5)
     z = torch.randn(2, 256, 14, 14, generator=generator).requires_grad_(True)
@@ -227,7 +229,7 @@ def test_fused_batchnorm_sge_saves_no_block_sized_tensor(cpu_backend):
 
 
 def test_fused_path_falls_back_when_hooked():
-    from sge_repro.models.sge import batchnorm_sge
+    from sge_repro.models.sge_fast import batchnorm_sge
 
     (_, (bn, sge)), generator = _bn_sge_pair(32, 8, 0.1, seed=6)
     calls = []
@@ -263,9 +265,9 @@ def test_sge_model_trains_under_bfloat16_autocast():
 @pytest.mark.parametrize("shape,groups,channels_last", [((2, 64, 9, 11), 8, False), ((3, 48, 7, 5), 16, True)])
 def test_elementwise_formulation_equals_reference(monkeypatch, shape, groups, channels_last):
     """The CUDA formulation (broadcast product + channel sum instead of batched matvecs), run here on CPU."""
-    from sge_repro.models import sge as sge_module
+    from sge_repro.models import sge_fast as fast_path
 
-    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fast_path, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
     generator = torch.Generator().manual_seed(9)
     x = torch.randn(*shape, generator=generator) * 3 + 1
     if channels_last:
@@ -299,7 +301,7 @@ def test_inplace_eval_overwrites_only_when_asked(cpu_backend):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batchnorm_sge_eval_no_grad_equals_modules_in_turn(channels_last, cpu_backend):
-    from sge_repro.models.sge import batchnorm_sge
+    from sge_repro.models.sge_fast import batchnorm_sge
 
     (reference, fast), generator = _bn_sge_pair(64, 16, 0.1, seed=11)
     z = torch.randn(3, 64, 7, 9, generator=generator) * 2 + 0.3
@@ -357,9 +359,9 @@ def _block_copies(function, block_numel: int) -> int:
 def test_cuda_formulation_reads_channels_last_in_place(monkeypatch):
     """The CUDA formulation (run here on CPU) computes on a channels_last block where it lies: the
     same outputs and gradients as for NCHW, channels_last out and back, no block-sized copy."""
-    from sge_repro.models import sge as sge_module
+    from sge_repro.models import sge_fast as fast_path
 
-    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fast_path, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(sge_cpu, "_library", None)
     monkeypatch.setattr(sge_cpu, "_failed", True)
     generator = torch.Generator().manual_seed(13)
@@ -396,10 +398,10 @@ def test_cuda_formulation_reads_channels_last_in_place(monkeypatch):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_batchnorm_sge_takes_channels_last_in_the_cuda_formulation(monkeypatch, training):
-    from sge_repro.models import sge as sge_module
-    from sge_repro.models.sge import batchnorm_sge
+    from sge_repro.models import sge_fast as fast_path
+    from sge_repro.models.sge_fast import batchnorm_sge
 
-    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fast_path, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(sge_cpu, "_library", None)
     monkeypatch.setattr(sge_cpu, "_failed", True)
     (reference, fast), generator = _bn_sge_pair(64, 8, 0.1, seed=14)

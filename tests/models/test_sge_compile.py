@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from float_compare import relative_error
-from sge_repro.models import sge as sge_module
+from sge_repro.models import sge_fast as fast_path
 from sge_repro.models import sge_cpu
-from sge_repro.models.sge import STRICT_COMPILE_ENV, CompileFallbackError, sge_fast, sge_reference
+from sge_repro.models.sge import sge_reference
+from sge_repro.models.sge_fast import STRICT_COMPILE_ENV, CompileFallbackError, sge_fast
 
 
 @pytest.fixture
 def compile_on_cpu(monkeypatch):
     """torch.compile of the fast path on the CPU, from empty caches (dynamo keeps compiled code
     per function across torch.compile wrappers: reset before and after)."""
-    monkeypatch.setattr(sge_module, "COMPILE_DEVICES", {"cpu"})
-    monkeypatch.setattr(sge_module, "_compiled", {})
+    monkeypatch.setattr(fast_path, "COMPILE_DEVICES", {"cpu"})
+    monkeypatch.setattr(fast_path, "_compiled", {})
     torch.compiler.reset()
     yield
     torch.compiler.reset()
@@ -27,7 +28,7 @@ def compile_on_cpu(monkeypatch):
 def cuda_formulation(monkeypatch):
     """The CUDA formulation (elementwise, channels_last read in place) in float32 on the CPU:
     the C kernel would otherwise take float32."""
-    monkeypatch.setattr(sge_module, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(fast_path, "ELEMENTWISE_DEVICES", {"cpu", "cuda"})
     monkeypatch.setattr(sge_cpu, "_library", None)
     monkeypatch.setattr(sge_cpu, "_failed", True)
 
@@ -47,12 +48,12 @@ def inputs(shape, groups, seed=0, dtype=torch.float64, channels_last=False):
 
 def test_a_compile_failure_warns_once_and_runs_eager(compile_on_cpu, monkeypatch):
     monkeypatch.delenv(STRICT_COMPILE_ENV, raising=False)
-    monkeypatch.setitem(sge_module.COMPILE_OPTIONS, "backend", refusing_backend)
+    monkeypatch.setitem(fast_path.COMPILE_OPTIONS, "backend", refusing_backend)
     x, gamma, beta = inputs((2, 16, 5, 6), 4)  # float64: the torch-ops path, not the C kernel
     with pytest.warns(UserWarning, match=r"torch.compile failed \(.*this backend compiles nothing.*\); using eager"):
         out = sge_fast(x, gamma, beta, 4)
     assert relative_error(out, sge_reference(x, gamma, beta, 4)) <= 1e-12
-    assert "cpu" not in sge_module.COMPILE_DEVICES
+    assert "cpu" not in fast_path.COMPILE_DEVICES
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sge_fast(x, gamma, beta, 4)  # said once
@@ -60,12 +61,12 @@ def test_a_compile_failure_warns_once_and_runs_eager(compile_on_cpu, monkeypatch
 
 def test_strict_compile_turns_the_eager_fallback_into_an_error(compile_on_cpu, monkeypatch):
     monkeypatch.setenv(STRICT_COMPILE_ENV, "1")
-    monkeypatch.setitem(sge_module.COMPILE_OPTIONS, "backend", refusing_backend)
+    monkeypatch.setitem(fast_path.COMPILE_OPTIONS, "backend", refusing_backend)
     x, gamma, beta = inputs((2, 16, 5, 6), 4)
     with pytest.raises(CompileFallbackError, match=r"this backend compiles nothing.*SGE_REPRO_STRICT_COMPILE=1 "
                                                    r"forbids the eager fallback"):
         sge_fast(x.requires_grad_(True), gamma, beta, 4)
-    assert sge_module.COMPILE_DEVICES == {"cpu"}
+    assert fast_path.COMPILE_DEVICES == {"cpu"}
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -96,7 +97,8 @@ def test_compiled_cuda_formulation_over_many_sizes_equals_reference(compile_on_c
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_fused_batchnorm_sge_equals_modules_in_turn(compile_on_cpu, cuda_formulation, monkeypatch,
                                                              channels_last):
-    from sge_repro.models.sge import SpatialGroupEnhance, batchnorm_sge
+    from sge_repro.models.sge_fast import batchnorm_sge
+    from sge_repro.models.attention import SpatialGroupEnhance
 
     monkeypatch.setenv(STRICT_COMPILE_ENV, "1")
     generator = torch.Generator().manual_seed(7)

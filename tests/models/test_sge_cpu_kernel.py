@@ -10,7 +10,9 @@ import torch
 
 from float_compare import relative_error
 from sge_repro.models import sge_cpu
-from sge_repro.models.sge import SpatialGroupEnhance, batchnorm_sge, sge_reference
+from sge_repro.models.sge import sge_reference
+from sge_repro.models.sge_fast import batchnorm_sge
+from sge_repro.models.attention import SpatialGroupEnhance
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +103,8 @@ def test_built_once_into_the_cache(tmp_path):
 def test_without_a_compiler_warns_and_uses_torch_ops(tmp_path):
     code = (
         "import warnings, torch\n"
-        "from sge_repro.models.sge import sge_fast, sge_reference\n"
+        "from sge_repro.models.sge import sge_reference\n"
+        "from sge_repro.models.sge_fast import sge_fast\n"
         "x = torch.randn(2, 16, 5, 5); g = torch.randn(1, 4, 1, 1); b = torch.randn(1, 4, 1, 1)\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"

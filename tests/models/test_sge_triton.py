@@ -10,12 +10,12 @@ import textwrap
 import pytest
 import torch
 
-from sge_repro.models.sge import SpatialGroupEnhance
+from sge_repro.models.attention import SpatialGroupEnhance
 
 CHECK = textwrap.dedent("""
     import torch
     import sge_repro.models.sge_triton as kernels
-    from sge_repro.models.sge import SpatialGroupEnhance
+    from sge_repro.models.attention import SpatialGroupEnhance
 
     assert kernels.applies(torch.zeros(1, 4, 2, 2)), "the interpreter should run the kernels on CPU tensors"
     launches = []

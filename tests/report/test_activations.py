@@ -11,7 +11,7 @@ from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.models.weight_files import make_classifier_checkpoint
-from sge_repro.models.sge import SpatialGroupEnhance
+from sge_repro.models.attention import SpatialGroupEnhance
 from sge_repro.report import build_report, render_console
 from sge_repro.report.activations import STATS_FILE, measure, summarize, write_stats
 from sge_repro.report.collect import read_activation_stats
