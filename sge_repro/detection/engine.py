@@ -1,7 +1,7 @@
 """Training and COCO evaluation of detectors through detectron2's own engine.
 
-`train_detector(cfg)` runs a DefaultTrainer subclass (hooks, periodic atomic checkpoints with
-exact resume, TensorBoard / JSON events in OUTPUT_DIR) and `evaluate_detector(cfg, weights,
+`train_detector(cfg)` runs detectron2's training loop (TrainerBase and its hooks, periodic atomic
+checkpoints with exact resume, TensorBoard / JSON events in OUTPUT_DIR) and `evaluate_detector(cfg, weights,
 dataset)` runs COCOEvaluator on pycocotools (use_fast_impl=False: no compiled ops needed).
 
 Distributed: each of N env:// worker processes (torch elastic, torchrun or SLURM set RANK,
@@ -49,14 +49,16 @@ from sge_repro.superseded import supersede_changed_run
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_test_loader  # noqa: E402
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks  # noqa: E402
+from detectron2.engine import AMPTrainer, SimpleTrainer, TrainerBase, hooks  # noqa: E402
 from detectron2.engine.defaults import create_ddp_model  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, TensorboardXWriter, get_event_storage  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
+from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402  (fvcore.nn scripts with torch.jit: after the shims)
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 logger = logging.getLogger("sge_repro.detection")
@@ -78,6 +80,7 @@ def init_distributed_from_env(cuda: bool | None = None) -> int:
     for index in range(world_size // local_size):  # every rank creates every group, in order
         group = dist.new_group(list(range(index * local_size, (index + 1) * local_size)))
         if index == machine:
+            # detectron2 0.6 has no public way to set it: only its `launch` does, and that needs CUDA
             comm._LOCAL_PROCESS_GROUP = group
     return world_size
 
@@ -103,7 +106,7 @@ def _weights_metadata(cfg: CfgNode) -> dict:
 
 
 def _build_model(cfg: CfgNode) -> torch.nn.Module:
-    """detectron2's model, logged in one line (DefaultTrainer prints the whole module tree)."""
+    """detectron2's model, logged in one line (detectron2's DefaultTrainer would print the whole module tree)."""
     model = build_model(cfg)
     count = sum(parameter.numel() for parameter in model.parameters())
     logger.info("model: %s with backbone %s, %.2fM parameters", cfg.MODEL.META_ARCHITECTURE,
@@ -112,14 +115,31 @@ def _build_model(cfg: CfgNode) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- training
-class _MetricsWriter(JSONWriter):
-    """metrics.json, appended in whole lines (AppendFile): a full disk is the one-line error
-    naming the file, and no half line is left for the resumed run to append after."""
+class _MetricsWriter(EventWriter):
+    """metrics.json as detectron2's JSONWriter writes it (one JSON line per iteration with the
+    scalars not written yet, median-smoothed where hinted), appended in whole lines (AppendFile):
+    a full disk is the one-line error naming the file, and no half line is left for the resumed
+    run to append after."""
 
     def __init__(self, json_file: str, window_size: int = 20):
-        super().__init__(json_file, window_size)
-        self._file_handle.close()
-        self._file_handle = AppendFile(json_file)
+        self._file = AppendFile(json_file)
+        self._window_size = window_size
+        self._last_write = -1
+
+    def write(self):
+        by_iteration: dict[int, dict] = {}
+        for key, (value, iteration) in get_event_storage().latest_with_smoothing_hint(self._window_size).items():
+            if iteration > self._last_write:
+                by_iteration.setdefault(iteration, {})[key] = value
+        if by_iteration:
+            self._last_write = max(by_iteration)
+        for iteration, scalars in by_iteration.items():
+            self._file.write(json.dumps({**scalars, "iteration": iteration}, sort_keys=True) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self):
+        self._file.close()
 
 
 class _EventsWriter(TensorboardXWriter):
@@ -140,13 +160,18 @@ class _EventsWriter(TensorboardXWriter):
             super().close()
 
 
-class DetectorTrainer(DefaultTrainer):
-    """DefaultTrainer with CPU DDP, the resumable data stream, atomic checkpoints carrying the
-    config fingerprint and RNG states (CheckpointHook), and COCOEvaluator on pycocotools."""
+class DetectorTrainer(TrainerBase):
+    """detectron2's training loop (TrainerBase + SimpleTrainer / AMPTrainer, as its
+    tools/plain_train_net.py builds on where DefaultTrainer's assumptions do not hold) with CPU
+    DDP, the resumable data stream, and atomic checkpoints carrying the config fingerprint and RNG
+    states (CheckpointHook) on every rank. Evaluation is the eval_det stage, not a training hook."""
 
     def __init__(self, cfg: CfgNode, records: list[dict] | None = None, start_iter: int = 0,
                  keep_checkpoints: int = 2, fingerprint: dict | None = None):
-        TrainerBase.__init__(self)
+        super().__init__()
+        if cfg.TEST.EVAL_PERIOD > 0:
+            raise UserError(f"TEST.EVAL_PERIOD={cfg.TEST.EVAL_PERIOD}: expected 0 (detectors are evaluated by the "
+                            "eval_det stage, not during training)")
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         records = training_records(cfg) if records is None else records
@@ -156,7 +181,8 @@ class DetectorTrainer(DefaultTrainer):
             model, broadcast_buffers=False, **({} if _on_cuda(cfg) else {"device_ids": None})
         )
         trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_class(model, data_loader, optimizer)
+        self.loop = trainer_class(model, data_loader, optimizer)
+        self.model, self.optimizer = model, optimizer  # what detectron2's hooks read from a trainer
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         metadata = {**_weights_metadata(cfg), "world_size": comm.get_world_size(),
                     **({"fingerprint": fingerprint} if fingerprint is not None else {})}
@@ -165,7 +191,7 @@ class DetectorTrainer(DefaultTrainer):
         self.start_iter = start_iter
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        self.register_hooks(self.build_hooks(records))
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model):
@@ -175,27 +201,42 @@ class DetectorTrainer(DefaultTrainer):
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
         return _build_model(cfg)
 
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    def run_step(self):
+        self.loop.iter = self.iter
+        self.loop.run_step()
+
+    def train(self):
+        super().train(self.start_iter, self.max_iter)
+
     def state_dict(self) -> dict:
-        # detectron2 0.6's DefaultTrainer saves only the iteration and the hooks (the LR
-        # scheduler): the optimizer's momentum (and AMP's grad scaler) must be saved too
-        return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+        # the iteration and the hooks' states (the LR scheduler), and the loop's: the optimizer's
+        # momentum and AMP's grad scaler
+        return {**super().state_dict(), "_trainer": self.loop.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._trainer.load_state_dict(state["_trainer"])
+        self.loop.load_state_dict(state["_trainer"])
 
-    def build_hooks(self):
-        built = []
-        for hook in super().build_hooks():
-            if isinstance(hook, hooks.PeriodicCheckpointer):
-                continue  # replaced below, on every rank (the RNG states are gathered from all)
-            if isinstance(hook, hooks.EvalHook) and self.cfg.TEST.EVAL_PERIOD <= 0:
-                continue  # evaluation is its own pipeline stage; no implicit eval at the end of training
-            built.append(hook)
-        checkpoints = CheckpointHook(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, self.keep_checkpoints,
-                                     cuda=_on_cuda(self.cfg))
-        writers = [index for index, hook in enumerate(built) if isinstance(hook, hooks.PeriodicWriter)]
-        built.insert(writers[0] if writers else len(built), checkpoints)
+    def build_hooks(self, records: list[dict]):
+        """Timing and the LR schedule; PreciseBN when the config enables it (before the checkpoint,
+        which saves its statistics); checkpoints on every rank (the RNG states are gathered from
+        all); the writers last, on the main process."""
+        cfg = self.cfg
+        built = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            quiet = cfg.clone()
+            quiet.defrost()
+            quiet.DATALOADER.NUM_WORKERS = 0  # as detectron2: no loader workers for the statistics
+            built.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, build_train_loader(quiet, records, 0),
+                                         cfg.TEST.PRECISE_BN.NUM_ITER))
+        built.append(CheckpointHook(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.keep_checkpoints,
+                                    cuda=_on_cuda(cfg)))
+        if comm.is_main_process():
+            built.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         return built
 
     def build_writers(self):
@@ -225,11 +266,6 @@ class DetectorTrainer(DefaultTrainer):
             logger.warning("%s holds the RNG states of %s processes, this run has %d: the random streams of "
                            "the model (proposal sampling) continue from new seeds", path,
                            len(states) if isinstance(states, list) else "no", comm.get_world_size())
-
-    @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=coco_tasks(cfg), output_dir=output_folder, use_fast_impl=False)
 
 
 def coco_tasks(cfg: CfgNode) -> tuple[str, ...]:

@@ -4,8 +4,8 @@ Checkpoints, last_checkpoint and config.yaml are written atomically (sge_repro.a
 is removed when the write fails). The append-only files are written here in whole pieces:
 metrics.json and log.txt append each record with one os.write and are cut back to their old
 length when the write fails, so a rerun never appends after half a line. A failed write becomes
-UserError "<file>: no space left on device ..." (exit 2); torch's C++ writer reports a full disk
-as 'basic_ios::clear: iostream error' or 'file write failed', recognised by the free space left.
+UserError "<file>: no space left on device ..." (exit 2). Checkpoints are serialised by torch in
+memory and written by Python, so every failed write here is an OSError that names its errno.
 """
 
 from __future__ import annotations
@@ -14,44 +14,18 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
 
 from sge_repro.atomic import write_failure
 from sge_repro.errors import UserError
 
-TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed", "unexpected pos")
-RESUMES = "free space there and rerun: training resumes from the last complete checkpoint"
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        stats = os.statvfs(folder)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-    """The error and the ones it was raised from / while handling (torch's writer raises a second
-    RuntimeError while closing the archive after the first)."""
-    chain = [error]
-    while (error := error.__cause__ or error.__context__) is not None and error not in chain:
-        chain.append(error)
-    return chain
 
 
 def raise_disk_error(path: str | os.PathLike, error: BaseException) -> None:
     """Raise the one-line UserError for `error` when it is a failed write of `path`; return otherwise."""
     if isinstance(error, UserError):
         raise error
-    where = Path(path).parent
     if isinstance(error, OSError) and (failure := write_failure(error, path)) is not None:
         raise failure from error
-    if isinstance(error, RuntimeError) and any(text in str(link) for link in _chain(error) for text in TORCH_WRITE_FAILURES):
-        free = _free_bytes(where)
-        cause = "no space left on device" if free is not None and free < (64 << 20) else "the write failed"
-        raise UserError(f"{path}: {cause} (torch: {str(error).splitlines()[0]}; {free} bytes free in {where}); "
-                        f"{RESUMES}") from error
 
 
 class disk_errors:
