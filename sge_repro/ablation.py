@@ -1,21 +1,20 @@
 """The paper's SGE ablations as DVC experiments: which G, gamma's initial value, the normalisation.
 
-`ablate` queues one classification experiment per variant on top of the current commit (through
-`pipeline.run_experiment`, so each takes a validated params.yaml), runs DVC's queue, waits, and
-collects the finished experiments into a table with the authors' three conclusions marked held /
-not held / not significant. Each experiment trains and evaluates one model only (a queued
-experiment runs in a fresh copy: anything else listed would be trained again in every one).
+`ablate` runs one classification experiment per variant on top of the current commit (through
+`pipeline.run_experiment`, so each takes a validated params.yaml; `dvc exp run --temp`, one after
+the other) and collects them into a table with the authors' three conclusions marked held / not
+held / not significant. Each experiment trains and evaluates one model only (it runs in a fresh
+copy: anything else listed would be trained again in every one).
 Every comparison is a paired bootstrap over the validation images, whose per-image results the
 eval_cls stage caches (`runs/eval_cls/*.json`); they are read back at each experiment's commit
-through DVC's public API. Rerunning `ablate` resumes: finished experiments are kept, queued or
-running ones are waited for, only missing ones are queued.
+through DVC's public API. Rerunning `ablate` resumes: finished experiments are kept, only missing
+ones run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,6 @@ from sge_repro.report.stats import paired_image_bootstrap
 
 REPORT_JSON = Path("reports") / "ablation.json"
 REPORT_MD = Path("reports") / "ablation.md"
-POLL_S = 5.0
 HELD, NOT_HELD, NOT_SIGNIFICANT, UNDETERMINED = "held", "not held", "not significant", "undetermined"
 
 
@@ -121,30 +119,36 @@ def experiments(root: Path = Path(".")) -> dict[str, dict]:
     return found
 
 
-def queue_and_wait(plan_: Plan, jobs: int = 1, on_progress: Callable[[int, int], None] = lambda done, total: None,
-                   root: Path = Path(".")) -> dict[str, dict]:
-    """Queue the plan's missing experiments, start DVC's queue and wait until none is queued or
-    running; returns `experiments()`. A failed experiment is one line naming it and its log."""
+def run_missing(plan_: Plan, on_start: Callable[[Variant, int, int], None] = lambda variant, index, total: None,
+                root: Path = Path(".")) -> dict[str, dict]:
+    """Run the plan's experiments that this commit does not have yet, one after the other, each
+    with `dvc exp run --temp` (in a temporary copy, in the foreground: DVC's background queue can
+    stall between experiments, treeverse/dvc#10398); returns `experiments()`."""
     found = experiments(root)
-    missing = [v for v in plan_.variants if v.name not in found]
-    for variant in missing:
-        if run_experiment(variant.settings(), ["eval_cls"], queue=True, name=variant.name,
-                          params_file=root / "params.yaml"):
-            raise UserError(f"dvc exp run --queue -n {variant.name}: DVC could not queue it (see its output above)")
     names = [v.name for v in plan_.variants]
-    if missing or any(found[n]["state"] in ("queued", "running") for n in names if n in found):
-        dvc("queue", "start", "-j", str(jobs), cwd=root)
-    while True:
-        found = experiments(root)
-        states = [found.get(n, {}).get("state", "queued") for n in names]
-        on_progress(sum(s in ("success", "failed") for s in states), len(names))
-        failed = [n for n, s in zip(names, states) if s == "failed"]
-        if failed:
-            raise UserError(f"experiment {failed[0]} failed: see `dvc queue logs {failed[0]}`; remove it with "
-                            f"`dvc exp remove {failed[0]}` and rerun to queue it again")
-        if all(s == "success" for s in states):
-            return found
-        time.sleep(POLL_S)
+    _refuse_failed(names, found)
+    missing = [v for v in plan_.variants if v.name not in found]
+    for index, variant in enumerate(missing):
+        on_start(variant, index, len(missing))
+        if run_experiment(variant.settings(), ["eval_cls"], name=variant.name, params_file=root / "params.yaml",
+                          temp=True):
+            kept = f"; the {index} run before it are kept" if index else ""
+            raise UserError(f"experiment {variant.name} failed (DVC's output above){kept}: rerun to go on from it")
+    found = experiments(root)
+    _refuse_failed(names, found)
+    unfinished = [name for name in names if found.get(name, {}).get("state") != "success"]
+    if unfinished:
+        raise UserError(f"experiment {unfinished[0]} is {found.get(unfinished[0], {}).get('state', 'missing')} in "
+                        "DVC's queue; expected it finished (`dvc queue status`), or remove it "
+                        f"(`dvc exp remove {unfinished[0]}`) and rerun")
+    return found
+
+
+def _refuse_failed(names: list[str], found: dict[str, dict]) -> None:
+    failed = [name for name in names if found.get(name, {}).get("state") == "failed"]
+    if failed:
+        raise UserError(f"experiment {failed[0]} failed: see `dvc queue logs {failed[0]}`; remove it with "
+                        f"`dvc exp remove {failed[0]}` and rerun to queue it again")
 
 
 def check_same_recipe(plan_: Plan, found: dict[str, dict], root: Path = Path(".")) -> None:
@@ -325,13 +329,13 @@ def _ci(bounds: list | None, signed: bool = True) -> str:
     return f"[{_number(bounds[0], signed)}, {_number(bounds[1], signed)}]"
 
 
-def ablate(params: Params, model: str | None = None, groups: list[int] | None = None, jobs: int = 1,
-           on_progress: Callable[[int, int], None] = lambda done, total: None,
+def ablate(params: Params, model: str | None = None, groups: list[int] | None = None,
+           on_start: Callable[[Variant, int, int], None] = lambda variant, index, total: None,
            root: Path = Path(".")) -> tuple[dict[str, Any], list[Path]]:
-    """Plan, queue what is missing, run the queue, wait, and write the table: (table, files written)."""
+    """Plan, run what is missing, and write the table: (table, files written)."""
     plan_ = plan(params, model, groups)
     check_same_recipe(plan_, experiments(root), root)
-    found = queue_and_wait(plan_, jobs, on_progress, root)
+    found = run_missing(plan_, on_start, root)
     check_same_recipe(plan_, found, root)
     result = summarise(plan_, read_rows(plan_, found, params, root), params)
     return result, write(result, root)

@@ -132,16 +132,16 @@ def check_runnable(params, root: Path) -> None:
 
 
 def run_experiment(assignments: list[str], targets: list[str], queue: bool = False, name: str | None = None,
-                   params_file: Path = PARAMS_FILE) -> int:
-    """`dvc exp run [--queue] [--name NAME] [TARGETS]` with params.yaml set by `assignments` (KEY=VALUE)
-    and the keys sge-repro derives brought up to date; returns DVC's exit code.
+                   params_file: Path = PARAMS_FILE, temp: bool = False) -> int:
+    """`dvc exp run [--queue | --temp] [--name NAME] [TARGETS]` with params.yaml set by `assignments`
+    (KEY=VALUE) and the keys sge-repro derives brought up to date; returns DVC's exit code.
 
     DVC's own `-S` writes only the keys it is given: a change of seeds, detection_backbones or
     convert.* then leaves convert.inputs stale and the experiment fails at its first stage. Here
     the file is validated and written whole before DVC starts (bad input: UserError, file untouched).
-    A queued experiment takes the workspace's params.yaml with it; the file is put back afterwards,
-    so the next `exp run --queue` starts from the same baseline. Without --queue, as `dvc exp run
-    -S`, the workspace keeps the experiment's params and results."""
+    A queued experiment (and one run in a temporary copy, `temp`) takes the workspace's params.yaml
+    with it; the file is put back afterwards, so the next one starts from the same baseline.
+    Otherwise, as `dvc exp run -S`, the workspace keeps the experiment's params and results."""
     require_dvc_project()
     run_lock.refuse_if_busy()
     before = params_file.read_bytes()
@@ -150,11 +150,11 @@ def run_experiment(assignments: list[str], targets: list[str], queue: bool = Fal
     check_runnable(params, params_file.parent)
     atomic.write_text(params_file, dump_params(params))
     command = [sys.executable, "-m", "dvc", "exp", "run", *(["--queue"] if queue else []),
-               *(["--name", name] if name else []), *targets]
+               *(["--temp"] if temp else []), *(["--name", name] if name else []), *targets]
     try:
-        return subprocess.run(command, env=stage_env()).returncode
+        return subprocess.run(command, env=stage_env(), cwd=params_file.parent).returncode
     finally:
-        if queue:
+        if queue or temp:
             atomic.write_bytes(params_file, before)
 
 

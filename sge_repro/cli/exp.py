@@ -36,26 +36,26 @@ def ablate(
     groups: Optional[list[int]] = typer.Option(None, "--groups", "-g", help=(
         "A G of the sweep (repeatable; default 1, 2, 4, ... up to the largest power of two dividing every SGE "
         "block's channels). params.yaml's model.groups is always in it.")),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Experiments run at once (`dvc queue start -j`)."),
 ) -> None:
-    """Queue and run the paper's SGE ablations on top of the current commit as DVC experiments (the
-    G sweep; at params.yaml's G: gamma initialised to 1, no normalisation; the plain ResNet), then
-    write reports/ablation.md / .json: top-1 with 95% CIs, the gain over the plain model and the
-    authors' conclusions marked held / not held / not significant. Rerun to resume or to reprint."""
+    """Run the paper's SGE ablations on top of the current commit as DVC experiments, one after the
+    other (the G sweep; at params.yaml's G: gamma initialised to 1, no normalisation; the plain
+    ResNet), then write reports/ablation.md / .json: top-1 with 95% CIs, the gain over the plain
+    model and the authors' conclusions marked held / not held / not significant. Rerun to resume
+    or to reprint."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
     from sge_repro.ablation import CLAIM_HEADERS, ROW_HEADERS, ablate as run_ablation, cells, title
-    from sge_repro.cli.ui import console, progress_bar
+    from sge_repro.cli.ui import console
     from sge_repro.params import load_params
     from sge_repro.pipeline import require_dvc_project
 
+    def starting(variant, index: int, total: int) -> None:
+        console.print(Text(f"experiment {index + 1}/{total}: {variant.name} ({variant.label()})", style="bold"))
+
     require_dvc_project()
-    with progress_bar() as progress:
-        task = progress.add_task("experiments finished", total=None, info="")
-        result, written = run_ablation(load_params(), model, list(groups or []) or None, jobs,
-                                       lambda done, total: progress.update(task, completed=done, total=total))
+    result, written = run_ablation(load_params(), model, list(groups or []) or None, starting)
     for headers, rows, name in zip((ROW_HEADERS, CLAIM_HEADERS), cells(result), (title(result), "The authors' conclusions")):
         out = Table(title=Text(name), title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
         for header in headers:

@@ -1,5 +1,5 @@
-"""`sge-repro exp ablate` end to end on the smoke profile: a small sweep (G = 1, 2, 4) queued and run
-as real DVC experiments, the table read back against `dvc exp show`, a rerun that resumes, and a
+"""`sge-repro exp ablate` end to end on the smoke profile: a small sweep (G = 1, 2, 4) run as real
+DVC experiments, the table read back against `dvc exp show`, a rerun that resumes, and a
 changed recipe that is refused."""
 
 import json
@@ -46,7 +46,11 @@ def test_the_ablation_runs_as_dvc_experiments_and_its_table_is_theirs(tmp_path):
     first = ablate(root)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "SGE ablations: sge_resnet18 against resnet18" in first.stdout and "The authors' conclusions" in first.stdout
-    assert (root / "params.yaml").read_bytes() == params_before  # every variant was queued from the same file
+    assert (root / "params.yaml").read_bytes() == params_before  # every variant started from the same file
+    assert [line for line in first.stdout.splitlines() if line.startswith("experiment ")] == [
+        f"experiment {n}/6: {name}" for n, name in enumerate(
+            ["resnet18-plain (plain)", "sge_resnet18-g1 (G = 1)", "sge_resnet18-g2 (G = 2)", "sge_resnet18-g4 (G = 4)",
+             "sge_resnet18-g4-gamma1 (G = 4, gamma init 1)", "sge_resnet18-g4-nonorm (G = 4, no normalisation)"], 1)]
 
     result = json.loads((root / "reports" / "ablation.json").read_text())
     experiments = shown_experiments(root)
@@ -82,7 +86,7 @@ def test_the_ablation_runs_as_dvc_experiments_and_its_table_is_theirs(tmp_path):
     table = (root / "reports" / "ablation.json").read_bytes()
     again = ablate(root)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Queued experiment" not in again.stdout + again.stderr
+    assert "experiment 1/" not in again.stdout
     assert sorted(shown_experiments(root)) == sorted(names)
     assert (root / "reports" / "ablation.json").read_bytes() == table
 
@@ -97,3 +101,24 @@ def test_the_ablation_runs_as_dvc_experiments_and_its_table_is_theirs(tmp_path):
         "recipe: commit the change to start a new ablation, or remove it (`dvc exp remove resnet18-plain`) and rerun"]
     assert (root / "reports" / "ablation.json").read_bytes() == table
     assert sorted(shown_experiments(root)) == sorted(names)
+
+
+def test_a_failed_experiment_is_one_line_and_leaves_params_yaml_and_the_experiments_as_they_were(tmp_path):
+    """The first experiment fails at its data stage (a dataset path that is not there): DVC's own
+    output, then one line naming the experiment; params.yaml is the user's again, no experiment is
+    recorded, nothing is written in reports/."""
+    root = copy_project(tmp_path / "project")
+    params = profile_params("smoke", root / "pipelines" / "profiles")
+    params.data.classification.source, params.data.classification.source_path = "imagenet", "datasets/missing"
+    (root / "params.yaml").write_text(dump_params(params))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "a dataset that is not there")
+    before = (root / "params.yaml").read_bytes()
+
+    failed = ablate(root)
+    assert failed.returncode == 2
+    assert "data.classification.source_path: datasets/missing does not exist" in failed.stdout + failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "error: experiment resnet18-plain failed (DVC's output above): rerun to go on from it")
+    assert (root / "params.yaml").read_bytes() == before
+    assert shown_experiments(root) == {} and not (root / "reports").exists()
