@@ -268,9 +268,9 @@ def _middle_g_claim(plan_: Plan, rows: dict[str, Row], params: Params) -> dict[s
         inner = max((g for g in done if g not in ends), key=lambda g: done[g].top1)
         gain = compare(done[inner], done[best], params)
         return _claim(text, gain, f"best inner G = {inner} minus best G = {best}")
-    gains = [compare(done[best], done[end], params) for end in ends]
-    worst = min(gains, key=lambda g: g.low if g.low is not None else g.estimate)
-    return _claim(text, worst, f"best G = {best} minus the closer end")
+    gains = {end: compare(done[best], done[end], params) for end in ends}
+    end = min(ends, key=lambda g: gains[g].low if gains[g].low is not None else gains[g].estimate)
+    return _claim(text, gains[end], f"best G = {best} minus G = {end} (the end it beats least)")
 
 
 def _claim(text: str, gain: GainInterval | None, how: str) -> dict[str, Any]:
