@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dvc import api as dvc_api
 import numpy as np
 
 from sge_repro import atomic
@@ -190,13 +191,11 @@ class Row:
 
 def read_results(variant: Variant, rev: str, params: Params, root: Path = Path(".")) -> list[np.ndarray]:
     """The per-image top-1 correctness of each seed of one experiment, read at its commit."""
-    import dvc.api
-
     arrays = []
     for seed in params.seeds:
         path = f"runs/eval_cls/{variant.model}-seed{seed}.json"
         try:
-            result = json.loads(dvc.api.read(path, repo=str(root.resolve()), rev=rev))
+            result = json.loads(dvc_api.read(path, repo=str(root.resolve()), rev=rev))
             arrays.append(np.asarray(result["correct_top1"], dtype=np.float64))
         except (FileNotFoundError, KeyError, ValueError, TypeError) as error:
             raise UserError(f"experiment {variant.name}: {path}: expected the eval_cls stage's per-image results "
@@ -334,8 +333,8 @@ def ablate(params: Params, model: str | None = None, groups: list[int] | None = 
            root: Path = Path(".")) -> tuple[dict[str, Any], list[Path]]:
     """Plan, run what is missing, and write the table: (table, files written)."""
     plan_ = plan(params, model, groups)
-    check_same_recipe(plan_, experiments(root), root)
+    check_same_recipe(plan_, experiments(root), root)  # before anything runs
     found = run_missing(plan_, on_start, root)
-    check_same_recipe(plan_, found, root)
+    check_same_recipe(plan_, found, root)  # hand-queued ones that finished meanwhile
     result = summarise(plan_, read_rows(plan_, found, params, root), params)
     return result, write(result, root)
