@@ -28,6 +28,7 @@ task that only lost its peer in a collective: `sge_repro.launch.errors.root_caus
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
@@ -37,9 +38,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
+
+import cloudpickle
+import submitit
+from pydantic import BaseModel
 
 from sge_repro import atomic
 from sge_repro.errors import UserError
@@ -94,8 +98,6 @@ def _tasks_per_node(settings: LaunchParams) -> int:
 def _canonical(value: Any) -> Any:
     """A JSON-able form of an argument that is the same in every process for equal values
     (pickle bytes are not: pydantic keeps a set of field names, whose order varies by process)."""
-    from pydantic import BaseModel
-
     if isinstance(value, BaseModel):
         # how the job is launched (params.launch: nodes, tasks, time limit, partition) is not what it computes
         launch = {name for name in type(value).model_fields if isinstance(getattr(value, name), LaunchParams)}
@@ -176,15 +178,11 @@ def sbatch_parameters(settings: LaunchParams, tasks_per_node: int, cuda: bool, j
 
 
 def _submit(target, args, settings: LaunchParams, tasks_per_node: int, folder: Path, job_name: str) -> str:
-    import submitit
-
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**sbatch_parameters(settings, tasks_per_node, _uses_cuda(args), job_name))
     # The call travels pickled: unpickled in the task only after the env:// variables are set, so
     # modules that read RANK at import (sge_repro.cli.ui) see the task's rank.
-    import cloudpickle
-
     payload = cloudpickle.dumps((target, args))
     try:
         job = executor.submit(task_main, payload)
@@ -196,11 +194,9 @@ def _submit(target, args, settings: LaunchParams, tasks_per_node: int, folder: P
 
 def task_main(payload: bytes) -> Any:
     """One SLURM task: env:// variables from SLURM's, then the target."""
-    from submitit.helpers import TorchDistributedEnvironment
-
     from sge_repro.distributed import leave_process_group  # torch: imported in the task, not the head
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     target, args = pickle.loads(payload)
     result = target(*args)
     leave_process_group()
@@ -240,7 +236,7 @@ def _attachable_job(state_dir: Path, fingerprint: str, job_name: str, name: str)
     if state in LIVE_STATES:
         _say(f"{name}: re-attaching to SLURM job {job_id} ({state}), submitted {record.get('submitted', '?')}")
         return record
-    outcomes = _outcomes(Path(record["folder"]), job_id, int(record["ntasks"]))
+    outcomes = _outcomes(_job(record))
     if all(outcome is not None and outcome[0] == "success" for outcome in outcomes):
         _say(f"{name}: SLURM job {job_id} already finished ({state}); collecting its result")
         return record
@@ -251,7 +247,7 @@ def _attachable_job(state_dir: Path, fingerprint: str, job_name: str, name: str)
 
 def _orphaned_job(state_dir: Path, fingerprint: str, job_name: str, name: str) -> dict | None:
     """A live job of this stage's name with no record (the head died between sbatch and the record)."""
-    listed = _slurm_command(["squeue", "--noheader", "--user", _user(), "--name", job_name, "--format", "%i %T"])
+    listed = _slurm_command(["squeue", "--noheader", "--user", getpass.getuser(), "--name", job_name, "--format", "%i %T"])
     if listed is None:
         return None
     jobs = sorted((line.split() for line in listed.splitlines() if line.strip()), key=lambda job: int(job[0]))
@@ -304,41 +300,39 @@ class LogTail:
         self.stream.flush()
 
 
-@dataclass
-class _Paths:
-    stdout: Path
-    stderr: Path
-    result: Path
+def _job(record: dict) -> submitit.SlurmJob:
+    """submitit's handle on a recorded job: each task's log and result files, outcome, scancel."""
+    return submitit.SlurmJob(record["folder"], str(record["job_id"]), tasks=range(int(record["ntasks"])))
 
 
-def _task_paths(folder: Path, job_id: str, task: int) -> _Paths:
-    # submitit's layout (submitit.core.utils.JobPaths): <job>_<task>_log.out|err, <job>_<task>_result.pkl
-    return _Paths(folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err",
-                  folder / f"{job_id}_{task}_result.pkl")
-
-
-def _outcomes(folder: Path, job_id: str, ntasks: int, known: list | None = None) -> list[tuple[str, Any] | None]:
+def _outcomes(job: submitit.SlurmJob, known: list | None = None) -> list[tuple[str, Any] | None]:
     """Each task's ("success", value) / ("error", traceback), or None while it has none (`known`:
     outcomes read before, not read again). submitit writes a result file under a temp name and
-    renames it: a present file is complete."""
-    outcomes = list(known) if known is not None else [None] * ntasks
-    for task in range(ntasks):
-        if outcomes[task] is None:
-            try:
-                with open(_task_paths(folder, job_id, task).result, "rb") as handle:
-                    outcomes[task] = pickle.load(handle)
-            except FileNotFoundError:
-                pass
+    renames it: a present file is complete, and reading it does not wait."""
+    outcomes = list(known) if known is not None else [None] * job.num_tasks
+    for rank, outcome in enumerate(outcomes):
+        task = job.task(rank)
+        if outcome is None and task.paths.result_pickle.exists():
+            error = task.exception()
+            outcomes[rank] = ("success", task.result()) if error is None else ("error", _traceback(error))
     return outcomes
+
+
+def _traceback(error: Exception) -> str:
+    """The task's own traceback out of submitit's FailedJobError, which frames it between two
+    lines of dashes and follows it with where the logs are."""
+    parts = re.split(r"^-{10,}$", str(error), flags=re.MULTILINE)
+    return parts[1].strip() if len(parts) >= 3 else str(error)
 
 
 def _follow(record: dict, name: str) -> Any:
     """Stream the job's logs until every task has a result, one has failed, or the job has ended;
     rank 0's result."""
-    job_id, ntasks, folder = str(record["job_id"]), int(record["ntasks"]), Path(record["folder"])
+    job = _job(record)
+    job_id, ntasks, folder = job.job_id, job.num_tasks, Path(record["folder"])
     tails = []
     for task in range(ntasks):
-        paths = _task_paths(folder, job_id, task)
+        paths = job.task(task).paths
         prefix = f"[rank {task}] " if ntasks > 1 else ""
         tails += [LogTail(paths.stdout, sys.stdout, prefix), LogTail(paths.stderr, sys.stderr, prefix)]
     state, state_poll, next_state_check, completed_at = UNKNOWN, STATE_POLL_S[0], 0.0, None
@@ -347,8 +341,8 @@ def _follow(record: dict, name: str) -> Any:
     while True:
         for tail in tails:
             tail.pump()
-        outcomes = _outcomes(folder, job_id, ntasks, outcomes)
-        failures = _failures(folder, job_id, outcomes)
+        outcomes = _outcomes(job, outcomes)
+        failures = _failures(job, outcomes)
         if all(outcomes) or any(not failure.lost_a_peer for failure in failures):
             break
         if failures:
@@ -373,19 +367,19 @@ def _follow(record: dict, name: str) -> Any:
                     if time.monotonic() - completed_at > RESULT_GRACE_S:
                         break
                 elif state not in LIVE_STATES:
-                    outcomes = _outcomes(folder, job_id, ntasks, outcomes)
+                    outcomes = _outcomes(job, outcomes)
                     break
         time.sleep(LOG_POLL_S)
-    failures = _failures(folder, job_id, outcomes)
+    failures = _failures(job, outcomes)
     if failures and state in LIVE_STATES | {UNKNOWN}:
-        _cancel(job_id, None, quiet=True)  # its peers may be waiting for it in a collective
+        job.cancel(check=False)  # its peers may be waiting for it in a collective
     for tail in tails:
         tail.pump(final=True)
     missing = [task for task, outcome in enumerate(outcomes) if outcome is None]
     if failures:
         failed = root_cause(failures)
         message = (f"{name}: SLURM job {job_id} failed on rank {failed.rank}: {_last_line(failed.message)} "
-                   f"(log: {_task_paths(folder, job_id, failed.rank).stderr})")
+                   f"(log: {job.task(failed.rank).paths.stderr})")
         if failed.lost_a_peer and missing:
             # The peer it lost died without an error of its own (a signal, the OOM killer).
             message += f"; no result from rank(s) {', '.join(map(str, missing))} (logs in {folder})"
@@ -393,7 +387,7 @@ def _follow(record: dict, name: str) -> Any:
     if missing:
         # Ended without a result: cancelled, timed out, out of memory, node failure.
         task = missing[0]
-        stderr = _task_paths(folder, job_id, task).stderr
+        stderr = job.task(task).paths.stderr
         error = _last_error_line(stderr)
         raise LaunchError(f"{name}: SLURM job {job_id} ended {state} without a result from rank {task}"
                           + (f": {error}" if error else "") + f" (log: {stderr})")
@@ -402,14 +396,14 @@ def _follow(record: dict, name: str) -> Any:
     return outcomes[0][1]
 
 
-def _failures(folder: Path, job_id: str, outcomes: list) -> list[RankFailure]:
+def _failures(job: submitit.SlurmJob, outcomes: list) -> list[RankFailure]:
     """The tasks that failed: their tracebacks, timed by their result files (written when the
     exception reached submitit; on a shared filesystem the server's clock times them all)."""
     failures = []
     for task, outcome in enumerate(outcomes):
         if outcome is not None and outcome[0] == "error":
             try:
-                written = _task_paths(folder, job_id, task).result.stat().st_mtime
+                written = job.task(task).paths.result_pickle.stat().st_mtime
             except OSError:
                 written = None
             failures.append(RankFailure(task, str(outcome[1]), written))
@@ -453,12 +447,6 @@ def _require_slurm_commands() -> None:
                         "SLURM login node (or set launch.launcher: local)")
 
 
-def _user() -> str:
-    import getpass
-
-    return getpass.getuser()
-
-
 def _slurm_command(command: list[str]) -> str | None:
     """A SLURM client command's stdout, or None when it fails (its stderr is then in the result's place)."""
     try:
@@ -470,6 +458,7 @@ def _slurm_command(command: list[str]) -> str | None:
 
 def job_state(job_id: str) -> str:
     """The job's state: squeue while the controller holds it, then sacct (accounting), else UNKNOWN.
+    (submitit's `Job.state` asks sacct only, which knows no job where SLURM keeps no accounting.)
 
     If the controller cannot be reached at all, this raises rather than report the job as gone
     (which would submit a second one)."""
@@ -490,17 +479,14 @@ def job_state(job_id: str) -> str:
     return UNKNOWN
 
 
-def _cancel(job_id: str | None, job_name: str | None, quiet: bool = False) -> None:
+def _cancel(job_id: str | None, job_name: str) -> None:
     """scancel the job (by id, or by this stage's job name when sbatch was interrupted before it answered)."""
     if job_id is not None:
         command = ["scancel", job_id]
-    elif job_name is not None:
-        command = ["scancel", "--user", _user(), "--name", job_name]
     else:
-        return
+        command = ["scancel", "--user", getpass.getuser(), "--name", job_name]
     subprocess.run(command, capture_output=True, timeout=60)
-    if not quiet:
-        _say(f"cancelled SLURM job {job_id or job_name}")
+    _say(f"cancelled SLURM job {job_id or job_name}")
 
 
 def _say(message: str) -> None:
