@@ -16,15 +16,58 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import nn
 
 from sge_repro.atomic import write_json
+from sge_repro.models.attention import SpatialGroupEnhance
+from sge_repro.models.sge import sge_reference_gate
 
 STATS_FILE = "activation_stats.json"
 WEAK_FRACTION = 0.1  # a position is weak when its activation is below 10% of the map's max
 # At most this many val images, evenly spaced over the split: the statistics are means over
 # images, 64 pins them down well enough for a verdict while keeping the stage's CPU time small.
 MAX_IMAGES = 64
+
+
+def sge_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{block name (e.g. "layer3.1"): its SGE module}, in forward order."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SpatialGroupEnhance):
+            found[name.rsplit(".", 1)[0] if "." in name else name] = module
+    return found
+
+
+def capture_sge(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Run `model` on `image` and return {layer: {"before", "gate", "after"}} for the given SGE blocks."""
+    modules = sge_modules(model)
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+
+    def hook(name: str, module: nn.Module):
+        def record(_module, inputs, output):
+            before = inputs[0].detach().float()
+            gate = sge_reference_gate(before, module.weight.detach().float(), module.bias.detach().float(),
+                                      module.groups, module.normalize)
+            # a copy: the block adds the identity to this output in place right after the hook
+            captured[name] = {"before": before[0], "gate": gate[0], "after": output.detach().float()[0].clone()}
+
+        return record
+
+    try:
+        for name in layers:
+            handles.append(modules[name].register_forward_hook(hook(name, modules[name])))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(image)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 def _group_maps(tensor: torch.Tensor, groups: int) -> torch.Tensor:
@@ -62,8 +105,6 @@ def _nanmean(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def measure(model: nn.Module, images: Sequence[torch.Tensor], layer: str) -> dict:
     """The statistics of SGE block `layer` of `model` over `images` (1x3xHxW each): per group, the
     mean over images (gate means over the images where the group has such positions)."""
-    from sge_repro.report.visualize import capture_sge
-
     per_image = [image_stats(capture_sge(model, image, [layer])[layer]) for image in images]
     keys = per_image[0].keys()
     stacked = {key: _nanmean(torch.stack([stats[key] for stats in per_image])) for key in keys}
@@ -117,9 +158,6 @@ def summarize(groups: list[dict]) -> dict:
 
 def variance_figure(rows) -> bytes | None:
     """PNG: per model (one panel), each group's variance across positions before vs after SGE."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not rows:
         return None
     figure = Figure(figsize=(8, 2.2 * len(rows) + 0.6), layout="constrained")

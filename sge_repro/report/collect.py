@@ -21,6 +21,7 @@ import numpy as np
 
 from sge_repro.errors import UserError, not_utf8
 from sge_repro.paths import ProjectPaths
+from sge_repro.report.activations import STATS_FILE, summarize
 from sge_repro.report.reference import BBOX_KEYS
 from sge_repro.report.schema import ActivationRow, Missing
 
@@ -420,8 +421,6 @@ def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
 
 def read_activation_stats(path: Path, root: Path) -> ActivationRow | None:
     """One activation_stats.json of the visualize stage, summarised (None when absent or empty)."""
-    from sge_repro.report.activations import summarize
-
     data = read_json_object(path, root)
     if data is None:
         return None
@@ -441,8 +440,6 @@ def read_activation_stats(path: Path, root: Path) -> ActivationRow | None:
 
 def collect_activations(root: Path) -> list[ActivationRow]:
     """Every SGE model's activation analysis under runs/visualize, by model and seed."""
-    from sge_repro.report.activations import STATS_FILE
-
     folder = ProjectPaths(Path(root)).attention_maps
     rows = [read_activation_stats(path, Path(root)) for path in sorted(folder.glob(f"*/{STATS_FILE}"))]
     return [row for row in rows if row is not None]

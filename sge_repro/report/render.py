@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
 from sge_repro.atomic import write_json, write_text
 from sge_repro.report.activations import (
     ACTIVATION_HEADERS,
@@ -255,11 +262,6 @@ def render_console(report: Report, console: Console, wide: bool = False) -> None
 
     By default the compact tables (one per dataset; every row one line at 80 columns); with
     `wide`, every column of report.md / report.html (cells fold on a narrow terminal)."""
-    from rich import box
-    from rich.table import Table
-    from rich.markup import escape
-    from rich.text import Text
-
     def full_table(title: str, headers: Sequence[str], rows: list[list[str]]) -> Table:
         out = Table(title=Text(title), title_justify="left", header_style="bold")
         for index, header in enumerate(headers):
@@ -369,8 +371,6 @@ def render_markdown(report: Report) -> str:
 # ---------------------------------------------------------------- figures
 
 def _png(figure) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
@@ -410,8 +410,6 @@ def curve_series(curve: CurveSet) -> list[Series]:
 
 def curve_figure(curve: CurveSet) -> bytes:
     """Loss and validation top-1 per epoch (PNG bytes)."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(9, 3.2))
     axes = dict(zip(("loss", "top1"), figure.subplots(1, 2)))
     for line in curve_series(curve):
@@ -430,8 +428,6 @@ def curve_figure(curve: CurveSet) -> bytes:
 
 def gains_figure(report: Report) -> bytes | None:
     """Horizontal bars of every gain over the plain baseline, CI whiskers, the paper's gain as x."""
-    from matplotlib.figure import Figure
-
     entries = [
         (f"{r.model} top-1 ({r.dataset})", r.gain, r.paper_gain) for r in report.classification if r.gain is not None
     ] + [

@@ -14,23 +14,22 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, UnidentifiedImageError
 from torch import nn
+from torchvision.transforms import functional as F
 
 from sge_repro.atomic import write_bytes
+from sge_repro.classification.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+from sge_repro.data.manifest import evenly_spaced
 from sge_repro.errors import UserError
+from sge_repro.models import create_model
+from sge_repro.models.registry import parse_model_name
+from sge_repro.models.weight_files import read_classifier_header
+from sge_repro.report.activations import MAX_IMAGES, capture_sge, measure, sge_modules, write_stats
 
 DEFAULT_GROUPS_SHOWN = 8
-
-
-def sge_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{block name (e.g. "layer3.1"): its SGE module}, in forward order."""
-    from sge_repro.models.attention import SpatialGroupEnhance
-
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SpatialGroupEnhance):
-            found[name.rsplit(".", 1)[0] if "." in name else name] = module
-    return found
 
 
 def default_layers(names: list[str]) -> list[str]:
@@ -43,11 +42,6 @@ def default_layers(names: list[str]) -> list[str]:
 
 def load_image(image_path: Path, image_size: int | None) -> tuple[torch.Tensor, "object"]:
     """(normalised 1x3xSxS tensor, the RGB crop shown beside the maps); S = shorter side if None."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import functional as F
-
-    from sge_repro.classification.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
-
     try:
         with Image.open(image_path) as opened:
             image = opened.convert("RGB")
@@ -62,43 +56,8 @@ def load_image(image_path: Path, image_size: int | None) -> tuple[torch.Tensor, 
     return tensor, crop
 
 
-def capture_sge(model: nn.Module, image: torch.Tensor, layers: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Run `model` on `image` and return {layer: {"before", "gate", "after"}} for the given SGE blocks."""
-    from sge_repro.models.sge import sge_reference_gate
-
-    modules = sge_modules(model)
-    captured: dict[str, dict[str, torch.Tensor]] = {}
-    handles = []
-
-    def hook(name: str, module: nn.Module):
-        def record(_module, inputs, output):
-            before = inputs[0].detach().float()
-            gate = sge_reference_gate(before, module.weight.detach().float(), module.bias.detach().float(),
-                                      module.groups, module.normalize)
-            # a copy: the block adds the identity to this output in place right after the hook
-            captured[name] = {"before": before[0], "gate": gate[0], "after": output.detach().float()[0].clone()}
-
-        return record
-
-    try:
-        for name in layers:
-            handles.append(modules[name].register_forward_hook(hook(name, modules[name])))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(image)
-        model.train(was_training)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 def attention_figure(layer: str, maps: dict[str, torch.Tensor], crop, groups_shown: int) -> bytes:
     """PNG: the input crop, then per group (columns) the map before, the gate, the map after."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     groups = maps["gate"].shape[0]
     shown = list(range(0, groups, max(1, groups // groups_shown)))[:groups_shown]
     channels_per_group = maps["before"].shape[0] // groups
@@ -174,9 +133,6 @@ def visualize_sge_checkpoint(
 def load_checkpoint(model_name: str, checkpoint: str | os.PathLike) -> nn.Module:
     """The model of a checkpoint file (ours: its recorded num_classes / groups / width; torchvision
     or official files: the 1000-class defaults)."""
-    from sge_repro.models import create_model
-    from sge_repro.models.weight_files import read_classifier_header
-
     header = read_classifier_header(checkpoint)
     kwargs = dict(header["model_kwargs"]) if header else {}
     return create_model(model_name, checkpoint=checkpoint, **kwargs)
@@ -195,10 +151,6 @@ def visualize_trained_models(
     val image of the first `num_images` classes of `val_samples` ((path, class index), in dataset
     order), and the activation statistics of its last SGE block over at most MAX_IMAGES evenly
     spaced val images (sge_repro.report.activations), into out_dir/<model>-seed<seed>/."""
-    from sge_repro.models.registry import parse_model_name
-    from sge_repro.data.manifest import evenly_spaced
-    from sge_repro.report.activations import MAX_IMAGES, measure, write_stats
-
     first_of_class: dict[int, Path] = {}
     for path, label in val_samples:
         first_of_class.setdefault(label, Path(path))

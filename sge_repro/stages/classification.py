@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
+from sge_repro import atomic
+from sge_repro.classification.evaluate import evaluate_classifier
+from sge_repro.classification.tensorboard import TensorBoardLog
+from sge_repro.classification.train import train_classifier
+from sge_repro.errors import UserError
 from sge_repro.launch import launch, runs_in_process
+from sge_repro.models.registry import import_classifier
 from sge_repro.params import RELEASED_SEED, Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stage_status import StageStatus, stage_name, tracking
@@ -36,8 +43,6 @@ def train_cls(params: Params, paths: ProjectPaths, model: str, seed: int,
 def train_cls_worker(params: Params, paths: ProjectPaths, model: str, seed: int,
                      progress: StepProgress | None) -> dict:
     """One process of train_cls (all of it, when it runs alone): rank 0 writes the files."""
-    from sge_repro.classification.train import train_classifier
-
     use_cpu_threads(params)
     with training_progress(params, paths, model, seed, progress) as report:
         return train_classifier(
@@ -52,8 +57,6 @@ def training_progress(params: Params, paths: ProjectPaths, model: str, seed: int
                       progress: StepProgress | None = None) -> Iterator[StepProgress]:
     """The progress callback of one train_cls run (call it in the process that trains: the
     engine calls it on rank 0): the status file, TensorBoard events, and `progress`."""
-    from sge_repro.classification.tensorboard import TensorBoardLog
-
     stage = stage_name("train_cls", model, seed)
     events = TensorBoardLog(paths.cls_tensorboard(model, seed))
     with tracking(paths.stage_status(stage), stage) as status:
@@ -87,9 +90,6 @@ def import_cls(params: Params, paths: ProjectPaths, model: str) -> dict:
     """A released classifier (params.yaml `released`) as run seed 0 instead of training: the file,
     loaded strictly, in our format in runs/cls/<model>-seed0/ (best.pt = last.pt), and a
     metrics/train_cls record of where it came from (no training history: an empty TSV)."""
-    from sge_repro import atomic
-    from sge_repro.models.registry import import_classifier
-
     source = _released_file(params, paths, model)
     run_dir = paths.cls_run_dir(model, RELEASED_SEED)
     header = import_classifier(model, source, run_dir / "best.pt", seed=RELEASED_SEED,
@@ -102,10 +102,6 @@ def import_cls(params: Params, paths: ProjectPaths, model: str) -> dict:
 
 
 def _released_file(params: Params, paths: ProjectPaths, model: str):
-    from pathlib import Path
-
-    from sge_repro.errors import UserError
-
     if model not in params.released:
         raise UserError(f"params.yaml: released: {model!r} is not listed "
                         f"(listed: {', '.join(params.released) or 'none'})")
@@ -118,8 +114,6 @@ def _released_file(params: Params, paths: ProjectPaths, model: str):
 def eval_cls(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
     """Top-1 / top-5 of one classifier's best checkpoint on the val split (a trained one, or a
     released one imported as seed 0)."""
-    from sge_repro.classification.evaluate import evaluate_classifier
-
     if model in params.released and seed == RELEASED_SEED:
         pass
     else:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sge_repro.data.prepare import Progress, pending_changes, prepare_data
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stage_status import read_status, restore_status, tracking
-
-if TYPE_CHECKING:
-    from sge_repro.data.prepare import Progress
 
 
 def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) -> dict[str, Any]:
     """Index both datasets as params.yaml says into data/manifests/{cls,det}.json (generating the
     embedded sets first); returns a summary per dataset."""
-    from sge_repro.data.prepare import prepare_data
-
     status_file = paths.stage_status("data")  # logs/progress/data.json
     made_them = read_status(status_file)
     with tracking(status_file, "data") as status:
@@ -36,6 +32,4 @@ def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) 
 
 def data_changes(params: Params, paths: ProjectPaths) -> dict[str, str | None]:
     """What the data stage would change now ({dataset: None or why}); reads, writes nothing."""
-    from sge_repro.data.prepare import pending_changes
-
     return pending_changes(params.data, paths)

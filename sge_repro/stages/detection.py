@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from sge_repro.atomic import write_json
+from sge_repro.data.download import file_digest
+from sge_repro.data.manifest import check_annotation_files, manifest_root, read_manifest
+from sge_repro.detection.checkpoint import evaluation_fingerprint
+from sge_repro.detection.convert import convert_classifier_to_detectron2
+from sge_repro.detection.engine import FINAL_WEIGHTS, evaluate_detector, train_detector
+from sge_repro.detection.setup import DetectionDataset, run_config, schedule_overrides
 from sge_repro.errors import UserError
 from sge_repro.launch import launch
+from sge_repro.models.registry import parse_model_name
+from sge_repro.models.torchvision_weights import fetch_torchvision_weights
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stage_status import stage_name, tracking
@@ -16,8 +25,6 @@ from sge_repro.stages.runtime import use_cpu_threads
 def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
     """The backbone's ImageNet weights -> detectron2 weights in runs/convert/. They come from our
     trained classifier, a given file, or torchvision's weights, as params.convert_source says."""
-    from sge_repro.detection.convert import convert_classifier_to_detectron2
-
     params.require_listed("detection_backbones", model)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
@@ -38,8 +45,6 @@ def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
 
 def fetch_weights(params: Params, paths: ProjectPaths, model: str) -> dict:
     """torchvision's ImageNet weights of `model`, checksum-verified, into runs/pretrained/."""
-    from sge_repro.models.torchvision_weights import fetch_torchvision_weights
-
     pinned = params.convert.downloads.get(model)
     if pinned is None:
         raise UserError(f"params.yaml: convert: {model!r} does not take torchvision's weights "
@@ -51,9 +56,6 @@ def fetch_weights(params: Params, paths: ProjectPaths, model: str) -> dict:
 def detection_dataset(paths: ProjectPaths):
     """The detection set as the data stage indexed it (data/manifests/det.json): its root and
     layout, its corrupt images left out; the annotation files must be the ones it checked."""
-    from sge_repro.data.manifest import check_annotation_files, manifest_root, read_manifest
-    from sge_repro.detection.setup import DetectionDataset
-
     manifest = read_manifest(paths.det_manifest, "detection")
     root = manifest_root(manifest)
     check_annotation_files(manifest)
@@ -65,8 +67,6 @@ def detection_dataset(paths: ProjectPaths):
 
 def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):
     """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
-    from sge_repro.detection.setup import run_config, schedule_overrides
-
     params.require_listed("detectors", detector)
     params.require_listed("detection_backbones", backbone)
     params.require_listed("seeds", seed)
@@ -100,8 +100,6 @@ def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str,
 
 def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int) -> dict:
     """One process of train_det (all of it, when it runs alone)."""
-    from sge_repro.detection.engine import train_detector
-
     cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)
     started = time.perf_counter()
     stage = stage_name("train_det", detector, backbone, seed)
@@ -118,8 +116,6 @@ def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbon
 
 def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int) -> dict:
     """COCO AP of the trained detector on the val split; writes metrics/eval_det/<run>.json."""
-    from sge_repro.detection.engine import FINAL_WEIGHTS, evaluate_detector
-
     cfg, kind, val_name = detector_config(params, paths, detector, backbone, seed, params.eval_det.device)
     run_dir = paths.det_run_dir(detector, backbone, seed)
     weights = run_dir / FINAL_WEIGHTS
@@ -170,10 +166,6 @@ def evaluation_inputs(params: Params, paths: ProjectPaths, cfg, backbone: str, w
     """What one eval_det result is a function of: the detector's weights, its evaluation config,
     the indexed data and the CPU threads (a plain backbone leaves out model.groups, sge_impl and
     the SGE ablation knobs)."""
-    from sge_repro.data.download import file_digest
-    from sge_repro.detection.checkpoint import evaluation_fingerprint
-    from sge_repro.models.registry import parse_model_name
-
     return {
         "config": evaluation_fingerprint(cfg, weights, uses_sge=parse_model_name(backbone).attention == "sge"),
         "det_manifest_sha256": file_digest(paths.det_manifest, "sha256"),
@@ -183,8 +175,6 @@ def evaluation_inputs(params: Params, paths: ProjectPaths, cfg, backbone: str, w
 
 def _read_previous_metrics(path) -> dict:
     """The metrics an earlier eval_det wrote here ({} when none or unreadable: evaluate again)."""
-    import json
-
     try:
         previous = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from sge_repro.params import PARAMS_FILE, Params
+from sge_repro.atomic import write_json
+from sge_repro.data.manifest import imagefolder_samples, read_manifest
+from sge_repro.models.complexity import model_complexity
+from sge_repro.params import PARAMS_FILE, RELEASED_SEED, Params
 from sge_repro.paths import ProjectPaths
+from sge_repro.provenance import collect as collect_provenance
+from sge_repro.report import build_report, write_report_files
+from sge_repro.report.render import headline_metrics
+from sge_repro.report.schema import Provenance, Report
+from sge_repro.report.visualize import visualize_trained_models
 from sge_repro.stage_status import stage_name, tracking
 from sge_repro.stages.runtime import use_cpu_threads
-
-if TYPE_CHECKING:
-    from sge_repro.report.schema import Report
 
 
 def visualize(params: Params, paths: ProjectPaths) -> list[Path]:
     """SGE attention maps of every trained (first seed) or released SGE model of params.yaml on a few val images."""
-    from sge_repro.params import RELEASED_SEED
-    from sge_repro.report.visualize import visualize_trained_models
-
-    from sge_repro.data.manifest import imagefolder_samples, read_manifest
-
     use_cpu_threads(params)
     written = []
     _, _, val_samples, _ = imagefolder_samples(read_manifest(paths.cls_manifest, "classification"), "val")
@@ -38,13 +37,6 @@ def report(params: Params, paths: ProjectPaths) -> Report:
     The runs params.yaml asks for (models x seeds, detector-backbone pairs x seeds) are
     expected: any without a metrics file is listed as missing in the report.
     """
-    from sge_repro.models.complexity import model_complexity
-    from sge_repro.provenance import collect as collect_provenance
-    from sge_repro.report import build_report, write_report_files
-    from sge_repro.atomic import write_json
-    from sge_repro.report.render import headline_metrics
-    from sge_repro.report.schema import Provenance
-
     use_cpu_threads(params)
 
     def complexity(name: str) -> dict:

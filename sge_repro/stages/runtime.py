@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from sge_repro.params import Params
 
 
@@ -13,7 +15,5 @@ def use_cpu_threads(params: Params) -> None:
     `cpu_threads` is the node's budget: each of the N processes a stage launched on this node
     (LOCAL_WORLD_SIZE) takes cpu_threads // N (at least 1), so 2 processes on 2 cores do not
     run 4 threads."""
-    import torch
-
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, params.cpu_threads // max(local_processes, 1)))

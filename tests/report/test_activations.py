@@ -10,13 +10,13 @@ from rich.console import Console
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.models.weight_files import make_classifier_checkpoint
 from sge_repro.models.attention import SpatialGroupEnhance
+from sge_repro.models.weight_files import make_classifier_checkpoint
 from sge_repro.report import build_report, render_console
-from sge_repro.report.activations import STATS_FILE, measure, summarize, write_stats
+from sge_repro.report.activations import STATS_FILE, measure, sge_modules, summarize, write_stats
 from sge_repro.report.collect import read_activation_stats
 from sge_repro.report.render import render_html, render_markdown
-from sge_repro.report.visualize import sge_modules, visualize_trained_models
+from sge_repro.report.visualize import visualize_trained_models
 
 
 def _two_level_input(groups: int = 2, channels_per_group: int = 4, size: int = 6) -> torch.Tensor:

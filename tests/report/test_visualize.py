@@ -6,15 +6,10 @@ from PIL import Image
 from sge_repro.atomic import torch_save
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.models.weight_files import make_classifier_checkpoint
 from sge_repro.models.sge import sge_reference_gate
-from sge_repro.report.visualize import (
-    capture_sge,
-    load_image,
-    sge_modules,
-    visualize_sge,
-    visualize_sge_checkpoint,
-)
+from sge_repro.models.weight_files import make_classifier_checkpoint
+from sge_repro.report.activations import capture_sge, sge_modules
+from sge_repro.report.visualize import load_image, visualize_sge, visualize_sge_checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
