@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import psutil
+
 from sge_repro import atomic
 from sge_repro.errors import UserError
 
@@ -144,8 +146,6 @@ def reused_rwlock_pids(root: Path = Path(".")) -> set[int]:
     the DVC process that wrote the entry died and the system gave its pid to another program.
     DVC counts every live pid as a holder, so such an entry would block every run for as long as
     that program lives."""
-    import psutil
-
     reused = set()
     for holder in dvc_rwlock_holders(root):
         try:

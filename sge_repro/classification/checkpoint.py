@@ -40,7 +40,11 @@ from torch import nn
 
 from sge_repro import atomic
 from sge_repro.errors import UserError
+from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, kwargs_used_by, recorded_kwargs
+from sge_repro.models.sge import SGE_IMPLS
+from sge_repro.models.weight_files import load_checkpoint_file, make_classifier_checkpoint
 from sge_repro.params import TrainClsParams
+from sge_repro.superseded import RunOfOtherParams
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,6 @@ def training_recipe(params: TrainClsParams, model_name: str, model_kwargs: dict,
     """Everything that determines the trained weights, as stored in the checkpoint. The SGE
     ablation knobs enter only for an SGE model away from the paper's values (registry.recorded_kwargs):
     the recipe and fingerprint of every other run are those it had before the knobs existed."""
-    from sge_repro.models.registry import recorded_kwargs
-
     return {**params.model_dump(mode="json"), "model": model_name,
             "model_kwargs": recorded_kwargs(model_name, model_kwargs),
             "classes": classes, "seed": seed, "world_size": world_size}
@@ -92,8 +94,6 @@ def _without_model_kwargs(recipe: dict, names: tuple[str, ...]) -> dict:
 def _fingerprints_of_any_sge_impl(recipe: dict) -> set[str]:
     """The fingerprint, and the ones hashed while model.sge_impl was still part of it, for each
     implementation: a checkpoint that stored only its fingerprint resumes under any of them."""
-    from sge_repro.models.sge import SGE_IMPLS
-
     kwargs = recipe.get("model_kwargs")
     earlier = {_hash({**recipe, "model_kwargs": {**kwargs, "sge_impl": impl}}) for impl in SGE_IMPLS} \
         if isinstance(kwargs, dict) and "sge_impl" in kwargs else set()
@@ -117,9 +117,6 @@ def recipe_differences(saved: dict, recipe: dict) -> list[str]:
     """'key old -> new' for each recipe key that differs, named as in params.yaml. Model knobs the
     model does not read (model.groups of a ResNet without SGE) are not compared: a G sweep does
     not retrain the plain baseline; nor is model.sge_impl (MODEL_KWARGS_NOT_IN_FINGERPRINT)."""
-    from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, kwargs_used_by
-    from sge_repro.params import TrainClsParams
-
     def flat(values: dict) -> dict:
         out = {}
         for key, value in values.items():
@@ -173,9 +170,6 @@ def check_resumable(path: Path, recipe: dict) -> dict | None:
     """The training checkpoint at `path` (last.pt) if it can be resumed under `recipe`; None when
     there is none. UserError for a file this engine did not write; RunOfOtherParams for a checkpoint
     trained with another recipe (naming each differing key, old -> new)."""
-    from sge_repro.models.weight_files import load_checkpoint_file
-    from sge_repro.superseded import RunOfOtherParams
-
     if not path.is_file():
         return None
     saved = load_checkpoint_file(path)
@@ -232,8 +226,6 @@ def repair_damaged(run_dir: Path, is_main: bool, barrier) -> None:
 
 def _load_or_problem(path: Path) -> tuple[dict, None] | tuple[None, str]:
     """(the training checkpoint, None) or (None, why it is not one: missing / does not load)."""
-    from sge_repro.models.weight_files import load_checkpoint_file
-
     if not path.is_file():
         return None, "missing"
     try:
@@ -271,8 +263,6 @@ def resume(path: Path, state: TrainingState, recipe: dict) -> bool:
 
 def save(state: TrainingState, recipe: dict, dataset_name: str, run_dir: Path, improved: bool) -> None:
     """Write run_dir/last.pt (and best.pt when val top-1 improved), atomically."""
-    from sge_repro.models.weight_files import make_classifier_checkpoint
-
     checkpoint = make_classifier_checkpoint(
         recipe["model"], {**recipe["model_kwargs"], "num_classes": len(recipe["classes"])}, state.model,
         epoch=state.epoch, optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),

@@ -19,6 +19,8 @@ from sge_repro.classification.transforms import eval_transform, to_model_input
 from sge_repro.data.imagefolder import open_imagefolder
 from sge_repro.distributed import DistInfo, rank_device, sum_over_ranks
 from sge_repro.errors import UserError
+from sge_repro.models import create_model
+from sge_repro.models.weight_files import interpret_checkpoint, load_checkpoint_file
 from sge_repro.params import EvalClsParams
 
 Progress = Callable[[int, int, int, dict], None]
@@ -95,9 +97,6 @@ def evaluate_classifier(params: EvalClsParams, checkpoint_path: str | os.PathLik
     predictions JSON: {"model", "dataset", "seed", "classes", "files", "targets", "predictions",
     "correct_top1", "correct_top5"}, lists in dataset order (sorted class folder, file name).
     """
-    from sge_repro.models import create_model
-    from sge_repro.models.weight_files import interpret_checkpoint, load_checkpoint_file
-
     checkpoint_path = Path(checkpoint_path)
     raw = load_checkpoint_file(checkpoint_path)
     _, detected, header = interpret_checkpoint(raw, checkpoint_path)

@@ -44,6 +44,7 @@ from sge_repro.data.imagefolder import open_imagefolder
 from sge_repro.distributed import (DistInfo, broadcast_buffers, join_process_group, leave_process_group,
                                    min_over_ranks, rank_device, sum_over_ranks)
 from sge_repro.errors import UserError
+from sge_repro.models import create_model
 from sge_repro.params import ModelParams, TrainClsParams
 from sge_repro.seeds import derived_seed
 from sge_repro.superseded import supersede_changed_run
@@ -169,8 +170,6 @@ def train_classifier(params: TrainClsParams, model_params: ModelParams, model_na
 
 def build_model(run: Run, model_kwargs: dict, num_classes: int, seed: int) -> nn.Module:
     """The seeded model on this rank's device, with sync_bn and memory layout applied."""
-    from sge_repro.models import create_model
-
     model = create_model(run.model_name, num_classes=num_classes, seed=seed, **model_kwargs)
     if run.params.sync_bn:
         if run.dist_info.enabled:

@@ -17,7 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import default_collate
 
+from sge_repro.data.manifest import imagefolder_samples, is_manifest, read_manifest, split_subset
 from sge_repro.errors import UserError, preview
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -188,8 +190,6 @@ def open_imagefolder(data: str | os.PathLike, split: str, transform: Callable | 
                      expected_classes: Sequence[str] | None = None, skip_corrupt: bool = False) -> ImageFolderDataset:
     """The dataset of one split from `data`: a dataset manifest (data/manifests/cls.json, what the
     pipeline passes: no directory walk) or an ImageFolder folder (walked; for one-off use)."""
-    from sge_repro.data.manifest import is_manifest
-
     if is_manifest(data):
         return imagefolder_from_manifest(data, split, transform, expected_classes, skip_corrupt)
     return build_imagefolder(data, split, transform, expected_classes, skip_corrupt)
@@ -201,8 +201,6 @@ def imagefolder_from_manifest(manifest_path: str | os.PathLike, split: str, tran
     """The dataset of one split as the data stage indexed it: the files of the manifest (its subset
     of the split, when it records one), nothing re-verified (the data stage decoded each once); its
     corrupt files are in `.skipped`."""
-    from sge_repro.data.manifest import imagefolder_samples, read_manifest, split_subset
-
     manifest = read_manifest(manifest_path, "classification")
     root, classes, samples, corrupt = imagefolder_samples(manifest, split)
     subset_of = manifest["counts"][split] if split_subset(manifest, split) is not None else None
@@ -235,8 +233,6 @@ def build_imagefolder(root: str | os.PathLike, split: str, transform: Callable |
 
 def collate_skipping_none(batch):
     """Default collation of the samples that loaded; returns (images, targets, num_skipped)."""
-    from torch.utils.data import default_collate
-
     loaded = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(loaded)
     if not loaded:

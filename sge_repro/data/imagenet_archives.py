@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from scipy.io import loadmat
+
 from sge_repro import atomic
 from sge_repro.data.download import file_digest
 from sge_repro.data.imagefolder import SPLITS, check_layout, check_same_classes, list_classes
@@ -233,8 +235,6 @@ def _read_member(tar: tarfile.TarFile, path: Path, suffix: str) -> bytes:
 
 
 def _parse_meta(data: bytes, path: Path) -> tuple[dict[int, str], dict[str, str]]:
-    from scipy.io import loadmat
-
     try:
         synsets = loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
     except (KeyError, ValueError, TypeError, OSError) as error:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sge_repro import atomic
+from sge_repro.data.download import file_digest
 from sge_repro.errors import UserError
 
 FORMAT = 1
@@ -185,8 +186,6 @@ def evenly_spaced(items: list, k: int) -> list:
 def check_annotation_files(manifest: dict) -> None:
     """UserError unless each annotation file of a detection manifest still has the recorded
     size and sha256 (labels must not change behind the data stage's back)."""
-    from sge_repro.data.download import file_digest
-
     root = manifest_root(manifest)
     for split, record in sorted(manifest.get("annotations", {}).items()):
         path = root / record["file"]

@@ -22,9 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sge_repro import atomic
 from sge_repro.data import manifest as fmt
 from sge_repro.data.coco_json import coco_split_paths, load_coco_document, validate_coco_document
+from sge_repro.data.download import file_digest
 from sge_repro.data.imagefolder import IMAGE_EXTENSIONS, SPLITS, check_same_classes, list_classes
+from sge_repro.data.imagenet_archives import TRAIN_ARCHIVE, imagenet_classes
+from sge_repro.data.synthetic import (
+    GENERATOR_VERSION,
+    MANIFEST_NAME,
+    generate_classification_set,
+    generate_detection_set,
+)
 from sge_repro.data.verify import FolderResult, VerifyCache, available_cpus, listing_digest, lookup, scan, verify
 from sge_repro.errors import UserError, preview
 from sge_repro.paths import ProjectPaths
@@ -175,8 +184,6 @@ def _unchanged_state(paths: ProjectPaths, name: str, key: str) -> dict | None:
 
 
 def _save_state(paths: ProjectPaths, name: str, key: str, counts: dict) -> None:
-    from sge_repro import atomic
-
     atomic.write_json(_state_path(paths, name), {"key": key, "manifest": _stamp(paths.manifest(name)),
                                                  "counts": counts})
 
@@ -303,7 +310,6 @@ def _classification_source(data, paths: ProjectPaths, progress: Progress | None,
         root = paths.cls_data
         _ensure_generated(root, _cls_spec(data), generate, lambda: _generate_cls(data, root, progress))
         return _imagefolder_source("cls", "synthetic", root, _classes_of(root, None), _max_images(cls))
-    from sge_repro.data.imagenet_archives import TRAIN_ARCHIVE, imagenet_classes
 
     root = _required_path(cls.source_path, "data.classification.source_path")
     if (root / TRAIN_ARCHIVE).is_file() and not (root / "train").is_dir():
@@ -338,8 +344,6 @@ def _max_images(cls) -> dict[str, int]:
 
 
 def _cls_spec(data) -> dict:
-    from sge_repro.data.synthetic import GENERATOR_VERSION
-
     cls = data.classification
     return {"kind": "classification", "generator_version": GENERATOR_VERSION, "seed": data.seed,
             "image_size": cls.image_size, "num_classes": cls.num_classes,
@@ -347,8 +351,6 @@ def _cls_spec(data) -> dict:
 
 
 def _generate_cls(data, root: Path, progress: Progress | None) -> None:
-    from sge_repro.data.synthetic import generate_classification_set
-
     cls = data.classification
     generate_classification_set(
         root, num_classes=cls.num_classes, image_size=cls.image_size, train_per_class=cls.train_per_class,
@@ -358,8 +360,6 @@ def _generate_cls(data, root: Path, progress: Progress | None) -> None:
 
 def _ensure_generated(root: Path, spec: dict, generate: bool, make: Callable[[], None]) -> None:
     """Generate the set at `root` unless its generator manifest already records `spec`."""
-    from sge_repro.data.synthetic import MANIFEST_NAME
-
     try:
         recorded = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -382,8 +382,6 @@ def _recorded(recorded, expected) -> bool:
 
 
 def _det_spec(data) -> dict:
-    from sge_repro.data.synthetic import GENERATOR_VERSION
-
     det = data.detection
     return {"kind": "detection", "generator_version": GENERATOR_VERSION, "seed": data.seed + 1,
             "image_size": det.image_size, "num_categories": det.num_categories,
@@ -401,8 +399,6 @@ def _detection_source(data, paths: ProjectPaths, progress: Progress | None, gene
 
 
 def _generate_det(data, root: Path, progress: Progress | None) -> None:
-    from sge_repro.data.synthetic import generate_detection_set
-
     det = data.detection
     generate_detection_set(
         root, num_train=det.num_train, num_val=det.num_val, image_size=det.image_size,
@@ -448,8 +444,6 @@ def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> So
 
 
 def _read_annotations(json_path: Path, image_dir: Path, info) -> dict:
-    from sge_repro.data.download import file_digest
-
     document = load_coco_document(json_path)
     stats = validate_coco_document(json_path, document, image_dir, check_files=False)
     return {

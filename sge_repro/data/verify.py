@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from PIL import Image
+
 from sge_repro import atomic
+from sge_repro.data.imagefolder import decode_rgb
+from sge_repro.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +244,6 @@ def check_file(path: str) -> tuple[str, str | None, Dims]:
 
     Runs in the pool's worker processes. The decoder is the training loader's, so "verified"
     means "the loader can decode it"; the size is the one detectron2's read_image gives."""
-    from sge_repro.data.imagefolder import decode_rgb
-    from sge_repro.errors import UserError
-
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -262,8 +263,6 @@ def check_file(path: str) -> tuple[str, str | None, Dims]:
 def _exif_orientation(data: bytes) -> int | None:
     """The EXIF orientation tag of an image's bytes (its header only: no second decode), read as
     detectron2.data.detection_utils._apply_exif_orientation reads it; None when absent/unreadable."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.getexif().get(EXIF_ORIENTATION)

@@ -27,8 +27,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sge_repro.detection.backbone import add_sge_config
 from sge_repro.detection.compat import import_detectron2
+from sge_repro.detection.convert import read_weights_metadata
 from sge_repro.detection.detectors import DETECTORS, PAPER_SCHEDULES, PROTOCOLS
 from sge_repro.detection.mmdetection import add_mmdetection_config
 from sge_repro.errors import UserError
@@ -89,7 +92,6 @@ def detector_config_file(detector: str, backbone_model: str | None = None, confi
 def _backbone_from_weights(weights: str | Path | None) -> dict | None:
     if not weights:
         return None
-    from sge_repro.detection.convert import read_weights_metadata
 
     metadata = read_weights_metadata(weights)
     if metadata is None or "model" not in metadata:
@@ -195,7 +197,6 @@ def build_detector_config(
     cfg.OUTPUT_DIR = str(output_dir)
     cfg.SEED = int(seed)
 
-    import torch
 
     if device is not None:
         cfg.MODEL.DEVICE = device

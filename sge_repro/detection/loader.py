@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch.utils import data as torchdata
 
-from sge_repro.seeds import derived_seed
+from sge_repro.data.imagefolder import decode_error
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
+from sge_repro.seeds import derived_seed
 
 import_detectron2()
 from detectron2.config import CfgNode  # noqa: E402
@@ -212,8 +213,6 @@ class NamedImageErrors:
         try:
             return self.mapper(record)
         except Exception as error:
-            from sge_repro.data.imagefolder import decode_error
-
             reason = decode_error(record["file_name"])  # the image, decoded as the data stage did
             if reason is None:
                 raise  # not the image's fault

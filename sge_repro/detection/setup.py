@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sge_repro.detection.config import build_detector_config, detector_config_file
+from sge_repro.detection.config import build_detector_config, detector_config_file, new_config
 from sge_repro.detection.data import coco_split_paths, dataset_num_classes, register_split
 from sge_repro.detection.detectors import detector_base_lr
 
@@ -39,8 +39,6 @@ def schedule_overrides(detector: str, config_set: str, max_iter: int, ims_per_ba
                        workers: int, protocol: str = "detectron2", deterministic: bool = True) -> dict[str, Any]:
     """detectron2 overrides for train_det's params, keeping the YAML's schedule shape.
     warmup_iters None: the YAML's warmup (the authors' 500 iterations at COCO scale)."""
-    from sge_repro.detection.config import new_config
-
     reference = new_config()
     reference.merge_from_file(str(detector_config_file(detector, None, config_set, protocol=protocol)))
     yaml_iters = reference.SOLVER.MAX_ITER

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -31,7 +33,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+import torch.distributed.elastic.multiprocessing.errors as elastic_errors
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 from sge_repro import atomic
+from sge_repro.launch import resolve_nproc_per_node
 from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
 from sge_repro.params import LaunchParams
 
@@ -49,13 +57,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: str, state_dir: Path) -> T:
     """Run `target(*args)` in `nproc_per_node` local processes; rank 0's return value."""
-    import torch.distributed.elastic.multiprocessing.errors as elastic_errors
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from sge_repro.launch import resolve_nproc_per_node
-
     if settings.nodes != 1:
         raise LaunchError(f"{name}: launch.nodes={settings.nodes}: the local launcher runs on one node; "
                           "expected launch.launcher: slurm for more")
@@ -159,10 +160,6 @@ def _exit_now() -> None:
 def _die_with_parent() -> None:
     """SIGKILL this worker when the launching process dies (Linux), so that a rerun after the
     head process was killed never finds the old workers still training and writing."""
-    import ctypes
-    import multiprocessing
-    import signal
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from sge_repro.errors import UserError
+from sge_repro.models.attention import SpatialGroupEnhance
+from sge_repro.models.registry import create_model, list_models
 
 
 def count_params_m(model: nn.Module) -> float:
@@ -62,8 +64,6 @@ def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> 
 
     Traced in eval mode with SGE switched to its reference implementation: the count belongs to
     the function, and the fast path's kernels are opaque to a trace."""
-    from sge_repro.models.attention import SpatialGroupEnhance
-
     was_training = model.training
     sge_modules = [(module, module.impl) for module in model.modules() if isinstance(module, SpatialGroupEnhance)]
     model.eval()
@@ -90,8 +90,6 @@ def count_gflops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> 
 
 def model_complexity(name: str, num_classes: int = 1000, image_size: int = 224, **model_kwargs: Any) -> dict:
     """{"name", "params_m", "gflops"} of one model as configured (width, groups, classes, resolution)."""
-    from sge_repro.models.registry import create_model
-
     model = create_model(name, num_classes=num_classes, seed=0, **model_kwargs)
     return {
         "name": name,
@@ -102,8 +100,6 @@ def model_complexity(name: str, num_classes: int = 1000, image_size: int = 224, 
 
 def model_table(names: Iterable[str] | None = None, image_size: int = 224, num_classes: int = 1000) -> list[dict]:
     """[{"name", "params_m", "gflops"}] for `names` (all models by default), as `sge-repro models --json`."""
-    from sge_repro.models.registry import list_models
-
     chosen = list(names) if names is not None else list_models()
     return [model_complexity(name, num_classes=num_classes, image_size=image_size) for name in chosen]
 
@@ -135,7 +131,6 @@ def measure_latency(
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"latency: device {device!r} requested but CUDA is not available")
-    from sge_repro.models.registry import create_model
 
     models = {name: create_model(name, seed=seed).to(target).eval() for name in names}
     generator = torch.Generator().manual_seed(seed)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from sge_repro.paths import user_cache_dir
+
 SOURCE = Path(__file__).with_name("sge_cpu.c")
 # Compile without linking, then link without -ffast-math: gcc < 13 would otherwise link
 # crtfastmath.o, which turns on flush-to-zero for the whole process. -ffast-math itself lets the
@@ -46,8 +48,6 @@ _SIGNATURES = {
 
 
 def _cache_dir() -> Path:
-    from sge_repro.paths import user_cache_dir
-
     return user_cache_dir() / "kernels"
 
 
