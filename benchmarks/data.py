@@ -146,7 +146,7 @@ def benchmark_data(work: Path, scale: float = 1.0, repeats: int = 3, verify_imag
     """See the module docstring; `work` (an empty or missing folder) holds the trees and the project."""
     from sge_repro.data.prepare import prepare_data
     from sge_repro.data.verify import VerifyCache, available_cpus, scan, verify
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
 
     if not 0 < scale <= 1:

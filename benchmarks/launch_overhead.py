@@ -22,7 +22,7 @@ def trivial_target() -> int:
 
 def main() -> None:
     from sge_repro.launch import launch
-    from sge_repro.params import LaunchParams
+    from sge_repro.params_sections import LaunchParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)

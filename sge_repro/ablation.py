@@ -25,7 +25,8 @@ import numpy as np
 from sge_repro import atomic
 from sge_repro.errors import UserError
 from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, parse_model_name, sge_channels
-from sge_repro.params import Params, read_yaml, set_values, validate_params, without_derived
+from sge_repro.params import Params, validate_params
+from sge_repro.params_yaml import read_yaml, set_values, without_derived
 from sge_repro.pipeline import dvc, run_experiment
 from sge_repro.report.schema import GainInterval
 from sge_repro.report.stats import paired_image_bootstrap

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 from sge_repro import atomic, run_lock
 from sge_repro.errors import UserError
-from sge_repro.params import (PARAMS_FILE, dump_params, load_params, profile_params, read_yaml, refresh_params_file,
-                              set_values, validate_params, without_derived)
+from sge_repro.params import PARAMS_FILE, validate_params
+from sge_repro.params_yaml import dump_params, load_params, profile_params, read_yaml, refresh_params_file, set_values, without_derived
 
 LOG_FILE = Path("logs") / "dvc-repro.log"  # opened (truncated) only by the holder of the run lock
 

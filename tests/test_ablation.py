@@ -7,7 +7,8 @@ import pytest
 
 from sge_repro import ablation
 from sge_repro.errors import UserError
-from sge_repro.params import PROFILES_DIR, profile_params
+from sge_repro.params import PROFILES_DIR
+from sge_repro.params_yaml import profile_params
 
 REPO = Path(__file__).resolve().parents[1]
 

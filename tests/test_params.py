@@ -6,17 +6,8 @@ import pytest
 import yaml
 
 from sge_repro.errors import UserError
-from sge_repro.params import (
-    PROFILES_DIR,
-    Params,
-    available_profiles,
-    dump_params,
-    load_params,
-    profile_params,
-    set_values,
-    validate_params,
-    without_derived,
-)
+from sge_repro.params import PROFILES_DIR, Params, validate_params
+from sge_repro.params_yaml import available_profiles, dump_params, load_params, profile_params, set_values, without_derived
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -313,7 +304,7 @@ REHEARSAL_RELEASED_KEYS = {
 @pytest.mark.parametrize("name, base, allowed", [("rehearsal", "paper", REHEARSAL_KEYS),
                                                  ("rehearsal_released", "released", REHEARSAL_RELEASED_KEYS)])
 def test_a_rehearsal_is_its_profile_with_only_what_a_cpu_forces(name, base, allowed):
-    from sge_repro.params import read_yaml
+    from sge_repro.params_yaml import read_yaml
 
     overlay = read_yaml(REPO / PROFILES_DIR / f"{name}.yaml")
     assert overlay.pop("extends") == base

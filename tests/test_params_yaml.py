@@ -9,7 +9,8 @@ from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from sge_repro.errors import UserError
-from sge_repro.params import Params, available_profiles, profile_params, read_yaml, validate_params, without_derived
+from sge_repro.params import Params, validate_params
+from sge_repro.params_yaml import available_profiles, profile_params, read_yaml, without_derived
 
 
 def dvc_dump(data: dict) -> str:
@@ -113,7 +114,7 @@ def test_checkpoints_written_with_amp_off_keep_their_fingerprint():
     import json
 
     from sge_repro.classification.checkpoint import NOT_IN_FINGERPRINT, recipe_fingerprint, training_recipe
-    from sge_repro.params import TrainClsParams
+    from sge_repro.params_sections import TrainClsParams
 
     recipe = training_recipe(TrainClsParams(), "sge_resnet18", {"width": 8, "groups": 4}, ["a", "b"], 0, 1)
     assert recipe["amp"] == "fp32"

@@ -43,7 +43,7 @@ from sge_repro.errors import UserError
 from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, kwargs_used_by, recorded_kwargs
 from sge_repro.models.sge import SGE_IMPLS
 from sge_repro.models.weight_files import load_checkpoint_file, make_classifier_checkpoint
-from sge_repro.params import TrainClsParams
+from sge_repro.params_sections import TrainClsParams
 from sge_repro.superseded import RunOfOtherParams
 
 log = logging.getLogger(__name__)

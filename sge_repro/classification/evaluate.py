@@ -21,7 +21,7 @@ from sge_repro.distributed import DistInfo, rank_device, sum_over_ranks
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.models.weight_files import interpret_checkpoint, load_checkpoint_file
-from sge_repro.params import EvalClsParams
+from sge_repro.params_sections import EvalClsParams
 
 Progress = Callable[[int, int, int, dict], None]
 

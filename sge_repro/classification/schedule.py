@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sge_repro.params import TrainClsParams
+from sge_repro.params_sections import TrainClsParams
 
 STEP_GAMMA = 0.1  # "step" multiplies the lr by this at each milestone epoch (the ResNet recipe)
 

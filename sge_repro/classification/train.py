@@ -45,7 +45,7 @@ from sge_repro.distributed import (DistInfo, broadcast_buffers, join_process_gro
                                    min_over_ranks, rank_device, sum_over_ranks)
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.params import ModelParams, TrainClsParams
+from sge_repro.params_sections import ModelParams, TrainClsParams
 from sge_repro.seeds import derived_seed
 from sge_repro.superseded import supersede_changed_run
 

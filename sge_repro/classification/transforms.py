@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import functional as F2
 
 from sge_repro.classification.precision import memory_format
 from sge_repro.data.imagefolder import decode_rgb
-from sge_repro.params import Decoder
+from sge_repro.params_sections import Decoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

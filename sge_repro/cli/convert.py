@@ -17,7 +17,7 @@ def convert(
 ) -> None:
     """The convert stage: the backbone's ImageNet weights (params.yaml convert.source / sources: our
     runs/cls/<model>-seed<seed>, a given file, or torchvision's) -> detectron2 weights in runs/convert/."""
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.detection import convert as stage
 
@@ -28,7 +28,7 @@ def fetch_weights(
     model: str = typer.Option(..., help="A detection backbone whose convert source is torchvision (resnet50, resnet101)."),
 ) -> None:
     """The fetch_weights stage: torchvision's ImageNet weights, checksum-verified, into runs/pretrained/."""
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.detection import fetch_weights as stage
 

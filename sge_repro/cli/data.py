@@ -23,7 +23,7 @@ def prepare(context: typer.Context) -> None:
     changed images (all cores); generates the embedded sets first."""
     if context.invoked_subcommand is not None:
         return
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.data import data as stage
 

@@ -48,7 +48,7 @@ def ablate(
 
     from sge_repro.ablation import CLAIM_HEADERS, ROW_HEADERS, ablate as run_ablation, cells, title
     from sge_repro.cli.ui import console
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.pipeline import require_dvc_project
 
     def starting(variant, index: int, total: int) -> None:

@@ -13,7 +13,7 @@ from sge_repro.cli.ui import console
 def report(wide: bool = typer.Option(False, "--wide", help="Print every column (as report.md / report.html), "
                                                           "not the compact tables.")) -> None:
     """Collect every metrics file, compare with the paper, write reports/ and print the tables."""
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.report import render_console
     from sge_repro.stages.report import report as stage
@@ -30,7 +30,7 @@ def print_saved_report(root: Path, wide: bool = False) -> None:
 
 def visualize() -> None:
     """The visualize stage: SGE attention maps of every trained SGE model of params.yaml, into runs/visualize."""
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.report import visualize as stage
 

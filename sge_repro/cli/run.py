@@ -250,7 +250,7 @@ def _data_status(stale: dict, stages: list[str]) -> dict[str, tuple[str, str]]:
     whether it would change a manifest."""
     if stale.get(DATA_STAGE) != ["always changed"]:
         return {}
-    from sge_repro.params import load_params
+    from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.data import data_changes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sge_repro.cli.ui import print_result, progress_bar
-from sge_repro.params import load_params
+from sge_repro.params_yaml import load_params
 from sge_repro.paths import ProjectPaths
 
 app = typer.Typer(help="Train a classifier or a detector (one pipeline stage each).", no_args_is_help=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from sge_repro.launch.errors import LaunchError
-from sge_repro.params import LaunchParams
+from sge_repro.params_sections import LaunchParams
 
 T = TypeVar("T")
 

@@ -41,7 +41,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from sge_repro import atomic
 from sge_repro.launch import resolve_nproc_per_node
 from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
-from sge_repro.params import LaunchParams
+from sge_repro.params_sections import LaunchParams
 
 T = TypeVar("T")
 

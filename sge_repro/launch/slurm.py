@@ -48,7 +48,7 @@ from pydantic import BaseModel
 from sge_repro import atomic
 from sge_repro.errors import UserError
 from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
-from sge_repro.params import LaunchParams
+from sge_repro.params_sections import LaunchParams
 
 RECORD_FILE = "slurm_job.json"
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",

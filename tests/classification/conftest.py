@@ -8,7 +8,8 @@ import torch
 
 from sge_repro.classification.train import train_classifier
 from sge_repro.data.synthetic import generate_classification_set
-from sge_repro.params import ModelParams, Params, TrainClsParams
+from sge_repro.params import Params
+from sge_repro.params_sections import ModelParams, TrainClsParams
 from sge_repro.paths import ProjectPaths
 
 REPO = Path(__file__).resolve().parents[2]

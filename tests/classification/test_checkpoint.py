@@ -9,7 +9,7 @@ from sge_repro.atomic import torch_save
 from sge_repro.classification.checkpoint import TrainingState, recipe_fingerprint, resume, training_recipe
 from sge_repro.classification.schedule import lr_scheduler
 from sge_repro.errors import UserError
-from sge_repro.params import TrainClsParams
+from sge_repro.params_sections import TrainClsParams
 
 
 def fingerprint(params=None, model="resnet18", model_kwargs=None, classes=("a", "b"), seed=0, world_size=1) -> str:
@@ -172,7 +172,7 @@ def test_the_sge_ablation_knobs_at_the_papers_values_keep_every_fingerprint():
     """params.yaml's model section hands these knobs to every run: at the paper's values a recipe
     and its fingerprint are those written before the knobs existed (hashes computed with the
     code of then)."""
-    from sge_repro.params import ModelParams
+    from sge_repro.params_sections import ModelParams
 
     kwargs = ModelParams(width=8, groups=4).model_kwargs()
     assert {"sge_weight_init", "sge_bias_init", "sge_normalize"} <= set(kwargs)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sge_repro.classification.determinism import deterministic_mode
-from sge_repro.params import PROFILES_DIR, profile_params
+from sge_repro.params import PROFILES_DIR
+from sge_repro.params_yaml import profile_params
 
 from .conftest import train
 

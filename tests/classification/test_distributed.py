@@ -11,7 +11,7 @@ import torch
 
 from float_compare import largest_relative_error
 from sge_repro.classification.evaluate import evaluate_classifier
-from sge_repro.params import EvalClsParams
+from sge_repro.params_sections import EvalClsParams
 
 from .conftest import RECIPE, REPO, TINY_MODEL, outputs, read_history, train
 

@@ -8,7 +8,7 @@ import torch
 from sge_repro.classification.evaluate import evaluate_classifier
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.params import EvalClsParams
+from sge_repro.params_sections import EvalClsParams
 
 from .conftest import cls_manifest, outputs
 

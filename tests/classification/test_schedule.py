@@ -3,7 +3,7 @@
 import pytest
 
 from sge_repro.classification.schedule import lr_factor
-from sge_repro.params import TrainClsParams
+from sge_repro.params_sections import TrainClsParams
 
 
 def test_lr_schedules():

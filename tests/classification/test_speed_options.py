@@ -9,7 +9,7 @@ import torch
 from sge_repro.classification.evaluate import evaluate_classifier
 from sge_repro.data.synthetic import generate_classification_set
 from sge_repro.errors import UserError
-from sge_repro.params import EvalClsParams
+from sge_repro.params_sections import EvalClsParams
 
 from .conftest import train_with_recipe
 

@@ -125,7 +125,7 @@ def test_a_train_subset_shortens_the_epochs_and_the_schedule_follows(tmp_path, c
     """max_train_images=32 at batch 16: two steps an epoch, the lr schedule laid over those steps;
     another subset is another training, never resumed as this one."""
     from sge_repro.classification.schedule import lr_factor
-    from sge_repro.params import TrainClsParams
+    from sge_repro.params_sections import TrainClsParams
 
     manifest = cls_manifest(tmp_path / "project", max_train_images=32)
     options = dict(epochs=3, warmup_epochs=1)

@@ -16,7 +16,7 @@ from sge_repro.classification.sampling import resolve_workers
 from sge_repro.classification.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_tensor, eval_resize_size,
                                                  eval_transform, float_reference, to_model_input, train_transform)
 from sge_repro.errors import UserError
-from sge_repro.params import EvalClsParams, TrainClsParams
+from sge_repro.params_sections import EvalClsParams, TrainClsParams
 
 CPU = torch.device("cpu")
 

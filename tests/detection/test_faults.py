@@ -16,7 +16,7 @@ import torch
 
 from sge_repro.data.prepare import coco_source, write_manifests
 from sge_repro.errors import UserError
-from sge_repro.params import dump_params, profile_params
+from sge_repro.params_yaml import dump_params, profile_params
 from sge_repro.paths import ProjectPaths
 from small_disk import resize, small_disk
 

@@ -16,7 +16,7 @@ from sge_repro.detection.mmdetection import FullModelClipSGD
 from sge_repro.detection.setup import schedule_overrides
 from sge_repro.errors import UserError
 from sge_repro.models.weight_files import load_checkpoint_file
-from sge_repro.params import profile_params
+from sge_repro.params_yaml import profile_params
 
 from .conftest import NUM_CATEGORIES, tiny_overrides
 

@@ -13,7 +13,7 @@ from sge_repro.detection.engine import DetectorTrainer
 from sge_repro.detection.setup import schedule_overrides
 from sge_repro.models.attention import SpatialGroupEnhance
 from sge_repro.stages.detection import detector_config, eval_det, train_det
-from sge_repro.params import profile_params
+from sge_repro.params_yaml import profile_params
 from sge_repro.paths import ProjectPaths
 
 from .conftest import GROUPS, WIDTH

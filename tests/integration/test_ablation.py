@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import copy_project
-from sge_repro.params import dump_params, profile_params
+from sge_repro.params_yaml import dump_params, profile_params
 
 pytestmark = pytest.mark.slow
 

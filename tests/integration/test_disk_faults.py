@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sge_repro.params import dump_params, profile_params
+from sge_repro.params_yaml import dump_params, profile_params
 from small_disk import read_only_view, resize, small_disk
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from sge_repro import run_lock
 from sge_repro.errors import UserError
 from sge_repro.models.weight_files import load_checkpoint_file
-from sge_repro.params import dump_params, profile_params
+from sge_repro.params_yaml import dump_params, profile_params
 
 REPO = Path(__file__).resolve().parents[2]
 

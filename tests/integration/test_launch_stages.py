@@ -17,7 +17,8 @@ import yaml
 
 from classification.test_distributed import LOSS_TOLERANCE, SYNC_BN_TOLERANCE
 from float_compare import largest_relative_error
-from sge_repro.params import PROFILES_DIR, dump_params, profile_params, validate_params
+from sge_repro.params import PROFILES_DIR, validate_params
+from sge_repro.params_yaml import dump_params, profile_params
 
 pytestmark = pytest.mark.slow
 

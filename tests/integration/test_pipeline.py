@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sge_repro.params import dump_params, validate_params, without_derived
+from sge_repro.params import validate_params
+from sge_repro.params_yaml import dump_params, without_derived
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +178,7 @@ def check_dataset_changes_rerun_exactly_their_stages(project: Path, sge_repro_bi
 def test_the_reports_stage_list_is_dvcs(project, profile):
     """The report's provenance looks up each stage's run by name: its list is the one DVC expands
     from dvc.yaml (released checkpoints' and torchvision downloads' stages included)."""
-    from sge_repro.params import profile_params
+    from sge_repro.params_yaml import profile_params
     from sge_repro.stages.report import pipeline_stages
 
     params = profile_params(profile, project / "pipelines" / "profiles")

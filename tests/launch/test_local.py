@@ -16,7 +16,8 @@ import torch
 
 from sge_repro.errors import UserError
 from sge_repro.launch import LaunchError, launch, resolve_nproc_per_node, runs_in_process
-from sge_repro.params import LaunchParams, Params, validate_params
+from sge_repro.params import Params, validate_params
+from sge_repro.params_sections import LaunchParams
 
 from . import targets
 

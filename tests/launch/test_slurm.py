@@ -13,7 +13,7 @@ import pytest
 from sge_repro.errors import UserError
 from sge_repro.launch.errors import LaunchError
 from sge_repro.launch.slurm import RECORD_FILE, run, sbatch_parameters, submission_fingerprint
-from sge_repro.params import LaunchParams, SlurmParams
+from sge_repro.params_sections import LaunchParams, SlurmParams
 
 from .slurm_targets import all_reduce_ranks, fail_on_rank
 
@@ -271,7 +271,7 @@ def test_a_classifier_trained_by_two_slurm_tasks_with_sync_bn_equals_one_process
     from classification.test_distributed import EQUIVALENCE_OPTIONS, LOSS_TOLERANCE, SYNC_BN_TOLERANCE, TIMING_KEYS
     from float_compare import largest_relative_error
     from sge_repro.data.synthetic import generate_classification_set
-    from sge_repro.params import ModelParams, TrainClsParams
+    from sge_repro.params_sections import ModelParams, TrainClsParams
 
     from .slurm_targets import train_one_thread
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sge_repro.params import profile_params
+from sge_repro.params_yaml import profile_params
 from sge_repro.report import build_report, write_report_files
 from sge_repro.report.reference import (
     PAPER_DET_ENGINE,

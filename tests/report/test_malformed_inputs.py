@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sge_repro.errors import UserError
-from sge_repro.params import Params, dump_params
+from sge_repro.params import Params
+from sge_repro.params_yaml import dump_params
 from sge_repro.paths import ProjectPaths
 from sge_repro.report import build_report
 

@@ -22,7 +22,8 @@ from sge_repro.detection.convert import read_weights_metadata
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
-from sge_repro.params import dump_params, load_params, profile_params, refresh_params_file, validate_params, without_derived
+from sge_repro.params import validate_params
+from sge_repro.params_yaml import dump_params, load_params, profile_params, refresh_params_file, without_derived
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.detection import convert, fetch_weights
 

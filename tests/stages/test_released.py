@@ -11,7 +11,8 @@ import yaml
 from authors_reference import AuthorsResNet, randomize, release_file
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
-from sge_repro.params import dump_params, profile_params, validate_params, without_derived
+from sge_repro.params import validate_params
+from sge_repro.params_yaml import dump_params, profile_params, without_derived
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.classification import import_cls
 
