@@ -6,7 +6,8 @@
 """
 
 from sge_repro.report.build import build_report, load_saved_report
-from sge_repro.report.render import render_console, write_report_files
+from sge_repro.report.files import write_report_files
+from sge_repro.report.render import render_console
 from sge_repro.report.schema import Report, Summary
 
 __all__ = ["Report", "Summary", "build_report", "load_saved_report", "render_console", "write_report_files"]

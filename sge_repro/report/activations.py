@@ -9,20 +9,19 @@ over weak and over strong positions. Each is averaged over the images, per group
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
 from sge_repro.atomic import write_json
 from sge_repro.models.attention import SpatialGroupEnhance
 from sge_repro.models.sge import sge_reference_gate
+from sge_repro.report.figures import png
 
 STATS_FILE = "activation_stats.json"
 WEAK_FRACTION = 0.1  # a position is weak when its activation is below 10% of the map's max
@@ -161,7 +160,6 @@ def variance_figure(rows) -> bytes | None:
     if not rows:
         return None
     figure = Figure(figsize=(8, 2.2 * len(rows) + 0.6), layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), 1, squeeze=False)
     for axis, row in zip(axes[:, 0], rows):
         positions = range(len(row.group_variance_before))
@@ -172,9 +170,7 @@ def variance_figure(rows) -> bytes | None:
         axis.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("group", fontsize=8)
     axes[0, 0].legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
-    return buffer.getvalue()
+    return png(figure, dpi=80)
 
 
 ACTIVATION_HEADERS = ("Model", "Layer", "Images", "Variance before", "Variance after", "Ratio",

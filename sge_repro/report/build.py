@@ -339,7 +339,7 @@ def build_report(
     seeds: Sequence[int] = (),
 ) -> Report:
     """Collect every metrics file under `root` and compare with the paper; writes nothing
-    (sge_repro.report.render.write_report_files writes reports/).
+    (sge_repro.report.files.write_report_files writes reports/).
 
     tolerance: |ours - paper| in points within which a result on the paper's dataset counts as
     reproduced. bootstrap_samples / seed: the bootstrap of the gains. complexity: a

@@ -1,34 +1,24 @@
-"""Render a built report (schema.Report): rich tables on the console, and the files of reports/:
-summary.json (the schema's model_dump), report.md and a self-contained report.html (plots as
-base64 PNG data URIs), each written once, atomically, by `write_report_files`.
+"""Render a built report (schema.Report): its tables as text cells, rich tables on the console,
+and report.md (report.html and the writing of reports/: sge_repro.report.files).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from rich import box
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from sge_repro.atomic import write_json, write_text
 from sge_repro.report.activations import (
     ACTIVATION_HEADERS,
     ACTIVATION_LEAD,
     activation_line,
     activation_table,
-    variance_figure,
 )
-from sge_repro.report.reference import is_paper_dataset, official_log, split_model_name
-from sge_repro.report.schema import CurveSet, DetRow, GainInterval, Report
+from sge_repro.report.reference import split_model_name
+from sge_repro.report.schema import DetRow, GainInterval, Report
 from sge_repro.report.stats import detection_gain_verdict, is_reproduced, significance_label
 
 if TYPE_CHECKING:
@@ -251,7 +241,7 @@ def stage_run_rows(report: Report) -> list[list[str]]:
 STAGE_RUN_HEADERS = ("Stage", "State", "Wall time (s)", "Finished (UTC)", "Host", "Processes", "Devices")
 
 
-def _missing_lines(report: Report) -> list[str]:
+def missing_lines(report: Report) -> list[str]:
     return [f"{m.what}: {m.reason} ({m.path})" for m in report.missing]
 
 
@@ -310,7 +300,7 @@ def render_console(report: Report, console: Console, wide: bool = False) -> None
         console.print(f"[dim]note:[/dim] {escape(note)}", highlight=False)
     if report.missing:
         console.print(f"[yellow]Missing ({len(report.missing)}):[/yellow]")
-        for line in _missing_lines(report):
+        for line in missing_lines(report):
             console.print(f"  - {line}", highlight=False, markup=False)
     for name, path in report.files.items():
         console.print(f"[dim]wrote {name}:[/dim] {escape(str(path))}", highlight=False)
@@ -359,215 +349,10 @@ def render_markdown(report: Report) -> str:
     if report.notes:
         parts += ["## Notes", ""] + [f"- {note}" for note in report.notes] + [""]
     parts += ["## Missing", ""]
-    parts += [f"- {_md_cell(line)}" for line in _missing_lines(report)] or ["Nothing missing."]
+    parts += [f"- {_md_cell(line)}" for line in missing_lines(report)] or ["Nothing missing."]
     if report.summary.provenance is not None:
         parts += ["", "## Provenance", ""] + [f"- {what}: {_md_cell(value)}" for what, value in provenance_lines(report)]
         if stage_run_rows(report):
             parts += ["", _md_table(STAGE_RUN_HEADERS, stage_run_rows(report))]
     parts += ["", "Plots (training curves, gains with CIs): see `report.html`.", ""]
     return "\n".join(parts)
-
-
-# ---------------------------------------------------------------- figures
-
-def _png(figure) -> bytes:
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-@dataclass(frozen=True)
-class Series:
-    """One line of a training-curve plot."""
-
-    panel: str  # "loss" or "top1"
-    label: str
-    epochs: tuple[float, ...]
-    values: tuple[float, ...]
-    authors: bool = False  # from the authors' released log
-
-
-def curve_series(curve: CurveSet) -> list[Series]:
-    """The lines of a model's training-curve plot: ours per seed; on ImageNet also the authors' log."""
-    series = []
-    for seed, rows in sorted(curve.histories.items()):
-        epochs = [r.get("epoch", float(i)) for i, r in enumerate(rows)]
-        for panel, key in (("loss", "train_loss"), ("loss", "val_loss"), ("top1", "val_top1")):
-            points = [(e, r[key]) for e, r in zip(epochs, rows) if key in r]
-            if points:
-                xs, ys = zip(*points)
-                series.append(Series(panel, f"ours seed {seed} {key}", xs, ys))
-    if curve.dataset is not None and is_paper_dataset(curve.dataset, "cls"):
-        authors = official_log(curve.model)
-        if authors:
-            epochs = tuple(r["epoch"] for r in authors)
-            series.append(Series("loss", "authors train_loss", epochs, tuple(r["train_loss"] for r in authors), True))
-            series.append(Series("loss", "authors val_loss", epochs, tuple(r["val_loss"] for r in authors), True))
-            series.append(Series("top1", "authors val_top1", epochs, tuple(r["val_top1"] for r in authors), True))
-    return series
-
-
-def curve_figure(curve: CurveSet) -> bytes:
-    """Loss and validation top-1 per epoch (PNG bytes)."""
-    figure = Figure(figsize=(9, 3.2))
-    axes = dict(zip(("loss", "top1"), figure.subplots(1, 2)))
-    for line in curve_series(curve):
-        style = ("-." if "val_loss" in line.label else ":") if line.authors else ("--" if "val_loss" in line.label else "-")
-        color = "black" if line.authors else None
-        axes[line.panel].plot(line.epochs, line.values, style, color=color, label=line.label)
-    axes["loss"].set(title=f"{curve.model}: loss", xlabel="epoch", ylabel="loss")
-    axes["top1"].set(title=f"{curve.model}: validation top-1 ({curve.dataset or 'dataset unknown'})",
-                     xlabel="epoch", ylabel="top-1 %")
-    for axis in axes.values():
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-        axis.grid(alpha=0.3)
-    return _png(figure)
-
-
-def gains_figure(report: Report) -> bytes | None:
-    """Horizontal bars of every gain over the plain baseline, CI whiskers, the paper's gain as x."""
-    entries = [
-        (f"{r.model} top-1 ({r.dataset})", r.gain, r.paper_gain) for r in report.classification if r.gain is not None
-    ] + [
-        (f"{r.detector} {r.backbone} AP ({r.dataset})", r.gain, r.paper_gain) for r in report.detection if r.gain is not None
-    ]
-    if not entries:
-        return None
-    figure = Figure(figsize=(8, 0.5 * len(entries) + 1.2))
-    axis = figure.subplots()
-    positions = list(range(len(entries)))[::-1]
-    for y, (_, gain, paper_gain) in zip(positions, entries):
-        has_ci = gain.low is not None and gain.high is not None
-        error = [[gain.estimate - gain.low], [gain.high - gain.estimate]] if has_ci else None
-        axis.barh(y, gain.estimate, xerr=error, color="tab:blue" if has_ci else "tab:gray", capsize=4, height=0.6)
-        if paper_gain is not None:
-            axis.plot([paper_gain], [y], "x", color="tab:red", markersize=9)
-    axis.plot([], [], "x", color="tab:red", label="paper's gain")
-    axis.axvline(0.0, color="black", linewidth=0.8)
-    axis.set_yticks(positions, [label for label, _, _ in entries], fontsize=8)
-    axis.set(xlabel="gain over the plain ResNet (points); whiskers: 95% bootstrap CI; grey: single run",
-             title="Gain of the attention models")
-    axis.legend(fontsize=8, loc="lower right")
-    axis.grid(axis="x", alpha=0.3)
-    return _png(figure)
-
-
-# ---------------------------------------------------------------- html
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f0f0f0; }
-td:first-child, td:nth-child(2) { text-align: left; }
-tr.reproduced td { background: #e8f6e8; }
-img { max-width: 100%; }
-.note { color: #555; }
-"""
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _html_table(headers: Sequence[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for cells in rows:
-        css = ' class="reproduced"' if is_reproduced(cells[-1]) else ""
-        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _figure_html(title: str, png: bytes) -> str:
-    return f'<figure><img alt="{html.escape(title)}" src="{_data_uri(png)}"><figcaption>{html.escape(title)}</figcaption></figure>'
-
-
-def _what_reproduced_html(report: Report) -> list[str]:
-    """The page's opening: each claim of the paper with ours, the paper's and the verdict."""
-    claims = claim_table(report)
-    if not claims:
-        return ["<h2>What reproduced</h2><p>No result here has a figure in the paper to compare with.</p>"]
-    rows = [*report.classification, *report.detection]
-    lead = f"{len(claims)} result(s) compared with the paper"
-    if any(row.comparable for row in rows):
-        reproduced = sum(1 for claim in claims if claim[-1] == "reproduced")
-        lead += f"; {reproduced} reproduced within &plusmn;{report.tolerance:g} points on the paper's datasets"
-    judged_on_gain = [row for row in report.detection
-                      if row.judged_on == "gain" and row.baseline is not None and row.paper_gain is not None]
-    if judged_on_gain:
-        gains = sum(1 for row in judged_on_gain if is_reproduced(row.verdict))
-        lead += (f"; COCO detectors judged on the gain: {gains} of {len(judged_on_gain)} gains reproduced "
-                 "(the paper's gain inside our 95% CI; their plain detectors are not judged)")
-    if not all(row.comparable for row in rows):
-        lead += ("; on data the paper did not use, the verdict compares the sign and size of the gain "
-                 "over the plain ResNet with the paper's gain")
-    return ["<h2>What reproduced</h2>", f"<p>{lead}.</p>", _html_table(CLAIM_HEADERS, claims)]
-
-
-def render_html(report: Report) -> str:
-    """A self-contained page: the tables and every plot inline (no external file or server)."""
-    escape = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>SGE reproduction report ({escape(report.profile)})</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>SGE reproduction report <small>(profile {escape(report.profile)})</small></h1>",
-        *_what_reproduced_html(report),
-        f'<p class="note">Paper figures: {escape(report.summary.paper.source)}. Verdict on the paper\'s datasets: '
-        f"&ldquo;reproduced&rdquo; when |ours &minus; paper| &le; {report.tolerance:g} points, else the signed gap; "
-        "COCO detectors trained with another engine or protocol than the authors' are judged on their gain "
-        "instead (&ldquo;gain reproduced&rdquo;: the paper's gain inside our gain's 95% CI; see the notes). "
-        "Means &plusmn; sample std over seeds; gains with 95% bootstrap CIs (top-1: paired over validation "
-        "images; AP: over seeds).</p>",
-        "<h2>Classification</h2>",
-        _html_table(CLS_HEADERS, classification_table(report)) if report.classification else "<p>No evaluated runs.</p>",
-        "<h2>Detection</h2>",
-        _html_table(DET_HEADERS, detection_table(report)) if report.detection else "<p>No evaluated runs.</p>",
-    ]
-    activations = report.summary.activations
-    if activations:
-        parts += ["<h2>Activation analysis</h2>",
-                  f'<p class="note">{escape(ACTIVATION_LEAD.format(threshold=activations[0].weak_threshold))}</p>',
-                  _html_table(ACTIVATION_HEADERS, activation_table(activations)),
-                  _figure_html("Per-group variance across positions, before vs after SGE", variance_figure(activations))]
-    if report.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in report.notes) + "</ul>")
-    parts.append("<h2>Missing</h2>")
-    lines = _missing_lines(report)
-    parts.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul>" if lines else "<p>Nothing missing.</p>")
-    if report.summary.provenance is not None:
-        parts.append("<h2>Provenance</h2><table><tbody>" + "".join(
-            f"<tr><th>{escape(what)}</th><td>{escape(value)}</td></tr>" for what, value in provenance_lines(report))
-            + "</tbody></table>")
-        if stage_run_rows(report):
-            parts += ["<h3>Stage runs (their last run, from logs/progress)</h3>",
-                      _html_table(STAGE_RUN_HEADERS, stage_run_rows(report))]
-    gains = gains_figure(report)
-    if gains is not None:
-        parts += ["<h2>Gains over the plain baseline</h2>", _figure_html("Gains with 95% bootstrap CIs", gains)]
-    if report.curves:
-        parts.append("<h2>Training curves</h2>")
-        for curve in report.curves:
-            parts.append(_figure_html(f"{curve.model} training curves", curve_figure(curve)))
-    if report.attention_images:
-        parts.append("<h2>SGE attention maps</h2>")
-        for path in report.attention_images:
-            parts.append(_figure_html(path.stem, path.read_bytes()))
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def write_report_files(report: Report, reports_dir: Path) -> dict[str, Path]:
-    """Write summary.json, report.md and report.html atomically, each once; returns {kind: path}
-    (also kept as report.files, which the console lists)."""
-    reports_dir = Path(reports_dir)
-    report.files = {
-        "summary": write_json(reports_dir / "summary.json", report.summary.model_dump()),
-        "markdown": write_text(reports_dir / "report.md", render_markdown(report)),
-        "html": write_text(reports_dir / "report.html", render_html(report)),
-    }
-    return report.files

@@ -241,7 +241,7 @@ class CurveSet:
 @dataclass
 class Report:
     """A built report: summary.json's content plus what only the plots use; `files` are the
-    paths written by sge_repro.report.render.write_report_files."""
+    paths written by sge_repro.report.files.write_report_files."""
 
     summary: Summary
     curves: list[CurveSet] = field(default_factory=list)

@@ -8,13 +8,11 @@ is recomputed from the input with the module's own parameters by the SGE referen
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 from torch import nn
@@ -28,6 +26,7 @@ from sge_repro.models import create_model
 from sge_repro.models.registry import parse_model_name
 from sge_repro.models.weight_files import read_classifier_header
 from sge_repro.report.activations import MAX_IMAGES, capture_sge, measure, sge_modules, write_stats
+from sge_repro.report.figures import png
 
 DEFAULT_GROUPS_SHOWN = 8
 
@@ -66,7 +65,6 @@ def attention_figure(layer: str, maps: dict[str, torch.Tensor], crop, groups_sho
         return tensor[group * channels_per_group:(group + 1) * channels_per_group].mean(dim=0)
 
     figure = Figure(figsize=(1.6 * (len(shown) + 1), 5.0))
-    FigureCanvasAgg(figure)
     axes = figure.subplots(3, len(shown) + 1, squeeze=False)
     for row, label in enumerate(("before", "gate", "after")):
         axes[row][0].axis("off")
@@ -84,9 +82,7 @@ def attention_figure(layer: str, maps: dict[str, torch.Tensor], crop, groups_sho
     axes[0][0].imshow(crop)
     axes[0][0].set_title("input", fontsize=8)
     figure.suptitle(f"SGE at {layer}: feature map (mean over the group's channels), gate, result", fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
-    return buffer.getvalue()
+    return png(figure, dpi=80)
 
 
 def visualize_sge(

@@ -15,7 +15,8 @@ from sge_repro.models.weight_files import make_classifier_checkpoint
 from sge_repro.report import build_report, render_console
 from sge_repro.report.activations import STATS_FILE, measure, sge_modules, summarize, write_stats
 from sge_repro.report.collect import read_activation_stats
-from sge_repro.report.render import render_html, render_markdown
+from sge_repro.report.files import render_html
+from sge_repro.report.render import render_markdown
 from sge_repro.report.visualize import visualize_trained_models
 
 

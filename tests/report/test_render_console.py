@@ -82,7 +82,8 @@ def test_wide_view_has_every_column(report):
 
 
 def test_what_reproduced_lists_each_claim_with_ours_the_papers_and_the_verdict(report):
-    from sge_repro.report.render import claim_table, render_html
+    from sge_repro.report.files import render_html
+    from sge_repro.report.render import claim_table
 
     claims = {row[0]: row[1:] for row in claim_table(report)}
     # the paper's dataset: absolute numbers, and the gain beside them

@@ -13,7 +13,8 @@ from sge_repro.report import (
     render_console,
     write_report_files,
 )
-from sge_repro.report.render import classification_table, curve_series, detection_table
+from sge_repro.report.figures import curve_series
+from sge_repro.report.render import classification_table, detection_table
 from sge_repro.report.schema import CurveSet
 
 from .conftest import fixture_complexity
