@@ -20,6 +20,10 @@ from sge_repro.errors import UserError
 from sge_repro.params_sections import (ConvertInput, ConvertParams, ConvertSource, DataParams, DetectionRun,
                                        EvalClsParams, EvalDetParams, LaunchParams, ModelParams, ReportParams,
                                        Section, Seed, TorchvisionWeights, TrainClsParams, TrainDetParams)
+from sge_repro.paths import ProjectPaths
+
+# sge_repro.models.* is imported inside the checks that need it: importing any of it runs the package's
+# __init__, which imports torch, and the CLI's entry imports this module without torch.
 
 PARAMS_FILE = Path("params.yaml")
 RELEASED_SEED = 0  # a released classifier is one run: its files are named as seed 0
@@ -163,8 +167,6 @@ class Params(Section):
 
     def convert_input(self, backbone: str, seed: int) -> ConvertInput:
         """The one input of convert@<backbone>-<seed> (paths relative to the project root)."""
-        from sge_repro.paths import ProjectPaths
-
         paths = ProjectPaths(Path("."))
         source = self.convert_source(backbone)
         if source == "trained":

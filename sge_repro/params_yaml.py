@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from sge_repro import atomic
 from sge_repro.errors import UserError, not_utf8
 from sge_repro.params import PARAMS_FILE, PROFILES_DIR, Params, validate_params
 
@@ -192,8 +193,6 @@ def refresh_params_file(path: Path = PARAMS_FILE) -> bool:
     fresh = yaml.safe_load(dump_params(params))
     stale = any(_derived_value(raw, key) != _derived_value(fresh, key) for key in DERIVED_KEYS)
     if stale:
-        from sge_repro import atomic
-
         atomic.write_text(path, dump_params(params))
     return stale
 

@@ -20,10 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import yaml
+
 from sge_repro import atomic, run_lock
 from sge_repro.errors import UserError
 from sge_repro.params import PARAMS_FILE, validate_params
-from sge_repro.params_yaml import dump_params, load_params, profile_params, read_yaml, refresh_params_file, set_values, without_derived
+from sge_repro.params_yaml import (
+    dump_params,
+    load_params,
+    profile_params,
+    read_yaml,
+    refresh_params_file,
+    set_values,
+    without_derived,
+)
+from sge_repro.paths import ProjectPaths
 
 LOG_FILE = Path("logs") / "dvc-repro.log"  # opened (truncated) only by the holder of the run lock
 
@@ -166,10 +177,6 @@ def list_stages() -> list[str]:
 
 def manifest_dependents(dvc_file: Path = Path("dvc.yaml")) -> dict[str, set[str]]:
     """{dataset ("cls", "det"): the stage groups of dvc.yaml that depend on its manifest}."""
-    import yaml
-
-    from sge_repro.paths import ProjectPaths
-
     stages = (yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}).get("stages", {})
     manifests = ProjectPaths(Path("."))
     return {name: {group for group, stage in stages.items()

@@ -17,7 +17,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+import torchvision
+
+from sge_repro import __version__
 from sge_repro.data.download import file_digest
+from sge_repro.detection.compat import detectron2_info
 from sge_repro.stage_status import read_status
 
 PACKAGES = ("dvc", "numpy", "pycocotools", "fvcore", "tensorboard")
@@ -56,11 +61,6 @@ def file_sha256(path: Path) -> str | None:
 
 def package_versions() -> dict[str, str]:
     """python, sge-repro, torch's CUDA / cuDNN, detectron2 (version and which build), and PACKAGES."""
-    import torch
-    import torchvision
-
-    from sge_repro import __version__
-
     # torch's own version strings carry the build (e.g. 2.14.1+cu130)
     versions = {"python": platform.python_version(), "sge-repro": __version__, "torch": torch.__version__,
                 "torchvision": torchvision.__version__}
@@ -73,8 +73,6 @@ def package_versions() -> dict[str, str]:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     versions["cudnn"] = str(cudnn)
     try:
-        from sge_repro.detection.compat import detectron2_info
-
         info = detectron2_info()
         versions["detectron2"] = f"{info.get('version')} ({info.get('build')})"
     except Exception as error:  # noqa: BLE001 - provenance reports, it does not fail the report
@@ -94,8 +92,6 @@ def cpu_model() -> str:
 
 def hardware() -> dict[str, Any]:
     """The machine building the report: CPU model and count, GPU models and count, OS."""
-    import torch
-
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count() or 0, "gpus": gpus, "gpu_count": len(gpus),
             "platform": platform.platform()}
