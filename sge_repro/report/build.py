@@ -13,13 +13,13 @@ from pydantic import ValidationError
 
 from sge_repro.errors import UserError
 from sge_repro.paths import ProjectPaths
+from sge_repro.report.checked_json import read_json_object
 from sge_repro.report.collect import (
     ClsRun,
     CollectedResults,
     DetRun,
     collect_activations,
     collect_results,
-    read_json_object,
     read_train_metrics,
 )
 from sge_repro.report.reference import (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,14 +18,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from sge_repro.errors import UserError, not_utf8
+from sge_repro.errors import UserError
 from sge_repro.paths import ProjectPaths
+from sge_repro.report import checked_json as fields
 from sge_repro.report.activations import STATS_FILE, summarize
 from sge_repro.report.reference import BBOX_KEYS
 from sge_repro.report.schema import ActivationRow, Missing
 
 _RUN_FILE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)\.(?:json|tsv)$")
-_LONG_INTEGER = 10**30  # shown in messages by its number of digits
 
 
 @dataclass
@@ -82,135 +81,6 @@ class CollectedResults:
     notes: list[str] = field(default_factory=list)
 
 
-def _display(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """`value` for a one-line message: a huge JSON integer by its length, a long repr cut short."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _LONG_INTEGER:
-        try:
-            digits = len(str(abs(value)))
-        except ValueError:  # beyond Python's int-to-str digit limit
-            return "an integer of thousands of digits"
-        return f"a {digits}-digit integer"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _read_text(path: Path, root: Path, kind: str) -> str:
-    """`path` as UTF-8 text; UserError naming the file when it cannot be read, holds NUL bytes or is not UTF-8."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UserError(
-            f"{_display(path, root)}: cannot be read ({error.strerror or error}); expected {kind}"
-        ) from error
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise not_utf8(_display(path, root), error, kind) from error
-    nul = text.find("\0")
-    if nul >= 0:
-        raise UserError(f"{_display(path, root)}: binary data (a NUL character at offset {nul}); expected {kind}")
-    return text
-
-
-def read_json_object(path: Path, root: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`; None when the file is absent or empty; UserError when malformed."""
-    if not path.is_file():
-        return None
-    text = _read_text(path, root, "a JSON file")
-    if not text.strip():
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"{_display(path, root)}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
-        ) from error
-    except (ValueError, RecursionError) as error:  # an integer beyond Python's digit limit; nesting too deep
-        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).partition(";")[0]
-        raise UserError(f"{_display(path, root)}: not valid JSON ({reason})") from error
-    if not isinstance(data, dict):
-        raise UserError(f"{_display(path, root)}: expected a JSON object, got {_json_type(data)}")
-    return data
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a parsed value's type, for messages: null, boolean, number, string, list, object."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _got(value: Any) -> str:
-    """A parsed JSON value for "..., got <this>": its type and (short) value."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    return f"{_json_type(value)} {_shown(value)}"
-
-
-def _number(value: Any, key: str, path: Path, root: Path, allow_none: bool = False) -> float | None:
-    """A finite float (NaN -> None, as COCO gives for empty area ranges); UserError on a wrong type."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a number, got {_got(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # a JSON integer beyond a float's range
-        number = math.inf
-    if math.isnan(number) and allow_none:
-        return None
-    if not math.isfinite(number):
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a finite number, got {_shown(value)}")
-    return number
-
-
-def _percent(value: Any, key: str, path: Path, root: Path, allow_none: bool = False) -> float | None:
-    number = _number(value, key, path, root, allow_none)
-    if number is not None and allow_none and number < 0:
-        return None  # COCO's -1 (no objects in that size range), possibly scaled to -100
-    if number is not None and not 0.0 <= number <= 100.0:
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a percentage in [0, 100], got {number}")
-    return number
-
-
-def _count(value: Any, key: str, path: Path, root: Path) -> int:
-    """A non-negative whole number (10 or 10.0); UserError otherwise."""
-    number = _number(value, key, path, root)
-    if number < 0 or not number.is_integer():
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a non-negative integer, got {_shown(value)}")
-    return int(value)
-
-
-def _text(data: dict, key: str, path: Path, root: Path, required: bool = False) -> str | None:
-    """data[key] when a string, None when absent or null (unless required); UserError on another type."""
-    value = data.get(key)
-    if (value is not None or required) and not isinstance(value, str):
-        raise UserError(f"{_display(path, root)}: key '{key}' should be a string, got {_got(value)}")
-    return value
-
-
-def _object(data: dict, key: str, path: Path, root: Path, what: str, parent: str = "") -> dict | None:
-    """data[key] when a JSON object, None when absent or null; UserError on another type (the key
-    named after `parent`, the key path of `data` in the file)."""
-    value = data.get(key)
-    if value is not None and not isinstance(value, dict):
-        raise UserError(
-            f"{_display(path, root)}: key '{parent}{key}' should be an object of {what}, got {_got(value)}"
-        )
-    return value
-
-
 def _name_and_seed(path: Path) -> tuple[str, int] | None:
     match = _RUN_FILE.match(path.name)
     return None if match is None else (match["name"], int(match["seed"]))
@@ -219,27 +89,27 @@ def _name_and_seed(path: Path) -> tuple[str, int] | None:
 def _check_identity(data: dict, key: str, expected: Any, path: Path, root: Path) -> None:
     if data.get(key) is not None and data[key] != expected:
         raise UserError(
-            f"{_display(path, root)}: key '{key}' is {_shown(data[key])} but the file name says {expected!r}"
+            f"{fields.display(path, root)}: key '{key}' is {fields.shown(data[key])} but the file name says {expected!r}"
         )
 
 
 def read_predictions(path: Path, root: Path) -> Predictions | None:
-    data = read_json_object(path, root)
+    data = fields.read_json_object(path, root)
     if data is None:
         return None
     # The classification engine writes "correct_top1" (plus top-5, targets, ...); "correct" also accepted.
     key = "correct_top1" if "correct_top1" in data else "correct"
     correct, files = data.get(key), data.get("files")
     if not isinstance(correct, list) or not isinstance(files, list):
-        raise UserError(f"{_display(path, root)}: expected lists under keys 'correct_top1' and 'files'")
+        raise UserError(f"{fields.display(path, root)}: expected lists under keys 'correct_top1' and 'files'")
     if len(correct) != len(files):
         raise UserError(
-            f"{_display(path, root)}: '{key}' has {len(correct)} entries but 'files' has {len(files)}"
+            f"{fields.display(path, root)}: '{key}' has {len(correct)} entries but 'files' has {len(files)}"
         )
     if any(c not in (0, 1) for c in correct):  # True/False compare equal to 1/0
-        raise UserError(f"{_display(path, root)}: '{key}' should hold only 0/1 values")
+        raise UserError(f"{fields.display(path, root)}: '{key}' should hold only 0/1 values")
     if any(not isinstance(f, str) for f in files):
-        raise UserError(f"{_display(path, root)}: 'files' should hold file names (strings)")
+        raise UserError(f"{fields.display(path, root)}: 'files' should hold file names (strings)")
     return Predictions(correct=np.asarray(correct, dtype=np.uint8), files=tuple(files), path=path)
 
 
@@ -248,7 +118,7 @@ def read_history(path: Path, root: Path) -> list[dict[str, float]] | None:
     cell that is not a number skipped); UserError naming the file when it is not a UTF-8 text TSV."""
     if not path.is_file():
         return None
-    text = _read_text(path, root, "a tab-separated training history")
+    text = fields.read_text(path, root, "a tab-separated training history")
     rows = []
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
     try:
@@ -266,15 +136,15 @@ def read_history(path: Path, root: Path) -> list[dict[str, float]] | None:
             if row:
                 rows.append(row)
     except csv.Error as error:  # e.g. an unterminated quote running past csv's field size limit
-        raise UserError(f"{_display(path, root)}: not a valid TSV (line {reader.line_num}: {error})") from error
+        raise UserError(f"{fields.display(path, root)}: not a valid TSV (line {reader.line_num}: {error})") from error
     return rows or None
 
 
 def read_train_metrics(path: Path, root: Path) -> dict[str, Any] | None:
     """A training run's final metrics (metrics/train_cls); the report reads its `dataset` (a string)."""
-    data = read_json_object(path, root)
+    data = fields.read_json_object(path, root)
     if data is not None:
-        _text(data, "dataset", path, root)
+        fields.string(data, "dataset", path, root)
     return data
 
 
@@ -284,48 +154,48 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
     if identity is None:
         return None  # not a run file (e.g. a README); the stages only write <model>-seed<n>.json
     model, seed = identity
-    data = read_json_object(path, root)
+    data = fields.read_json_object(path, root)
     if data is None:
-        missing.append(Missing(what=f"classification {model} seed {seed}", path=_display(path, root), reason="empty file"))
+        missing.append(Missing(what=f"classification {model} seed {seed}", path=fields.display(path, root), reason="empty file"))
         return None
     _check_identity(data, "model", model, path, root)
     _check_identity(data, "seed", seed, path, root)
     absent = [k for k in ("dataset", "top1", "top5") if k not in data]
     if absent:
         missing.append(
-            Missing(what=f"classification {model} seed {seed}", path=_display(path, root),
+            Missing(what=f"classification {model} seed {seed}", path=fields.display(path, root),
                     reason=f"incomplete: no {', '.join(absent)}")
         )
         return None
     run = ClsRun(
         model=model,
-        dataset=_text(data, "dataset", path, root, required=True),
+        dataset=fields.string(data, "dataset", path, root, required=True),
         seed=seed,
-        top1=_percent(data["top1"], "top1", path, root),
-        top5=_percent(data["top5"], "top5", path, root),
+        top1=fields.percent(data["top1"], "top1", path, root),
+        top5=fields.percent(data["top5"], "top5", path, root),
         path=path,
-        loss=_number(data.get("loss"), "loss", path, root, allow_none=True),
-        params_m=_number(data.get("params_m"), "params_m", path, root, allow_none=True),
-        gflops=_number(data.get("gflops"), "gflops", path, root, allow_none=True),
+        loss=fields.number(data.get("loss"), "loss", path, root, allow_none=True),
+        params_m=fields.number(data.get("params_m"), "params_m", path, root, allow_none=True),
+        gflops=fields.number(data.get("gflops"), "gflops", path, root, allow_none=True),
     )
     if data.get("num_images") is not None:
-        run.num_images = _count(data["num_images"], "num_images", path, root)
+        run.num_images = fields.count(data["num_images"], "num_images", path, root)
     if data.get("subset_of") is not None:
-        run.subset_of = _count(data["subset_of"], "subset_of", path, root)
+        run.subset_of = fields.count(data["subset_of"], "subset_of", path, root)
     predictions_path = paths.cls_predictions(model, seed)
     run.predictions = read_predictions(predictions_path, root)
     if run.predictions is None:
         missing.append(
             Missing(
                 what=f"per-image predictions of {model} seed {seed}",
-                path=_display(predictions_path, root),
+                path=fields.display(predictions_path, root),
                 reason="absent: no paired bootstrap over validation images",
             )
         )
     elif run.num_images is not None and run.num_images != len(run.predictions.correct):
         raise UserError(
-            f"{_display(predictions_path, root)}: {len(run.predictions.correct)} images, "
-            f"but {_display(path, root)} says num_images={run.num_images}"
+            f"{fields.display(predictions_path, root)}: {len(run.predictions.correct)} images, "
+            f"but {fields.display(path, root)} says num_images={run.num_images}"
         )
     run.train = read_train_metrics(paths.cls_train_metrics(model, seed), root)
     run.history = read_history(paths.cls_history(model, seed), root)
@@ -338,36 +208,36 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
         return None
     (detector, backbone), seed = identity[0].split("-", 1), identity[1]
     what = f"detection {detector} + {backbone} seed {seed}"
-    data = read_json_object(path, root)
+    data = fields.read_json_object(path, root)
     if data is None:
-        missing.append(Missing(what=what, path=_display(path, root), reason="empty file"))
+        missing.append(Missing(what=what, path=fields.display(path, root), reason="empty file"))
         return None
     _check_identity(data, "detector", detector, path, root)
     _check_identity(data, "backbone", backbone, path, root)
     _check_identity(data, "seed", seed, path, root)
-    bbox = _object(data, "bbox", path, root, "APs")  # null: not written yet, as if absent
+    bbox = fields.object_at(data, "bbox", path, root, "APs")  # null: not written yet, as if absent
     if "dataset" not in data or bbox is None or any(k not in bbox for k in BBOX_KEYS):
         absent = [k for k in ("dataset",) if k not in data] + (["bbox"] if bbox is None else [])
         absent += [f"bbox.{k}" for k in BBOX_KEYS if bbox is not None and k not in bbox]
-        missing.append(Missing(what=what, path=_display(path, root), reason=f"incomplete: no {', '.join(absent)}"))
+        missing.append(Missing(what=what, path=fields.display(path, root), reason=f"incomplete: no {', '.join(absent)}"))
         return None
     run = DetRun(
         detector=detector,
         backbone=backbone,
-        dataset=_text(data, "dataset", path, root, required=True),
+        dataset=fields.string(data, "dataset", path, root, required=True),
         seed=seed,
-        bbox={k: _percent(bbox[k], f"bbox.{k}", path, root, allow_none=True) for k in BBOX_KEYS},
+        bbox={k: fields.percent(bbox[k], f"bbox.{k}", path, root, allow_none=True) for k in BBOX_KEYS},
         path=path,
         flags=_read_flags(data, path, root),
-        **{key: _text(data, key, path, root) for key in ("engine", "protocol", "backbone_weights")},
+        **{key: fields.string(data, key, path, root) for key in ("engine", "protocol", "backbone_weights")},
     )
     _check_per_category(data, path, root)
     if run.bbox["AP"] is None:
-        missing.append(Missing(what=what, path=_display(path, root), reason="incomplete: bbox.AP is null"))
+        missing.append(Missing(what=what, path=fields.display(path, root), reason="incomplete: bbox.AP is null"))
         return None
-    segm = _object(data, "segm", path, root, "APs")
+    segm = fields.object_at(data, "segm", path, root, "APs")
     if segm is not None:
-        run.segm = {k: _percent(segm.get(k), f"segm.{k}", path, root, allow_none=True) for k in BBOX_KEYS}
+        run.segm = {k: fields.percent(segm.get(k), f"segm.{k}", path, root, allow_none=True) for k in BBOX_KEYS}
     _apply_nan_flags(run, what, notes)
     return run
 
@@ -375,34 +245,34 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
 def _read_flags(data: dict, path: Path, root: Path) -> dict[str, Any]:
     """The `flags` object of eval det: no_detections a boolean, nan_reported_as_zero {task: [AP names]}
     (other flags are not read); UserError naming the key on a wrong type."""
-    flags = _object(data, "flags", path, root, "flags") or {}
+    flags = fields.object_at(data, "flags", path, root, "flags") or {}
     no_detections = flags.get("no_detections")
     if no_detections is not None and not isinstance(no_detections, bool):
-        raise UserError(f"{_display(path, root)}: key 'flags.no_detections' should be true or false, "
-                        f"got {_got(no_detections)}")
-    flagged = _object(flags, "nan_reported_as_zero", path, root, "AP name lists per task", parent="flags.")
+        raise UserError(f"{fields.display(path, root)}: key 'flags.no_detections' should be true or false, "
+                        f"got {fields.got(no_detections)}")
+    flagged = fields.object_at(flags, "nan_reported_as_zero", path, root, "AP name lists per task", parent="flags.")
     for task, keys in (flagged or {}).items():
         if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
-            raise UserError(f"{_display(path, root)}: key 'flags.nan_reported_as_zero.{_key(task)}' should be "
-                            f"a list of AP names, got {_got(keys)}")
+            raise UserError(f"{fields.display(path, root)}: key 'flags.nan_reported_as_zero.{_key(task)}' should be "
+                            f"a list of AP names, got {fields.got(keys)}")
     return dict(flags)
 
 
 def _check_per_category(data: dict, path: Path, root: Path) -> None:
     """eval det's per_category {task: {category: AP}}: not shown, but its types are checked like the rest."""
-    for task, aps in (_object(data, "per_category", path, root, "per-task category APs") or {}).items():
+    for task, aps in (fields.object_at(data, "per_category", path, root, "per-task category APs") or {}).items():
         if aps is None:
             continue
         if not isinstance(aps, dict):
-            raise UserError(f"{_display(path, root)}: key 'per_category.{_key(task)}' should be an object of "
-                            f"category APs, got {_got(aps)}")
+            raise UserError(f"{fields.display(path, root)}: key 'per_category.{_key(task)}' should be an object of "
+                            f"category APs, got {fields.got(aps)}")
         for name, value in aps.items():
-            _number(value, f"per_category.{_key(task)}.{_key(name)}", path, root, allow_none=True)
+            fields.number(value, f"per_category.{_key(task)}.{_key(name)}", path, root, allow_none=True)
 
 
 def _key(name: str) -> str:
     """A key of the file as part of a dotted key path in a one-line message."""
-    return name if name.isprintable() and len(name) <= 40 and "'" not in name else _shown(name, 40)
+    return name if name.isprintable() and len(name) <= 40 and "'" not in name else fields.shown(name, 40)
 
 
 def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
@@ -421,19 +291,19 @@ def _apply_nan_flags(run: DetRun, what: str, notes: list[str]) -> None:
 
 def read_activation_stats(path: Path, root: Path) -> ActivationRow | None:
     """One activation_stats.json of the visualize stage, summarised (None when absent or empty)."""
-    data = read_json_object(path, root)
+    data = fields.read_json_object(path, root)
     if data is None:
         return None
     groups = data.get("groups")
     if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
-        raise UserError(f"{_display(path, root)}: key 'groups' should be a non-empty list of objects, got {_got(groups)}")
-    checked = [{key: _number(g.get(key), f"groups.{i}.{key}", path, root, allow_none=key.endswith(("gate", "fraction")))
+        raise UserError(f"{fields.display(path, root)}: key 'groups' should be a non-empty list of objects, got {fields.got(groups)}")
+    checked = [{key: fields.number(g.get(key), f"groups.{i}.{key}", path, root, allow_none=key.endswith(("gate", "fraction")))
                 for key in ("variance_before", "variance_after", "weak_fraction", "weak_gate", "strong_gate")}
                for i, g in enumerate(groups)]
     return ActivationRow(
-        model=_text(data, "model", path, root, required=True), seed=_count(data.get("seed"), "seed", path, root),
-        layer=_text(data, "layer", path, root, required=True), images=_count(data.get("images"), "images", path, root),
-        weak_threshold=_number(data.get("weak_threshold"), "weak_threshold", path, root), **summarize(checked),
+        model=fields.string(data, "model", path, root, required=True), seed=fields.count(data.get("seed"), "seed", path, root),
+        layer=fields.string(data, "layer", path, root, required=True), images=fields.count(data.get("images"), "images", path, root),
+        weak_threshold=fields.number(data.get("weak_threshold"), "weak_threshold", path, root), **summarize(checked),
         group_variance_before=[g["variance_before"] for g in checked],
         group_variance_after=[g["variance_after"] for g in checked])
 
@@ -483,7 +353,7 @@ def collect_results(
             results.missing.append(
                 Missing(
                     what=f"classification {identity[0]} seed {identity[1]}",
-                    path=_display(paths.cls_metrics(*identity), paths.root),
+                    path=fields.display(paths.cls_metrics(*identity), paths.root),
                     reason="absent: trained but not evaluated",
                 )
             )
@@ -492,16 +362,16 @@ def collect_results(
     for model in expected_models:
         for seed in seeds:
             path = paths.cls_metrics(model, seed)
-            if (model, seed) not in evaluated and _display(path, paths.root) not in reported:
+            if (model, seed) not in evaluated and fields.display(path, paths.root) not in reported:
                 results.missing.append(Missing(what=f"classification {model} seed {seed}",
-                                               path=_display(path, paths.root), reason="absent"))
+                                               path=fields.display(path, paths.root), reason="absent"))
     found_det = {(r.detector, r.backbone, r.seed) for r in results.detection}
     for detector, backbone in expected_detection:
         for seed in seeds:
             path = paths.det_metrics(detector, backbone, seed)
-            if (detector, backbone, seed) not in found_det and _display(path, paths.root) not in reported:
+            if (detector, backbone, seed) not in found_det and fields.display(path, paths.root) not in reported:
                 results.missing.append(
-                    Missing(what=f"detection {detector} + {backbone} seed {seed}", path=_display(path, paths.root),
+                    Missing(what=f"detection {detector} + {backbone} seed {seed}", path=fields.display(path, paths.root),
                             reason="absent")
                 )
     return results
