@@ -7,14 +7,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from sge_repro.data.coco_json import validate_coco_json
-from sge_repro.data.synthetic import (
-    SHAPES,
-    TEXTURES,
-    generate_classification_set,
-    generate_detection_set,
-    pattern_table,
-    read_manifest,
-)
+from sge_repro.data.patterns import SHAPES, TEXTURES, pattern_table
+from sge_repro.data.synthetic import generate_classification_set, generate_detection_set, read_manifest
 from sge_repro.errors import UserError
 
 
