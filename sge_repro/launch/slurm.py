@@ -34,8 +34,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,12 +46,11 @@ from pydantic import BaseModel
 from sge_repro import atomic
 from sge_repro.errors import UserError
 from sge_repro.launch.errors import LaunchError, RankFailure, root_cause
+from sge_repro.launch.slurm_client import (LIVE_STATES, UNKNOWN, cancel, job_state, last_line, require_slurm_commands,
+                                          slurm_command)
 from sge_repro.params_sections import LaunchParams
 
 RECORD_FILE = "slurm_job.json"
-LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-               "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "PREEMPTED"}
-UNKNOWN = "UNKNOWN"  # neither squeue nor sacct knows the job (purged, or no accounting)
 LOG_POLL_S = 1.0  # how often the logs and result files are looked at (a stat each)
 STATE_POLL_S = (2.0, 30.0)  # squeue every 2 s at first, backing off to every 30 s
 RESULT_GRACE_S = 30.0  # how long a COMPLETED job's result files may take to appear (NFS attribute caches)
@@ -62,7 +59,7 @@ RESULT_GRACE_S = 30.0  # how long a COMPLETED job's result files may take to app
 def run(target: Callable[..., Any], args: tuple, settings: LaunchParams, *, name: str, state_dir: Path) -> Any:
     """Run `target(*args)` on every task of one SLURM job; rank 0's return value."""
     tasks_per_node = _tasks_per_node(settings)
-    _require_slurm_commands()
+    require_slurm_commands()
     state_dir = Path(state_dir).absolute()
     folder = state_dir / "submitit"
     fingerprint = submission_fingerprint(target, args)
@@ -81,7 +78,8 @@ def run(target: Callable[..., Any], args: tuple, settings: LaunchParams, *, name
         job_id = record["job_id"]
         return _follow(record, name)
     except KeyboardInterrupt:
-        _cancel(job_id, job_name)
+        cancel(job_id, job_name)
+        _say(f"cancelled SLURM job {job_id or job_name}")
         raise
 
 
@@ -247,7 +245,7 @@ def _attachable_job(state_dir: Path, fingerprint: str, job_name: str, name: str)
 
 def _orphaned_job(state_dir: Path, fingerprint: str, job_name: str, name: str) -> dict | None:
     """A live job of this stage's name with no record (the head died between sbatch and the record)."""
-    listed = _slurm_command(["squeue", "--noheader", "--user", getpass.getuser(), "--name", job_name, "--format", "%i %T"])
+    listed = slurm_command(["squeue", "--noheader", "--user", getpass.getuser(), "--name", job_name, "--format", "%i %T"])
     if listed is None:
         return None
     jobs = sorted((line.split() for line in listed.splitlines() if line.strip()), key=lambda job: int(job[0]))
@@ -255,7 +253,7 @@ def _orphaned_job(state_dir: Path, fingerprint: str, job_name: str, name: str) -
     if not jobs:
         return None
     job_id = jobs[0][0]
-    shown = _slurm_command(["scontrol", "show", "job", "--oneliner", job_id]) or ""
+    shown = slurm_command(["scontrol", "show", "job", "--oneliner", job_id]) or ""
     ntasks = re.search(r"\bNumTasks=(\d+)", shown)
     if ntasks is None:
         return None
@@ -378,7 +376,7 @@ def _follow(record: dict, name: str) -> Any:
     missing = [task for task, outcome in enumerate(outcomes) if outcome is None]
     if failures:
         failed = root_cause(failures)
-        message = (f"{name}: SLURM job {job_id} failed on rank {failed.rank}: {_last_line(failed.message)} "
+        message = (f"{name}: SLURM job {job_id} failed on rank {failed.rank}: {last_line(failed.message)} "
                    f"(log: {job.task(failed.rank).paths.stderr})")
         if failed.lost_a_peer and missing:
             # The peer it lost died without an error of its own (a signal, the OOM killer).
@@ -419,11 +417,6 @@ def _wait_until_ended(job_id: str, timeout_s: float = 120) -> None:
         pass  # every task has delivered its result: nothing is lost by not waiting
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
-
-
 def _last_error_line(path: Path) -> str:
     """The job's own last word in a task's stderr: slurmstepd's "*** JOB ... CANCELLED / DUE TO TIME
     LIMIT ***" line, else the last line that reads like an error, else the last line."""
@@ -435,58 +428,6 @@ def _last_error_line(path: Path) -> str:
     verdicts = [line for line in lines if re.search(r"\*\*\* (JOB|STEP) .*\*\*\*", line)]
     errors = [line for line in lines if re.search(r"error|Error|Killed|oom|OOM", line)]
     return (verdicts or errors or lines or [""])[-1]
-
-
-# --- talking to SLURM --------------------------------------------------------------------------
-
-
-def _require_slurm_commands() -> None:
-    missing = [command for command in ("sbatch", "squeue", "scancel", "scontrol") if shutil.which(command) is None]
-    if missing:
-        raise UserError(f"launch.launcher: slurm: {', '.join(missing)} not found on PATH; expected to run on a "
-                        "SLURM login node (or set launch.launcher: local)")
-
-
-def _slurm_command(command: list[str]) -> str | None:
-    """A SLURM client command's stdout, or None when it fails (its stderr is then in the result's place)."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def job_state(job_id: str) -> str:
-    """The job's state: squeue while the controller holds it, then sacct (accounting), else UNKNOWN.
-    (submitit's `Job.state` asks sacct only, which knows no job where SLURM keeps no accounting.)
-
-    If the controller cannot be reached at all, this raises rather than report the job as gone
-    (which would submit a second one)."""
-    try:
-        done = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--states", "all", "--format", "%T"],
-                              capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise LaunchError(f"SLURM job {job_id}: squeue failed: {exc}") from None
-    if done.returncode == 0 and done.stdout.strip():
-        return done.stdout.split()[0].upper()
-    if done.returncode != 0 and "Invalid job id" not in done.stderr:
-        raise LaunchError(f"SLURM job {job_id}: squeue failed: {_last_line(done.stderr or done.stdout)}")
-    accounted = _slurm_command(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id,
-                                "--format", "State"])
-    if accounted and accounted.strip():
-        # "CANCELLED by 0" -> CANCELLED
-        return accounted.strip().splitlines()[0].split()[0].upper()
-    return UNKNOWN
-
-
-def _cancel(job_id: str | None, job_name: str) -> None:
-    """scancel the job (by id, or by this stage's job name when sbatch was interrupted before it answered)."""
-    if job_id is not None:
-        command = ["scancel", job_id]
-    else:
-        command = ["scancel", "--user", getpass.getuser(), "--name", job_name]
-    subprocess.run(command, capture_output=True, timeout=60)
-    _say(f"cancelled SLURM job {job_id or job_name}")
 
 
 def _say(message: str) -> None:
