@@ -19,6 +19,7 @@ import posixpath
 from collections import Counter
 from pathlib import Path
 
+from sge_repro.data.download import file_digest
 from sge_repro.errors import UserError
 
 REQUIRED_KEYS = {
@@ -224,3 +225,16 @@ def _check_segmentation(json_path: Path, label: str, segmentation) -> None:
                 and all(_is_number(v) for v in polygon)):
             raise UserError(f"{json_path}: {label} has a polygon with {len(polygon) if isinstance(polygon, list) else '?'} "
                             "values; expected a flat list of at least 3 (x, y) pairs")
+
+
+def coco_annotation_record(json_path: Path, image_dir: Path, info: os.stat_result) -> dict:
+    """What the data stage caches of one validated annotation file (`info`: its stat): size, mtime,
+    sha256, counts, and each image's file name, id and size."""
+    document = load_coco_document(json_path)
+    stats = validate_coco_document(json_path, document, image_dir, check_files=False)
+    return {
+        "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": file_digest(json_path, "sha256"),
+        "counts": {key: stats[key] for key in ("images", "annotations", "categories")},
+        "files": sorted({str(image["file_name"]) for image in document["images"]}),
+        "images": [[image["file_name"], image["id"], image["width"], image["height"]] for image in document["images"]],
+    }

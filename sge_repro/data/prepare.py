@@ -24,16 +24,10 @@ from typing import Any, Callable
 
 from sge_repro import atomic
 from sge_repro.data import manifest as fmt
-from sge_repro.data.coco_json import coco_split_paths, load_coco_document, validate_coco_document
-from sge_repro.data.download import file_digest
+from sge_repro.data.coco_json import coco_annotation_record, coco_split_paths
 from sge_repro.data.imagefolder import IMAGE_EXTENSIONS, SPLITS, check_same_classes, list_classes
 from sge_repro.data.imagenet_archives import TRAIN_ARCHIVE, imagenet_classes
-from sge_repro.data.synthetic import (
-    GENERATOR_VERSION,
-    MANIFEST_NAME,
-    generate_classification_set,
-    generate_detection_set,
-)
+from sge_repro.data.synthetic import GENERATOR_VERSION, MANIFEST_NAME, generate_classification_set, generate_detection_set
 from sge_repro.data.verify import FolderResult, VerifyCache, available_cpus, listing_digest, lookup, scan, verify
 from sge_repro.errors import UserError, preview
 from sge_repro.paths import ProjectPaths
@@ -424,7 +418,7 @@ def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> So
         record = cache.extra.get(rel_json)
         if not record or record["size"] != info.st_size or record["mtime_ns"] != info.st_mtime_ns \
                 or "images" not in record:   # cached by a version that did not record the sizes
-            record = _read_annotations(json_path, image_dir, info)
+            record = coco_annotation_record(json_path, image_dir, info)
             cache.extra[rel_json] = record
             changed = True
         annotations[split] = {"file": rel_json, "size": record["size"], "sha256": record["sha256"],
@@ -441,14 +435,3 @@ def coco_source(paths: ProjectPaths, source: str, root: Path, layout: str) -> So
         cache.save()
     return Source("det", "detection", source, layout, root, folders, annotations=annotations,
                   image_sizes=image_sizes)
-
-
-def _read_annotations(json_path: Path, image_dir: Path, info) -> dict:
-    document = load_coco_document(json_path)
-    stats = validate_coco_document(json_path, document, image_dir, check_files=False)
-    return {
-        "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": file_digest(json_path, "sha256"),
-        "counts": {key: stats[key] for key in ("images", "annotations", "categories")},
-        "files": sorted({str(image["file_name"]) for image in document["images"]}),
-        "images": [[image["file_name"], image["id"], image["width"], image["height"]] for image in document["images"]],
-    }

@@ -36,11 +36,10 @@ from sge_repro.detection.checkpoint import (
 )
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.detection.convert import check_detector_weights
+from sge_repro.detection.event_writers import EventsWriter, MetricsWriter
 from sge_repro.detection.mmdetection import build_optimizer  # also registers the authors' Cascade heads
 from sge_repro.detection.loader import NamedImageErrors, build_train_loader, training_records
-from sge_repro.detection.writes import (
-    AppendFile, append_log_to, disk_errors, quiet_event_writer_thread, raise_disk_error,
-)
+from sge_repro.detection.writes import append_log_to, disk_errors, raise_disk_error
 from sge_repro.detection.status_hook import status_hooks, with_status
 from sge_repro.distributed import join_process_group
 from sge_repro.errors import UserError
@@ -56,7 +55,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.events import CommonMetricPrinter, EventWriter, TensorboardXWriter, get_event_storage  # noqa: E402
+from detectron2.utils.events import CommonMetricPrinter  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from fvcore.nn.precise_bn import get_bn_modules  # noqa: E402  (fvcore.nn scripts with torch.jit: after the shims)
 
@@ -115,49 +114,6 @@ def _build_model(cfg: CfgNode) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- training
-class _MetricsWriter(EventWriter):
-    """metrics.json as detectron2's JSONWriter writes it (one JSON line per iteration with the
-    scalars not written yet, median-smoothed where hinted), appended in whole lines (AppendFile):
-    a full disk is the one-line error naming the file, and no half line is left for the resumed
-    run to append after."""
-
-    def __init__(self, json_file: str, window_size: int = 20):
-        self._file = AppendFile(json_file)
-        self._window_size = window_size
-        self._last_write = -1
-
-    def write(self):
-        by_iteration: dict[int, dict] = {}
-        for key, (value, iteration) in get_event_storage().latest_with_smoothing_hint(self._window_size).items():
-            if iteration > self._last_write:
-                by_iteration.setdefault(iteration, {})[key] = value
-        if by_iteration:
-            self._last_write = max(by_iteration)
-        for iteration, scalars in by_iteration.items():
-            self._file.write(json.dumps({**scalars, "iteration": iteration}, sort_keys=True) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self):
-        self._file.close()
-
-
-class _EventsWriter(TensorboardXWriter):
-    """TensorBoard events; a failed write (raised by its writer thread at the next call) is the
-    one-line error naming the folder."""
-
-    def __init__(self, log_dir: str, **kwargs):
-        quiet_event_writer_thread()
-        super().__init__(log_dir, **kwargs)
-        self._log_dir = log_dir
-
-    def write(self):
-        with disk_errors(Path(self._log_dir) / "events.out.tfevents.*"):
-            super().write()
-
-    def close(self):
-        with disk_errors(Path(self._log_dir) / "events.out.tfevents.*"):
-            super().close()
 
 
 class DetectorTrainer(TrainerBase):
@@ -242,13 +198,13 @@ class DetectorTrainer(TrainerBase):
     def build_writers(self):
         """Console, metrics.json and TensorBoard events (TensorBoard skipped, with a warning, when
         the `tensorboard` package is absent)."""
-        writers = [CommonMetricPrinter(self.max_iter), _MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        writers = [CommonMetricPrinter(self.max_iter), MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             logger.warning("tensorboard is not installed: no TensorBoard events, metrics.json only")
             return writers
-        return writers + [_EventsWriter(self.cfg.OUTPUT_DIR)]
+        return writers + [EventsWriter(self.cfg.OUTPUT_DIR)]
 
     def resume_from(self, path: Path, iteration: int) -> None:
         """Load model, optimizer, scheduler, iteration and this rank's RNG states and model
