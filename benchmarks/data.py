@@ -43,7 +43,11 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from sge_repro.data.prepare import prepare_data
+from sge_repro.data.verify import VerifyCache, available_cpus, scan, verify
 from sge_repro.errors import UserError
+from sge_repro.params_yaml import load_params
+from sge_repro.paths import ProjectPaths
 from sge_repro.provenance import cpu_model
 
 IMAGENET = {"classes": 1000, "train": 1_281_167, "val": 50_000}
@@ -144,11 +148,6 @@ def _copy_project(repo: Path, destination: Path) -> None:
 def benchmark_data(work: Path, scale: float = 1.0, repeats: int = 3, verify_images: int = 300,
                    repo: Path | None = None, log=print) -> dict:
     """See the module docstring; `work` (an empty or missing folder) holds the trees and the project."""
-    from sge_repro.data.prepare import prepare_data
-    from sge_repro.data.verify import VerifyCache, available_cpus, scan, verify
-    from sge_repro.params_yaml import load_params
-    from sge_repro.paths import ProjectPaths
-
     if not 0 < scale <= 1:
         raise UserError(f"scale={scale}: expected 0 < scale <= 1")
     if repeats < 1 or verify_images < 1:
