@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import yaml
 
@@ -171,8 +171,7 @@ def run_experiment(assignments: list[str], targets: list[str], queue: bool = Fal
 
 def list_stages() -> list[str]:
     """Every stage name after foreach/matrix expansion, in dvc.yaml order."""
-    names = dvc("stage", "list", "--name-only").stdout.split()
-    return [n for n in names if n]
+    return dvc("stage", "list", "--name-only").stdout.split()
 
 
 def manifest_dependents(dvc_file: Path = Path("dvc.yaml")) -> dict[str, set[str]]:
@@ -240,7 +239,7 @@ def repro(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=stage_env(), bufsize=1
         )
         assert process.stdout is not None
-        for line in _lines(process.stdout):
+        for line in (raw.rstrip("\n") for raw in process.stdout):
             if log_failed is None:
                 try:
                     log.write(line + "\n")
@@ -311,8 +310,3 @@ def _stop(process: subprocess.Popen | None) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _lines(stream) -> Iterator[str]:
-    for raw in stream:
-        yield raw.rstrip("\n")

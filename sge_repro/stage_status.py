@@ -1,15 +1,8 @@
-"""A running stage's own progress, as a small JSON file that `sge-repro run` shows live.
-
-Training and evaluation stages write `logs/progress/<stage>.json` (`<stage>` is DVC's stage name,
-e.g. `train_cls@sge_resnet18-0`): where they are (epoch / iteration / batch of the total), loss,
-top-1, lr, images/s, ETA, and when they last wrote. A file, not a callback, because a stage runs
-as a DVC subprocess, possibly as N worker processes or SLURM jobs on other nodes: anything that
-shares the project folder can read it. Only the main process (RANK 0) writes; writes are atomic
-and at most every `min_interval` seconds (plus the first, the last, and phase changes).
-
-`logs/` is ignored by git and DVC: the file is a view of a run, never an input or an output of
-a stage, so it cannot make a stage stale. It stays after the stage ends, as the record of the
-stage's last run (state, wall time, host, processes, devices) that the report's provenance lists.
+"""A running stage's own progress, as a small JSON file (`logs/progress/<DVC stage name>.json`)
+that `sge-repro run` shows live and the report's provenance lists. A file, not a callback: a stage
+runs as a DVC subprocess, possibly as N processes or SLURM jobs on other nodes. Only RANK 0 writes,
+atomically, at most every `min_interval` seconds. `logs/` is neither a DVC input nor an output, so
+the file cannot make a stage stale.
 """
 
 from __future__ import annotations
@@ -70,10 +63,6 @@ class StageStatus:
                         "updated": self._started, "elapsed_s": 0.0, "pid": os.getpid(),
                         "host": socket.gethostname(), "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1)}
         self._write()
-
-    @property
-    def record(self) -> dict[str, Any]:
-        return dict(self._record)
 
     def update(self, done: int, total: int | None, *, unit: str, phase: str, force: bool = False,
                images_per_unit: float | None = None, **metrics: Any) -> None:
@@ -136,8 +125,7 @@ class StageStatus:
         try:
             # no fsync: a view rewritten every few seconds (a slow fsync on a shared filesystem would
             # stall training); readers still see a whole file, old or new
-            atomic.write_text(self.path, json.dumps(self._record, allow_nan=False, default=str) + "\n",
-                              durable=False)
+            write_status(self.path, self._record)
         except (OSError, ValueError):
             pass  # a view of the run: never fail the stage because the status could not be written
         self._written_at = now
@@ -170,8 +158,8 @@ def tracking(path: Path, stage: str, **kwargs: Any) -> Iterator[StageStatus]:
     status.finish("done")
 
 
-def restore_status(path: Path, record: dict[str, Any]) -> None:
-    """Put back an earlier record of the stage (one read_status returned), atomically."""
+def write_status(path: Path, record: dict[str, Any]) -> None:
+    """Write a record of the stage (also one read_status returned, to put it back), atomically."""
     atomic.write_text(path, json.dumps(record, allow_nan=False, default=str) + "\n", durable=False)
 
 

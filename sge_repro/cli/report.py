@@ -21,13 +21,6 @@ def report(wide: bool = typer.Option(False, "--wide", help="Print every column (
     render_console(stage(load_params(), ProjectPaths()), console, wide=wide)  # lists the files the stage wrote
 
 
-def print_saved_report(root: Path, wide: bool = False) -> None:
-    """Print the tables of an existing report (after `run all`) without rewriting any file."""
-    from sge_repro.report import load_saved_report, render_console
-
-    render_console(load_saved_report(root), console, wide=wide)
-
-
 def visualize() -> None:
     """The visualize stage: SGE attention maps of every trained SGE model of params.yaml, into runs/visualize."""
     from sge_repro.params_yaml import load_params

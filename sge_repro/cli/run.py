@@ -33,8 +33,6 @@ DATA_STAGE = "data"  # always_changed in dvc.yaml: it rescans the datasets on ev
 
 def _manifest_stamps() -> dict[str, tuple[int, int]]:
     """(mtime_ns, size) of the dataset manifests: the data stage leaves an unchanged one untouched."""
-    from sge_repro.paths import ProjectPaths
-
     folder = ProjectPaths().manifests
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("*.json"))} \
         if folder.is_dir() else {}
@@ -213,9 +211,9 @@ def run(
         console.print(f"profile [bold]{escape(name)}[/]" + (" (params.yaml rewritten)" if changed else ""))
         _run(targets, force, stages, ProjectPaths().progress_dir)
     if report and target == "all":
-        from sge_repro.cli.report import print_saved_report
+        from sge_repro.report import load_saved_report, render_console
 
-        print_saved_report(Path("."), wide=wide)
+        render_console(load_saved_report(Path(".")), console, wide=wide)
 
 
 def status() -> None:
@@ -250,11 +248,10 @@ def _data_status(stale: dict, stages: list[str]) -> dict[str, tuple[str, str]]:
     whether it would change a manifest."""
     if stale.get(DATA_STAGE) != ["always changed"]:
         return {}
+    from sge_repro.data.prepare import pending_changes
     from sge_repro.params_yaml import load_params
-    from sge_repro.paths import ProjectPaths
-    from sge_repro.stages.data import data_changes
 
-    changes = {name: why for name, why in data_changes(load_params(), ProjectPaths()).items() if why}
+    changes = {name: why for name, why in pending_changes(load_params().data, ProjectPaths()).items() if why}
     if not changes:
         return {DATA_STAGE: ("[green]up to date[/]", "rescanned: no dataset changed")}
     notes = {DATA_STAGE: ("[yellow]will run[/]", "; ".join(f"{name}: {why}" for name, why in changes.items()))}

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from pydantic import ValidationError
 
 from sge_repro.errors import UserError
+from sge_repro.models.complexity import model_table
 from sge_repro.paths import ProjectPaths
 from sge_repro.report.checked_json import read_json_object
 from sge_repro.report.collect import (
@@ -98,15 +99,10 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 def resolve_complexity(
     names: Sequence[str], complexity: ComplexityFn | None, notes: list[str]
 ) -> dict[str, tuple[float | None, float | None]]:
-    """{name: (params_m, gflops)}; an absent complexity module or an unknown model is a note, not a crash."""
+    """{name: (params_m, gflops)}; a model the counter does not know is a note, not a crash."""
     if not names:
         return {}
     if complexity is None:
-        try:
-            from sge_repro.models.complexity import model_table
-        except ImportError:
-            notes.append("#params / GFLOPs not shown: sge_repro.models.complexity is not available.")
-            return {}
         notes.append("#params / GFLOPs are those at 224x224 with 1000 classes (the paper's setting).")
 
         def complexity(name: str) -> Mapping:
@@ -123,23 +119,19 @@ def resolve_complexity(
     return found
 
 
-def _same_images(runs: Sequence[ClsRun]) -> bool:
-    first = runs[0].predictions
-    return all(r.predictions is not None and r.predictions.files == first.files for r in runs)  # type: ignore[union-attr]
-
-
 def _cls_gain(
     runs: list[ClsRun], base_runs: list[ClsRun], samples: int, seed: int, notes: list[str]
 ) -> GainInterval:
     everything = runs + base_runs
-    if all(r.predictions is not None for r in everything) and _same_images(everything):
+    scored = all(r.predictions is not None for r in everything)
+    if scored and all(r.predictions.files == everything[0].predictions.files for r in everything):  # type: ignore[union-attr]
         return paired_image_bootstrap(
             [r.predictions.correct for r in runs],  # type: ignore[union-attr]
             [r.predictions.correct for r in base_runs],  # type: ignore[union-attr]
             samples=samples,
             seed=seed,
         )
-    if all(r.predictions is not None for r in everything):
+    if scored:
         notes.append(
             f"{runs[0].model} and {base_runs[0].model} were scored on different validation images: "
             "their top-1 gain is bootstrapped over seeds, not paired over images."

@@ -34,7 +34,6 @@ class Predictions:
 
     correct: np.ndarray  # uint8, one entry per validation image
     files: tuple[str, ...]
-    path: Path
 
 
 @dataclass
@@ -44,7 +43,6 @@ class ClsRun:
     seed: int
     top1: float
     top5: float
-    path: Path
     loss: float | None = None
     num_images: int | None = None
     subset_of: int | None = None  # the val split's size when num_images is a subset of it
@@ -62,7 +60,6 @@ class DetRun:
     dataset: str
     seed: int
     bbox: dict[str, float | None]
-    path: Path
     segm: dict[str, float | None] | None = None
     flags: dict[str, Any] = field(default_factory=dict)
     # how the detector was trained (eval det records them; None in files written before it did)
@@ -110,7 +107,7 @@ def read_predictions(path: Path, root: Path) -> Predictions | None:
         raise UserError(f"{fields.display(path, root)}: '{key}' should hold only 0/1 values")
     if any(not isinstance(f, str) for f in files):
         raise UserError(f"{fields.display(path, root)}: 'files' should hold file names (strings)")
-    return Predictions(correct=np.asarray(correct, dtype=np.uint8), files=tuple(files), path=path)
+    return Predictions(correct=np.asarray(correct, dtype=np.uint8), files=tuple(files))
 
 
 def read_history(path: Path, root: Path) -> list[dict[str, float]] | None:
@@ -173,7 +170,6 @@ def _read_cls_run(path: Path, paths: ProjectPaths, missing: list[Missing]) -> Cl
         seed=seed,
         top1=fields.percent(data["top1"], "top1", path, root),
         top5=fields.percent(data["top5"], "top5", path, root),
-        path=path,
         loss=fields.number(data.get("loss"), "loss", path, root, allow_none=True),
         params_m=fields.number(data.get("params_m"), "params_m", path, root, allow_none=True),
         gflops=fields.number(data.get("gflops"), "gflops", path, root, allow_none=True),
@@ -227,7 +223,6 @@ def _read_det_run(path: Path, root: Path, missing: list[Missing], notes: list[st
         dataset=fields.string(data, "dataset", path, root, required=True),
         seed=seed,
         bbox={k: fields.percent(bbox[k], f"bbox.{k}", path, root, allow_none=True) for k in BBOX_KEYS},
-        path=path,
         flags=_read_flags(data, path, root),
         **{key: fields.string(data, key, path, root) for key in ("engine", "protocol", "backbone_weights")},
     )
@@ -328,21 +323,18 @@ def collect_results(
     """
     paths = ProjectPaths(Path(root))
     results = CollectedResults()
-    eval_cls_dir = paths.cls_metrics("x", 0).parent
-    for path in sorted(eval_cls_dir.glob("*.json")) if eval_cls_dir.is_dir() else []:
+    for path in sorted(paths.cls_metrics("x", 0).parent.glob("*.json")):
         run = _read_cls_run(path, paths, results.missing)
         if run is not None:
             results.classification.append(run)
-    eval_det_dir = paths.det_metrics("x", "y", 0).parent
-    for path in sorted(eval_det_dir.glob("*.json")) if eval_det_dir.is_dir() else []:
+    for path in sorted(paths.det_metrics("x", "y", 0).parent.glob("*.json")):
         run = _read_det_run(path, paths.root, results.missing, results.notes)
         if run is not None:
             results.detection.append(run)
 
     evaluated = {(r.model, r.seed) for r in results.classification}
     # Trained but not evaluated: keep the curves, say the evaluation is missing.
-    history_dir = paths.cls_history("x", 0).parent
-    for path in sorted(history_dir.glob("*.tsv")) if history_dir.is_dir() else []:
+    for path in sorted(paths.cls_history("x", 0).parent.glob("*.tsv")):
         identity = _name_and_seed(path)
         if identity is None or identity in evaluated:
             continue

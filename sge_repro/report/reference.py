@@ -91,10 +91,6 @@ class PaperDetection:
 @dataclass(frozen=True)
 class PaperResults:
     source: str
-    cls_dataset: str
-    cls_protocol: str
-    det_dataset: str
-    det_protocol: str
     classification: dict[str, PaperClassification] = field(default_factory=dict)
     detection: dict[tuple[str, str], PaperDetection] = field(default_factory=dict)
 
@@ -174,10 +170,6 @@ def parse_paper_results(text: str, where: str = PAPER_RESULTS_FILE) -> PaperResu
         detection[(result.detector, result.backbone)] = result
     return PaperResults(
         source=str(_required(data, "source", where)),
-        cls_dataset=str(cls_section.get("dataset", "imagenet-1k")),
-        cls_protocol=str(cls_section.get("protocol", "")),
-        det_dataset=str(det_section.get("dataset", "coco-2017")),
-        det_protocol=str(det_section.get("protocol", "")),
         classification=classification,
         detection=detection,
     )
@@ -200,12 +192,6 @@ _LOG_COLUMNS = {
 }
 
 
-def official_log_name(model: str) -> str:
-    """File name of the authors' log for `model` (plain ResNets are logged as `old_resnet*`)."""
-    prefix = "old_" if plain_baseline(model) is None else ""
-    return f"{prefix}{model}.log.tsv"
-
-
 def parse_official_log(text: str, where: str) -> list[dict[str, float]]:
     """Rows of {"epoch" (1-based), "lr", "train_loss", "val_loss", "train_acc", "val_top1"}."""
     reader = csv.reader(io.StringIO(text), delimiter="\t")
@@ -223,7 +209,8 @@ def parse_official_log(text: str, where: str) -> list[dict[str, float]]:
 
 @lru_cache(maxsize=None)
 def _official_log_cached(model: str) -> tuple[tuple[tuple[str, float], ...], ...] | None:
-    path = resources.files(PACKAGE).joinpath(OFFICIAL_LOGS_DIR, official_log_name(model))
+    prefix = "old_" if plain_baseline(model) is None else ""  # the authors log plain ResNets as old_resnet*
+    path = resources.files(PACKAGE).joinpath(OFFICIAL_LOGS_DIR, f"{prefix}{model}.log.tsv")
     if not path.is_file():
         return None
     rows = parse_official_log(path.read_text(encoding="utf-8"), where=f"{OFFICIAL_LOGS_DIR}/{path.name}")

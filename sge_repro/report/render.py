@@ -78,45 +78,39 @@ def _protocol(protocol: str | None, engine: str | None) -> str:
 
 def classification_table(report: Report) -> list[list[str]]:
     """The classification table's rows as display strings (shared by console, md and html)."""
-    rows = []
-    for row in report.classification:
-        rows.append([
-            row.model,
-            row.dataset,
-            _seeds(row.seeds),
-            _number(row.params_m),
-            _number(row.gflops, 3),
-            _mean_std(row.top1, row.top1_std),
-            _mean_std(row.top5, row.top5_std),
-            _gain(row.gain),
-            significance_label(row.gain),
-            _number(row.paper_top1, 3),
-            _paper_gain(row.paper_gain, row.paper_gain_model, row.model),
-            row.verdict,
-        ])
-    return rows
+    return [[
+        row.model,
+        row.dataset,
+        _seeds(row.seeds),
+        _number(row.params_m),
+        _number(row.gflops, 3),
+        _mean_std(row.top1, row.top1_std),
+        _mean_std(row.top5, row.top5_std),
+        _gain(row.gain),
+        significance_label(row.gain),
+        _number(row.paper_top1, 3),
+        _paper_gain(row.paper_gain, row.paper_gain_model, row.model),
+        row.verdict,
+    ] for row in report.classification]
 
 
 def detection_table(report: Report) -> list[list[str]]:
-    rows = []
-    for row in report.detection:
-        rows.append([
-            row.detector,
-            row.backbone,
-            row.dataset,
-            _protocol(row.protocol, row.engine),
-            row.backbone_weights or DASH,
-            _seeds(row.seeds),
-            _mean_std(row.bbox["AP"], row.bbox_std["AP"]),
-            *(_number(row.bbox[k]) for k in ("AP50", "AP75", "APs", "APm", "APl")),
-            DASH if row.segm is None else _number(row.segm.get("AP")),
-            _gain(row.gain),
-            significance_label(row.gain),
-            _number(row.paper_ap, 1),
-            _paper_gain(row.paper_gain, row.paper_gain_backbone, row.backbone),
-            row.verdict,
-        ])
-    return rows
+    return [[
+        row.detector,
+        row.backbone,
+        row.dataset,
+        _protocol(row.protocol, row.engine),
+        row.backbone_weights or DASH,
+        _seeds(row.seeds),
+        _mean_std(row.bbox["AP"], row.bbox_std["AP"]),
+        *(_number(row.bbox[k]) for k in ("AP50", "AP75", "APs", "APm", "APl")),
+        DASH if row.segm is None else _number(row.segm.get("AP")),
+        _gain(row.gain),
+        significance_label(row.gain),
+        _number(row.paper_ap, 1),
+        _paper_gain(row.paper_gain, row.paper_gain_backbone, row.backbone),
+        row.verdict,
+    ] for row in report.detection]
 
 
 # The compact console view (the default): what a reader scans first, one line per row at 80 columns.

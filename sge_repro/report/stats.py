@@ -95,28 +95,23 @@ def seed_bootstrap(
     if len(common) >= 2:
         differences = np.array([treated[s] - baseline[s] for s in common], dtype=np.float64)
         picks = rng.integers(0, differences.size, size=(samples, differences.size))
-        draws = differences[picks].mean(axis=1)
-        low, high = _percentile_interval(draws, confidence)
-        return GainInterval(
-            estimate=float(differences.mean()), low=low, high=high,
-            method=f"bootstrap over {len(common)} paired seeds", units=len(common), samples=samples,
-            confidence=confidence,
-        )
-    if len(treated) >= 2 and len(baseline) >= 2:
+        draws, estimate = differences[picks].mean(axis=1), float(differences.mean())
+        method, units = f"bootstrap over {len(common)} paired seeds", len(common)
+    elif len(treated) >= 2 and len(baseline) >= 2:
         a = np.array(list(treated.values()), dtype=np.float64)
         b = np.array(list(baseline.values()), dtype=np.float64)
         draws = (
             a[rng.integers(0, a.size, size=(samples, a.size))].mean(axis=1)
             - b[rng.integers(0, b.size, size=(samples, b.size))].mean(axis=1)
         )
-        low, high = _percentile_interval(draws, confidence)
-        return GainInterval(
-            estimate=treated_mean - baseline_mean, low=low, high=high,
-            method=f"unpaired bootstrap over {a.size} vs {b.size} seeds", units=a.size + b.size,
-            samples=samples, confidence=confidence,
-        )
-    return GainInterval(estimate=treated_mean - baseline_mean, low=None, high=None, method=SINGLE_RUN, units=0,
-                        samples=0, confidence=confidence)
+        estimate = treated_mean - baseline_mean
+        method, units = f"unpaired bootstrap over {a.size} vs {b.size} seeds", a.size + b.size
+    else:
+        return GainInterval(estimate=treated_mean - baseline_mean, low=None, high=None, method=SINGLE_RUN, units=0,
+                            samples=0, confidence=confidence)
+    low, high = _percentile_interval(draws, confidence)
+    return GainInterval(estimate=estimate, low=low, high=high, method=method, units=units, samples=samples,
+                        confidence=confidence)
 
 
 def significance_label(gain: GainInterval | None) -> str:
@@ -188,24 +183,18 @@ def gain_vs_paper_verdict(gain: GainInterval | None, paper_gain: float | None, c
     return judgement if compact else f"{judgement}: {ci}"
 
 
-def plain_detector_verdict(ap: float | None, paper_ap: float | None, compact: bool = False) -> str:
-    """A plain detector (the baseline) of a row judged on the gain: not judged itself, its AP beside
-    the paper's for orientation. compact: without "not judged" (the console's compact view)."""
+def detection_gain_verdict(plain: bool, gain: GainInterval | None, paper_gain: float | None, ap: float | None,
+                           paper_ap: float | None, compact: bool = False) -> str:
+    """The verdict of a COCO row judged on the gain (trained with another engine or protocol than the
+    authors'): an attention backbone's by gain_vs_paper_verdict; a plain backbone (the baseline) is not
+    judged itself, its AP is put beside the paper's for orientation. The report builds it in full; the
+    compact console view asks again with `compact` (its Gain column shows the CI)."""
+    if not plain:
+        return gain_vs_paper_verdict(gain, paper_gain, compact)
     if ap is None or paper_ap is None:
         return "baseline"
     text = f"baseline; AP {ap - paper_ap:+.2f} vs paper"
     return text if compact else f"{text}, not judged"
-
-
-def detection_gain_verdict(plain: bool, gain: GainInterval | None, paper_gain: float | None, ap: float | None,
-                           paper_ap: float | None, compact: bool = False) -> str:
-    """The verdict of a COCO row judged on the gain (trained with another engine or protocol than the
-    authors'): a plain backbone's row by plain_detector_verdict, an attention backbone's by
-    gain_vs_paper_verdict. The report builds it in full; the compact console view asks again with
-    `compact` (its Gain column shows the CI)."""
-    if plain:
-        return plain_detector_verdict(ap, paper_ap, compact)
-    return gain_vs_paper_verdict(gain, paper_gain, compact)
 
 
 def is_reproduced(verdict: str) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sge_repro.data.prepare import Progress, pending_changes, prepare_data
+from sge_repro.data.prepare import Progress, prepare_data
 from sge_repro.params import Params
 from sge_repro.paths import ProjectPaths
-from sge_repro.stage_status import read_status, restore_status, tracking
+from sge_repro.stage_status import read_status, write_status, tracking
 
 
 def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) -> dict[str, Any]:
@@ -26,10 +26,5 @@ def data(params: Params, paths: ProjectPaths, progress: Progress | None = None) 
             item["manifest"] == "unchanged" for item in summary.values()):
         # DVC runs this stage on every repro (always_changed): a rescan that changed nothing keeps
         # the record of the run that wrote the manifests, which the report's provenance lists
-        restore_status(status_file, made_them)
+        write_status(status_file, made_them)
     return summary
-
-
-def data_changes(params: Params, paths: ProjectPaths) -> dict[str, str | None]:
-    """What the data stage would change now ({dataset: None or why}); reads, writes nothing."""
-    return pending_changes(params.data, paths)
