@@ -88,11 +88,9 @@ class ResNetBackbone(Backbone):
         self._out_feature_channels = {name: channels[name] for name in self._out_features}
         self._out_feature_strides = {name: STAGE_STRIDES[name] for name in self._out_features}
         if norm == "FrozenBN":
-            for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
-                setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, name)))
+            FrozenBatchNorm2d.convert_frozen_batchnorm(self)  # converts the children in place
         elif norm == "SyncBN":
-            for name in ("bn1", "layer1", "layer2", "layer3", "layer4"):
-                setattr(self, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(self, name)))
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
         self.freeze(freeze_at)
         self.train(self.training)
 
@@ -106,16 +104,6 @@ class ResNetBackbone(Backbone):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
-
-    def stages(self):
-        """(name, modules) in order; the stem is stage 1, res2 stage 2, ..."""
-        return [
-            ("stem", [self.conv1, self.bn1]),
-            ("res2", [self.layer1]),
-            ("res3", [self.layer2]),
-            ("res4", [self.layer3]),
-            ("res5", [self.layer4]),
-        ]
 
     @torch.no_grad()
     def _stage_channels(self) -> dict:
@@ -132,18 +120,11 @@ class ResNetBackbone(Backbone):
         return channels
 
     def freeze(self, freeze_at: int) -> "ResNetBackbone":
-        """Freeze the first `freeze_at` stages: no gradients, BatchNorm frozen as well."""
-        for index, (name, modules) in enumerate(self.stages(), start=1):
-            if index > freeze_at:
-                break
-            for module in modules:
-                for parameter in module.parameters():
-                    parameter.requires_grad_(False)
-            if name == "stem":
-                self.bn1 = FrozenBatchNorm2d.convert_frozen_batchnorm(self.bn1)
-            else:
-                attribute = f"layer{index - 1}"
-                setattr(self, attribute, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, attribute)))
+        """Freeze the first `freeze_at` stages (1 the stem, 2 res2, ...): no gradients, BatchNorm frozen as well."""
+        for names in (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))[:freeze_at]:
+            for name in names:
+                getattr(self, name).requires_grad_(False)
+                setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(getattr(self, name)))
         return self
 
     def forward(self, x: torch.Tensor) -> dict:

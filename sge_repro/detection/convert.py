@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sge_repro.atomic import torch_save
-from sge_repro.errors import UserError
+from sge_repro.errors import UserError, preview
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, create_model
 from sge_repro.models.registry import DEPTHS, format_model_name
 from sge_repro.models.resnet import Bottleneck
@@ -35,7 +35,6 @@ BACKBONE_PREFIX = "backbone.bottom_up."
 IMAGENET_PIXEL_MEAN = [123.675, 116.28, 103.53]
 IMAGENET_PIXEL_STD = [58.395, 57.12, 57.375]
 INPUT_FORMAT = "RGB"
-_SHOWN = 5
 
 
 def _infer_model(state_dict: dict[str, torch.Tensor], path: Path) -> tuple[str, dict]:
@@ -143,10 +142,6 @@ def read_weights_metadata(weights_path: str | os.PathLike) -> dict | None:
     return dict(metadata) if isinstance(metadata, dict) else None
 
 
-def _first(items: list[str]) -> str:
-    return ", ".join(items[:_SHOWN]) + (f", ... (+{len(items) - _SHOWN})" if len(items) > _SHOWN else "")
-
-
 def check_detector_weights(model: nn.Module, weights_path: str | os.PathLike, require_all: bool = False,
                            pixel_mean: list | None = None, pixel_std: list | None = None) -> dict[str, Any]:
     """Raise UserError unless the file provides EVERY backbone tensor of `model` with the right shape.
@@ -168,7 +163,7 @@ def check_detector_weights(model: nn.Module, weights_path: str | os.PathLike, re
     if missing:
         scope = "model" if require_all else "backbone"
         raise UserError(
-            f"weights {path}: {len(missing)} {scope} tensors missing (first: {_first(missing)}); "
+            f"weights {path}: {len(missing)} {scope} tensors missing (first: {preview(missing)}); "
             "convert the classification checkpoint for this backbone (sge-repro convert)"
         )
     extra_backbone = [k for k in state if k.startswith(BACKBONE_PREFIX) and k not in expected
@@ -176,12 +171,12 @@ def check_detector_weights(model: nn.Module, weights_path: str | os.PathLike, re
     if extra_backbone:
         raise UserError(
             f"weights {path}: {len(extra_backbone)} backbone tensors the model lacks "
-            f"(first: {_first(extra_backbone)}); wrong MODEL.SGE_BACKBONE.ARCH for these weights?"
+            f"(first: {preview(extra_backbone)}); wrong MODEL.SGE_BACKBONE.ARCH for these weights?"
         )
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
              for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
-        raise UserError(f"weights {path}: shape mismatch (first: {_first(wrong)})")
+        raise UserError(f"weights {path}: shape mismatch (first: {preview(wrong)})")
     metadata = loaded.get("sge_repro") if isinstance(loaded.get("sge_repro"), dict) else {}
     for key, configured in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
         recorded = metadata.get(key)

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 # One COCO validator for the whole project: the data stage and detection use the same checks.
-from sge_repro.data.coco_json import (LAYOUTS, SPLITS, check_records, coco_split_paths,  # noqa: F401 (re-exported)
-                                      load_coco_document, validate_coco_json)
+from sge_repro.data.coco_json import check_records, coco_split_paths, load_coco_document, validate_coco_json
 from sge_repro.detection.compat import import_detectron2
 
 

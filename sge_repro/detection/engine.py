@@ -149,17 +149,9 @@ class DetectorTrainer(TrainerBase):
         self.cfg = cfg
         self.register_hooks(self.build_hooks(records))
 
-    @classmethod
-    def build_optimizer(cls, cfg: CfgNode, model):
-        return build_optimizer(cfg, model)  # adds the authors' full-model gradient clipping
-
-    @classmethod
-    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
-        return _build_model(cfg)
-
-    @classmethod
-    def build_lr_scheduler(cls, cfg: CfgNode, optimizer):
-        return build_lr_scheduler(cfg, optimizer)
+    build_optimizer = staticmethod(build_optimizer)  # adds the authors' full-model gradient clipping
+    build_model = staticmethod(_build_model)
+    build_lr_scheduler = staticmethod(build_lr_scheduler)
 
     def run_step(self):
         self.loop.iter = self.iter

@@ -160,14 +160,13 @@ class ShimsFirst(torchdata.IterableDataset):
         return iter(self.dataset)
 
 
-def training_records(cfg: CfgNode, skip: set[str] = frozenset()) -> list[dict]:
-    """The training set's records as detectron2's default loader reads them, minus `skip`."""
-    records = get_detection_dataset_dicts(
+def training_records(cfg: CfgNode) -> list[dict]:
+    """The training set's records as detectron2's default loader reads them."""
+    return get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
-    return [record for record in records if record["file_name"] not in skip]
 
 
 def build_train_loader(cfg: CfgNode, records: list[dict], start_iter: int):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sge_repro.data.coco_json import coco_split_paths
 from sge_repro.detection.config import build_detector_config, detector_config_file, new_config
-from sge_repro.detection.data import coco_split_paths, dataset_num_classes, register_split
+from sge_repro.detection.data import dataset_num_classes, register_split
 from sge_repro.detection.detectors import detector_base_lr
 
 REFERENCE_PAPER_ITERS = 180000  # the 2x schedule train_det.max_iter stands for (paper config set)

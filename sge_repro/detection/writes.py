@@ -10,10 +10,12 @@ memory and written by Python, so every failed write here is an OSError that name
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
+from typing import Iterator
 
 from sge_repro.atomic import write_failure
 from sge_repro.errors import UserError
@@ -28,19 +30,14 @@ def raise_disk_error(path: str | os.PathLike, error: BaseException) -> None:
         raise failure from error
 
 
-class disk_errors:
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike) -> Iterator[None]:
     """`with disk_errors(path):` turns a failed write of `path` into the one-line UserError."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = path
-
-    def __enter__(self) -> "disk_errors":
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if error is not None:
-            raise_disk_error(self.path, error)
-        return False
+    try:
+        yield
+    except BaseException as error:
+        raise_disk_error(path, error)
+        raise
 
 
 class AppendFile:

@@ -72,9 +72,8 @@ def run(target: Callable[..., T], args: tuple, settings: LaunchParams, *, name: 
         rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_configs={"rank": 0},
         max_restarts=0, start_method="spawn", local_addr="127.0.0.1",
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), redirects=Std.NONE, tee=Std.NONE))
-    quiet = _QuietElasticLogs()
     try:
-        with quiet, own_signal_handlers():
+        with _quiet_elastic_logs(), own_signal_handlers():
             results = elastic_launch(config, _worker)(target, args, str(log_dir))
     except elastic_errors.ChildFailedError as exc:
         raise LaunchError(describe_failure(name, exc, recorded_failures(log_dir))) from None
@@ -147,11 +146,8 @@ def _exit_now() -> None:
     handler) while the agent waits for the process to exit. The other atexit handlers still run
     first (log files, detectron2's writers are flushed and closed). Registered only after the
     target returned and its result pickled, so a failure keeps its exit code."""
-    run_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_handlers is None:  # not CPython: let the interpreter finish normally
-        return
     atexit.unregister(_exit_now)
-    run_handlers()
+    atexit._run_exitfuncs()  # CPython's; no public way to run the handlers before os._exit
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -214,19 +210,17 @@ def _one_line(message: str) -> str:
     return lines[0] if lines else ""
 
 
-class _QuietElasticLogs:
+@contextlib.contextmanager
+def _quiet_elastic_logs() -> Iterator[None]:
     """torch elastic logs its configuration, each worker it stops and a ChildFailedError banner
     at WARNING / ERROR; the LaunchError line says what matters. CRITICAL only while a launch runs."""
-
-    NAMES = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
-
-    def __enter__(self):
-        self.levels = {}
-        for name in self.NAMES:
-            log = logging.getLogger(name)
-            self.levels[name] = log.level
-            log.setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc_info):
-        for name, level in self.levels.items():
-            logging.getLogger(name).setLevel(level)
+    logs = [logging.getLogger(name) for name in
+            ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)

@@ -8,6 +8,7 @@ Residual additions of the plain ResNet stay uncounted, as in the paper's counter
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -28,12 +29,7 @@ def count_params_m(model: nn.Module) -> float:
 
 def _shape_numel(value) -> int:
     shape = value.type().sizes() if hasattr(value.type(), "sizes") else None
-    if not shape:
-        return 0
-    total = 1
-    for size in shape:
-        total *= int(size)
-    return total
+    return math.prod(int(size) for size in shape) if shape else 0
 
 
 def _count_outputs(inputs, outputs) -> int:

@@ -55,10 +55,6 @@ class ModelName:
         return f"resnet{self.depth}"
 
     @property
-    def block(self) -> type:
-        return DEPTHS[self.depth][0]
-
-    @property
     def layers(self) -> list[int]:
         return DEPTHS[self.depth][1]
 
@@ -101,38 +97,6 @@ def list_models() -> list[str]:
             if _is_buildable(attention, depth)]
 
 
-def build_model(
-    name: str,
-    num_classes: int = 1000,
-    groups: int = DEFAULT_GROUPS,
-    width: int = DEFAULT_WIDTH,
-    sge_impl: str = "fast",
-    sge_weight_init: float = DEFAULT_WEIGHT_INIT,
-    sge_bias_init: float = DEFAULT_BIAS_INIT,
-    sge_normalize: bool = DEFAULT_NORMALIZE,
-    seed: int | None = None,
-) -> ResNet:
-    """A freshly initialised model (no checkpoint). `seed` makes the init independent of the
-    global RNG state. sge_weight_init / sge_bias_init / sge_normalize: the SGE blocks' initial
-    gamma / beta and spatial normalisation (ignored by a model without SGE)."""
-    parsed = parse_model_name(name)
-    if num_classes < 1:
-        raise UserError(f"model {name}: num_classes={num_classes}, expected a positive integer")
-    if width < 1:
-        raise UserError(f"model {name}: width={width}, expected a positive integer")
-
-    def build() -> ResNet:
-        return ResNet(parsed.block, parsed.layers, num_classes=num_classes, attention=parsed.attention, groups=groups,
-                      width=width, sge_impl=sge_impl, sge_options={
-                          "weight_init": sge_weight_init, "bias_init": sge_bias_init, "normalize": sge_normalize})
-
-    if seed is None:
-        return build()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 # Architecture knobs only SGE blocks read: a model without SGE is the same model whatever their value.
 SGE_ONLY_KWARGS = ("groups", "sge_impl", *SGE_VARIANT_DEFAULTS)
 
@@ -165,11 +129,24 @@ def create_model(
     """Build model `name`; with `checkpoint` (ours, a torchvision state dict, or an official release
     file) load its weights strictly. kwargs: width (int, default DEFAULT_WIDTH = 64), sge_impl ("fast" |
     "reference" | "triton"), sge_weight_init / sge_bias_init (float) / sge_normalize (bool): the SGE
-    ablations (see build_model), seed (int: init independent of the global RNG)."""
+    ablations' initial gamma / beta and spatial normalisation (ignored by a model without SGE), seed
+    (int: the init independent of the global RNG state)."""
     unknown = sorted(set(kwargs) - set(ALLOWED_KWARGS))
     if unknown:
         raise UserError(f"create_model({name!r}): unknown argument(s) {', '.join(unknown)}; allowed: {', '.join(ALLOWED_KWARGS)}")
-    model = build_model(name, num_classes=num_classes, groups=groups, **kwargs)
+    options = {"width": DEFAULT_WIDTH, "sge_impl": "fast", **SGE_VARIANT_DEFAULTS, "seed": None, **kwargs}
+    parsed = parse_model_name(name)
+    if num_classes < 1:
+        raise UserError(f"model {name}: num_classes={num_classes}, expected a positive integer")
+    if options["width"] < 1:
+        raise UserError(f"model {name}: width={options['width']}, expected a positive integer")
+    with torch.random.fork_rng(devices=[], enabled=options["seed"] is not None):
+        if options["seed"] is not None:
+            torch.manual_seed(options["seed"])
+        model = ResNet(DEPTHS[parsed.depth][0], parsed.layers, num_classes=num_classes, attention=parsed.attention,
+                       groups=groups, width=options["width"], sge_impl=options["sge_impl"], sge_options={
+                           "weight_init": options["sge_weight_init"], "bias_init": options["sge_bias_init"],
+                           "normalize": options["sge_normalize"]})
     if checkpoint is not None:
         load_into(
             model,

@@ -204,18 +204,11 @@ class ResNet(nn.Module):
         if attention_placement(self.attention) == "stage":
             self.avgpool = nn.AvgPool2d(7)
 
-    def stage_attention(self, index: int) -> nn.Module | None:
-        return getattr(self, f"bam{index}", None)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for index, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
             x = layer(x)
-            between = self.stage_attention(index)
+            between = getattr(self, f"bam{index}", None)  # BAM sits between stages
             if between is not None:
                 x = between(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.forward_features(x))
-        return self.fc(torch.flatten(x, 1))
+        return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sge_repro.errors import UserError
+from sge_repro.errors import UserError, preview
 from sge_repro.models.resnet import DEFAULT_WIDTH
 from sge_repro.models.attention import SpatialGroupEnhance
 from sge_repro.models.sge import DEFAULT_GROUPS, DEFAULT_NORMALIZE
@@ -224,11 +224,6 @@ def to_model_layout(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tu
     return {_rename_part(key, renames, reverse=True): value for key, value in state_dict.items()}, LAYOUT_AUTHORS
 
 
-def _first(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_FIRST])
-    return shown + (f", ... (+{len(keys) - _FIRST})" if len(keys) > _FIRST else "")
-
-
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike, detected: str,
                      layout: str = LAYOUT_OURS) -> dict:
     """Raise UserError unless `state_dict` (under the model's names) fits `model` exactly; returns
@@ -258,11 +253,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
     if missing or unexpected or wrong_shape:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing keys (first: {_first(missing)})")
+            problems.append(f"{len(missing)} missing keys (first: {preview(missing)})")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (first: {_first(unexpected)})")
+            problems.append(f"{len(unexpected)} unexpected keys (first: {preview(unexpected)})")
         if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatches (first: {_first(wrong_shape)})")
+            problems.append(f"{len(wrong_shape)} shape mismatches (first: {preview(wrong_shape)})")
         raise UserError(
             f"checkpoint {path} (detected format: {detected}) does not match the model: " + "; ".join(problems)
         )

@@ -3,8 +3,9 @@ import shutil
 
 import pytest
 
+from sge_repro.data.coco_json import coco_split_paths
 from sge_repro.detection.compat import import_detectron2
-from sge_repro.detection.data import coco_split_paths, register_coco_dataset, register_split
+from sge_repro.detection.data import register_coco_dataset, register_split
 from sge_repro.errors import UserError
 
 import_detectron2()
