@@ -43,26 +43,15 @@ class Holder:
         return f"pid {self.pid}: {self.cmd}" if self.pid is not None else self.cmd
 
 
-def pid_exists(pid: int) -> bool:
-    """True while `pid` is in the process table at all, a zombie included."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    return True
+pid_exists = psutil.pid_exists  # in the process table at all, a zombie included
 
 
 def pid_alive(pid: int) -> bool:
     """True if process `pid` exists and is not a zombie (killed, not yet reaped by its parent)."""
-    if not pid_exists(pid):
-        return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (macOS) or gone meanwhile
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _try_flock(fd: int) -> bool:

@@ -221,10 +221,3 @@ def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
                                     for values in (IMAGENET_MEAN, IMAGENET_STD))
     return _STATISTICS[device]
 
-
-def float_reference(image: torch.Tensor | Image.Image) -> torch.Tensor:
-    """torchvision's float path on a uint8 CHW tensor or PIL image: ToTensor + Normalize (what the
-    workers computed before the uint8 batches; kept for tests and `bench loader`)."""
-    pil = image if isinstance(image, Image.Image) else F.to_pil_image(image)
-    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(pil))
-

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from sge_repro.data.download import file_digest
+from sge_repro.data.manifest import SPLITS
 from sge_repro.errors import UserError
 
 REQUIRED_KEYS = {
@@ -90,7 +91,6 @@ def check_records(json_path: Path, document: dict, section: str) -> list[dict]:
 
 
 LAYOUTS = ("coco2017", "embedded")
-SPLITS = ("train", "val")
 
 
 def coco_split_paths(root: str | os.PathLike, split: str, layout: str = "embedded") -> tuple[Path, Path]:

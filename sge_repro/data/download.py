@@ -124,12 +124,9 @@ def _total_from_content_range(header: str | None) -> int | None:
 
 
 def file_digest(path: Path, algorithm: str) -> str:
-    """The hex digest of a file's bytes ("md5", "sha256", any hashlib name), read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
+    """The hex digest of a file's bytes ("md5", "sha256", any hashlib name)."""
     with open(path, "rb") as handle:
-        while chunk := handle.read(_READ_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def _verify(path: Path, sha256: str | None, md5: str | None, remove_on_mismatch: bool,

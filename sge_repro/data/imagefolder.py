@@ -19,11 +19,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
-from sge_repro.data.manifest import imagefolder_samples, is_manifest, read_manifest, split_subset
+from sge_repro.data.manifest import SPLITS, imagefolder_samples, is_manifest, read_manifest, split_subset
 from sge_repro.errors import UserError, preview
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-SPLITS = ("train", "val")
 
 
 def decode_rgb(path: str | os.PathLike) -> Image.Image:

@@ -104,16 +104,13 @@ def prepare_imagenet(source: str | os.PathLike, destination: str | os.PathLike,
                             f"(missing: {', '.join(missing)})")
         kind, build = "archives", lambda tmp: _unpack_archives(source, tmp, subset, progress, expected_md5)
 
-    def build_and_count(tmp: Path) -> dict:
+    with atomic.publish_dir(destination) as tmp:
         counts = build(tmp)
         summary = {"source_kind": kind, "root": str(destination), **counts,
                    "official_counts": counts["classes"] == NUM_CLASSES
                    and all(counts[f"{split}_images"] == OFFICIAL_COUNTS[split] for split in SPLITS)}
         atomic.write_json(tmp / SUMMARY_FILE, summary)
         return summary
-
-    with atomic.publish_dir(destination) as tmp:
-        return build_and_count(tmp)
 
 
 # ---------------------------------------------------------------- checks
@@ -204,7 +201,7 @@ def _count_files(folder: Path) -> int:
 def read_devkit(path: Path, expected_md5: str | None) -> Devkit:
     """Parse meta.mat and the val ground truth from the devkit archive (read in memory, 2.5 MB)."""
     if expected_md5 is not None:
-        verify_md5(path, expected_md5)
+        _compare_md5(path, expected_md5, file_digest(path, "md5"))
     try:
         with tarfile.open(path, "r:*") as tar:
             meta = _read_member(tar, path, "data/meta.mat")
@@ -277,10 +274,6 @@ class _HashingReader:
         while self.read(_READ_SIZE):
             pass
         return self.md5.hexdigest()
-
-
-def verify_md5(path: Path, expected: str) -> None:
-    _compare_md5(path, expected, file_digest(path, "md5"))
 
 
 def _compare_md5(path: Path, expected: str, actual: str) -> None:
@@ -395,15 +388,10 @@ def _flat_files(tar: tarfile.TarFile, archive: Path, where: Path, context: str =
     "./" are refused."""
     for member in tar:
         if member.isdir():
-            _checked_dir(member, archive)
+            if os.path.normpath(member.name) != ".":  # "./" at most: a folder entry that points nowhere
+                raise UserError(f"{archive}: member {member.name!r} is a folder; expected a flat archive of files")
             continue
         yield member, _checked_flat_name(member, archive, where, context=context)
-
-
-def _checked_dir(member: tarfile.TarInfo, archive: Path) -> None:
-    # Directory entries are harmless only if they point nowhere: "./" at most.
-    if os.path.normpath(member.name) != ".":
-        raise UserError(f"{archive}: member {member.name!r} is a folder; expected a flat archive of files")
 
 
 def _unpack_train(tar: tarfile.TarFile, archive: Path, train_dir: Path, keep: set[str], strict: bool) -> int:

@@ -228,6 +228,3 @@ def similar_distractor(rng: np.random.Generator, pattern: Pattern) -> Pattern:
         return pattern._replace(texture=others[int(rng.integers(len(others)))])
     others = [s for s in SHAPES if s != pattern.shape]
     return pattern._replace(shape=others[int(rng.integers(len(others)))])
-
-
-# --------------------------------------------------------------------------- writing

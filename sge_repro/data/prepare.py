@@ -156,10 +156,6 @@ def _stamp(path: Path) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns, info.st_ino]
 
 
-def _state_path(paths: ProjectPaths, name: str) -> Path:
-    return paths.index_state(name)
-
-
 def verify_cache(paths: ProjectPaths, name: str, root: Path) -> VerifyCache:
     """The verification cache of dataset `name` at `root` (where: ProjectPaths.verify_cache). A set
     read in place that an older version verified starts from the project's data/.cache file."""
@@ -168,7 +164,7 @@ def verify_cache(paths: ProjectPaths, name: str, root: Path) -> VerifyCache:
 
 def _unchanged_state(paths: ProjectPaths, name: str, key: str) -> dict | None:
     try:
-        state = json.loads(_state_path(paths, name).read_text(encoding="utf-8"))
+        state = json.loads(paths.index_state(name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     stamp = _stamp(paths.manifest(name))
@@ -178,7 +174,7 @@ def _unchanged_state(paths: ProjectPaths, name: str, key: str) -> dict | None:
 
 
 def _save_state(paths: ProjectPaths, name: str, key: str, counts: dict) -> None:
-    atomic.write_json(_state_path(paths, name), {"key": key, "manifest": _stamp(paths.manifest(name)),
+    atomic.write_json(paths.index_state(name), {"key": key, "manifest": _stamp(paths.manifest(name)),
                                                  "counts": counts})
 
 

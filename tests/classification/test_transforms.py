@@ -14,11 +14,17 @@ from float_compare import relative_error
 from sge_repro.classification.checkpoint import recipe_fingerprint
 from sge_repro.classification.sampling import resolve_workers
 from sge_repro.classification.transforms import (IMAGENET_MEAN, IMAGENET_STD, decode_tensor, eval_resize_size,
-                                                 eval_transform, float_reference, to_model_input, train_transform)
+                                                 eval_transform, to_model_input, train_transform)
 from sge_repro.errors import UserError
 from sge_repro.params_sections import EvalClsParams, TrainClsParams
 
 CPU = torch.device("cpu")
+
+
+def float_reference(image: torch.Tensor | Image.Image) -> torch.Tensor:
+    """torchvision's float path on a uint8 CHW tensor or PIL image: ToTensor + Normalize."""
+    pil = image if isinstance(image, Image.Image) else T.functional.to_pil_image(image)
+    return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(pil))
 
 
 @pytest.fixture(scope="module")
