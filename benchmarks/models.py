@@ -19,6 +19,7 @@ from torch import nn
 
 from sge_repro.errors import UserError
 from sge_repro.models import DEFAULT_GROUPS, DEFAULT_WIDTH, sge_triton
+from sge_repro.models.complexity import synchronize
 from sge_repro.models.registry import create_model
 from sge_repro.models.sge import sge_reference
 from sge_repro.models.sge_fast import sge_fast
@@ -45,16 +46,11 @@ def _build(name: str, impl: str, seed: int) -> nn.Module:
     return create_model(name, sge_impl=impl, seed=seed)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(function: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     function()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 

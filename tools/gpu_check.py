@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -119,11 +118,10 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def check_ddp(device: torch.device, sizes: dict) -> dict:
     from sge_repro.classification.sync_batchnorm import all_reduce_sum, convert_sync_batchnorm
+    from sge_repro.launch.local import free_port
     from sge_repro.models import create_model
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             **({"device_id": device} if device.type == "cuda" else {}))

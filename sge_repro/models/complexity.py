@@ -100,7 +100,8 @@ def model_table(names: Iterable[str] | None = None, image_size: int = 224, num_c
     return [model_complexity(name, num_classes=num_classes, image_size=image_size) for name in chosen]
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued work (a no-op on the CPU), so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -135,10 +136,10 @@ def measure_latency(
     with torch.no_grad():
         for round_index in range(warmup + repeats):
             for name, model in models.items():
-                _sync(target)
+                synchronize(target)
                 start = time.perf_counter()
                 model(inputs)
-                _sync(target)
+                synchronize(target)
                 if round_index >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
     return [
