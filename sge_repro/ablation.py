@@ -8,12 +8,14 @@ copy: anything else listed would be trained again in every one).
 Every comparison is a paired bootstrap over the validation images, whose per-image results the
 eval_cls stage caches (`runs/eval_cls/*.json`); they are read back at each experiment's commit
 through DVC's public API. Rerunning `ablate` resumes: finished experiments are kept, only missing
-ones run.
+ones run. An experiment interrupted midway starts again from its first epoch, and says so: DVC's
+temporary copy keeps no checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +29,12 @@ from sge_repro.errors import UserError
 from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, parse_model_name, sge_channels
 from sge_repro.params import Params, validate_params
 from sge_repro.params_yaml import read_yaml, set_values, without_derived
+from sge_repro.paths import ProjectPaths
 from sge_repro.pipeline import dvc, run_experiment
 from sge_repro.report.schema import GainInterval
 from sge_repro.report.stats import paired_image_bootstrap
 
+log = logging.getLogger(__name__)
 REPORT_JSON = Path("reports") / "ablation.json"
 REPORT_MD = Path("reports") / "ablation.md"
 HELD, NOT_HELD, NOT_SIGNIFICANT, UNDETERMINED = "held", "not held", "not significant", "undetermined"
@@ -131,11 +135,18 @@ def run_missing(plan_: Plan, on_start: Callable[[Variant, int, int], None] = lam
     _refuse_failed(names, found)
     missing = [v for v in plan_.variants if v.name not in found]
     for index, variant in enumerate(missing):
+        started = ProjectPaths(root).ablation_started(variant.name)
+        if started.exists():
+            log.warning("experiment %s began in an earlier run and did not finish: it starts again from its first "
+                        "epoch (DVC's temporary copy of an experiment keeps no checkpoint)", variant.name)
         on_start(variant, index, len(missing))
+        started.parent.mkdir(parents=True, exist_ok=True)
+        started.touch()
         if run_experiment(variant.settings(), ["eval_cls"], name=variant.name, params_file=root / "params.yaml",
                           temp=True):
             kept = f"; the {index} run before it are kept" if index else ""
             raise UserError(f"experiment {variant.name} failed (DVC's output above){kept}: rerun to go on from it")
+        started.unlink()
     found = experiments(root)
     _refuse_failed(names, found)
     unfinished = [name for name in names if found.get(name, {}).get("state") != "success"]

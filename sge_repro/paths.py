@@ -151,6 +151,10 @@ class ProjectPaths:
         """Where the launcher of stage `name` keeps its own files (worker error files, job ids, logs)."""
         return self.root / "logs" / "launch" / name
 
+    def ablation_started(self, experiment: str) -> Path:
+        """Marks an ablation experiment begun and not finished: `dvc exp run --temp` keeps no checkpoint of it."""
+        return self.root / "logs" / "ablation" / f"{experiment}.started"
+
     # views of a run (logs/ is ignored by git and DVC)
     @property
     def progress_dir(self) -> Path:

@@ -106,7 +106,7 @@ def test_the_ablation_runs_as_dvc_experiments_and_its_table_is_theirs(tmp_path):
 def test_a_failed_experiment_is_one_line_and_leaves_params_yaml_and_the_experiments_as_they_were(tmp_path):
     """The first experiment fails at its data stage (a dataset path that is not there): DVC's own
     output, then one line naming the experiment; params.yaml is the user's again, no experiment is
-    recorded, nothing is written in reports/."""
+    recorded, nothing is written in reports/. A rerun says the experiment starts over."""
     root = copy_project(tmp_path / "project")
     params = profile_params("smoke", root / "pipelines" / "profiles")
     params.data.classification.source, params.data.classification.source_path = "imagenet", "datasets/missing"
@@ -121,4 +121,11 @@ def test_a_failed_experiment_is_one_line_and_leaves_params_yaml_and_the_experime
     assert failed.stderr.strip().splitlines()[-1] == (
         "error: experiment resnet18-plain failed (DVC's output above): rerun to go on from it")
     assert (root / "params.yaml").read_bytes() == before
+    assert shown_experiments(root) == {} and not (root / "reports").exists()
+
+    # the rerun says that the unfinished experiment starts over (a temporary copy keeps no checkpoint)
+    again = ablate(root)
+    assert again.returncode == 2
+    assert ("experiment resnet18-plain began in an earlier run and did not finish: it starts again from its first "
+            "epoch") in again.stderr
     assert shown_experiments(root) == {} and not (root / "reports").exists()
