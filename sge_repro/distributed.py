@@ -1,8 +1,5 @@
-"""Joining the launched process group, and the few collectives the training loops need.
-
-A training stage runs on one process or on N processes started by sge_repro.launch (WORLD_SIZE,
-RANK, LOCAL_RANK, MASTER_ADDR/PORT in the environment: the env:// rendezvous). Both the
-classifier engine and the detector engine join the group here: NCCL on CUDA, gloo on CPU.
+"""Joining the process group that sge_repro.launch (or torchrun) started, through env://, and the
+few collectives the classifier and detector training loops need.
 """
 
 from __future__ import annotations
@@ -55,9 +52,8 @@ def leave_process_group() -> None:
 
     Left to the interpreter's finalization, gloo's worker threads are torn down in no particular
     order and the process may abort after its result was written ("terminate called without an
-    active exception", SIGABRT: measured in 1 of 20 two-task SLURM jobs on the 2-core test
-    machine, and seen with two directly started ranks, pytorch/pytorch#190489). Not after a
-    failure: a peer may be gone, and the process exits non-zero anyway."""
+    active exception", SIGABRT; pytorch/pytorch#190489). Not after a failure: a peer may be gone,
+    and the process exits non-zero anyway."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

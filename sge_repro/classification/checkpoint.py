@@ -1,30 +1,20 @@
 """Training checkpoints: what last.pt / best.pt hold, the recipe a resume must match, resuming.
 
-A training checkpoint is our classifier checkpoint (sge_repro.models.weight_files: format, model,
-model_kwargs, state_dict) plus the training state: epoch, optimizer, scheduler, rng, history,
-best, seed, classes, dataset, the recipe and its fingerprint, and with amp='fp16' the GradScaler.
-The recipe is the train_cls params plus what the run adds (model, model_kwargs, classes, seed,
-world_size); its fingerprint and the resume check leave out what does not change the recipe:
-workers and device (the weights do not depend on them), `deterministic` (it picks kernels, which
-changes float rounding, not what is computed), world_size (`batch_size` is the global batch,
-split over the ranks: the same global batches, the same lr, whatever the process count) and
-model.sge_impl (the SGE implementations compute one function, equal within float rounding, like
-two devices: a run trained with "fast" resumes with "triton").
+A training checkpoint is our classifier checkpoint (sge_repro.models.weight_files) plus the
+training state: epoch, optimizer, scheduler, rng, history, best, seed, classes, dataset, the
+recipe and its fingerprint, and with amp='fp16' the GradScaler. The recipe is the train_cls
+params plus model, model_kwargs, classes, seed and world_size; its fingerprint and the resume
+check leave out what does not change what is trained: workers and device, `deterministic` (it
+picks kernels: float rounding only), world_size (`batch_size` is the global batch, the same at
+any process count) and model.sge_impl (the implementations are equal within float rounding: a run
+trained with "fast" resumes with "triton"). A last.pt of another recipe is never resumed: it is a
+superseded.RunOfOtherParams naming each differing key, and the run is moved aside.
 
-A resume never starts over silently: a last.pt whose recipe differs from the params is a
-superseded.RunOfOtherParams naming each differing key (old -> new); train_classifier then moves
-the run folder aside (sge_repro.superseded, one warning line) and trains from scratch.
-
-Resuming with another process count (same global batch) continues the same training; where it
-is not exactly the run that would have been:
-- without sync_bn, BatchNorm normalises over each rank's share (batch_size / world_size images),
-  so 8 -> 4 processes doubles the batch BN statistics are taken over from then on (a warning
-  says so). With sync_bn the statistics span the global batch at any process count.
-- the data order does not change: an epoch's permutation depends on (seed, epoch) only, and
-  global batch k is the same images at any world size (sampling.GlobalBatchSampler); a resume
-  starts at an epoch boundary (last.pt is written after each epoch), so no image is skipped or
-  repeated. Float sums over the ranks are taken in another order: equal within float32 rounding
-  (README, "What 'equal' means here"), not bit for bit.
+Resuming with another process count continues the same training (an epoch's permutation depends
+on (seed, epoch) only, global batch k is the same images at any world size, and last.pt is written
+at epoch boundaries), except that without sync_bn BatchNorm takes its statistics over each rank's
+share, so 8 -> 4 processes doubles that batch (a warning says so), and float sums over the ranks
+are equal within float32 rounding (README, "What 'equal' means here"), not bit for bit.
 """
 
 from __future__ import annotations

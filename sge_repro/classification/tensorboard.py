@@ -1,23 +1,19 @@
 """TensorBoard events of a classification run: loss, top-1, lr and images/s over training steps.
 
-`TensorBoardLog(log_dir)` is a progress consumer of the training engine (train.py's
-`progress(epoch, step, steps_per_epoch, info)`, called on rank 0 only). It writes, against the
+`TensorBoardLog(log_dir)` consumes train.py's `progress` calls (rank 0 only) and writes against the
 global step (epochs x steps_per_epoch + step, 1-based):
 
-- every ~1/20 epoch (at the first fresh report after that: an engine that reads its running
-  means at log points only repeats them in between, which is skipped) and at an epoch's last step: `train/loss` and `train/top1` (means over the steps since the last point, on rank 0's
-  share of the batches), `train/lr`, `train/images_per_s`;
-- at the end of each epoch (all ranks): `epoch/train_loss`, `epoch/train_top1`, `epoch/val_loss`,
-  `epoch/val_top1`, `epoch/val_top5`, `epoch/lr`, `epoch/images_per_s`, `epoch/epoch_time_s`,
-  flushed to disk at once.
+- about every 1/20 epoch and at an epoch's last step: `train/loss` and `train/top1` (means over the
+  steps since the last point, on rank 0's share of the batches), `train/lr`, `train/images_per_s`;
+- at the end of each epoch (all ranks), flushed at once: `epoch/train_loss`, `epoch/train_top1`,
+  `epoch/val_loss`, `epoch/val_top1`, `epoch/val_top5`, `epoch/lr`, `epoch/images_per_s`,
+  `epoch/epoch_time_s`.
 
 The writer opens at the first call, so a finished run that is rerun writes nothing. A run that
-starts from step 1 removes event files left in log_dir (they belong to a run that was started
-over); a resumed run (first step g > 1) opens a new file with TensorBoard's purge_step = g, so
-TensorBoard drops what the interrupted epoch had logged past the checkpoint, and nothing is
-logged twice. One step axis for every tag, so the purge means the same for all of them. The
-engine reports an epoch before it writes that epoch's checkpoint: a kill in between resumes at
-that epoch, and the purge drops its events with the rest.
+starts from step 1 removes event files left in log_dir; a resumed run (first step g > 1) opens a
+new file with purge_step = g, so TensorBoard drops what the interrupted epoch logged past the
+checkpoint (the engine reports an epoch before writing its checkpoint: a kill in between is
+covered too), and nothing is logged twice.
 """
 
 from __future__ import annotations

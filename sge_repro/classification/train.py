@@ -1,18 +1,11 @@
 """Train an ImageNet-style classifier: one loop for ImageNet and the embedded set.
 
-Reads top to bottom: data -> model -> optimizer and schedule -> resume -> epochs (train, validate,
-checkpoint) -> metrics. Every epoch reseeds from (seed, epoch) (see determinism.py), so a run
-resumed from an epoch checkpoint computes exactly what an uninterrupted run computes.
-
-Distributed: with WORLD_SIZE > 1 (torchrun) the process group is joined from env://; each rank
-takes its slice of the same global batches a single process would use (sampling.py), validation
-is sharded and all-reduced, and rank 0 alone writes files.
-
-Speed options (all off by default, so the default run is plain fp32 and bit-reproducible):
-`amp` (precision.py), `channels_last`, `compile` (torch.compile of the training forward;
-validation runs the plain module) and `sync_bn` (BatchNorm statistics over the global batch of
-all ranks: torch's SyncBatchNorm on CUDA, GlobalBatchNorm2d on CPU / gloo), with which N ranks
-train what one process trains on the same global batch.
+Every epoch reseeds from (seed, epoch) (determinism.py), so a run resumed from an epoch checkpoint
+computes exactly what an uninterrupted run computes. With WORLD_SIZE > 1 each rank takes its slice
+of the same global batches a single process would use (sampling.py), validation is sharded and
+all-reduced, and rank 0 alone writes files. Speed options (`amp`, `channels_last`, `compile`,
+`sync_bn`) are off by default, so the default run is plain fp32 and bit-reproducible; with
+`sync_bn` (BatchNorm statistics over the global batch) N ranks train what one process trains.
 """
 
 from __future__ import annotations

@@ -2,23 +2,15 @@
 that turns their uint8 batches into the model's input on the device.
 
 Train: RandomResizedCrop(size) + horizontal flip. Eval: resize the shorter side to
-size * 256/224 (256 for 224), then center crop `size`.
+size * 256/224 (256 for 224), then center crop `size`. The loader workers only decode, crop and
+resize to uint8 (a quarter of float32's bytes through shared memory and the host-to-device copy);
+`to_model_input` normalises on the device, equal to torchvision's ToTensor + Normalize bit for bit.
 
-The loader workers only decode, crop and resize: a sample is a uint8 CHW tensor (150 KB at 224,
-a quarter of float32 through shared memory and the host-to-device copy). `to_model_input` then
-converts, normalises with the ImageNet mean / std and lays the batch out (channels_last or not)
-on the device, with the same float32 operations as torchvision's ToTensor + Normalize, so the
-result equals that float path bit for bit (tests/classification/test_transforms.py).
-
-`decoder` picks how a file becomes pixels:
-- "torchvision" (default): JPEGs are decoded by torchvision.io.decode_jpeg (libjpeg-turbo) into a
-  tensor, and cropped / resized by torchvision's tensor ops on uint8 (torch's antialiased
-  bilinear kernel). The decoded pixels equal PIL's; the resized ones differ from PIL's resize
-  by +-1 in under 1 % of the values. Other formats (PNG, CMYK JPEG, a truncated or unusual
-  file) go through PIL's decode (`decode_rgb`), then the same tensor ops.
-- "pil": PIL decode, crop and resize, as every run before this option existed, bit for bit.
-Both draw the crop and the flip from the torch generator in the same order, so the same seed
-gives the same crop boxes and flips either way. `sge-repro bench loader` measures the two.
+`decoder`: "torchvision" (default) decodes JPEGs with libjpeg-turbo (the pixels equal PIL's) and
+crops / resizes with torch's uint8 antialiased bilinear kernel (+-1 from PIL's resize in under 1 %
+of the values); other files go through PIL's decode, then the same tensor ops. "pil" decodes,
+crops and resizes with PIL, bit for bit the input of runs made before the option existed. Both
+draw the crop and the flip in the same order: the same seed gives the same boxes and flips.
 """
 
 from __future__ import annotations
@@ -192,11 +184,9 @@ def to_model_input(images: torch.Tensor, device: torch.device, channels_last: bo
     """A uint8 (N, 3, H, W) batch from the loader -> the normalised float32 model input on `device`,
     in the model's memory format, in one call on the device.
 
-    The uint8 batch crosses to the device (a quarter of the float32 bytes); there, one pass
-    converts it to float32 / 255 straight into the requested layout, two more subtract the
-    mean and divide by the std in place. These are ToTensor's and Normalize's float32
-    operations in their order, so the result equals torchvision's float path bit for bit.
-    A float batch (someone else's transform) is only moved and laid out.
+    On the device, one pass converts to float32 / 255 straight into the requested layout, two
+    more subtract the mean and divide by the std in place: ToTensor's and Normalize's float32
+    operations in their order. A float batch (someone else's transform) is only moved and laid out.
     """
     images = images.to(device, non_blocking=True)
     layout = memory_format(channels_last)

@@ -1,22 +1,13 @@
 """Prepare ImageNet (ILSVRC2012) as the ImageFolder tree that `sge_repro.data.imagefolder` loads.
 
-`prepare_imagenet(source, destination)` accepts either
-
-* an existing ImageFolder tree (source/train/<wnid>/, source/val/<wnid>/): it is validated and
-  `destination` becomes a small tree of per-class symlinks into it (train/<wnid> -> source/
-  train/<wnid>). Nothing is copied; a subset is just fewer links; destination is a real folder,
-  so it can also hold the `.prepared.json` summary. Or
-* a folder with the three official archives: they are MD5-checked while they are unpacked
-  (one read of the 150 GB instead of two) into train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, the
-  val images sorted into synset folders from the devkit's ground truth.
-
-Either way the new tree is built in a hidden temp folder beside `destination` and renamed into
-place at the end, so a killed run leaves nothing that looks complete.
-
-Without a devkit there is no list of the 1000 synsets to compare an ImageFolder tree with, so
-the tree is accepted when it has exactly 1000 class folders named like WordNet ids (n########)
-and train/ and val/ agree; with a devkit beside the tree (ILSVRC2012_devkit_t12.tar.gz in
-`source`) the class names are compared with its meta.mat.
+The source is either an existing ImageFolder tree (validated; the destination becomes per-class
+symlinks into it, so nothing is copied and a subset is fewer links) or the three official
+archives (MD5-checked while they are unpacked: one read of the 150 GB instead of two; the val
+images sorted into synset folders from the devkit's ground truth). Either way the tree is built in
+a hidden temp folder beside `destination` and renamed into place at the end, so a killed run
+leaves nothing that looks complete. Without a devkit there is no list of the 1000 synsets, so a
+tree is accepted with exactly 1000 WordNet-id class folders (n########) agreeing between train/
+and val/; with ILSVRC2012_devkit_t12.tar.gz in `source`, the class names are checked against it.
 """
 
 from __future__ import annotations

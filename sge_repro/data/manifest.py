@@ -25,15 +25,10 @@ verification: the data stage checked every file once).
     }
 
 The bytes are a pure function of that content (fixed key order, one line per folder), so a rerun
-over an unchanged dataset writes the same bytes and DVC sees nothing new; `write_manifest` does
-not even touch an unchanged file. The root is part of the content: moving a dataset and pointing
-source_path at the new place makes its stages rerun.
-
-A subset is recorded beside the full index, not in its place: folders, counts, corrupt and the
-fingerprint keep describing every verified file of the dataset (the data stage verifies them all
-either way), and the "subset" key, present only when a split is cut, changes the file exactly
-when the subset changes, so the stages below rerun exactly then (and a default manifest is as
-before).
+over an unchanged dataset writes the same bytes and DVC sees nothing new. The root is part of the
+content: moving a dataset makes its stages rerun. A subset is recorded beside the full index, not
+in its place (folders, counts, corrupt and the fingerprint describe every verified file), so the
+file changes, and the stages below rerun, exactly when the subset changes.
 """
 
 from __future__ import annotations

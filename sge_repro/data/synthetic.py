@@ -1,30 +1,22 @@
 """Embedded data sets, generated deterministically from a seed.
 
 Both sets show the situation SGE is meant to help with: the object that matters is a textured
-shape among clutter, similar distractor patterns and a noisy background.
+shape among clutter, similar distractor patterns and a noisy background. In classification
+(ImageNet ImageFolder layout) an image's class is the pattern of its main object and smaller
+distractors share its shape or texture, so a model has to bind shape and texture on one object;
+in detection (COCO layout) each category is a pattern and unannotated distractors carry a
+category's shape with the wrong texture or its texture on the wrong shape.
 
-* Classification (ImageNet ImageFolder layout): the class of an image is the pattern of its
-  main object. Smaller distractor objects share the shape or the texture of the main object (or
-  are another class's pattern), so a model has to bind shape and texture on the same object and
-  attend to the right one.
-* Detection (COCO layout): each category is a pattern; unannotated distractors carry a
-  category's shape with the wrong texture or the right texture on the wrong shape.
+A pattern (`pattern_table`) is a shape and a texture: 8 x 6 = 48 base patterns at a medium texture
+scale in a random contrasting colour pair. Patterns 48 onward repeat them with a fine or coarse
+scale (so none looks like a base pattern) and a fixed colour pair (10 pairs of white, black, red,
+green, blue): 48 + 48 x 2 x 10 = 1008, enough for ImageNet's 1000 classes. `image_size` is N or
+[W, H]; object sizes follow the shorter side, and [N, N] gives the same bytes as N.
 
-A pattern (`pattern_table`) is a shape and a texture: 8 x 6 = 48 base patterns, painted at a
-medium texture scale in a random contrasting colour pair per object. Patterns 48 onward repeat the
-base table with two more attributes, so that ImageNet's 1000 classes and COCO's 80 categories
-each get a pattern of their own: a texture scale (fine or coarse, where base patterns are
-medium, so no extended pattern looks like a base one) and a fixed colour pair (two of white,
-black, red, green, blue: 10 pairs). That makes 48 + 48 x 2 x 10 = 1008 patterns. A distractor
-similar to an extended pattern keeps its scale and colours and changes the shape or texture.
-
-An image is N x N pixels (`image_size` N) or W x H (`image_size` [W, H]); object sizes follow the
-shorter side. A square [N, N] gives the same bytes as N.
-
-Every image draws its randomness from its own numpy Generator seeded by (seed, split, index), so
-the same seed gives byte-identical files regardless of generation order. A set is written into a
-hidden temporary folder next to `root`, its manifest last, then renamed into place: a killed run
-never leaves a tree at `root` that looks complete.
+Every image draws from its own numpy Generator seeded by (seed, split, index), so the same seed
+gives byte-identical files in any generation order. A set is written into a hidden temporary
+folder next to `root`, its manifest last, then renamed into place: a killed run never leaves a
+tree at `root` that looks complete.
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
 """Which image files of a dataset are new or changed since the last check, and decoding only those.
 
-The data stage calls `scan` (a listing and one `stat` per file: sizes and mtimes, no reads),
-then `verify`, which looks every file up in a `VerifyCache` keyed by (path, size, mtime_ns) and
-decodes only the misses, on every core this process may use, each file read once: its bytes are
-hashed (BLAKE2b-128, the content digest the manifest's fingerprint is built from) and decoded with
-the loader's own decoder (`imagefolder.decode_rgb`), so a file that passes here loads in training.
-The same pass records each image's size as detectron2 reads it (EXIF orientation applied), which
-the data stage compares with a COCO file's width / height; a cache entry from before sizes were
-recorded vouches for a file's content but not its size (`lookup(need_sizes=True)` decodes it again).
+`verify` decodes only the files its `VerifyCache` (keyed by path, size, mtime_ns) does not vouch
+for, each read once: its bytes are hashed (BLAKE2b-128, the content digest the manifest's
+fingerprint is built from) and decoded with the loader's own decoder, so a file that passes here
+loads in training. The same pass records each image's size as detectron2 reads it (EXIF
+orientation applied), which the data stage compares with a COCO file's width / height.
 
-The cache lives outside DVC's outputs (data/.cache/ for a generated set, the user cache keyed by
-the dataset's root for one read in place; see `ProjectPaths.verify_cache`): it is only an
-accelerator. Deleting it costs one full verification; a stale entry cannot be trusted by
-mistake because any rewrite of a file changes its size or mtime_ns. It is saved every
-`SAVE_EVERY_S` seconds during a long verification, so an interrupted run resumes where it stopped.
+The cache lives outside DVC's outputs (`ProjectPaths.verify_cache`): it is only an accelerator.
+Deleting it costs one full verification; a stale entry cannot be trusted by mistake because any
+rewrite of a file changes its size or mtime_ns. It is saved every `SAVE_EVERY_S` seconds during a
+long verification, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations

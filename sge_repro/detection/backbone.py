@@ -1,23 +1,12 @@
 """detectron2 backbones built from our classification ResNet (same blocks, same SGE code).
 
 The bottom-up network keeps torchvision's attribute names (conv1, bn1, layer1..layer4), so a
-classification state dict maps onto `backbone.bottom_up.<torchvision name>` by a prefix alone,
-and the attention (SGE after the last norm of every block) is exactly the classification one.
-
-`ResNetBackbone` wraps one of our ResNets as a detectron2 Backbone; `build_resnet_bottom_up` makes
-it from the config (the only place that reads `cfg.MODEL.SGE_BACKBONE`). Registered in
-detectron2's BACKBONE_REGISTRY:
-- `build_sge_resnet_backbone`: bottom-up only (res2..res5).
-- `build_sge_resnet_fpn_backbone`: FPN P2-P6 (Faster / Mask / Cascade R-CNN).
-- `build_sge_retinanet_resnet_fpn_backbone`: FPN P3-P7, P6/P7 from res5 (RetinaNet).
-
-Config keys live under `cfg.MODEL.SGE_BACKBONE` (see `add_sge_config`); freezing uses
-detectron2's own `cfg.MODEL.BACKBONE.FREEZE_AT` (0 none, 1 stem, 2 stem + res2, ...).
-
-BatchNorm (`MODEL.SGE_BACKBONE.NORM`): "FrozenBN" (detectron2's: statistics and affine fixed),
-"FrozenStatsBN" (mmdetection's `norm_eval=True` with `frozen=False`, the authors' setting:
-statistics fixed, the BN stays in eval mode even under model.train(), while its weight and bias
-are trained), "BN" (batch statistics, updated), "SyncBN".
+classification state dict maps onto `backbone.bottom_up.<torchvision name>` by a prefix alone.
+Config keys live under `cfg.MODEL.SGE_BACKBONE` (`add_sge_config`); freezing uses detectron2's
+own `cfg.MODEL.BACKBONE.FREEZE_AT`. BatchNorm (`MODEL.SGE_BACKBONE.NORM`): "FrozenBN"
+(detectron2's: statistics and affine fixed), "FrozenStatsBN" (mmdetection's `norm_eval=True` with
+`frozen=False`, the authors' setting: statistics fixed, the BN in eval mode even under
+model.train(), its weight and bias trained), "BN" (batch statistics, updated), "SyncBN".
 """
 
 from __future__ import annotations

@@ -4,17 +4,15 @@ Every other module in `sge_repro.detection` imports detectron2 through `import_d
 What the shims cover (see shared notes, "detectron2 on these machines"):
 
 - `detectron2._C` (compiled ops) may be missing: the registry sdist ships no C++ sources. A
-  placeholder module stands in; touching any of its ops raises an error that names the op.
-  Faster / Mask / Cascade R-CNN and RetinaNet with FPN never touch them (torchvision provides
-  roi_align and nms; COCO evaluation runs on pycocotools with `use_fast_impl=False`).
-- Pillow >= 10 removed `Image.LINEAR`, used by v0.6 as a default argument at import time.
-- numpy >= 1.24 removed the `np.int` / `np.float` aliases that v0.6 still uses.
-- torch >= 2.10 deprecates `torch.jit.script`, which detectron2 and fvcore call at import time:
-  that one FutureWarning is filtered (by message), and torch.meshgrid's notice about its `indexing`
-  argument, which v0.6's anchor generator omits: a detection command's error is its one line.
+  placeholder stands in and names any op that is touched. Faster / Mask / Cascade R-CNN and
+  RetinaNet with FPN never touch them (torchvision provides roi_align and nms; COCO evaluation
+  runs on pycocotools with `use_fast_impl=False`).
+- Pillow >= 10 removed `Image.LINEAR` and numpy >= 1.24 the `np.int` / `np.float` aliases; v0.6
+  still uses them.
+- torch's warnings at detectron2's import (`torch.jit.script` deprecated, torch.meshgrid without
+  `indexing`) are filtered by message, so a detection command's error is its one line.
 
-An official build (compiled `_C` present) is imported untouched apart from the two aliases,
-which are no-ops on the old library versions that build was made for.
+An official build (compiled `_C` present) is imported untouched apart from the aliases.
 """
 
 from __future__ import annotations

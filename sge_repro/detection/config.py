@@ -9,16 +9,11 @@ One YAML per protocol (sge_repro.detection.detectors.PROTOCOLS) and detector, at
       pipelines/detectron2/{protocol}/{detector}_FPN_{2x|20e}.yaml       (paper)
       pipelines/detectron2/embedded/{protocol}/{detector}.yaml           (embedded)
 
-Every file names its protocol (the top-level key PROTOCOL), so the protocol is part of the
-config a run is built from, its dump (OUTPUT_DIR/config.yaml) and any fingerprint of it.
-
-Detectors: sge_repro.detection.detectors.DETECTORS. The backbone architecture (ARCH, WIDTH,
+Every file names its PROTOCOL, so the protocol is part of the config a run is built from, its
+dump (OUTPUT_DIR/config.yaml) and any fingerprint of it. The backbone architecture (ARCH, WIDTH,
 GROUPS) comes from the converted weights' header when there is one, so a config can never
-silently build a different network from the one the weights were trained as; the YAMLs name
-only the ARCH of their file. The SGE implementation is a run choice (params.yaml model.sge_impl);
-the SGE ablation knobs (model.sge_weight_init / sge_bias_init / sge_normalize) reach an SGE
-backbone as SGE_WEIGHT_INIT / SGE_BIAS_INIT / SGE_NORMALIZE, and SGE_NORMALIZE must agree with
-the weights' header (a file that does not record it is the paper's normalised module).
+silently build a different network from the one the weights were trained as; the SGE
+implementation and ablation knobs are run choices (params.yaml model.*).
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Training and COCO evaluation of detectors through detectron2's own engine.
 
-`train_detector(cfg)` runs detectron2's training loop (TrainerBase and its hooks, periodic atomic
-checkpoints with exact resume, TensorBoard / JSON events in OUTPUT_DIR) and `evaluate_detector(cfg, weights,
-dataset)` runs COCOEvaluator on pycocotools (use_fast_impl=False: no compiled ops needed).
-
-Distributed: each of N env:// worker processes (torch elastic, torchrun or SLURM set RANK,
-WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT) calls the same function; it joins
-the group (NCCL on GPU, gloo on CPU) and makes detectron2's per-machine group, since v0.6's
-`launch` requires CUDA. SOLVER.IMS_PER_BATCH is the global batch (each rank loads its share);
-only rank 0 writes files.
-
-Before anything is written in OUTPUT_DIR, training compares the config fingerprint of the
-checkpoint it would resume from (sge_repro.detection.checkpoint). Images are not decoded to
-check them: the data stage verified each one once (sge_repro.data.verify).
+Distributed: each of N env:// worker processes calls the same function; it joins the group (NCCL
+on GPU, gloo on CPU) and makes detectron2's per-machine group itself, since v0.6's `launch`
+requires CUDA. SOLVER.IMS_PER_BATCH is the global batch (each rank loads its share); only rank 0
+writes files. Evaluation runs COCOEvaluator on pycocotools (use_fast_impl=False: no compiled ops).
+Images are not decoded to check them: the data stage verified each one once (sge_repro.data.verify).
 """
 
 from __future__ import annotations
@@ -261,11 +253,10 @@ def train_detector(cfg: CfgNode, resume: bool = True, keep_checkpoints: int = 2,
     iteration, data stream and RNG states); a run written under another config is moved aside
     (sge_repro.superseded: one warning line naming the differing keys) and training starts over.
     Otherwise starts from cfg.MODEL.WEIGHTS, whose backbone tensors must ALL be present
-    (UserError otherwise). Keeps the newest `keep_checkpoints` periodic checkpoints. Images are not verified here (the
-    data stage did, and the registered dataset leaves its corrupt files out): one that fails to
-    decode when its batch is loaded is a UserError naming it, the checkpoints written so far
-    kept. A NaN / infinite loss stops with a UserError naming the iteration and the last good
-    checkpoint.
+    (UserError otherwise). Keeps the newest `keep_checkpoints` periodic checkpoints. An image
+    that fails to decode when its batch is loaded is a UserError naming it, the checkpoints
+    written so far kept. A NaN / infinite loss stops with a UserError naming the iteration and
+    the last good checkpoint.
     """
     _check_seed(cfg)
     if keep_checkpoints < 1:
@@ -365,8 +356,7 @@ def evaluate_detector(cfg: CfgNode, weights: str | os.PathLike, dataset: str,
     APs are in percent. NaN (zero detections, or no objects of a size) is reported as 0.0 and
     flagged in nan_metrics. The images the registration left out (found corrupt by the data stage,
     data.skip_corrupt) are listed in skipped_images and AP is over the rest: their objects do
-    not count as missed. Images are not verified here: one that fails to decode when loaded is a
-    UserError naming it.
+    not count as missed. An image that fails to decode when loaded is a UserError naming it.
     """
     init_distributed_from_env(cuda=_on_cuda(cfg))
     kept = DatasetCatalog.get(dataset)

@@ -2,19 +2,10 @@
 
 detectron2's training loader is an infinite seeded stream: position p of the stream is image
 `perm_e[p % N]` of epoch e = p // N (a torch.randperm per epoch from one generator seeded with
-cfg.SEED); rank r of W takes positions r, r + W, ...; each rank groups its images by aspect ratio
-(w > h or not) into batches of IMS_PER_BATCH / W. This module keeps that stream and adds:
-
-- Resume: a loader for iteration k starts where iteration k of an uninterrupted run starts: the
-  grouping is replayed on the image sizes alone (no image is read) to find the stream position
-  and the images still waiting in the aspect buckets at that point.
-- Augmentation by position: the random flips / sizes of the image at stream position p come from
-  numpy / python RNGs seeded with (SEED, p) for that image alone, so they do not depend on the
-  number of loader workers, on where a run was resumed, or on anything else drawn before.
-
-Images are not decoded to check them here: the data stage verified each one and left the corrupt
-ones out of the manifest (`sge_repro.data.verify`). `NamedImageErrors` wraps a mapper so that a
-file broken since then fails where it is read, in one line naming it.
+cfg.SEED); rank r of W takes positions r, r + W, ... and groups its images by aspect ratio into
+batches of IMS_PER_BATCH / W. This module keeps that stream and adds an exact resume (the grouping
+is replayed on the image sizes alone to find where iteration k starts) and augmentation seeded by
+(SEED, p) per image, independent of the loader workers, the resume point and earlier draws.
 """
 
 from __future__ import annotations

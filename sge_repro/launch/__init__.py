@@ -1,18 +1,12 @@
-"""Starting a training stage's processes: in this process, on this node, or as a SLURM job.
+"""Starting a training stage's processes: in this process, on this node (`local.py`), or as a SLURM
+job (`slurm.py`).
 
-    launch(target, args, settings, name=..., state_dir=...)
-
-`target` is a module-level function of `sge_repro.stages` and `args` are picklable (params
-objects, paths). One process on one node runs `target(*args)` right here, exactly as before
-there was a launcher. Otherwise every worker runs `target(*args)` with the env:// variables set
-(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and joins the group
-through `sge_repro.distributed.join_process_group`; rank 0 writes the stage's files and its
-return value is returned. A worker failure raises `LaunchError` (exit 2) whose one line names
-the stage, the rank (or SLURM job) and the worker's own error.
-
-Local (one node): torch's elastic launcher through its Python API (`local.py`). SLURM:
-`slurm.py`. `state_dir` (paths.launch_state_dir) holds the launcher's own files, outside the
-DVC outputs.
+`target` is a module-level function of `sge_repro.stages` and `args` are picklable. One process on
+one node runs `target(*args)` right here. Otherwise every worker runs it with the env:// variables
+set and joins the group through `sge_repro.distributed.join_process_group`; rank 0 writes the
+stage's files and its return value is returned. A worker failure raises `LaunchError` (exit 2)
+naming the stage, the rank (or SLURM job) and the worker's own error. `state_dir`
+(paths.launch_state_dir) holds the launcher's own files, outside the DVC outputs.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """One node: torch's elastic launcher through its Python API (what torchrun runs, without a CLI).
 
-The workers are spawned processes of this one; their stdout / stderr are this process's (the
-console, or DVC's log). The rendezvous is static on a free port of 127.0.0.1: one node, no
-elastic restarts (a rerun resumes from the stage's checkpoints instead). A worker that fails
-(an exception, a signal, an exit code) ends the launch: the other workers are stopped and
-`LaunchError` names the rank whose failure caused the others' and its own error, read from torch
-elastic's error file of that rank (its traceback stays in that file under `state_dir`). Torch
-elastic reports one failed worker, the first it finds exited (in rank order when several have:
-often a rank that only lost its peer in a collective); so each worker also records its exception
-with its time (`failure-<rank>.json` in the launch's folder) and `describe_failure` picks the root
-cause among them (`sge_repro.launch.errors.root_cause`).
+The workers are spawned processes of this one and share its stdout / stderr. The rendezvous is
+static on a free port of 127.0.0.1: no elastic restarts (a rerun resumes from the stage's
+checkpoints instead). A failing worker ends the launch. Torch elastic reports the first worker it
+finds exited, often one that only lost its peer in a collective, so each worker also records its
+exception with its time (`failure-<rank>.json`) and `describe_failure` names the root cause.
 """
 
 from __future__ import annotations
@@ -142,10 +137,9 @@ def recorded_failures(log_dir: Path) -> dict[int, dict]:
 
 def _exit_now() -> None:
     """End a worker that succeeded without the interpreter's finalization, which takes seconds
-    with torch loaded (2 s measured on the loaded 2-core machine, against 13 ms for every atexit
-    handler) while the agent waits for the process to exit. The other atexit handlers still run
-    first (log files, detectron2's writers are flushed and closed). Registered only after the
-    target returned and its result pickled, so a failure keeps its exit code."""
+    with torch loaded while the agent waits for the process to exit. The other atexit handlers
+    still run first (log files, detectron2's writers are flushed and closed). Registered only
+    after the target returned and its result pickled, so a failure keeps its exit code."""
     atexit.unregister(_exit_now)
     atexit._run_exitfuncs()  # CPython's; no public way to run the handlers before os._exit
     sys.stdout.flush()

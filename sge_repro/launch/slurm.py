@@ -1,29 +1,20 @@
 """The SLURM backend of `sge_repro.launch`: one submitit job of nodes x tasks per node per stage.
 
-The head process (the one `sge-repro` / `dvc repro` runs) submits the job with submitit, records
-its id, streams the tasks' logs to the console and returns rank 0's result. Every task exports
-the env:// variables from SLURM's (submitit's TorchDistributedEnvironment) and then calls the
-target, which joins the process group itself (`sge_repro.distributed.join_process_group`); once
-the target has returned, the task destroys that group (an exiting gloo group may abort the task).
-
-Assumption: the repository, its data and `state_dir` are on a filesystem shared by the head and
-the nodes (the job runs in the head's working directory, with its Python and environment).
+The head process submits the job, streams the tasks' logs and returns rank 0's result. Each task
+exports the env:// variables from SLURM's and calls the target, which joins the process group
+itself; the task destroys that group once the target has returned (an exiting gloo group may abort
+the task). Assumes the repository, its data and `state_dir` are on a filesystem shared by the head
+and the nodes (the job runs in the head's working directory, with its Python and environment).
 
 State: `state_dir/slurm_job.json` ({"job_id", "job_name", "fingerprint", "ntasks", ...}, written
-atomically right after sbatch returns) and submitit's folder `state_dir/submitit/` (the pickled
-call, the tasks' logs and results, per job id). The fingerprint covers what is computed (the
-target, its arguments, the working directory), not how it is launched, so a rerun:
-  - re-attaches to the recorded job while it is pending or running, or collects it once it has
-    finished successfully (it is not submitted twice; nor when the head died between sbatch and
-    the record: a live job of this stage's name is adopted);
-  - submits anew when the recorded job failed, was cancelled or timed out (the stage's own
-    resume, e.g. last.pt, continues from what that job saved);
-  - refuses (exit 2) while a job submitted for different arguments is still live: it would write
-    the same outputs. `scancel` it, or wait for it.
-Ctrl-C in the head cancels the job (scancel) and re-raises. A task that fails ends the job
-(`srun --kill-on-bad-exit`) and the head raises LaunchError naming the job, the rank and the
-task's own error line; of several failed tasks, the one whose error caused the others' (not a
-task that only lost its peer in a collective: `sge_repro.launch.errors.root_cause`).
+atomically right after sbatch returns) and submitit's folder `state_dir/submitit/`. The
+fingerprint covers what is computed, not how it is launched, so a rerun re-attaches to a pending or
+running job or collects a finished one (adopting a live job of this stage's name when the head died
+before the record), submits anew after a failed, cancelled or timed-out job (the stage resumes from
+what that job saved), and refuses (exit 2) while a job for different arguments is still live: it
+would write the same outputs. Ctrl-C in the head cancels the job. A failed task ends the job
+(`srun --kill-on-bad-exit`) and the head raises LaunchError naming the task whose error caused the
+others' (`sge_repro.launch.errors.root_cause`) and its own error line.
 """
 
 from __future__ import annotations

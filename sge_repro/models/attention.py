@@ -1,23 +1,13 @@
-"""The attention modules, one small module each (the paper's SGE and its baselines), and a factory
-taking a name or a callable (as timm's create_attn): `create_attention("se", 256)`,
-`create_attention(MyGate, 256)`.
+"""The attention modules (the paper's SGE and its baselines) and a factory taking a name or a
+callable (as timm's create_attn): `create_attention("se", 256)`, `create_attention(MyGate, 256)`.
 
-Where each module sits (as in the authors' PytorchInsight code):
-- "block" attentions (sge, se, cbam, gc) map the residual branch after the block's last BN,
-  before the identity addition; the block stores them under their name (`block.sge`, ...);
-- "stage" attention (bam) sits between stages, after layer1, layer2 and layer3 (`model.bam1..3`);
-- "conv" attention (sk) is the authors' SK* block: a second 3x3 grouped-conv branch beside the
-  bottleneck's conv2, fused by a squeeze and a 2-way softmax selection (`block.sk`).
-A module class says where it sits with a `placement` class attribute; a callable without one is a
-block attention (stored as `block.attn`).
-
-The authors' computation: where the authors' PytorchInsight modules compute something else than
-ours (BAM fuses its two gates by a product; their pooling ops add floats in another order), the
-module has `use_authors_computation()`, which switches it to their exact sequence of ops without
-touching its parameters. Loading one of their release files does it (models/weight_files.py); our
-own models never compute that way.
-
-Defaults live once: SGE groups in sge.py (DEFAULT_GROUPS), the MLP reduction here (DEFAULT_REDUCTION).
+A module's `placement` class attribute says where it sits, as in the authors' PytorchInsight code:
+"block" (sge, se, cbam, gc: on the residual branch after the block's last BN, before the identity
+addition, stored as `block.<name>`), "stage" (bam, after layer1..3: `model.bam1..3`) or "conv"
+(sk: a second grouped 3x3 branch beside conv2, `block.sk`); a callable without one is a block
+attention (`block.attn`). Where the authors' modules compute something else than ours (BAM's
+product of gates, their pooling ops' float order), `use_authors_computation()` switches a module
+to their exact ops without touching its parameters; loading their release files does it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
-"""The fast implementations of SGE (the formula: sge.py), behind one dispatch.
+"""The fast implementations of SGE (the formula: sge.py), behind one dispatch (`sge_forward`).
 
-Three implementations compute the same function:
-- "reference": sge.sge_reference;
-- "triton" (opt-in, CUDA): one Triton kernel per direction (sge_triton.py); elsewhere "fast";
-- "fast": on the CPU in float32, the C kernels of sge_cpu.c (one pass over memory, fused with the
-  BatchNorm in front of SGE); elsewhere (CUDA, float64, autocast, or without a C compiler) torch
-  ops with fewer passes over the activation memory (the pooled dot product as one batched matmul,
-  the mean of c derived analytically) and a hand-written backward that needs one fused output
-  pass instead of autograd's chain of elementwise kernels; on CUDA compiled by torch.compile and
-  reading channels_last blocks where they lie.
+"reference" is sge.sge_reference; "triton" (opt-in, CUDA) is sge_triton.py, elsewhere "fast".
+"fast" on the CPU in float32 runs the C kernels of sge_cpu.c (one pass over memory, fused with the
+BatchNorm in front of SGE); elsewhere torch ops with fewer passes over the activation memory (the
+pooled dot product as one batched matmul, the mean of c derived analytically) and a hand-written
+backward (one fused output pass instead of autograd's chain of elementwise kernels), compiled by
+torch.compile on CUDA and reading channels_last blocks where they lie.
 """
 
 from __future__ import annotations

@@ -2,17 +2,11 @@
 
 The torch-ops fast path launches about 15 small kernels per block and direction; on a GPU at
 ResNet sizes those launches, not memory traffic, set the cost. Here one program handles one
-(sample, group) row of K channels x P positions and makes a few passes over it (the row is
-re-read from L1/L2, not from memory), so each direction is one launch per block. Statistics are
-in float32 whatever the activation dtype (bf16 / fp16 under autocast); the output keeps the
-input's dtype.
-
-A row is addressed through strides, so NCHW and channels_last tensors are read and written where
-they lie (no copy to NCHW and back); the output and the input gradient take the input's layout.
-
-Correctness is tested on the CPU with Triton's interpreter (TRITON_INTERPRET=1 set before
-Triton is imported: tests/models/test_sge_triton.py); speed only shows on a GPU
-(`sge-repro bench sge --device cuda` lists this implementation when CUDA is present).
+(sample, group) row of K channels x P positions in a few passes (re-read from L1/L2, not from
+memory), so each direction is one launch per block. Statistics are in float32 whatever the
+activation dtype; rows are addressed through strides, so NCHW and channels_last tensors are read
+and written where they lie. Correctness is tested on the CPU with Triton's interpreter
+(TRITON_INTERPRET=1 set before Triton is imported: tests/models/test_sge_triton.py).
 """
 
 from __future__ import annotations

@@ -9,18 +9,12 @@ Our format ("sge-repro/classifier/v1"), a dict saved with torch.save:
      "state_dict": {...},                                      # plain names, no `module.`
      ...optional training state added by the engine: "epoch", "optimizer", "scheduler", ...}
 
-Also read:
-- "torchvision": a flat state dict (name -> tensor), e.g. torchvision.models.resnet50().state_dict();
-- "official": the authors' release files (`sge_resnet50.pth.tar`): {"epoch", "state_dict", "acc",
-  "best_acc", "optimizer"} with DataParallel `module.`-prefixed names;
-- "state_dict (module. prefix)": a flat state dict saved from a DataParallel/DDP model.
-
-Key layouts. Our plain, SGE and SE models have the authors' names (torchvision's plus `sge.*` /
-`se.fc.*`). The authors' CBAM, BAM and SK* models (PytorchInsight, classification/models/
-imagenet/resnet_{cbam,bam,sk}.py) hold the same tensors under other names (AUTHORS_RENAMES); a
-file in their layout is renamed on load, and the model is switched to the authors' computation
-(`ResNet.use_authors_computation`: BAM's product of gates, their pooling ops), so it gives the
-logits of their model. `to_authors_layout` writes our state dict in their names.
+Also read: "torchvision" (a flat state dict), "state_dict (module. prefix)" (one saved from a
+DataParallel / DDP model) and "official", the authors' release files (`sge_resnet50.pth.tar`:
+{"epoch", "state_dict", "acc", "best_acc", "optimizer"}, `module.`-prefixed). The authors' CBAM,
+BAM and SK* models (PytorchInsight) name some tensors differently (AUTHORS_RENAMES): a file in
+their layout is renamed on load and switches the model to their computation
+(`ResNet.use_authors_computation`), so it gives the logits of their model.
 
 Every file is read with torch.load(weights_only=True); loading is strict (no partial loads).
 """
