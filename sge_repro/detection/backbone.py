@@ -183,14 +183,3 @@ def build_sge_retinanet_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec
         top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels, in_feature="res5"),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-
-
-def count_bottom_up_parameters(backbone: nn.Module) -> int:
-    """Parameters of the bottom-up network (the paper's backbone #P: ResNet without fc)."""
-    bottom_up = getattr(backbone, "bottom_up", backbone)
-    # FrozenBatchNorm2d keeps weight / bias as buffers; count them as the paper does (BN affine)
-    total = sum(parameter.numel() for parameter in bottom_up.parameters())
-    for module in bottom_up.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            total += module.weight.numel() + module.bias.numel()
-    return total

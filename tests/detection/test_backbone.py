@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sge_repro.detection.backbone import ResNetBackbone, add_sge_config, count_bottom_up_parameters
+from sge_repro.detection.backbone import ResNetBackbone, add_sge_config
 from sge_repro.detection.compat import import_detectron2
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
@@ -11,6 +11,17 @@ import_detectron2()
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_backbone  # noqa: E402
+
+
+def count_bottom_up_parameters(backbone: torch.nn.Module) -> int:
+    """Parameters of the bottom-up network (the paper's backbone #P: ResNet without fc)."""
+    bottom_up = getattr(backbone, "bottom_up", backbone)
+    # FrozenBatchNorm2d keeps weight / bias as buffers; count them as the paper does (BN affine)
+    total = sum(parameter.numel() for parameter in bottom_up.parameters())
+    for module in bottom_up.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            total += module.weight.numel() + module.bias.numel()
+    return total
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "sge_resnet50"])
