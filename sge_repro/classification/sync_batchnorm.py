@@ -15,12 +15,6 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _distributed_world_size(process_group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(process_group)
-
-
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the ranks, differentiable: every rank's output feeds every rank's loss, so the
     gradient of each input is the sum of all ranks' output gradients (one more all-reduce).
@@ -63,7 +57,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training or _distributed_world_size(self.process_group) <= 1:
+        if not self.training or not dist.is_initialized() or dist.get_world_size(self.process_group) <= 1:
             return super().forward(input)
         self._check_input_dim(input)
 

@@ -116,10 +116,6 @@ def _strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str = "module.") 
     return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
 
 
-def _has_prefix(state_dict: dict[str, torch.Tensor], prefix: str = "module.") -> bool:
-    return all(key.startswith(prefix) for key in state_dict)
-
-
 def interpret_checkpoint(obj: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     """(state_dict without wrapper prefixes, detected format, our header or None)."""
     if isinstance(obj, dict) and "format" in obj:
@@ -134,7 +130,7 @@ def interpret_checkpoint(obj: Any, path: str | os.PathLike) -> tuple[dict[str, t
     if isinstance(obj, dict) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
         return _strip_prefix(obj["state_dict"]), FORMAT_OFFICIAL, None
     if _is_state_dict(obj):
-        if _has_prefix(obj):
+        if all(key.startswith("module.") for key in obj):
             return _strip_prefix(obj), FORMAT_PREFIXED, None
         return dict(obj), FORMAT_TORCHVISION, None
     kind = type(obj).__name__

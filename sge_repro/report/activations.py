@@ -97,16 +97,12 @@ def image_stats(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def _nanmean(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return torch.nanmean(values.double(), dim=dim)
-
-
 def measure(model: nn.Module, images: Sequence[torch.Tensor], layer: str) -> dict:
     """The statistics of SGE block `layer` of `model` over `images` (1x3xHxW each): per group, the
     mean over images (gate means over the images where the group has such positions)."""
     per_image = [image_stats(capture_sge(model, image, [layer])[layer]) for image in images]
     keys = per_image[0].keys()
-    stacked = {key: _nanmean(torch.stack([stats[key] for stats in per_image])) for key in keys}
+    stacked = {key: torch.nanmean(torch.stack([stats[key] for stats in per_image]).double(), dim=0) for key in keys}
     groups = len(stacked["variance_before"])
     return {
         "layer": layer,
