@@ -28,7 +28,7 @@ from sge_repro import atomic
 from sge_repro.errors import UserError
 from sge_repro.models.registry import SGE_VARIANT_DEFAULTS, parse_model_name, sge_channels
 from sge_repro.params import Params, validate_params
-from sge_repro.params_yaml import read_yaml, set_values, without_derived
+from sge_repro.params_yaml import read_yaml, set_values
 from sge_repro.paths import ProjectPaths
 from sge_repro.pipeline import dvc, run_experiment
 from sge_repro.report.schema import GainInterval
@@ -49,9 +49,12 @@ class Variant:
     normalize: bool = SGE_VARIANT_DEFAULTS["sge_normalize"]
 
     def settings(self) -> list[str]:
-        """The `-S KEY=VALUE`s of this experiment: one model, and every SGE knob spelt out (the
-        workspace's params.yaml may hold other values)."""
-        values = [f"models=[{self.model}]", f"detection_backbones=[{self.model}]", "detection_pairs=null"]
+        """The `-S KEY=VALUE`s of this experiment: one model (also the one detection backbone, as
+        params.yaml must name one), and every SGE knob spelt out (the workspace's params.yaml may
+        hold other values)."""
+        values = [f"models=[{self.model}]", f"detection.faster_rcnn=[{self.model}]", "detection.mask_rcnn=[]",
+                  "detection.cascade_rcnn=[]", "detection.retinanet=[]", f"convert.trained=[{self.model}]",
+                  "convert.files={}", "convert.torchvision=[]", "convert.torchvision_weights={}"]
         if self.groups is not None:
             values += [f"model.groups={self.groups}", f"model.sge_weight_init={self.weight_init}",
                        f"model.sge_bias_init={SGE_VARIANT_DEFAULTS['sge_bias_init']}",
@@ -173,8 +176,8 @@ def check_same_recipe(plan_: Plan, found: dict[str, dict], root: Path = Path("."
         ran = found.get(variant.name, {})
         if ran.get("state") != "success" or ran.get("params") is None:
             continue
-        wanted = _flat(validate_params(without_derived(set_values(workspace, variant.settings()))).model_dump())
-        actual = _flat(validate_params(without_derived(ran["params"]), f"experiment {variant.name}").model_dump())
+        wanted = _flat(validate_params(set_values(workspace, variant.settings())).model_dump())
+        actual = _flat(validate_params(ran["params"], f"experiment {variant.name}").model_dump())
         for key in sorted(set(wanted) | set(actual)):
             if wanted.get(key) != actual.get(key):
                 raise UserError(f"experiment {variant.name} ran with {key} = {actual.get(key)!r}, params.yaml now gives "

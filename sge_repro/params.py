@@ -17,10 +17,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sge_repro.detection.detectors import DETECTORS, protocol_weights_source
 from sge_repro.errors import UserError
-from sge_repro.params_sections import (ConvertInput, ConvertParams, ConvertSource, DataParams, DetectionRun,
-                                       EvalClsParams, EvalDetParams, LaunchParams, ModelParams, ReportParams,
-                                       Section, Seed, TorchvisionWeights, TrainClsParams, TrainDetParams)
-from sge_repro.paths import ProjectPaths
+from sge_repro.params_sections import (ConvertParams, ConvertSource, DataParams, DetectionParams, EvalClsParams,
+                                       EvalDetParams, LaunchParams, ModelParams, ReportParams, Section, Seed,
+                                       TorchvisionWeights, TrainClsParams, TrainDetParams)
 
 # sge_repro.models.* is imported inside the checks that need it: importing any of it runs the package's
 # __init__, which imports torch, and the CLI's entry imports this module without torch.
@@ -41,16 +40,7 @@ class Params(Section):
     released: dict[str, str] = Field(default_factory=dict, description=(
         "classifiers NOT trained here: model name -> checkpoint file (the authors' release, a torchvision "
         "state dict, or ours), evaluated as run seed 0 (stages import_cls, eval_released)"))
-    detectors: list[str] = Field(default_factory=lambda: ["faster_rcnn", "retinanet"], min_length=1)
-    detection_backbones: list[str] = Field(
-        default_factory=lambda: ["resnet18", "sge_resnet18"], min_length=1
-    )
-    detection_pairs: list[str] | None = Field(None, description=(
-        "the DETECTOR-BACKBONE pairs to train (e.g. retinanet-sge_resnet50), each of every seed; none: every "
-        "detector with every backbone"))
-    # Derived from detectors, detection_backbones, detection_pairs and seeds (dvc.yaml's train_det /
-    # eval_det stages iterate over it); written by sge-repro, never edited by hand.
-    detection_runs: dict[str, DetectionRun] | None = None
+    detection: DetectionParams = DetectionParams()
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train_cls: TrainClsParams = TrainClsParams()
@@ -61,9 +51,32 @@ class Params(Section):
     report: ReportParams = ReportParams()
     launch: LaunchParams = LaunchParams()
 
+    @property
+    def detectors(self) -> list[str]:
+        """The detectors that train with at least one backbone."""
+        return [name for name in DETECTORS if getattr(self.detection, name)]
+
+    @property
+    def detection_backbones(self) -> list[str]:
+        return list(dict.fromkeys(backbone for _, backbone in self.pairs()))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (detector, backbone) pairs trained and evaluated, in dvc.yaml's order."""
+        return [(name, backbone) for name in DETECTORS for backbone in getattr(self.detection, name)]
+
     def convert_source(self, backbone: str) -> ConvertSource:
-        """Where `backbone`'s detector weights come from: convert.sources[backbone], else convert.source."""
-        return self.convert.sources.get(backbone, self.convert.source)
+        """Where `backbone`'s detector weights come from (the convert list that names it)."""
+        source = self.convert.source(backbone)
+        if source is None:
+            raise UserError(f"params.yaml: convert: {backbone!r} is in no list (trained, files, torchvision)")
+        return source
+
+    def torchvision_weights(self, backbone: str) -> TorchvisionWeights:
+        """The URL and checksum of torchvision's weights of `backbone`: pinned, or convert.torchvision_weights'."""
+        from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
+
+        url, sha256 = TORCHVISION_IMAGENET_WEIGHTS[backbone]
+        return self.convert.torchvision_weights.get(backbone, TorchvisionWeights(url=url, sha256=sha256))
 
     def require_listed(self, key: str, value: str | int) -> None:
         """A stage's matrix item must be one of params.yaml's lists (models, seeds, ...)."""
@@ -75,7 +88,9 @@ class Params(Section):
     def _cross_checks(self) -> "Params":
         from sge_repro.models.registry import NAME_HELP, parse_model_name
 
-        for key, names in (("models", self.models), ("released", list(self.released))):
+        named = [("models", self.models), ("released", list(self.released))]
+        named += [(f"detection.{name}", getattr(self.detection, name)) for name in DETECTORS]
+        for key, names in named:
             for name in names:
                 try:
                     parse_model_name(name)
@@ -91,52 +106,26 @@ class Params(Section):
         if empty:
             raise ValueError(f"released: {empty[0]!r} has no checkpoint path")
         self._check_sge_groups()
-        for name in self.detectors:
-            if name not in DETECTORS:
-                raise ValueError(f"detectors: unknown detector {name!r} (allowed: {', '.join(DETECTORS)})")
-        self._check_protocol_sources()  # first: under a protocol its message is the one that helps
-        self._check_convert_sources()
-        for key in ("seeds", "models", "detectors", "detection_backbones", "detection_pairs"):
-            values = getattr(self, key) or []
+        lists = {"seeds": self.seeds, "models": self.models, "convert.trained": self.convert.trained,
+                 "convert.torchvision": self.convert.torchvision}
+        lists.update({f"detection.{name}": getattr(self.detection, name) for name in DETECTORS})
+        for key, values in lists.items():
             if len(set(values)) != len(values):
                 raise ValueError(f"{key}: duplicate entries in {values}")
-        self._check_detection_pairs()
-        self._check_derived(self.convert, "convert.inputs", self.convert_inputs())
-        self._check_derived(self.convert, "convert.downloads", self.convert_downloads())
-        self._check_derived(self, "detection_runs", self.detection_run_stages())
+        if not self.pairs():
+            raise ValueError(f"detection: no detector has a backbone; expected a backbone in at least one of "
+                             f"{', '.join(DETECTORS)}")
+        self._check_convert_sources()
+        self._check_protocol_sources()
         return self
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """The (detector, backbone) pairs trained and evaluated, in dvc.yaml's order."""
-        if self.detection_pairs is None:
-            return [(d, b) for d in self.detectors for b in self.detection_backbones]
-        return [tuple(pair.split("-", 1)) for pair in self.detection_pairs]  # type: ignore[misc]
-
-    def detection_run_stages(self) -> dict[str, DetectionRun]:
-        return {f"{d}-{b}-{seed}": DetectionRun(detector=d, backbone=b, seed=seed)
-                for d, b in self.pairs() for seed in self.seeds}
-
     def require_pair(self, detector: str, backbone: str) -> None:
-        """A train_det / eval_det run must be one of the pairs params.yaml asks for."""
+        """A detector's run must be one params.yaml asks for."""
+        if detector not in DETECTORS:
+            raise UserError(f"params.yaml: detection: unknown detector {detector!r} (allowed: {', '.join(DETECTORS)})")
         if (detector, backbone) not in self.pairs():
-            listed = ", ".join(f"{d}-{b}" for d, b in self.pairs())
-            raise UserError(f"params.yaml: detection_pairs: {detector}-{backbone} is not a pair run here "
-                            f"(pairs: {listed})")
-
-    def _check_detection_pairs(self) -> None:
-        if self.detection_pairs is None:
-            return
-        for pair in self.detection_pairs:
-            detector, _, backbone = pair.partition("-")
-            if detector not in self.detectors or backbone not in self.detection_backbones:
-                raise ValueError(f"detection_pairs: {pair!r}: expected DETECTOR-BACKBONE with the detector from "
-                                 f"detectors {self.detectors} and the backbone from detection_backbones "
-                                 f"{self.detection_backbones}")
-        used = {part for pair in self.pairs() for part in pair}
-        for key in ("detectors", "detection_backbones"):
-            unused = [name for name in getattr(self, key) if name not in used]
-            if unused:
-                raise ValueError(f"{key}: {', '.join(unused)} in no detection_pairs entry (add a pair or remove it)")
+            raise UserError(f"params.yaml: detection.{detector}: {backbone!r} is not listed (listed: "
+                            f"{', '.join(getattr(self.detection, detector)) or 'none'})")
 
     def _check_sge_groups(self) -> None:
         """G must divide the channels of every SGE block of every model built from model.* (the
@@ -163,73 +152,44 @@ class Params(Section):
                        "checkpoint file" if protocol == "authors" else "both backbones from our own training runs")
                 raise ValueError(
                     f"train_det.protocol {protocol} starts {why}: convert source of {name!r} is {source!r}, "
-                    f"expected {expected!r} (set convert.sources: {{{name}: {expected}}})")
-
-    def convert_input(self, backbone: str, seed: int) -> ConvertInput:
-        """The one input of convert@<backbone>-<seed> (paths relative to the project root)."""
-        paths = ProjectPaths(Path("."))
-        source = self.convert_source(backbone)
-        if source == "trained":
-            return ConvertInput(model=backbone, seed=seed, source=source,
-                                path=paths.cls_run_dir(backbone, seed).as_posix(), checkpoint=self.convert.checkpoint)
-        if source == "file":
-            return ConvertInput(model=backbone, seed=seed, source=source, path=self.convert.files[backbone])
-        return ConvertInput(model=backbone, seed=seed, source=source, path=paths.torchvision_weights(backbone).as_posix())
-
-    def convert_inputs(self) -> dict[str, ConvertInput]:
-        return {f"{backbone}-{seed}": self.convert_input(backbone, seed)
-                for backbone in self.detection_backbones for seed in self.seeds}
-
-    def convert_downloads(self) -> dict[str, TorchvisionWeights]:
-        """The torchvision weight files to fetch: one per backbone whose source is torchvision."""
-        from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
-
-        downloads = {}
-        for backbone in self.detection_backbones:
-            if self.convert_source(backbone) == "torchvision":
-                url, sha256 = TORCHVISION_IMAGENET_WEIGHTS[backbone]
-                downloads[backbone] = self.convert.torchvision_weights.get(
-                    backbone, TorchvisionWeights(url=url, sha256=sha256))
-        return downloads
+                    f"expected {expected!r} (list it in convert.{_SOURCE_LISTS[expected]})")
 
     def _check_convert_sources(self) -> None:
         from sge_repro.models.torchvision_weights import TORCHVISION_IMAGENET_WEIGHTS
 
-        convert = self.convert
-        for name in convert.sources:
-            if name not in self.detection_backbones:
-                raise ValueError(f"convert.sources: {name!r} is not in detection_backbones {self.detection_backbones}")
-        for name in convert.torchvision_weights:
+        convert, backbones = self.convert, self.detection_backbones
+        given = {"trained": convert.trained, "files": list(convert.files), "torchvision": convert.torchvision}
+        for key, names in given.items():
+            for name in names:
+                if name not in backbones:
+                    raise ValueError(f"convert.{key}: {name!r} is not a backbone of any detector in detection "
+                                     f"(backbones: {', '.join(backbones)})")
+                other = next((k for k, v in given.items() if k != key and name in v), None)
+                if other:
+                    raise ValueError(f"convert.{key}: {name!r} is also in convert.{other}; expected one source")
+        for name in backbones:
+            if convert.source(name) is None:
+                raise ValueError(f"detection: backbone {name!r} has no weights: list it in convert.trained (a "
+                                 "classifier trained here), convert.files or convert.torchvision")
+        for name in convert.trained:
+            if name not in self.models:
+                raise ValueError(f"convert.trained: {name!r} is not among models {self.models} (a backbone from "
+                                 "training starts from a classifier trained here)")
+        for name in convert.torchvision:
             if name not in TORCHVISION_IMAGENET_WEIGHTS:
-                raise ValueError(f"convert.torchvision_weights: {name!r}: torchvision weights exist for "
+                raise ValueError(f"convert.torchvision: {name!r}: torchvision's ImageNet weights exist for "
                                  f"{', '.join(TORCHVISION_IMAGENET_WEIGHTS)} only")
-        for name in self.detection_backbones:
-            source = self.convert_source(name)
-            if source == "trained" and name not in self.models:
-                raise ValueError(
-                    f"detection_backbones: {name!r} is not among models {self.models} (its convert source is "
-                    "trained: a detector backbone starts from a classifier trained here; or set "
-                    f"convert.sources.{name} to file / torchvision)")
-            if source == "file" and not convert.files.get(name):
-                raise ValueError(f"convert.files: no file for {name!r}, whose convert source is file")
-            if source == "torchvision" and name not in TORCHVISION_IMAGENET_WEIGHTS:
-                raise ValueError(f"convert.sources: {name!r} cannot come from torchvision (torchvision's ImageNet "
-                                 f"weights exist for {', '.join(TORCHVISION_IMAGENET_WEIGHTS)} only)")
-        for name in convert.files:
-            if name not in self.detection_backbones or self.convert_source(name) != "file":
-                raise ValueError(f"convert.files: {name!r} is not a detection backbone whose convert source is file "
-                                 "(remove the entry, or set its source to file)")
+        for name, path in convert.files.items():
+            if not path:
+                raise ValueError(f"convert.files: {name!r} has no file path")
+        for name in convert.torchvision_weights:
+            if name not in convert.torchvision:
+                raise ValueError(f"convert.torchvision_weights: {name!r} is not in convert.torchvision")
 
-    @staticmethod
-    def _check_derived(owner: BaseModel, dotted: str, computed: dict) -> None:
-        key = dotted.rpartition(".")[2]
-        given = getattr(owner, key)
-        if given is None:
-            setattr(owner, key, computed)
-        elif given != computed:
-            raise ValueError(f"{dotted}: out of date with convert / detectors / detection_backbones / "
-                             "detection_pairs / seeds (sge-repro derives it; `sge-repro run` rewrites it, or "
-                             "delete the key)")
+
+_SOURCE_LISTS = {"trained": "trained", "file": "files", "torchvision": "torchvision"}
+# dvc.yaml's convert stage of each source (they differ in their one dependency)
+CONVERT_STAGES = {"trained": "convert", "file": "convert_file", "torchvision": "convert_torchvision"}
 
 
 def _describe(error: dict[str, Any], source: str) -> str:

@@ -176,39 +176,35 @@ class TorchvisionWeights(Section):
     sha256: str = Field(pattern=r"^[0-9a-f]{8,64}$", description="the file's SHA-256 or its leading hex digits (>= 8)")
 
 
-class ConvertInput(Section):
-    """What one convert@<backbone>-<seed> stage reads (derived; see ConvertParams.inputs)."""
+class DetectionParams(Section):
+    """Which backbones each detector trains with, each once per seed (dvc.yaml: one train_<detector> /
+    eval_<detector> stage per listed backbone and seed). An empty list: the detector does not run."""
 
-    model: str
-    seed: Seed
-    source: ConvertSource
-    path: str = Field(description="the stage's DVC dependency: runs/cls/<run>, the given file, or the fetched torchvision file")
-    checkpoint: Literal["best", "last"] | None = Field(None, description="source trained: which checkpoint of the run")
-
-
-class DetectionRun(Section):
-    """What one train_det@ / eval_det@<detector>-<backbone>-<seed> stage runs (derived; see Params.detection_runs)."""
-
-    detector: str
-    backbone: str
-    seed: Seed
+    faster_rcnn: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"])
+    mask_rcnn: list[str] = Field(default_factory=list)
+    cascade_rcnn: list[str] = Field(default_factory=list)
+    retinanet: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"])
 
 
 class ConvertParams(Section):
+    """Where each detection backbone's ImageNet weights come from: one of the three lists names it."""
+
     checkpoint: Literal["best", "last"] = "best"
-    source: ConvertSource = Field("trained", description=(
-        "where every backbone's ImageNet weights come from: trained (our train_cls run), file (convert.files), "
-        "torchvision (torchvision's ImageNet weights; resnet50 / resnet101)"))
-    sources: dict[str, ConvertSource] = Field(default_factory=dict, description="per-backbone override of source")
+    trained: list[str] = Field(default_factory=lambda: ["resnet18", "sge_resnet18"], description=(
+        "backbones from this project's classifier of the same seed (runs/cls/<backbone>-seed<seed>)"))
     files: dict[str, str] = Field(default_factory=dict, description=(
-        "backbone -> checkpoint file (ours, a torchvision state dict or the authors' release); every backbone "
-        "whose source is file, and only those"))
+        "backbone -> checkpoint file (ours, a torchvision state dict or the authors' release), the same for every seed"))
+    torchvision: list[str] = Field(default_factory=list, description=(
+        "backbones from torchvision's ImageNet weights (resnet50 / resnet101), fetched and checksum-verified"))
     torchvision_weights: dict[str, TorchvisionWeights] = Field(default_factory=dict, description=(
         "replaces the pinned URL / checksum of torchvision's weights (sge_repro.models.torchvision_weights)"))
-    # Derived from the keys above, detection_backbones and seeds (dvc.yaml's convert / fetch_weights
-    # stages iterate over them); written by sge-repro, never edited by hand: a copy that disagrees is an error.
-    inputs: dict[str, ConvertInput] | None = None
-    downloads: dict[str, TorchvisionWeights] | None = None
+
+    def source(self, backbone: str) -> ConvertSource | None:
+        if backbone in self.trained:
+            return "trained"
+        if backbone in self.files:
+            return "file"
+        return "torchvision" if backbone in self.torchvision else None
 
 
 class TrainDetParams(Section):

@@ -1,5 +1,5 @@
 """params.yaml and the profiles as files: reading them as DVC does (YAML 1.2), profile overlays,
-`-S KEY=VALUE` assignments, and writing params.yaml with the keys sge-repro derives."""
+`-S KEY=VALUE` assignments, and writing params.yaml."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from sge_repro import atomic
+from sge_repro.detection.detectors import DETECTORS
 from sge_repro.errors import UserError, not_utf8
 from sge_repro.params import PARAMS_FILE, PROFILES_DIR, Params, validate_params
 
@@ -86,16 +86,23 @@ def read_yaml(path: Path) -> Any:
         raise UserError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
+# the lists dvc.yaml's stages loop over, besides the top-level ones: DVC reads them from the file itself
+DVC_LISTS = [f"detection.{name}" for name in DETECTORS] + ["convert.trained", "convert.files", "convert.torchvision"]
+
+
 def load_params(path: Path = PARAMS_FILE) -> Params:
-    """params.yaml, validated; it must name every top-level key (dvc.yaml reads them from the file)."""
+    """params.yaml, validated; it must name every top-level key and every list dvc.yaml loops over
+    (DVC reads them from the file, not from the schema's defaults)."""
     raw = read_yaml(path)
     if raw == {}:
         raise UserError(f"{path}: empty; expected every section of the schema "
                         "(`sge-repro run all --profile embedded` writes a complete one)")
     params = validate_params(raw, str(path))
     missing = [key for key in Params.model_fields if key not in raw]
+    missing += [key for key in DVC_LISTS
+                if key.split(".")[0] in raw and key.split(".")[1] not in (raw[key.split(".")[0]] or {})]
     if missing:
-        raise UserError(f"{path}: missing top-level key(s) {', '.join(missing)} "
+        raise UserError(f"{path}: missing key(s) {', '.join(missing)} "
                         "(`sge-repro run all --profile NAME` writes a complete file)")
     return params
 
@@ -134,30 +141,9 @@ def profile_overlay(name: str, profiles_dir: Path = PROFILES_DIR, _seen: tuple[s
 
 def profile_params(name: str, profiles_dir: Path = PROFILES_DIR) -> Params:
     """Schema defaults with the profile's overlay applied (and `profile: name` set)."""
-    merged = deep_merge(without_derived(Params().model_dump(mode="json")), profile_overlay(name, profiles_dir))
+    merged = deep_merge(Params().model_dump(mode="json"), profile_overlay(name, profiles_dir))
     merged["profile"] = name
     return validate_params(merged, str(profiles_dir / f"{name}.yaml"))
-
-
-DERIVED_KEYS = (("convert", "inputs"), ("convert", "downloads"), ("detection_runs",))
-
-
-def _derived_value(raw: dict, path: tuple[str, ...]) -> Any:
-    for name in path:
-        if not isinstance(raw, dict):
-            return None
-        raw = raw.get(name)
-    return raw
-
-
-def without_derived(raw: dict) -> dict:
-    """A copy of raw params without the keys sge-repro derives (they are computed on validation)."""
-    raw = copy.deepcopy(raw)
-    for *sections, key in DERIVED_KEYS:
-        owner = _derived_value(raw, tuple(sections))
-        if isinstance(owner, dict):
-            owner.pop(key, None)
-    return raw
 
 
 def set_values(raw: dict, assignments: list[str]) -> dict:
@@ -183,20 +169,6 @@ def set_values(raw: dict, assignments: list[str]) -> dict:
     return raw
 
 
-def refresh_params_file(path: Path = PARAMS_FILE) -> bool:
-    """Rewrite params.yaml if its derived keys disagree with the rest (a hand edit of convert.sources,
-    detection_backbones, seeds, ...); True if rewritten. Anything else wrong is a UserError."""
-    raw = read_yaml(path)
-    if not isinstance(raw, dict) or any(key not in raw for key in Params.model_fields):
-        return False  # empty or partial: load_params names what is missing, nothing is filled in here
-    params = validate_params(without_derived(raw), str(path))
-    fresh = yaml.safe_load(dump_params(params))
-    stale = any(_derived_value(raw, key) != _derived_value(fresh, key) for key in DERIVED_KEYS)
-    if stale:
-        atomic.write_text(path, dump_params(params))
-    return stale
-
-
 def dump_params(params: Params) -> str:
     header = (
         "# Every knob of the pipeline. `sge-repro run all --profile NAME` rewrites this file as\n"
@@ -204,13 +176,6 @@ def dump_params(params: Params) -> str:
         "# Edit freely: `dvc repro` reruns only the stages whose params changed.\n"
     )
     data = params.model_dump(mode="json")
-    # derived keys are written as derived from the rest, also for params changed with model_copy
-    # (which does not validate again)
-    data["convert"]["inputs"] = {key: value.model_dump(mode="json") for key, value in params.convert_inputs().items()}
-    data["convert"]["downloads"] = {key: value.model_dump(mode="json")
-                                    for key, value in params.convert_downloads().items()}
-    data["detection_runs"] = {key: _OneLine(value.model_dump(mode="json"))
-                              for key, value in params.detection_run_stages().items()}
     return header + yaml.dump(data, Dumper=_ParamsDumper, sort_keys=False, width=100)
 
 
@@ -223,10 +188,4 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
-class _OneLine(dict):
-    """A mapping written on one line (`{detector: retinanet, backbone: resnet50, seed: 0}`)."""
-
-
 _ParamsDumper.add_representer(list, _represent_list)
-_ParamsDumper.add_representer(_OneLine, lambda dumper, data: dumper.represent_mapping(
-    "tag:yaml.org,2002:map", data.items(), flow_style=True))

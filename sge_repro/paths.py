@@ -117,9 +117,10 @@ class ProjectPaths:
         """A classification checkpoint converted to detectron2 weights."""
         return self.root / "runs" / "convert" / f"{run_id(model, seed)}.pth"
 
-    def torchvision_weights(self, model: str) -> Path:
-        """torchvision's ImageNet weights of `model`, fetched and checksum-verified (convert source torchvision)."""
-        return self.root / "runs" / "pretrained" / f"{model}-torchvision.pth"
+    def given_weights(self, model: str, source: str) -> Path:
+        """The ImageNet weights of `model` given from outside, as the convert source says: torchvision's
+        (fetched, checksum-verified) or a copy of convert.files' file."""
+        return self.root / "runs" / "pretrained" / f"{model}-{source}.pth"
 
     def det_run_dir(self, detector: str, backbone: str, seed: int) -> Path:
         return self.root / "runs" / "det" / run_id(f"{detector}-{backbone}", seed)

@@ -25,15 +25,7 @@ import yaml
 from sge_repro import atomic, run_lock
 from sge_repro.errors import UserError
 from sge_repro.params import PARAMS_FILE, validate_params
-from sge_repro.params_yaml import (
-    dump_params,
-    load_params,
-    profile_params,
-    read_yaml,
-    refresh_params_file,
-    set_values,
-    without_derived,
-)
+from sge_repro.params_yaml import dump_params, load_params, profile_params, read_yaml, set_values
 from sge_repro.paths import ProjectPaths
 
 LOG_FILE = Path("logs") / "dvc-repro.log"  # opened (truncated) only by the holder of the run lock
@@ -80,13 +72,11 @@ def require_dvc_project(root: Path = Path(".")) -> None:
 def apply_profile(name: str | None, params_file: Path = PARAMS_FILE) -> tuple[str, bool]:
     """Rewrite params.yaml as defaults + the profile overlay; returns (profile, changed).
 
-    Without a name, params.yaml is validated and used as it is (the user's edits count; only the
-    keys sge-repro derives from them are brought up to date). An unchanged file is not rewritten,
-    so DVC sees nothing new.
+    Without a name, params.yaml is validated and used as it is (the user's edits count). An
+    unchanged file is not rewritten, so DVC sees nothing new.
     """
     if name is None:
-        changed = params_file.exists() and refresh_params_file(params_file)
-        return load_params(params_file).profile, changed
+        return load_params(params_file).profile, False
     text = dump_params(profile_params(name))
     if params_file.exists() and params_file.read_bytes() == text.encode("utf-8"):
         return name, False
@@ -120,8 +110,7 @@ def check_runnable(params, root: Path) -> None:
     given checkpoint files exist, and a GPU named for a stage run here is on this machine (a SLURM
     run's GPUs are on the nodes the job gets)."""
     files = [(f"released.{name}", path) for name, path in params.released.items()]
-    files += [(f"convert.files.{name}", path) for name, path in params.convert.files.items()
-              if params.convert_source(name) == "file"]
+    files += [(f"convert.files.{name}", path) for name, path in params.convert.files.items()]
     for key, path in files:
         if not (root / path).is_file():
             raise UserError(f"params.yaml: {key}: {path}: file not found (relative to {root.resolve()})")
@@ -147,16 +136,15 @@ def run_experiment(assignments: list[str], targets: list[str], queue: bool = Fal
     """`dvc exp run [--queue | --temp] [--name NAME] [TARGETS]` with params.yaml set by `assignments`
     (KEY=VALUE) and the keys sge-repro derives brought up to date; returns DVC's exit code.
 
-    DVC's own `-S` writes only the keys it is given: a change of seeds, detection_backbones or
-    convert.* then leaves convert.inputs stale and the experiment fails at its first stage. Here
-    the file is validated and written whole before DVC starts (bad input: UserError, file untouched).
+    As `dvc exp run -S`, with the file validated and the given files checked before DVC starts
+    (bad input: UserError, file untouched), not at the first stage that reads them.
     A queued experiment (and one run in a temporary copy, `temp`) takes the workspace's params.yaml
     with it; the file is put back afterwards, so the next one starts from the same baseline.
     Otherwise, as `dvc exp run -S`, the workspace keeps the experiment's params and results."""
     require_dvc_project()
     run_lock.refuse_if_busy()
     before = params_file.read_bytes()
-    params = validate_params(without_derived(set_values(read_yaml(params_file), assignments)),
+    params = validate_params(set_values(read_yaml(params_file), assignments),
                              f"{params_file} (with -S)" if assignments else str(params_file))
     check_runnable(params, params_file.parent)
     atomic.write_text(params_file, dump_params(params))

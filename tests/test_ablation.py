@@ -4,11 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from sge_repro import ablation
 from sge_repro.errors import UserError
-from sge_repro.params import PROFILES_DIR
-from sge_repro.params_yaml import profile_params
+from sge_repro.params import PROFILES_DIR, validate_params
+from sge_repro.params_yaml import dump_params, profile_params, set_values
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,12 +34,27 @@ def test_params_yaml_s_g_is_always_in_the_sweep_and_every_knob_is_spelt_out():
     plan = ablation.plan(params(groups=8), groups=[2, 32])
     assert plan.sweep == [2, 8, 32]
     gamma1 = plan.variant(8, 1.0)
-    assert gamma1.settings() == ["models=[sge_resnet18]", "detection_backbones=[sge_resnet18]", "detection_pairs=null",
+    assert gamma1.settings() == ["models=[sge_resnet18]", "detection.faster_rcnn=[sge_resnet18]", "detection.mask_rcnn=[]",
+                                 "detection.cascade_rcnn=[]", "detection.retinanet=[]", "convert.trained=[sge_resnet18]",
+                                 "convert.files={}", "convert.torchvision=[]", "convert.torchvision_weights={}",
                                  "model.groups=8", "model.sge_weight_init=1.0", "model.sge_bias_init=1.0",
                                  "model.sge_normalize=true"]
     assert plan.variant(8, normalize=False).settings()[-1] == "model.sge_normalize=false"
-    assert plan.variants[0].settings() == ["models=[resnet18]", "detection_backbones=[resnet18]",
-                                           "detection_pairs=null"]
+    assert plan.variants[0].settings() == ["models=[resnet18]", "detection.faster_rcnn=[resnet18]",
+                                           "detection.mask_rcnn=[]", "detection.cascade_rcnn=[]",
+                                           "detection.retinanet=[]", "convert.trained=[resnet18]", "convert.files={}",
+                                           "convert.torchvision=[]", "convert.torchvision_weights={}"]
+
+
+@pytest.mark.parametrize("profile", ["embedded", "rehearsal"])
+def test_each_experiment_s_settings_give_valid_params_with_its_one_model_as_the_one_backbone(profile):
+    """The workspace's detection and convert lists name other backbones (rehearsal: four detectors,
+    five backbones): the -S values replace every one of them, or the experiment's params.yaml is invalid."""
+    workspace = yaml.safe_load(dump_params(params(profile)))
+    for variant in ablation.plan(params(profile)).variants:
+        ran = validate_params(set_values(workspace, variant.settings()), variant.name)
+        assert ran.models == [variant.model] and ran.pairs() == [("faster_rcnn", variant.model)]
+        assert ran.convert_source(variant.model) == "trained" and ran.detection_backbones == [variant.model]
 
 
 @pytest.mark.parametrize("kwargs, message", [

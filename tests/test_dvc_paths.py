@@ -6,11 +6,12 @@ from pathlib import Path
 
 import yaml
 
+from sge_repro.detection.detectors import DETECTORS
 from sge_repro.paths import ProjectPaths
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ProjectPaths(Path("."))
-ITEM = {"${item.model}": "M", "${item.seed}": "7", "${item.detector}": "D", "${item.backbone}": "B"}
+ITEM = {"${item.model}": "M", "${item.seed}": "7", "${item.backbone}": "B", "${item}": "B", "${key}": "B"}
 
 
 def stages() -> dict:
@@ -44,7 +45,7 @@ def test_stages_depend_on_their_dataset_manifest_not_on_an_image_tree():
     cls, det = posix(PATHS.cls_manifest), posix(PATHS.det_manifest)
     for name in ("train_cls", "eval_cls", "visualize"):
         assert cls in entries(every[name], "deps") and det not in entries(every[name], "deps"), name
-    for name in ("train_det", "eval_det"):
+    for name in (f"{group}_{detector}" for group in ("train", "eval") for detector in DETECTORS):
         assert det in entries(every[name], "deps") and cls not in entries(every[name], "deps"), name
     trees = (posix(PATHS.cls_data), posix(PATHS.det_data))
     for name, stage in every.items():
@@ -59,9 +60,21 @@ def test_run_artifacts_match_paths_py():
     assert entries(every["train_cls"], "plots") == [posix(PATHS.cls_history("M", 7))]
     assert entries(every["eval_cls"], "outs") == [posix(PATHS.cls_predictions("M", 7))]
     assert entries(every["eval_cls"], "metrics") == [posix(PATHS.cls_metrics("M", 7))]
-    assert entries(every["convert"], "outs") == [posix(PATHS.det_weights("M", 7))]
-    assert entries(every["train_det"], "outs") == [posix(PATHS.det_run_dir("D", "B", 7))]
-    assert posix(PATHS.det_weights("B", 7)) in entries(every["train_det"], "deps")
-    assert entries(every["eval_det"], "metrics") == [posix(PATHS.det_metrics("D", "B", 7))]
+    assert entries(every["fetch_weights"], "outs") == [posix(PATHS.given_weights("B", "torchvision"))]
+    assert entries(every["copy_weights"], "outs") == [posix(PATHS.given_weights("B", "file"))]
+    # one convert stage per source: each reads its own input and writes the same weights file
+    for name, source in (("convert", posix(PATHS.cls_run_dir("B", 7))),
+                         ("convert_file", posix(PATHS.given_weights("B", "file"))),
+                         ("convert_torchvision", posix(PATHS.given_weights("B", "torchvision")))):
+        assert (entries(every[name], "deps"), entries(every[name], "outs")) == (
+            [source], [posix(PATHS.det_weights("B", 7))]), name
+    for detector in DETECTORS:
+        train, evaluate = every[f"train_{detector}"], every[f"eval_{detector}"]
+        assert entries(train, "outs") == [posix(PATHS.det_run_dir(detector, "B", 7))]
+        assert posix(PATHS.det_weights("B", 7)) in entries(train, "deps")
+        assert f"--detector {detector} " in train["cmd"] and f"--detector {detector} " in evaluate["cmd"]
+        assert train["matrix"]["backbone"] == evaluate["matrix"]["backbone"] == f"${{detection.{detector}}}"
+        assert posix(PATHS.det_run_dir(detector, "B", 7)) in entries(evaluate, "deps")
+        assert entries(evaluate, "metrics") == [posix(PATHS.det_metrics(detector, "B", 7))]
     assert entries(every["visualize"], "outs") == [posix(PATHS.attention_maps)]
     assert entries(every["report"], "outs") == [posix(PATHS.reports)]

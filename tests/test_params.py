@@ -7,7 +7,7 @@ import yaml
 
 from sge_repro.errors import UserError
 from sge_repro.params import PROFILES_DIR, Params, validate_params
-from sge_repro.params_yaml import available_profiles, dump_params, load_params, profile_params, set_values, without_derived
+from sge_repro.params_yaml import available_profiles, dump_params, load_params, profile_params, set_values
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,19 +40,26 @@ def test_smoke_overlay_changes_only_what_it_names():
         (lambda p: p["train_cls"].update(epoch=3), "unknown key 'train_cls.epoch'"),
         (lambda p: p["train_cls"].update(epochs="ten"), "train_cls.epochs"),
         (lambda p: p.update(models=["resnet18", "sge_resnet19"]), "unknown model 'sge_resnet19'"),
-        (lambda p: p.update(detectors=["yolo"]), "unknown detector 'yolo'"),
-        (lambda p: p.update(detection_backbones=["resnet50"]), "'resnet50' is not among models"),
+        (lambda p: p["detection"].update(yolo=["resnet18"]), "unknown key 'detection.yolo' (allowed here: "
+                                                             "faster_rcnn, mask_rcnn, cascade_rcnn, retinanet)"),
+        (lambda p: p["detection"].update(faster_rcnn=["resnet19"]), "detection.faster_rcnn: unknown model 'resnet19'"),
+        (lambda p: p["detection"].update(faster_rcnn=["resnet50"]),
+         "detection: backbone 'resnet50' has no weights: list it in convert.trained"),
+        (lambda p: (p["detection"].update(faster_rcnn=["resnet50"]), p["convert"]["trained"].append("resnet50")),
+         "convert.trained: 'resnet50' is not among models"),
         (lambda p: p["data"]["classification"].update(source="cifar"), "data.classification.source"),
         (lambda p: p.update(seeds=[0, 0]), "seeds: duplicate"),
-        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet50"]),
-         "detection_pairs: 'faster_rcnn-resnet50': expected DETECTOR-BACKBONE with the detector from detectors"),
-        (lambda p: p.update(detection_pairs=["faster_rcnn"]), "detection_pairs: 'faster_rcnn': expected DETECTOR-BACKBONE"),
-        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet18", "faster_rcnn-sge_resnet18"]),
-         "detectors: retinanet in no detection_pairs entry"),
-        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet18", "retinanet-resnet18"]),
-         "detection_backbones: sge_resnet18 in no detection_pairs entry"),
-        (lambda p: p.update(detection_pairs=["faster_rcnn-resnet18", "faster_rcnn-resnet18"]),
-         "detection_pairs: duplicate entries"),
+        (lambda p: p["detection"].update(faster_rcnn=[], retinanet=[]),
+         "detection: no detector has a backbone; expected a backbone in at least one of faster_rcnn, mask_rcnn"),
+        (lambda p: p["detection"].update(retinanet=["resnet18", "resnet18"]), "detection.retinanet: duplicate entries"),
+        (lambda p: p["detection"].update(faster_rcnn=["resnet18"], retinanet=["resnet18"]),
+         "convert.trained: 'sge_resnet18' is not a backbone of any detector in detection (backbones: resnet18)"),
+        (lambda p: p["convert"].update(files={"resnet18": "r18.pth"}),
+         "convert.trained: 'resnet18' is also in convert.files; expected one source"),
+        (lambda p: p["convert"].update(trained=["sge_resnet18"], torchvision=["resnet18"]),
+         "convert.torchvision: 'resnet18': torchvision's ImageNet weights exist for resnet50, resnet101 only"),
+        (lambda p: p["convert"].update(torchvision_weights={"resnet50": {"url": "https://x/r50.pth", "sha256": "0" * 8}}),
+         "convert.torchvision_weights: 'resnet50' is not in convert.torchvision"),
         (lambda p: p["train_cls"].update(epochs=0), "train_cls.epochs: input should be greater than or equal to 1"),
         (lambda p: p["train_cls"].update(lr_schedule="linear"), "train_cls.lr_schedule"),
         (lambda p: p["train_cls"].update(milestones=[30, 0]), "train_cls.milestones.1"),
@@ -170,15 +177,22 @@ def test_params_yaml_must_be_complete(tmp_path):
     with pytest.raises(UserError, match=r"params.yaml: empty; expected every section"):
         load_params(path)
     full = yaml.safe_load(dump_params(Params()))
-    del full["detectors"], full["report"]
+    del full["detection"], full["report"]
     path.write_text(yaml.safe_dump(full))
-    with pytest.raises(UserError, match=r"params.yaml: missing top-level key\(s\) detectors, report \("):
+    with pytest.raises(UserError, match=r"params.yaml: missing key\(s\) detection, report \("):
+        load_params(path)
+    # a list dvc.yaml loops over must be in the file too: the schema's default would not reach DVC
+    full = yaml.safe_load(dump_params(Params()))
+    del full["detection"]["mask_rcnn"], full["convert"]["torchvision"]
+    path.write_text(yaml.safe_dump(full))
+    with pytest.raises(UserError, match=r"params.yaml: missing key\(s\) detection.mask_rcnn, convert.torchvision \("):
         load_params(path)
 
 
 def _with_protocol(protocol: str, backbones: tuple[str, str] = ("resnet18", "sge_resnet18"), **convert) -> dict:
-    raw = without_derived(Params().model_dump(mode="json"))  # sge-repro derives them from the keys below
-    raw["models"] = raw["detection_backbones"] = list(backbones)
+    raw = Params().model_dump(mode="json")
+    raw["models"] = raw["detection"]["faster_rcnn"] = raw["convert"]["trained"] = list(backbones)
+    raw["detection"]["retinanet"] = []
     raw["train_det"]["protocol"] = protocol
     raw["convert"].update(convert)
     return raw
@@ -201,32 +215,34 @@ def test_authors_protocol_needs_torchvision_plain_and_file_attention_backbones()
     assert "\n" not in message
     assert message == ("params.yaml: train_det.protocol authors starts plain backbones from torchvision's weights, "
                        "attention backbones from the authors' checkpoint file: convert source of 'resnet50' is "
-                       "'trained', expected 'torchvision' (set convert.sources: {resnet50: torchvision})")
-    with pytest.raises(UserError, match="convert source of 'sge_resnet50' is 'torchvision', expected 'file'"):
-        validate_params(_with_protocol("authors", paper_backbones, source="torchvision"))
+                       "'trained', expected 'torchvision' (list it in convert.torchvision)")
+    with pytest.raises(UserError, match="convert source of 'sge_resnet50' is 'trained', expected 'file' "
+                                        r"\(list it in convert.files\)"):
+        validate_params(_with_protocol("authors", paper_backbones, trained=["sge_resnet50"], torchvision=["resnet50"]))
     params = validate_params(_with_protocol(
-        "authors", paper_backbones, sources={"resnet50": "torchvision", "sge_resnet50": "file"},
-        files={"sge_resnet50": "sge.pth.tar"}))
+        "authors", paper_backbones, trained=[], torchvision=["resnet50"], files={"sge_resnet50": "sge.pth.tar"}))
     assert params.convert_source("resnet50") == "torchvision" and params.convert_source("sge_resnet50") == "file"
 
 
 def test_controlled_protocol_needs_both_backbones_trained():
     assert validate_params(_with_protocol("controlled")).convert_source("sge_resnet18") == "trained"
     with pytest.raises(UserError, match=r"controlled starts both backbones from our own training runs: convert "
-                                        r"source of 'resnet18' is 'torchvision', expected 'trained'"):
-        validate_params(_with_protocol("controlled", sources={"resnet18": "torchvision"}))
+                                        r"source of 'resnet50' is 'torchvision', expected 'trained'"):
+        validate_params(_with_protocol("controlled", ("resnet50", "sge_resnet50"), trained=["sge_resnet50"],
+                                       torchvision=["resnet50"]))
     # detectron2 takes any source
-    assert validate_params(_with_protocol("detectron2", ("resnet50", "sge_resnet50"),
-                                          sources={"resnet50": "torchvision"})).convert_source("resnet50") == "torchvision"
+    assert validate_params(_with_protocol("detectron2", ("resnet50", "sge_resnet50"), trained=["sge_resnet50"],
+                                          torchvision=["resnet50"])).convert_source("resnet50") == "torchvision"
 
 
 def test_set_values_reads_dvc_style_assignments_as_params_yaml_does():
     raw = yaml.safe_load(dump_params(Params()))
     changed = set_values(raw, ["model.groups=2", "seeds=[0, 1]", "train_cls.amp=fp32", "train_cls.lr=1e-05",
-                               "detection_backbones=[sge_resnet18]", "models=[sge_resnet18]"])
-    params = validate_params(without_derived(changed))
+                               "detection.faster_rcnn=[sge_resnet18]", "detection.retinanet=[]",
+                               "convert.trained=[sge_resnet18]", "models=[sge_resnet18]"])
+    params = validate_params(changed)
     assert params.model.groups == 2 and params.seeds == [0, 1] and params.train_cls.lr == 1e-05
-    assert sorted(params.convert_inputs()) == ["sge_resnet18-0", "sge_resnet18-1"]   # derived again
+    assert params.pairs() == [("faster_rcnn", "sge_resnet18")] and params.detectors == ["faster_rcnn"]
     assert raw["model"]["groups"] == Params().model.groups   # the input is left as it was
 
 
@@ -242,28 +258,27 @@ def test_set_values_names_a_malformed_assignment(assignment, message):
         set_values(yaml.safe_load(dump_params(Params())), [assignment])
 
 
-def test_detection_pairs_choose_the_detector_runs_and_the_rest_is_every_pair():
-    raw = without_derived(Params().model_dump(mode="json"))
+def test_each_detector_lists_its_backbones_and_an_empty_list_runs_none():
+    raw = Params().model_dump(mode="json")
     crossed = validate_params(raw)
-    assert list(crossed.detection_runs) == ["faster_rcnn-resnet18-0", "faster_rcnn-sge_resnet18-0",
-                                            "retinanet-resnet18-0", "retinanet-sge_resnet18-0"]
-    raw.update(detection_pairs=["retinanet-sge_resnet18", "faster_rcnn-resnet18"], seeds=[0, 1])
+    assert crossed.pairs() == [("faster_rcnn", "resnet18"), ("faster_rcnn", "sge_resnet18"),
+                               ("retinanet", "resnet18"), ("retinanet", "sge_resnet18")]
+    raw["detection"].update(faster_rcnn=["resnet18"], retinanet=["sge_resnet18"])
+    raw["seeds"] = [0, 1]
     paired = validate_params(raw)
-    assert paired.pairs() == [("retinanet", "sge_resnet18"), ("faster_rcnn", "resnet18")]
-    assert {key: run.model_dump() for key, run in paired.detection_runs.items()} == {
-        "retinanet-sge_resnet18-0": {"detector": "retinanet", "backbone": "sge_resnet18", "seed": 0},
-        "retinanet-sge_resnet18-1": {"detector": "retinanet", "backbone": "sge_resnet18", "seed": 1},
-        "faster_rcnn-resnet18-0": {"detector": "faster_rcnn", "backbone": "resnet18", "seed": 0},
-        "faster_rcnn-resnet18-1": {"detector": "faster_rcnn", "backbone": "resnet18", "seed": 1},
-    }
+    assert paired.pairs() == [("faster_rcnn", "resnet18"), ("retinanet", "sge_resnet18")]
+    assert paired.detectors == ["faster_rcnn", "retinanet"]
+    assert paired.detection_backbones == ["resnet18", "sge_resnet18"]
     paired.require_pair("faster_rcnn", "resnet18")
-    with pytest.raises(UserError, match=r"detection_pairs: retinanet-resnet18 is not a pair run here "
-                                        r"\(pairs: retinanet-sge_resnet18, faster_rcnn-resnet18\)"):
+    with pytest.raises(UserError, match=r"^params.yaml: detection.retinanet: 'resnet18' is not listed "
+                                        r"\(listed: sge_resnet18\)$"):
         paired.require_pair("retinanet", "resnet18")
-    stale = yaml.safe_load(dump_params(crossed))
-    stale["detection_pairs"] = ["retinanet-sge_resnet18", "faster_rcnn-resnet18"]
-    with pytest.raises(UserError, match="detection_runs: out of date"):
-        validate_params(stale, "params.yaml")
+    with pytest.raises(UserError, match=r"detection.mask_rcnn: 'resnet18' is not listed \(listed: none\)"):
+        paired.require_pair("mask_rcnn", "resnet18")
+    with pytest.raises(UserError, match=r"detection: unknown detector 'yolo' \(allowed: faster_rcnn, mask_rcnn, "):
+        paired.require_pair("yolo", "resnet18")
+    # what params.yaml holds is what the user wrote: nothing in it is derived from the rest
+    assert yaml.safe_load(dump_params(paired)) == paired.model_dump(mode="json")
 
 
 # The keys a CPU and a minute budget force on the paper profile; everything else stays the paper's.
@@ -275,7 +290,8 @@ REHEARSAL_KEYS = {
     "data.detection.num_train", "data.detection.num_val",
     "train_cls.epochs", "train_cls.milestones", "train_cls.batch_size", "train_cls.device",
     "eval_cls.device", "train_det.max_iter", "train_det.ims_per_batch", "train_det.device", "eval_det.device",
-    "detection_pairs", "launch.nproc_per_node",
+    "detection.faster_rcnn", "detection.mask_rcnn", "detection.cascade_rcnn", "detection.retinanet",
+    "launch.nproc_per_node",
 }
 
 
@@ -309,8 +325,8 @@ def test_a_rehearsal_is_its_profile_with_only_what_a_cpu_forces(name, base, allo
     overlay = read_yaml(REPO / PROFILES_DIR / f"{name}.yaml")
     assert overlay.pop("extends") == base
     assert set(leaves(overlay)) == allowed
-    original = leaves(without_derived(profile_params(base, REPO / PROFILES_DIR).model_dump(mode="json")))
-    rehearsal = leaves(without_derived(profile_params(name, REPO / PROFILES_DIR).model_dump(mode="json")))
+    original = leaves(profile_params(base, REPO / PROFILES_DIR).model_dump(mode="json"))
+    rehearsal = leaves(profile_params(name, REPO / PROFILES_DIR).model_dump(mode="json"))
     assert set(rehearsal) - allowed == set(original) - allowed
     assert {key for key in original if key not in allowed and rehearsal[key] != original[key]} == {"profile"}
 

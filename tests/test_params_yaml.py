@@ -10,7 +10,7 @@ from ruamel.yaml import YAML
 
 from sge_repro.errors import UserError
 from sge_repro.params import Params, validate_params
-from sge_repro.params_yaml import available_profiles, profile_params, read_yaml, without_derived
+from sge_repro.params_yaml import available_profiles, profile_params, read_yaml
 
 
 def dvc_dump(data: dict) -> str:
@@ -49,33 +49,17 @@ def test_every_profile_survives_dvcs_writer(tmp_path, profile):
 
 
 def with_choice(key: str, choice: str) -> dict:
-    """Default params with `key` set to `choice`, plus what the choice needs to be valid (weight
-    sources name backbones that can have them: resnet50 has torchvision weights, sge_resnet50 none).
-    A Literal inside a mapping (convert.sources) is set for one backbone."""
+    """Default params with `key` set to `choice`, plus what the choice needs to be valid (the
+    authors' protocol takes resnet50 from torchvision and sge_resnet50 from a file)."""
     data = Params().model_dump(mode="json")
-    data.update(models=["resnet50", "sge_resnet50"], detection_backbones=["resnet50", "sge_resnet50"])
-    files = {"resnet50": "weights/resnet50.pth", "sge_resnet50": "weights/sge_resnet50.pth"}
-    convert = data["convert"]
-    if key == "convert.sources":
-        convert["sources"] = {"resnet50": choice}
-        if choice == "file":
-            convert["files"] = {"resnet50": files["resnet50"]}
-    elif key == "convert.source":
-        convert["source"] = choice
-        if choice == "file":
-            convert["files"] = files
-        if choice == "torchvision":
-            convert["sources"] = {"sge_resnet50": "trained"}
-    elif key == "train_det.protocol" and choice == "authors":
-        data["train_det"]["protocol"] = choice
-        convert.update(sources={"resnet50": "torchvision", "sge_resnet50": "file"},
-                       files={"sge_resnet50": files["sge_resnet50"]})
-    else:
-        target = data
-        for part in key.split(".")[:-1]:
-            target = target[part]
-        target[key.split(".")[-1]] = choice
-    return without_derived(data)  # derived keys follow the choice
+    if key == "train_det.protocol" and choice == "authors":
+        data["detection"].update(faster_rcnn=["resnet50", "sge_resnet50"], retinanet=[])
+        data["convert"].update(trained=[], torchvision=["resnet50"], files={"sge_resnet50": "weights/sge_resnet50.pth"})
+    target = data
+    for part in key.split(".")[:-1]:
+        target = target[part]
+    target[key.split(".")[-1]] = choice
+    return data
 
 
 def test_every_choice_of_every_literal_param_survives_dvcs_writer(tmp_path):

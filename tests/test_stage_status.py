@@ -50,7 +50,7 @@ def test_eta_follows_this_process_pace_after_a_resume(tmp_path):
 
 def test_writes_are_throttled_but_the_first_last_and_phase_changes_go_out(tmp_path):
     clock, path = Clock(), tmp_path / "s.json"
-    status = StageStatus(path, "train_det@d-b-0", clock=clock, min_interval=5.0)
+    status = StageStatus(path, "train_faster_rcnn@b-0", clock=clock, min_interval=5.0)
     status.update(1, 4, unit="iter", phase="train")  # new phase: written
     assert read_status(path)["done"] == 1
     clock.now += 1.0
@@ -100,7 +100,9 @@ def test_stage_names_are_dvc_names():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     seeds, models = params["seeds"], params["models"]
     expected = [stage_name(group, m, s) for group in ("train_cls", "eval_cls") for m in models for s in seeds]
-    expected += [stage_name(group, d, b, s) for group in ("train_det", "eval_det")
-                 for d in params["detectors"] for b in params["detection_backbones"] for s in seeds]
+    expected += [stage_name("convert", b, s) for b in params["convert"]["trained"] for s in seeds]
+    expected += [stage_name(f"{group}_{d}", b, s) for group in ("train", "eval")
+                 for d, backbones in params["detection"].items() for b in backbones for s in seeds]
+    assert any(name.startswith("train_faster_rcnn@") for name in expected)  # params.yaml runs a detector
     assert set(expected) <= set(listed)
     assert stage_name("report") == "report"

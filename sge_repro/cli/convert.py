@@ -12,11 +12,11 @@ from sge_repro.cli.ui import print_result
 
 
 def convert(
-    model: str = typer.Option(..., help="A name from params.yaml `detection_backbones`."),
+    model: str = typer.Option(..., help="A detection backbone of params.yaml `detection`."),
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
-    """The convert stage: the backbone's ImageNet weights (params.yaml convert.source / sources: our
-    runs/cls/<model>-seed<seed>, a given file, or torchvision's) -> detectron2 weights in runs/convert/."""
+    """The convert stages: the backbone's ImageNet weights (the params.yaml convert list that names it:
+    our runs/cls/<model>-seed<seed>, a given file, or torchvision's) -> detectron2 weights in runs/convert/."""
     from sge_repro.params_yaml import load_params
     from sge_repro.paths import ProjectPaths
     from sge_repro.stages.detection import convert as stage
@@ -25,7 +25,7 @@ def convert(
 
 
 def fetch_weights(
-    model: str = typer.Option(..., help="A detection backbone whose convert source is torchvision (resnet50, resnet101)."),
+    model: str = typer.Option(..., help="A backbone of params.yaml convert.torchvision (resnet50, resnet101)."),
 ) -> None:
     """The fetch_weights stage: torchvision's ImageNet weights, checksum-verified, into runs/pretrained/."""
     from sge_repro.params_yaml import load_params

@@ -1,4 +1,4 @@
-"""`sge-repro eval cls|det`: the eval_cls and eval_det stages."""
+"""`sge-repro eval cls|det`: the eval_cls and eval_<detector> stages."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def import_cls(
 
 @app.command("det")
 def eval_det(
-    detector: str = typer.Option(..., help="A name from params.yaml `detectors`."),
-    backbone: str = typer.Option(..., help="A name from params.yaml `detection_backbones`."),
+    detector: str = typer.Option(..., help="A detector of params.yaml `detection` (faster_rcnn, mask_rcnn, cascade_rcnn, retinanet)."),
+    backbone: str = typer.Option(..., help="A backbone params.yaml `detection` lists for the detector."),
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
     """COCO AP (pycocotools) of one trained detector on the val split."""

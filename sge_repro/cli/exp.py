@@ -1,4 +1,4 @@
-"""`sge-repro exp run`: a DVC experiment whose params sge-repro has validated and completed;
+"""`sge-repro exp run`: a DVC experiment whose params sge-repro has validated first;
 `sge-repro exp ablate`: the paper's SGE ablations as DVC experiments, and their table."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="DVC experiments (`dvc exp run`) with params.yaml validated and its derived keys "
-                       "brought up to date.", no_args_is_help=True)
+app = typer.Typer(help="DVC experiments (`dvc exp run`) with params.yaml validated first, and the paper's "
+                       "SGE ablations.", no_args_is_help=True)
 
 
 @app.command("run")
@@ -19,9 +19,9 @@ def run(
     queue: bool = typer.Option(False, "--queue", help="Queue it (`dvc queue start` runs the queue)."),
     name: Optional[str] = typer.Option(None, "--name", "-n", help="The experiment's name."),
 ) -> None:
-    """`dvc exp run` with the -S values written into params.yaml first, validated, with the keys
-    sge-repro derives (convert.inputs / downloads) updated: DVC's own -S leaves them stale when
-    seeds, detection_backbones or convert.* change."""
+    """`dvc exp run` with the -S values written into params.yaml first and validated, and the files
+    it names checked: a mistake is one line before any stage runs (plain `dvc exp run -S` works
+    too, and finds it at the first stage that reads it)."""
     from sge_repro.pipeline import run_experiment
 
     code = run_experiment(list(set_param or []), list(targets or []), queue=queue, name=name)

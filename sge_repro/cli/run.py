@@ -191,7 +191,7 @@ def _run(targets: list[str], force: bool, stages: list[str], progress_dir: Path)
 
 def run(
     target: str = typer.Argument(
-        "all", help="`all`, a stage group (data, train_cls, eval_cls, convert, train_det, eval_det, report) "
+        "all", help="`all`, a stage group (data, train_cls, eval_cls, convert, train_faster_rcnn, eval_retinanet, report, ...) "
                     "or one expanded stage such as train_cls@sge_resnet18-0."),
     profile: Optional[str] = typer.Option(
         None, "--profile", "-p",

@@ -1,4 +1,4 @@
-"""`sge-repro train cls|det`: the train_cls and train_det stages."""
+"""`sge-repro train cls|det`: the train_cls and train_<detector> stages."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def train_cls(
 
 @app.command("det")
 def train_det(
-    detector: str = typer.Option(..., help="A name from params.yaml `detectors`, e.g. faster_rcnn."),
-    backbone: str = typer.Option(..., help="A name from params.yaml `detection_backbones`."),
+    detector: str = typer.Option(..., help="A detector of params.yaml `detection` (faster_rcnn, mask_rcnn, cascade_rcnn, retinanet)."),
+    backbone: str = typer.Option(..., help="A backbone params.yaml `detection` lists for the detector."),
     seed: int = typer.Option(0, help="A seed from params.yaml `seeds`."),
 ) -> None:
     """Train one detector in detectron2 from the converted classifier; resumes from its last checkpoint."""

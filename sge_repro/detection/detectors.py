@@ -30,7 +30,7 @@ PROTOCOLS = ("detectron2", "authors", "controlled")
 
 
 def protocol_weights_source(protocol: str, backbone_is_plain: bool) -> str | None:
-    """The convert source (params.yaml convert.source / convert.sources) a protocol requires for a
+    """The convert source (the params.yaml convert list naming the backbone) a protocol requires for a
     backbone: "trained", "file" or "torchvision"; None when the protocol accepts any."""
     if protocol == "authors":
         # their configs: pretrained='modelzoo://resnet50' (torchvision) for the plain detectors,

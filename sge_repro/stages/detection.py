@@ -1,4 +1,4 @@
-"""The convert, train_det and eval_det stages."""
+"""The convert, train_<detector> and eval_<detector> stages."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sge_repro.errors import UserError
 from sge_repro.launch import launch
 from sge_repro.models.registry import parse_model_name
 from sge_repro.models.torchvision_weights import fetch_torchvision_weights
-from sge_repro.params import Params
+from sge_repro.params import CONVERT_STAGES, Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stage_status import stage_name, tracking
 from sge_repro.stages.runtime import use_cpu_threads
@@ -24,32 +24,31 @@ from sge_repro.stages.runtime import use_cpu_threads
 
 def convert(params: Params, paths: ProjectPaths, model: str, seed: int) -> dict:
     """The backbone's ImageNet weights -> detectron2 weights in runs/convert/. They come from our
-    trained classifier, a given file, or torchvision's weights, as params.convert_source says."""
-    params.require_listed("detection_backbones", model)
+    trained classifier of this seed, a given file, or torchvision's weights: the convert list that
+    names the backbone says which."""
+    source = params.convert_source(model)
     params.require_listed("seeds", seed)
     use_cpu_threads(params)
-    source = params.convert_input(model, seed)
-    if source.source == "trained":
-        checkpoint = paths.cls_checkpoint(model, seed, source.checkpoint)
+    if source == "trained":
+        checkpoint = paths.cls_checkpoint(model, seed, params.convert.checkpoint)
     else:
-        checkpoint = paths.root / source.path
+        checkpoint = paths.given_weights(model, source)
         if not checkpoint.is_file():
-            fix = ("run the fetch_weights stage first" if source.source == "torchvision"
-                   else f"params.yaml convert.files.{model} names a missing file")
-            raise UserError(f"{checkpoint}: not found ({fix})")
-    stage = stage_name("convert", model, seed)
+            stage = "fetch_weights" if source == "torchvision" else "copy_weights"
+            raise UserError(f"{checkpoint}: not found (run the {stage}@{model} stage first)")
+    stage = stage_name(CONVERT_STAGES[source], model, seed)
     with tracking(paths.stage_status(stage), stage):  # the wall time, for the report's provenance
         return convert_classifier_to_detectron2(checkpoint, paths.det_weights(model, seed), model_name=model,
-                                                backbone_source=source.source)
+                                                backbone_source=source)
 
 
 def fetch_weights(params: Params, paths: ProjectPaths, model: str) -> dict:
     """torchvision's ImageNet weights of `model`, checksum-verified, into runs/pretrained/."""
-    pinned = params.convert.downloads.get(model)
-    if pinned is None:
-        raise UserError(f"params.yaml: convert: {model!r} does not take torchvision's weights "
-                        f"(those that do: {', '.join(params.convert.downloads) or 'none'})")
-    path = fetch_torchvision_weights(pinned.url, pinned.sha256, paths.torchvision_weights(model))
+    if model not in params.convert.torchvision:
+        raise UserError(f"params.yaml: convert.torchvision: {model!r} is not listed (listed: "
+                        f"{', '.join(params.convert.torchvision) or 'none'})")
+    pinned = params.torchvision_weights(model)
+    path = fetch_torchvision_weights(pinned.url, pinned.sha256, paths.given_weights(model, "torchvision"))
     return {"model": model, "url": pinned.url, "sha256": pinned.sha256, "weights": str(path)}
 
 
@@ -67,10 +66,8 @@ def detection_dataset(paths: ProjectPaths):
 
 def detector_config(params: Params, paths: ProjectPaths, detector: str, backbone: str, seed: int, device: str):
     """(cfg, dataset kind, val dataset name) of one train_det / eval_det run."""
-    params.require_listed("detectors", detector)
-    params.require_listed("detection_backbones", backbone)
-    params.require_listed("seeds", seed)
     params.require_pair(detector, backbone)
+    params.require_listed("seeds", seed)
     use_cpu_threads(params)
     dataset = detection_dataset(paths)
     train = params.train_det
@@ -89,11 +86,9 @@ def train_det(params: Params, paths: ProjectPaths, detector: str, backbone: str,
     """Train one detector from the converted classifier; resumes. Returns a summary for printing.
 
     Runs on the processes params.launch asks for (sge_repro.launch)."""
-    params.require_listed("detectors", detector)
-    params.require_listed("detection_backbones", backbone)
-    params.require_listed("seeds", seed)
     params.require_pair(detector, backbone)
-    name = f"train_det@{detector}-{backbone}-{seed}"
+    params.require_listed("seeds", seed)
+    name = stage_name(f"train_{detector}", backbone, seed)
     return launch(train_det_worker, (params, paths, detector, backbone, seed), params.launch, name=name,
                   state_dir=paths.launch_state_dir(name))
 
@@ -102,7 +97,7 @@ def train_det_worker(params: Params, paths: ProjectPaths, detector: str, backbon
     """One process of train_det (all of it, when it runs alone)."""
     cfg, kind, _ = detector_config(params, paths, detector, backbone, seed, params.train_det.device)
     started = time.perf_counter()
-    stage = stage_name("train_det", detector, backbone, seed)
+    stage = stage_name(f"train_{detector}", backbone, seed)
     with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json (rank 0 writes)
         final = train_detector(cfg, resume=True, keep_checkpoints=params.train_det.keep_checkpoints, status=status)
     return {
@@ -130,7 +125,7 @@ def eval_det(params: Params, paths: ProjectPaths, detector: str, backbone: str, 
         return previous
     started = time.perf_counter()
     # predictions go to a temp folder: the run folder is train_det's output and must not change here
-    stage = stage_name("eval_det", detector, backbone, seed)
+    stage = stage_name(f"eval_{detector}", backbone, seed)
     with tracking(paths.stage_status(stage), stage) as status:  # logs/progress/<stage>.json
         result = evaluate_detector(cfg, weights, val_name, status=status)
     if result is None:  # a non-main process of a distributed evaluation

@@ -7,7 +7,7 @@ from pathlib import Path
 from sge_repro.atomic import write_json
 from sge_repro.data.manifest import imagefolder_samples, read_manifest
 from sge_repro.models.complexity import model_complexity
-from sge_repro.params import PARAMS_FILE, RELEASED_SEED, Params
+from sge_repro.params import CONVERT_STAGES, PARAMS_FILE, RELEASED_SEED, Params
 from sge_repro.paths import ProjectPaths
 from sge_repro.provenance import collect as collect_provenance
 from sge_repro.report import build_report, write_report_files
@@ -65,7 +65,11 @@ def pipeline_stages(params: Params) -> list[str]:
     names = ["data"]
     names += [stage_name(group, m, s) for group in ("train_cls", "eval_cls") for m in params.models for s in seeds]
     names += [f"{group}@{m}" for group in ("import_cls", "eval_released") for m in params.released]
-    names += [f"fetch_weights@{m}" for m in params.convert_downloads()]
-    names += [stage_name("convert", m, s) for m in params.detection_backbones for s in seeds]
-    names += [f"{group}@{key}" for group in ("train_det", "eval_det") for key in params.detection_run_stages()]
+    names += [f"fetch_weights@{m}" for m in params.convert.torchvision]
+    names += [f"copy_weights@{m}" for m in params.convert.files]
+    for source, backbones in (("trained", params.convert.trained), ("file", params.convert.files),
+                              ("torchvision", params.convert.torchvision)):
+        names += [stage_name(CONVERT_STAGES[source], m, s) for m in backbones for s in seeds]
+    names += [stage_name(f"{group}_{detector}", backbone, s) for detector in params.detectors
+              for group in ("train", "eval") for backbone in getattr(params.detection, detector) for s in seeds]
     return names + ["visualize"]

@@ -7,7 +7,7 @@ from sge_repro.pipeline import StageEvent
 from sge_repro.stage_status import StageStatus
 
 STAGES = ["data", "train_cls@sge_resnet18-0", "eval_cls@sge_resnet18-0",
-          "train_det@faster_rcnn-sge_resnet18-0", "report"]
+          "train_faster_rcnn@sge_resnet18-0", "report"]
 
 
 class Clock:
@@ -56,20 +56,20 @@ def test_running_stage_shows_its_own_progress_in_its_row(tmp_path):
 def test_a_quiet_stage_is_flagged_and_a_finished_one_keeps_its_summary(tmp_path):
     wall, clock = Clock(100.0), Clock(0.0)
     view = PipelineView(list(STAGES), tmp_path, clock=clock, wall_clock=wall)
-    view.on_event(StageEvent("train_det@faster_rcnn-sge_resnet18-0", "running", at=0.0))
-    status = StageStatus(tmp_path / "train_det@faster_rcnn-sge_resnet18-0.json",
-                         "train_det@faster_rcnn-sge_resnet18-0", clock=wall)
+    view.on_event(StageEvent("train_faster_rcnn@sge_resnet18-0", "running", at=0.0))
+    status = StageStatus(tmp_path / "train_faster_rcnn@sge_resnet18-0.json",
+                         "train_faster_rcnn@sge_resnet18-0", clock=wall)
     status.update(40, 300, unit="iter", phase="train", loss=0.9, images_per_s=12.5)
     wall.now += 600.0
     clock.now += 600.0
-    text = row(render(view, 100), "train_det@faster_rcnn-sge_resnet18-0")
+    text = row(render(view, 100), "train_faster_rcnn@sge_resnet18-0")
     assert "13% it 40/300 no update for 10m00s" in text and text.rstrip().endswith("10m00s")
 
     status.update(300, 300, unit="iter", phase="train", loss=0.5, images_per_s=12.5)
     status.finish("done")
     clock.now += 0.5  # sooner than the view re-reads a running stage: the end forces a read
-    view.on_event(StageEvent("train_det@faster_rcnn-sge_resnet18-0", "done", at=clock.now))
-    text = row(render(view, 100), "train_det@faster_rcnn-sge_resnet18-0")
+    view.on_event(StageEvent("train_faster_rcnn@sge_resnet18-0", "done", at=clock.now))
+    text = row(render(view, 100), "train_faster_rcnn@sge_resnet18-0")
     assert "done · 100% it 300/300 loss 0.5" in text and "ETA" not in text and "no update" not in text
 
 

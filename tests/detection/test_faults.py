@@ -16,8 +16,10 @@ import torch
 
 from sge_repro.data.prepare import coco_source, write_manifests
 from sge_repro.errors import UserError
-from sge_repro.params_yaml import dump_params, profile_params
+from sge_repro.params_sections import DetectionParams
+from sge_repro.params_yaml import dump_params, load_params, profile_params
 from sge_repro.paths import ProjectPaths
+from sge_repro.stage_status import read_status
 from small_disk import resize, small_disk
 
 
@@ -25,17 +27,21 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = "runs/det/faster_rcnn-sge_resnet18-seed0"
 TRAIN = ["train", "det", "--detector", "faster_rcnn", "--backbone", "sge_resnet18", "--seed", "0"]
 EVAL = ["eval", "det", "--detector", "faster_rcnn", "--backbone", "sge_resnet18", "--seed", "0"]
+TRAIN_STATUS = "logs/progress/train_faster_rcnn@sge_resnet18-0.json"  # dvc.yaml's name of the stage
+EVAL_STATUS = "logs/progress/eval_faster_rcnn@sge_resnet18-0.json"
 
 
 def write_params(project: Path, **changes) -> None:
     params = profile_params("smoke", REPO / "pipelines" / "profiles")
-    params = params.model_copy(update={"detection_backbones": ["sge_resnet18"], "detectors": ["faster_rcnn"],
-                                       "cpu_threads": 1})
+    one_run = {"detection": DetectionParams(faster_rcnn=["sge_resnet18"], retinanet=[]),
+               "convert": params.convert.model_copy(update={"trained": ["sge_resnet18"]}), "cpu_threads": 1}
+    params = params.model_copy(update=one_run)
     train_det = {"max_iter": 4, "checkpoint_period": 2, **({"workers": changes["workers"]} if "workers" in changes else {})}
     params = params.model_copy(update={"train_det": params.train_det.model_copy(update=train_det)})
     if "skip_corrupt" in changes:
         params = params.model_copy(update={"data": params.data.model_copy(update={"skip_corrupt": changes["skip_corrupt"]})})
     (project / "params.yaml").write_text(dump_params(params))
+    assert load_params(project / "params.yaml").pairs() == [("faster_rcnn", "sge_resnet18")]  # one detector run
 
 
 @pytest.fixture
@@ -96,6 +102,7 @@ def test_a_training_image_broken_after_the_data_stage_is_named_when_loaded(proje
     line = one_error_line(cli(project, *TRAIN), progress_before=True)
     assert line.startswith(f"error: {bad}: corrupt or unreadable image (") and "changed after the data stage" in line, line
     assert not (project / RUN / "model_final.pth").exists()
+    assert read_status(project / TRAIN_STATUS)["state"] == "failed"
 
     with pytest.raises(UserError, match=f"1 corrupt image.*{bad}"):
         data_stage(project)
@@ -114,6 +121,7 @@ def test_a_val_image_broken_after_the_data_stage_in_eval_det(project):
     line = one_error_line(cli(project, *EVAL), progress_before=True)  # inference had started
     assert line.startswith(f"error: {bad}: corrupt or unreadable image (") and "changed after the data stage" in line, line
     assert not (project / "metrics").exists() and run_files(project) == before
+    assert read_status(project / EVAL_STATUS)["state"] == "failed"
 
     truncate(project / "data" / "det" / "train" / "train_000002.jpg")  # left out of training: not evaluation's
     data_stage(project, skip_corrupt=True)
@@ -123,6 +131,7 @@ def test_a_val_image_broken_after_the_data_stage_in_eval_det(project):
     # AP over the 3 readable images; the left-out one is listed, its objects not counted as missed
     assert metrics["num_images"] == 3 and metrics["skipped_images"] == [str(bad)]
     assert run_files(project) == before
+    assert read_status(project / EVAL_STATUS)["state"] == "done"
 
 
 # --------------------------------------------------------------------------- wrong weights, import warnings

@@ -381,3 +381,18 @@ def test_paper_profile_keeps_the_yaml_warmup_for_every_protocol():
     # an explicit warmup_iters still wins
     assert schedule_overrides("faster_rcnn", "paper", 180000, 16, 0.02, 1000, 800, 1333, 5000, 4,
                               protocol="authors")["SOLVER.WARMUP_ITERS"] == 1000
+
+
+def test_paper_profile_trains_every_detector_with_every_backbone_as_its_protocol_asks():
+    """The paper's table under `controlled`: each detector of params.yaml `detection` with all five backbones,
+    each from the classifier the profile trains (the convert source the protocol requires)."""
+    from sge_repro.detection.detectors import protocol_weights_source
+    from sge_repro.models.registry import parse_model_name
+
+    params = profile_params("paper")
+    assert params.train_det.protocol == "controlled" and params.detectors == list(DETECTORS)
+    assert params.pairs() == [(detector, backbone) for detector in DETECTORS for backbone in params.models]
+    for backbone in params.detection_backbones:
+        plain = parse_model_name(backbone).attention == "none"
+        assert params.convert_source(backbone) == protocol_weights_source("controlled", plain) == "trained", backbone
+    assert params.convert.trained == params.models

@@ -1,4 +1,4 @@
-"""The train_det / eval_det stage adapters on the smoke profile's params, in a temp project."""
+"""The train_<detector> / eval_<detector> stage adapters on the smoke profile's params, in a temp project."""
 
 import json
 import shutil
@@ -11,7 +11,9 @@ from sge_repro.detection.checkpoint import evaluation_fingerprint
 from sge_repro.detection.detectors import REFERENCE_TWO_STAGE_LR, detector_base_lr
 from sge_repro.detection.engine import DetectorTrainer
 from sge_repro.detection.setup import schedule_overrides
+from sge_repro.errors import UserError
 from sge_repro.models.attention import SpatialGroupEnhance
+from sge_repro.stage_status import read_status
 from sge_repro.stages.detection import detector_config, eval_det, train_det
 from sge_repro.params_yaml import profile_params
 from sge_repro.paths import ProjectPaths
@@ -125,6 +127,24 @@ def test_stages_train_and_write_the_metrics_contract(coco_set, detectron2_weight
     assert (on_disk["engine"], on_disk["protocol"], on_disk["backbone_weights"]) == ("detectron2", "detectron2", "trained")
     # evaluation leaves train_det's output folder untouched (it is a DVC output of that stage)
     assert sorted(p.name for p in run_dir.iterdir()) == before
+    # each stage's status file under its name in dvc.yaml: train_<detector>@<backbone>-<seed>
+    for stage in ("train_faster_rcnn@sge_resnet18-0", "eval_faster_rcnn@sge_resnet18-0"):
+        assert read_status(paths.stage_status(stage))["state"] == "done", stage
+    assert not list(paths.progress_dir.glob("*_det@*"))
+
+
+def test_a_backbone_the_detector_does_not_list_is_refused(coco_set, detectron2_weights, tmp_path):
+    """A backbone of another detector (params.yaml detection.<detector>) is not run: one line, nothing written."""
+    params = profile_params("smoke")
+    params.detection.retinanet = ["resnet18"]
+    paths = _project(tmp_path, coco_set, detectron2_weights)
+    message = r"params.yaml: detection.retinanet: 'sge_resnet18' is not listed \(listed: resnet18\)"
+    with pytest.raises(UserError, match=message):
+        train_det(params, paths, "retinanet", "sge_resnet18", 0)
+    with pytest.raises(UserError, match=message):
+        eval_det(params, paths, "retinanet", "sge_resnet18", 0)
+    assert not paths.det_run_dir("retinanet", "sge_resnet18", 0).exists()
+    assert not paths.det_metrics("retinanet", "sge_resnet18", 0).exists()
 
 
 def test_eval_det_keeps_its_metrics_when_weights_and_settings_are_the_same(coco_set, detectron2_weights, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sge_repro.params import validate_params
-from sge_repro.params_yaml import dump_params, without_derived
+from sge_repro.params_yaml import dump_params
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def set_param(cwd: Path, section: str | None, key: str, value) -> None:
     (params[section] if section else params)[key] = value
     # written as sge-repro writes it: setting a value back gives back the same bytes (the report
     # stage depends on params.yaml's bytes, whose sha256 its provenance records)
-    path.write_text(dump_params(validate_params(without_derived(params))))
+    path.write_text(dump_params(validate_params(params)))
 
 
 def test_smoke_pipeline_end_to_end(project, sge_repro_bin):
@@ -57,7 +57,7 @@ def test_smoke_pipeline_end_to_end(project, sge_repro_bin):
         assert 0 < row["params_m"] < 1 and row["gflops"] >= 0
     detection = summary["detection"]
     assert {(r["detector"], r["backbone"]) for r in detection} == {
-        (d, b) for d in params["detectors"] for b in params["detection_backbones"]}
+        (d, b) for d, backbones in params["detection"].items() for b in backbones}
     for row in detection:
         assert set(row["bbox"]) == BOX_KEYS
         assert all(0 <= value <= 100 for value in row["bbox"].values())
@@ -88,7 +88,7 @@ def test_smoke_pipeline_end_to_end(project, sge_repro_bin):
     # another seed: its stages are new, seed 0's stay up to date
     set_param(project, None, "seeds", [0, 1])
     stale = stale_stages(project)
-    assert {"visualize", "report", "train_cls@resnet18-1", "eval_det@faster_rcnn-resnet18-1"} <= stale
+    assert {"visualize", "report", "train_cls@resnet18-1", "eval_faster_rcnn@resnet18-1"} <= stale
     assert not [name for name in stale if name.endswith("-0")]
     set_param(project, None, "seeds", [0])
     assert stale_stages(project) == set()
@@ -117,8 +117,8 @@ def check_dataset_changes_rerun_exactly_their_stages(project: Path, sge_repro_bi
 
     cls_stages = {f"{group}@{model}-0" for group in ("train_cls", "eval_cls") for model in params["models"]}
     cls_stages.add("visualize")
-    det_stages = {f"{group}@{detector}-{backbone}-0" for group in ("train_det", "eval_det")
-                  for detector in params["detectors"] for backbone in params["detection_backbones"]}
+    det_stages = {f"{group}_{detector}@{backbone}-0" for group in ("train", "eval")
+                  for detector, backbones in params["detection"].items() for backbone in backbones}
     manifests = {name: (project / "data" / "manifests" / f"{name}.json").read_bytes() for name in ("cls", "det")}
     images = sorted((project / "data" / "cls" / "train").rglob("*.jpg"))
     image, original = images[0], images[0].read_bytes()

@@ -37,7 +37,7 @@ def test_the_paper_profile_rehearsed_end_to_end(project, sge_repro_bin):
                             capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     params = yaml.safe_load((project / "params.yaml").read_text())
-    pairs = {tuple(pair.split("-", 1)) for pair in params["detection_pairs"]}
+    pairs = {(detector, backbone) for detector, backbones in params["detection"].items() for backbone in backbones}
 
     # generated data in the real formats at the real sizes
     manifest = json.loads((project / "data" / "manifests" / "cls.json").read_text())
@@ -76,7 +76,7 @@ def test_the_paper_profile_rehearsed_end_to_end(project, sge_repro_bin):
 
     # the training stages ran on two processes through the launcher
     stages = {run["stage"]: run for run in summary["provenance"]["stages"]}
-    trained = [name for name in stages if name.startswith(("train_cls@", "train_det@"))]
+    trained = [name for name in stages if name.split("@")[0] in ("train_cls", *(f"train_{d}" for d in DETECTORS))]
     assert len(trained) == len(PAPER_MODELS) + len(pairs)
     assert {stages[name]["world_size"] for name in trained} == {2}
 

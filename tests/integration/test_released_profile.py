@@ -82,7 +82,8 @@ def test_released_profile_end_to_end(project, weights_server, sge_repro_bin):
                             check=True).stdout.split()
     assert not [stage for stage in stages if stage.startswith(("train_cls", "eval_cls@"))]  # nothing trains
     assert {"import_cls@cbam_resnet50", "eval_released@resnet50", "fetch_weights@resnet50",
-            "convert@resnet50-0", "convert@sge_resnet50-0", "train_det@faster_rcnn-sge_resnet50-0"} <= set(stages)
+            "copy_weights@sge_resnet50", "convert_torchvision@resnet50-0", "convert_file@sge_resnet50-0",
+            "train_faster_rcnn@sge_resnet50-0"} <= set(stages)
 
     # the report shows the released classifiers and the detectors as usual
     summary = json.loads((project / "reports" / "summary.json").read_text())
@@ -109,7 +110,14 @@ def test_released_profile_end_to_end(project, weights_server, sge_repro_bin):
     # the given files are DVC dependencies: changing one makes exactly its stages stale
     release_file(randomize(AuthorsResNet("cbam", 50, width=WIDTH, num_classes=CLASSES), seed=4),
                  released_dir / "cbam_resnet50.pth.tar")
+    assert _stale(project) == {"import_cls@cbam_resnet50"}
+    # the SGE file is both a released classifier and a detection backbone's weights
+    release_file(randomize(AuthorsResNet("sge", 50, width=WIDTH, num_classes=CLASSES), seed=5),
+                 released_dir / "sge_resnet50.pth.tar")
+    assert _stale(project) == {"import_cls@cbam_resnet50", "import_cls@sge_resnet50", "copy_weights@sge_resnet50"}
+
+
+def _stale(project: Path) -> set[str]:
     status = subprocess.run([*DVC, "status", "--json"], cwd=project, capture_output=True, text=True, check=True)
-    stale = {name.split(":", 1)[-1] for name, why in json.loads(status.stdout or "{}").items()
-             if why != ["always changed"]}  # the data stage rescans on every repro (dvc.yaml)
-    assert stale == {"import_cls@cbam_resnet50"}
+    return {name.split(":", 1)[-1] for name, why in json.loads(status.stdout or "{}").items()
+            if why != ["always changed"]}  # the data stage rescans on every repro (dvc.yaml)

@@ -56,7 +56,8 @@ def stage_list(root: Path) -> list[str]:
 def test_training_and_evaluation_stages_leave_plausible_status_files(smoke):
     root = smoke["root"]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    stages = [s for s in stage_list(root) if s.split("@")[0] in ("train_cls", "eval_cls", "train_det", "eval_det")]
+    stages = [s for s in stage_list(root) if s.split("@")[0] in ("train_cls", "eval_cls", "train_faster_rcnn",
+                                                                   "eval_faster_rcnn")]
     assert len(stages) == 8
     written = sorted(p.stem for p in (root / "logs" / "progress").glob("*.json"))
     assert written == sorted(set(stage_list(root)) - {"report"})  # every stage but the report has one
@@ -73,7 +74,7 @@ def test_training_and_evaluation_stages_leave_plausible_status_files(smoke):
             assert record["total"] % epochs == 0
             assert 0 < record["loss"] < 10 and math.isfinite(record["loss"])
             assert 0 <= record["top1"] <= 100 and 0 <= record["val_top1"] <= 100 and record["lr"] >= 0
-        elif group == "train_det":
+        elif group == "train_faster_rcnn":
             assert (record["unit"], record["total"]) == ("iter", params["train_det"]["max_iter"])
             assert 0 < record["loss"] < 100 and record["lr"] > 0
         else:
@@ -97,8 +98,8 @@ def test_the_live_view_shows_the_stages_own_progress(smoke):
     rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in stages}
     assert set(rows) == set(stages)  # every stage on one line
     assert "done · 100% ep 2/2 loss" in rows["train_cls@sge_resnet18-0"]
-    assert "done · 100% it 6/6 loss" in rows["train_det@faster_rcnn-sge_resnet18-0"]
-    assert "done · 100% batch" in rows["eval_det@faster_rcnn-resnet18-0"]
+    assert "done · 100% it 6/6 loss" in rows["train_faster_rcnn@sge_resnet18-0"]
+    assert "done · 100% batch" in rows["eval_faster_rcnn@resnet18-0"]
     assert rows["report"].split()[1] == "done"
     # `run all` printed the same view (captured output is rendered once, at the end)
     assert "100% ep 2/2" in smoke["stdout"]
@@ -155,7 +156,7 @@ def test_summary_and_html_say_what_made_them(smoke):
     assert "faster_rcnn sge_resnet18 AP gain over resnet18 (embedded)" in opening
     verdict = summary["comparison"]["classification"][1]["verdict"]
     assert verdict in opening and "+1.20 (R50)" in opening  # the paper's gain, from the nearest depth
-    assert made["git_commit"][:12] in html and made["params_sha256"] in html and "train_det@faster_rcnn" in html
+    assert made["git_commit"][:12] in html and made["params_sha256"] in html and "train_faster_rcnn@sge_resnet18-0" in html
 
 
 def dvc_changes(root: Path) -> dict:
@@ -209,17 +210,19 @@ def test_a_dvc_experiment_runs_and_dvc_exp_show_has_its_metric(smoke):
                       "gain_AP.faster_rcnn-sge_resnet18", "model.groups", "train_cls.epochs"], header
 
 
-def test_a_queued_experiment_changing_derived_params_runs_through_sge_repro_exp_run(smoke):
-    """DVC's own -S cannot change `models` / `detection_backbones` / `seeds`: params.yaml's derived
-    convert.inputs would be stale and the experiment fail. `sge-repro exp run` writes the file
-    whole first; the queued experiment takes it along and the workspace file is put back."""
+def test_a_queued_dvc_experiment_changing_the_model_lists_runs_on_params_yaml_as_written(smoke):
+    """DVC's own `dvc exp run -S` changes `models`, a detector's backbones and the convert lists:
+    params.yaml holds nothing derived from them, so the queued experiment runs as DVC users expect,
+    and the workspace file stays as it was."""
     root = smoke["root"]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     git(root, "add", "-A")
     git(root, "commit", "-qm", "baseline for the queue")
     before = (root / "params.yaml").read_bytes()
-    sge_repro(root, "exp", "run", "--queue", "-n", "g2-sge-only", "-S", "model.groups=2",
-              "-S", "models=[sge_resnet18]", "-S", "detection_backbones=[sge_resnet18]", "eval_cls")
+    subprocess.run([*DVC, "exp", "run", "--queue", "-n", "g2-sge-only", "-S", "model.groups=2",
+                    "-S", "models=[sge_resnet18]", "-S", "detection.faster_rcnn=[sge_resnet18]",
+                    "-S", "convert.trained=[sge_resnet18]", "eval_cls"], cwd=root, env=env, check=True,
+                   capture_output=True)
     assert (root / "params.yaml").read_bytes() == before
     subprocess.run([*DVC, "queue", "start", "-j", "1"], cwd=root, env=env, check=True, capture_output=True)
     deadline, state = time.monotonic() + 900, ""
@@ -238,7 +241,7 @@ def test_a_queued_experiment_changing_derived_params_runs_through_sge_repro_exp_
     data = experiment["revs"][0]["data"]
     params = data["params"]["params.yaml"]["data"]
     assert params["model"]["groups"] == 2 and params["models"] == ["sge_resnet18"]
-    assert list(params["convert"]["inputs"]) == ["sge_resnet18-0"]   # derived from the new lists
+    assert params["detection"]["faster_rcnn"] == params["convert"]["trained"] == ["sge_resnet18"]
     top1 = data["metrics"]["metrics/eval_cls/sge_resnet18-seed0.json"]["data"]["top1"]
     assert 0 <= top1 <= 100
     assert "metrics/eval_cls/resnet18-seed0.json" not in data["metrics"]

@@ -154,7 +154,8 @@ def test_a_row_whose_seeds_were_trained_differently_says_so(tmp_path):
 def test_paper_profile_has_every_row_of_the_papers_detection_table():
     params = profile_params("paper", REPO / "pipelines" / "profiles")
     expected = set(load_paper_results().detection)
-    planned = {(d, b) for d in params.detectors for b in params.detection_backbones}
+    planned = set(params.pairs())
     assert expected <= planned
     assert {"resnet101", "se_resnet101", "sge_resnet101"} <= set(params.models)
     assert set(params.detection_backbones) <= set(params.models)  # protocol controlled: all trained here
+    assert params.convert.trained == params.detection_backbones

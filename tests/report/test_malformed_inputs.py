@@ -255,7 +255,7 @@ CORRECT = [1, 0, 1, 1, 0, 1, 0, 1, 1, 0]
 def _cli_project(root: Path) -> ProjectPaths:
     params = Params.model_validate({
         "profile": "embedded", "seeds": [0], "models": ["resnet18", "sge_resnet18"],
-        "detectors": ["faster_rcnn"], "detection_backbones": ["resnet18", "sge_resnet18"],
+        "detection": {"faster_rcnn": ["resnet18", "sge_resnet18"], "retinanet": []},
         "report": {"bootstrap_samples": 100},
     })
     (root / "params.yaml").write_text(dump_params(params))

@@ -12,13 +12,13 @@ from authors_reference import AuthorsResNet, randomize, release_file
 from sge_repro.errors import UserError
 from sge_repro.models import create_model
 from sge_repro.params import validate_params
-from sge_repro.params_yaml import dump_params, profile_params, without_derived
+from sge_repro.params_yaml import dump_params, profile_params
 from sge_repro.paths import ProjectPaths
 from sge_repro.stages.classification import import_cls
 
 
 def _smoke(**changes) -> dict:
-    raw = without_derived(yaml.safe_load(dump_params(profile_params("smoke"))))
+    raw = yaml.safe_load(dump_params(profile_params("smoke")))
     raw.update(changes)
     return raw
 
@@ -27,7 +27,7 @@ def _smoke(**changes) -> dict:
     ({"released": {"resnet18": "a.pth"}}, "released: resnet18 also in models"),
     ({"released": {"sge_resnet7": "a.pth"}}, "released: unknown model 'sge_resnet7'"),
     ({"released": {"se_resnet50": ""}}, "released: 'se_resnet50' has no checkpoint path"),
-    ({"models": [], "convert": {"source": "file", "files": {"resnet18": "a.pth", "sge_resnet18": "b.pth"}}},
+    ({"models": [], "convert": {"trained": [], "files": {"resnet18": "a.pth", "sge_resnet18": "b.pth"}}},
      "models: empty, and no released checkpoints"),
 ])
 def test_released_params_errors(changes, message):
@@ -38,9 +38,9 @@ def test_released_params_errors(changes, message):
 
 def test_only_released_classifiers_is_valid():
     params = validate_params(_smoke(models=[], released={"sge_resnet18": "released/sge.pth.tar"},
-                                    convert={"source": "file", "files": {"resnet18": "a.pth",
-                                                                         "sge_resnet18": "released/sge.pth.tar"}}))
-    assert params.models == [] and {item.source for item in params.convert.inputs.values()} == {"file"}
+                                    convert={"trained": [], "files": {"resnet18": "a.pth",
+                                                                      "sge_resnet18": "released/sge.pth.tar"}}))
+    assert params.models == [] and {params.convert_source(b) for b in params.detection_backbones} == {"file"}
 
 
 def test_import_keeps_the_authors_computation(tmp_path):
@@ -71,3 +71,13 @@ def test_import_names_a_missing_or_unlisted_file(tmp_path):
     with pytest.raises(UserError, match="released: 'se_resnet50' is not listed"):
         import_cls(params, paths, "se_resnet50")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_released_profile_takes_torchvision_weights_and_the_authors_file():
+    """The released profile's detection: ResNet50 from torchvision, SGE-ResNet50 from the authors' file, no
+    classifier trained for either."""
+    params = profile_params("released")
+    assert params.pairs() == [("faster_rcnn", "resnet50"), ("faster_rcnn", "sge_resnet50")]
+    assert {b: params.convert_source(b) for b in params.detection_backbones} == {
+        "resnet50": "torchvision", "sge_resnet50": "file"}
+    assert params.convert.trained == [] and params.convert.files == {"sge_resnet50": "released/sge_resnet50.pth.tar"}
