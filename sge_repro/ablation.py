@@ -31,6 +31,7 @@ from sge_repro.params import Params, validate_params
 from sge_repro.params_yaml import read_yaml, set_values
 from sge_repro.paths import ProjectPaths
 from sge_repro.pipeline import dvc, run_experiment
+from sge_repro.provenance import git_state
 from sge_repro.report.schema import GainInterval
 from sge_repro.report.stats import paired_image_bootstrap
 
@@ -137,14 +138,15 @@ def run_missing(plan_: Plan, on_start: Callable[[Variant, int, int], None] = lam
     names = [v.name for v in plan_.variants]
     _refuse_failed(names, found)
     missing = [v for v in plan_.variants if v.name not in found]
+    commit = git_state(root)["commit"] or ""  # an experiment of another commit is another experiment
     for index, variant in enumerate(missing):
         started = ProjectPaths(root).ablation_started(variant.name)
-        if started.exists():
+        if started.exists() and started.read_text(encoding="utf-8") == commit:
             log.warning("experiment %s began in an earlier run and did not finish: it starts again from its first "
                         "epoch (DVC's temporary copy of an experiment keeps no checkpoint)", variant.name)
         on_start(variant, index, len(missing))
         started.parent.mkdir(parents=True, exist_ok=True)
-        started.touch()
+        atomic.write_text(started, commit)
         if run_experiment(variant.settings(), ["eval_cls"], name=variant.name, params_file=root / "params.yaml",
                           temp=True):
             kept = f"; the {index} run before it are kept" if index else ""

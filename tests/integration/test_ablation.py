@@ -129,3 +129,7 @@ def test_a_failed_experiment_is_one_line_and_leaves_params_yaml_and_the_experime
     assert ("experiment resnet18-plain began in an earlier run and did not finish: it starts again from its first "
             "epoch") in again.stderr
     assert shown_experiments(root) == {} and not (root / "reports").exists()
+    # on another commit the experiment of that name is a new one: nothing of it began before
+    git(root, "commit", "-q", "--allow-empty", "-m", "another commit")
+    other = ablate(root)
+    assert other.returncode == 2 and "began in an earlier run" not in other.stderr
